@@ -1,0 +1,44 @@
+# petseg: `make run` runs the workflow on the embedded data; `make test` runs the test suite.
+# Both set up .venv first (Python 3.12 from PATH or pyenv, packages from requirements.lock).
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || \
+	(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1))
+IMAGE ?= petseg:latest
+VARIANT ?= cpu
+
+.PHONY: install run test test-fast cluster-build image clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock setup.py
+	@if [ -z "$(PYTHON312)" ]; then \
+		echo "error: Python 3.12 not found (seldon-core 1.19 needs it)." >&2; \
+		echo "Install python3.12 (e.g. 'pyenv install 3.12.1' or your OS package) or set PYTHON312=/path/to/python3.12." >&2; \
+		exit 1; fi
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+run: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/seg_flow.py run $(ARGS)
+
+cluster-build:
+	tests/cluster/build.sh
+
+test: install cluster-build
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
+
+test-fast: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests -m "not cluster"
+
+image:
+	docker build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
+
+clean:
+	rm -rf $(VENV) .metaflow build *.egg-info

@@ -1,0 +1,32 @@
+"""Package definition for petseg. Exact versions live in requirements.lock."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="petseg",
+    version="0.1.0",
+    description="Reproducible pet segmentation on Metaflow, Seldon Core and Kubernetes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",  # seldon-core 1.19 requires Python 3.12
+    packages=find_packages(include=["petseg", "petseg.*"]),
+    install_requires=[
+        "tensorflow-cpu==2.18.1",
+        "protobuf==5.29.5",
+        "seldon-core==1.19.0",
+        "metaflow>=2.19,<2.20",
+        "tensorflow-datasets>=4.9,<5",
+        "tensorflow-metadata<1.17",  # 1.17+ is generated for protobuf 6
+        "kubernetes>=36,<37",  # 37 needs python-dateutil>=3, botocore needs <3
+        "boto3>=1.44,<1.45",
+        "pachyderm-sdk>=2.12,<2.13",
+        "pillow",
+        "matplotlib",
+        "requests",
+    ],
+    extras_require={
+        "gpu": ["tensorflow[and-cuda]==2.18.1"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "moto[server]"],
+    },
+    entry_points={"console_scripts": ["petseg=petseg.cli:main"]},
+)
