@@ -4,8 +4,10 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || \
-	(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1))
+# The first Python 3.12 that actually runs: on PATH (pyenv shims may point nowhere), then pyenv's versions.
+PYTHON312 ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
+export USERNAME ?= $(shell id -un)
 IMAGE ?= petseg:latest
 VARIANT ?= cpu
 
@@ -13,14 +15,14 @@ VARIANT ?= cpu
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock setup.py
+$(STAMP): requirements.lock requirements-dev.lock setup.py
 	@if [ -z "$(PYTHON312)" ]; then \
 		echo "error: Python 3.12 not found (seldon-core 1.19 needs it)." >&2; \
 		echo "Install python3.12 (e.g. 'pyenv install 3.12.1' or your OS package) or set PYTHON312=/path/to/python3.12." >&2; \
 		exit 1; fi
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	touch $(STAMP)

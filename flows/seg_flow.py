@@ -1,0 +1,173 @@
+"""PetSegFlow: reproducible pet segmentation, from warehouse to a served model.
+
+Run locally:            python flows/seg_flow.py run
+Run on Kubernetes:      python flows/seg_flow.py run --with kubernetes
+Inspect past runs:      petseg runs, petseg show latest
+"""
+
+import os
+import sys
+
+from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step, timeout
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from petseg import stages  # noqa: E402
+
+# What compute steps (tune, train, calibrate, evaluate) ask of a cluster; local runs ignore it.
+# Change per run: python flows/seg_flow.py --config-value compute '{"gpu": 0, "cpu": 2, "memory": 4096}' run ...
+compute_resources = resources(cpu=config_expr("compute.cpu"), memory=config_expr("compute.memory"),
+                              gpu=config_expr("compute.gpu"))
+
+
+class PetSegFlow(FlowSpec):
+    """Reproducible pet segmentation (Oxford-IIIT Pet trimaps, U-Net).
+
+    1. start: fix seeds and threads; record the environment.
+    2. ingest: read and validate the source; shard it; fingerprint the data set.
+    3. transform: split by md5(sample id) mod 10 into training, validation, test and calibration.
+    4. tune: one short training per sampled configuration, in parallel.
+    5. select: keep every trial's result and pick the best.
+    6. train: the final model with the selected settings.
+    7. calibrate: isotonic calibration of pixel probabilities.
+    8. evaluate: test metrics, raw and calibrated, and a report card.
+    9. release: the quality gate, then a release manifest and a deployment.
+    """
+
+    compute = Config("compute", default_value={"cpu": 2, "memory": 4096, "gpu": 1},
+                     help="Cluster resources of the compute steps (tune, train, calibrate, evaluate).")
+
+    source = Parameter("source", default="synth:400",
+                       help="Data: synth:COUNT (embedded set generated from --seed), a directory or images.tar.gz "
+                            "in Oxford layout, an http(s):// or s3:// prefix, or tfds:oxford_iiit_pet.")
+    feedback = Parameter("feedback", default="",
+                         help="Directory or s3:// prefix of labelled feedback samples to add to the source.")
+    skip_bad = Parameter("skip_bad", default=False, type=bool,
+                         help="Leave out bad samples (listed in the ingest report) instead of stopping.")
+    seed = Parameter("seed", default=42, type=int, help="Seed for data generation, sampling, shuffling and weights.")
+    deterministic = Parameter("deterministic", default=True, type=bool,
+                              help="Strict mode: bitwise reproducible training (op determinism, fixed threads).")
+    threads = Parameter("threads", default=2, type=int,
+                        help="Intra- and inter-op threads in strict mode; they change the weight bits, so they are "
+                             "fixed here and recorded, not taken from the machine.")
+    trials = Parameter("trials", default=4, type=int, help="Number of hyper-parameter trials.")
+    tune_epochs = Parameter("tune_epochs", default=2, type=int, help="Epochs per tuning trial.")
+    epochs = Parameter("epochs", default=8, type=int, help="Epochs for the final model.")
+    arch = Parameter("arch", default="small", help="Model: small (fast on CPU) or mobilenetv2 (U-Net for real data).")
+    batch_size = Parameter("batch_size", default=0, type=int,
+                           help="Batch size of the final model; 0 takes the tuned one.")
+    min_iou = Parameter("min_iou", default=0.6, type=float,
+                        help="Quality gate: the calibrated test IoU a model must reach to be released.")
+    deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
+    port = Parameter("port", default=0, type=int, help="Port of a local deployment; 0 picks a free one.")
+    pachyderm = Parameter("pachyderm", default="",
+                          help="Pachyderm address (host:port) to mirror lineage into; default $PACHD_ADDRESS.")
+    lineage = Parameter("lineage", default="required",
+                        help="required: a step fails when its lineage cannot be mirrored; best-effort: warn.")
+
+    @step
+    def start(self):
+        """Check the parameters, fix seeds and threads, and record the environment."""
+        self.settings = stages.check_parameters(self)
+        self.parameters = stages.parameters(self)
+        self.environment = stages.environment(self.settings)
+        self.blob_root = stages.blob_root(self._datastore)
+        self.lineage_graph = stages.lineage_start(pachyderm=self.pachyderm, lineage=self.lineage)
+        self.next(self.ingest)
+
+    @retry(times=2)
+    @step
+    def ingest(self):
+        """Read and validate the source, write shards, fingerprint the data set."""
+        self.ingest_report = stages.ingest(source=self.source, feedback=self.feedback, skip_bad=self.skip_bad,
+                                           seed=self.seed, store=self.blob_root)
+        self.dataset_fingerprint = self.ingest_report["fingerprint"]
+        stages.tag_run(dataset=self.dataset_fingerprint)
+        self.lineage_graph = stages.lineage_record(self, "warehouse", {"ingest_report.json": self.ingest_report})
+        self.next(self.transform)
+
+    @step
+    def transform(self):
+        """Split samples by the md5 rule and write one shard set per split."""
+        self.splits = stages.transform(shards=self.ingest_report["shards"], store=self.blob_root)
+        self.trial_configs = stages.sample_trials(n=self.trials, seed=self.seed)
+        self.lineage_graph = stages.lineage_record(self, "transform", {"splits.json": self.splits})
+        self.next(self.tune, foreach="trial_configs")
+
+    @compute_resources
+    @timeout(hours=2)
+    @step
+    def tune(self):
+        """Train one short trial of a sampled configuration; report validation loss and IoU."""
+        self.trial = stages.run_trial(self.input, splits=self.splits, store=self.blob_root, arch=self.arch,
+                                      epochs=self.tune_epochs, settings=self.settings)
+        self.next(self.select)
+
+    @step
+    def select(self, inputs):
+        """Keep every trial's result and pick the best (lowest validation loss, ties by index)."""
+        self.merge_artifacts(inputs, exclude=["trial"])
+        self.trial_results, self.best = stages.select([i.trial for i in inputs])
+        self.lineage_graph = stages.lineage_record(self, "tune", {"trials.json": self.trial_results,
+                                                                  "selected.json": self.best})
+        self.next(self.train)
+
+    @compute_resources
+    @timeout(hours=6)
+    @step
+    def train(self):
+        """Train the final model with the selected settings; keep weights, fingerprint, history and logs."""
+        stages.fault_drill("train")
+        trained = stages.train(self.best, splits=self.splits, store=self.blob_root, arch=self.arch,
+                               epochs=self.epochs, batch_size=self.batch_size, settings=self.settings)
+        self.model_keras, self.model_fingerprint = trained["model_keras"], trained["fingerprint"]
+        self.history, self.tensorboard_logs = trained["history"], trained["tensorboard_logs"]
+        stages.tag_run(model=self.model_fingerprint)
+        self.lineage_graph = stages.lineage_record(self, "model", {"model.keras": self.model_keras,
+                                                                   "fingerprint.txt": self.model_fingerprint})
+        self.next(self.calibrate)
+
+    @compute_resources
+    @step
+    def calibrate(self):
+        """Fit isotonic calibration on the calibration split; ECE before and after."""
+        stages.fault_drill("calibrate")
+        self.calibration, self.calibration_report = stages.calibrate(
+            self.model_keras, splits=self.splits, store=self.blob_root, settings=self.settings)
+        self.lineage_graph = stages.lineage_record(self, "calibrate", {"calibration.json": self.calibration,
+                                                                       "report.json": self.calibration_report})
+        self.next(self.evaluate)
+
+    @card(type="blank", id="report")
+    @compute_resources
+    @step
+    def evaluate(self):
+        """Test metrics for the raw and the calibrated model, and the report card."""
+        self.metrics, samples = stages.evaluate(self.model_keras, self.calibration, splits=self.splits,
+                                                store=self.blob_root, settings=self.settings)
+        stages.report_card(current.card["report"], metrics=self.metrics, history=self.history,
+                           trials=self.trial_results, calibration_report=self.calibration_report, samples=samples)
+        self.lineage_graph = stages.lineage_record(self, "evaluate", {"metrics.json": self.metrics})
+        self.next(self.release)
+
+    @step
+    def release(self):
+        """Quality gate on calibrated test IoU; a passing model gets a manifest and a deployment."""
+        self.released, self.gate_message = stages.gate(self.metrics, min_iou=self.min_iou)
+        print(self.gate_message)
+        self.manifest = stages.manifest(self) if self.released else None
+        self.deployment = stages.deploy(self, self.deploy) if self.released else None
+        stages.tag_run(release="accepted" if self.released else "rejected")
+        self.lineage_graph = stages.lineage_record(self, "release", {"manifest.json": self.manifest,
+                                                                     "decision.txt": self.gate_message})
+        self.next(self.end)
+
+    @step
+    def end(self):
+        """Summarise the run and say where to look."""
+        self.summary = stages.summary(self)
+        print(stages.closing_words(self))
+
+
+if __name__ == "__main__":
+    PetSegFlow()

@@ -1,0 +1,366 @@
+"""What each stage of PetSegFlow does, over plain values.
+
+The flow (flows/seg_flow.py) is the table of contents; these functions do the
+work of one step each: fetch shards from the blob store, call the library
+modules named by their job (data, pipeline, train, calibration, ...), and
+return plain, JSON-able results for Metaflow to version. Functions that need a
+run's context (its id, fingerprints, lineage settings) take the flow object.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from petseg import __version__
+from petseg.errors import ConfigError
+from petseg.store import BlobStore, get_files, put_files
+
+SPLITS = ("training", "validation", "test", "calibration")
+DEPLOY_TARGETS = ("local", "kubernetes", "none")
+LINEAGE_MODES = ("required", "best-effort")
+SAMPLE_PREDICTIONS = 6
+
+
+def _store(root: str) -> BlobStore:
+    from metaflow.metaflow_config import S3_ENDPOINT_URL
+
+    return BlobStore(root, s3_endpoint_url=S3_ENDPOINT_URL)
+
+
+# -- start --------------------------------------------------------------------------------------------
+
+def check_parameters(run) -> dict:
+    """Validate the run's parameters and return its settings (seed, mode, threads).
+
+    Raises:
+        ConfigError: a parameter is out of range, naming it and what is accepted.
+    """
+    for name, minimum in (("trials", 1), ("tune_epochs", 1), ("epochs", 1), ("threads", 1)):
+        if getattr(run, name) < minimum:
+            raise ConfigError(f"--{name} {getattr(run, name)} is too small: expected an integer >= {minimum}")
+    if run.batch_size < 0:
+        raise ConfigError(f"--batch_size {run.batch_size} is negative: expected 0 (tuned) or a positive integer")
+    if run.deploy not in DEPLOY_TARGETS:
+        raise ConfigError(f"--deploy {run.deploy!r} is unknown: expected one of {', '.join(DEPLOY_TARGETS)}")
+    if run.lineage not in LINEAGE_MODES:
+        raise ConfigError(f"--lineage {run.lineage!r} is unknown: expected one of {', '.join(LINEAGE_MODES)}")
+    if run.arch not in ("small", "mobilenetv2"):
+        raise ConfigError(f"--arch {run.arch!r} is unknown: expected small or mobilenetv2")
+    return {"seed": run.seed, "strict": bool(run.deterministic), "threads": run.threads,
+            "code_version": code_version()}
+
+
+def parameters(run) -> dict:
+    """Every parameter of the run by name, so that it can be reproduced exactly."""
+    from metaflow import Parameter
+
+    names = [name for name in dir(type(run)) if isinstance(getattr(type(run), name, None), Parameter)]
+    return {name: getattr(run, name) for name in sorted(names)}
+
+
+def environment(settings: dict) -> dict:
+    """Fix seeds and threads in this process and return the environment record."""
+    from petseg import determinism
+
+    applied = _configure(settings)
+    return determinism.environment_record(applied)
+
+
+def _configure(settings: dict) -> dict:
+    from petseg import determinism
+
+    return determinism.configure(seed=settings["seed"], strict=settings["strict"], threads=settings["threads"])
+
+
+def code_version() -> str:
+    """The git commit of the code (with -dirty when modified), or the package version outside git."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"petseg-{__version__}"
+    return f"{commit}{'-dirty' if dirty else ''}"
+
+
+def blob_root(datastore) -> str:
+    """Where this run's shards and logs go: beside Metaflow's datastore (a directory or s3:// prefix)."""
+    root = datastore._storage_impl.datastore_root  # Metaflow exposes no public accessor for it
+    return f"{root.rstrip('/')}/petseg/blobs"
+
+
+# -- ingest and transform -----------------------------------------------------------------------------
+
+def ingest(*, source: str, feedback: str, skip_bad: bool, seed: int, store: str) -> dict:
+    """Read, validate and shard the source; return the ingest report with shards in the blob store."""
+    from metaflow.metaflow_config import S3_ENDPOINT_URL
+
+    from petseg import data
+
+    with tempfile.TemporaryDirectory(prefix="petseg-ingest-") as work:
+        report = data.ingest(source, Path(work) / "warehouse", seed=seed, skip_bad=skip_bad,
+                             feedback=feedback or None, s3_endpoint_url=S3_ENDPOINT_URL)
+        report["shards"] = put_files(_store(store), report["shards"])
+    return report
+
+
+def transform(*, shards: list[dict], store: str) -> dict:
+    """Split the ingested samples by the md5 rule; return per-split shard records and counts."""
+    from petseg import data
+
+    blobs = _store(store)
+    with tempfile.TemporaryDirectory(prefix="petseg-transform-") as work:
+        local = get_files(blobs, shards, Path(work) / "in")
+        result = data.transform(local, Path(work) / "splits")
+        result["splits"] = {name: put_files(blobs, paths) for name, paths in result["splits"].items()}
+    empty = [name for name in ("training", "validation") if not result["counts"].get(name)]
+    if empty:
+        raise ConfigError(f"split(s) {', '.join(empty)} got no samples: the source is too small "
+                          f"(counts {result['counts']}); use more samples")
+    return result
+
+
+def _dataset(split: str, splits: dict, store: str, work: str, **options):
+    from petseg import pipeline
+
+    local = get_files(_store(store), splits["splits"][split], Path(work) / split)
+    return pipeline.dataset(local, **options)
+
+
+# -- tune, select, train ------------------------------------------------------------------------------
+
+def sample_trials(*, n: int, seed: int) -> list[dict]:
+    """Draw ``n`` hyper-parameter configurations with a seeded sampler."""
+    from petseg import tune
+
+    return tune.sample_trials(n, seed=seed)
+
+
+def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict,
+         work: str, log_dir: str | None = None):
+    from petseg import train
+
+    seed = settings["seed"]
+    batch_size = config["batch_size"]
+    training = _dataset("training", splits, store, work, batch_size=batch_size, shuffle=True, seed=seed,
+                        augment=config.get("augment", True))
+    validation = _dataset("validation", splits, store, work, batch_size=batch_size)
+    model, history = train.fit(train=training, validation=validation, arch=arch, epochs=epochs,
+                               learning_rate=config["learning_rate"], seed=seed, log_dir=log_dir)
+    return model, history, validation
+
+
+def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict) -> dict:
+    """Train one short trial and return its configuration, validation loss and IoU, and history."""
+    from petseg import train
+
+    _configure(settings)
+    with tempfile.TemporaryDirectory(prefix="petseg-tune-") as work:
+        model, history, validation = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
+                                          settings=settings, work=work)
+        metrics = train.evaluate(model, validation)
+    return {"index": config["index"], "config": config, "val_loss": metrics["loss"], "val_iou": metrics["iou"],
+            "history": history}
+
+
+def select(results: list[dict]) -> tuple[list[dict], dict]:
+    """Order every trial by index and pick the best configuration."""
+    from petseg import tune
+
+    ordered = sorted(results, key=lambda r: r["index"])
+    return ordered, tune.select(ordered)
+
+
+def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch_size: int,
+          settings: dict) -> dict:
+    """Train the final model; return its bytes, fingerprint, history and TensorBoard logs."""
+    from petseg import model as models
+
+    _configure(settings)
+    config = dict(best["config"])
+    if batch_size:
+        config["batch_size"] = batch_size
+    with tempfile.TemporaryDirectory(prefix="petseg-train-") as work:
+        log_dir = os.path.join(work, "logs")
+        model, history, _ = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
+                                 settings=settings, work=work, log_dir=log_dir)
+        logs = _tar_directory(log_dir)
+    return {"model_keras": models.to_bytes(model), "fingerprint": models.fingerprint(model),
+            "history": history, "tensorboard_logs": logs, "config": config}
+
+
+def _tar_directory(path: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        if os.path.isdir(path):
+            tar.add(path, arcname="logs")
+    return buffer.getvalue()
+
+
+# -- calibrate, evaluate ------------------------------------------------------------------------------
+
+def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -> tuple[dict, dict]:
+    """Fit isotonic calibration on the calibration split; return it and the ECE report."""
+    from petseg import calibration
+    from petseg import model as models
+
+    _configure(settings)
+    model = models.from_bytes(model_keras)
+    with tempfile.TemporaryDirectory(prefix="petseg-calibrate-") as work:
+        dataset = _dataset("calibration", splits, store, work, batch_size=16)
+        probs, labels = calibration.collect(model, dataset, seed=settings["seed"])
+    fitted = calibration.fit(probs, labels)
+    calibrated = fitted.apply(probs)
+    report = {
+        "pixels": int(probs.size),
+        "ece_before": calibration.expected_calibration_error(probs, labels),
+        "ece_after": calibration.expected_calibration_error(calibrated, labels),
+        "reliability_before": calibration.reliability_curve(probs, labels),
+        "reliability_after": calibration.reliability_curve(calibrated, labels),
+    }
+    return fitted.to_dict(), report
+
+
+def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store: str,
+             settings: dict) -> tuple[dict, dict]:
+    """Test metrics of the raw and calibrated model, and a few sample predictions for the card."""
+    import numpy as np
+
+    from petseg import calibration, train
+    from petseg import model as models
+
+    _configure(settings)
+    model = models.from_bytes(model_keras)
+    fitted = calibration.Calibration.from_dict(calibration_table)
+    with tempfile.TemporaryDirectory(prefix="petseg-evaluate-") as work:
+        test = _dataset("test", splits, store, work, batch_size=16)
+        metrics = {"raw": train.evaluate(model, test), "calibrated": train.evaluate(model, test, calibration=fitted),
+                   "test_samples": int(splits["counts"]["test"])}
+        images, truths = next(iter(test.unbatch().batch(SAMPLE_PREDICTIONS)))
+    probs = fitted.apply(model.predict(images, verbose=0))
+    samples = {"images": np.asarray(images), "truths": np.asarray(truths), "probs": np.asarray(probs)}
+    return metrics, samples
+
+
+def report_card(card, *, metrics: dict, history: dict, trials: list[dict], calibration_report: dict,
+                samples: dict) -> None:
+    """Fill the evaluate step's card: metrics, curves, trials, reliability and sample predictions."""
+    from petseg import report
+
+    report.fill_card(card, metrics=metrics, history=history, trials=trials,
+                     calibration_report=calibration_report, samples=samples)
+
+
+# -- release ------------------------------------------------------------------------------------------
+
+def gate(metrics: dict, *, min_iou: float) -> tuple[bool, str]:
+    """The quality gate on calibrated test IoU."""
+    from petseg import release
+
+    return release.gate(metrics, min_iou=min_iou)
+
+
+def manifest(run) -> dict:
+    """Export the release (model, calibration, manifest) and return the manifest."""
+    from metaflow import current
+    from metaflow.metaflow_config import S3_ENDPOINT_URL
+
+    from petseg import release
+
+    version = f"petseg-{current.run_id}"
+    location = f"{run.blob_root.rsplit('/blobs', 1)[0]}/releases/{version}"
+    document = release.build_manifest(
+        run_id=current.run_id, flow_name=current.flow_name, model_fingerprint=run.model_fingerprint,
+        dataset_fingerprint=run.dataset_fingerprint, code_version=run.settings["code_version"],
+        metrics=run.metrics, settings=run.settings, location=location)
+    release.export(location, model_keras=run.model_keras, calibration=run.calibration, manifest=document,
+                   s3_endpoint_url=S3_ENDPOINT_URL)
+    return document
+
+
+def deploy(run, target: str) -> dict | None:
+    """Hand the release to the serving deployment chosen by ``--deploy``."""
+    from petseg import deploy as deployment
+
+    if target == "none":
+        return None
+    if target == "local":
+        return deployment.deploy_local(run.manifest["location"], port=run.port or None)
+    return deployment.deploy_kubernetes(run.manifest)
+
+
+def tag_run(**tags: str) -> None:
+    """Tag the current run (e.g. dataset:<fingerprint>) so the Client can find it."""
+    from metaflow import Run, current
+
+    Run(f"{current.flow_name}/{current.run_id}").add_tags([f"{key}:{value}" for key, value in tags.items()])
+
+
+def fault_drill(step_name: str) -> None:
+    """Fail on purpose when PETSEG_FAIL_AT names this step (to rehearse `resume`)."""
+    if os.environ.get("PETSEG_FAIL_AT") == step_name:
+        raise RuntimeError(f"fault drill: PETSEG_FAIL_AT={step_name} made this step fail; "
+                           f"run `python flows/seg_flow.py resume {step_name}` to finish the run")
+
+
+# -- lineage ------------------------------------------------------------------------------------------
+
+def lineage_start(*, pachyderm: str, lineage: str) -> dict:
+    """An empty lineage graph, with the Pachyderm address ($PACHD_ADDRESS when not given)."""
+    from petseg import lineage as lineage_graph
+
+    address = pachyderm or os.environ.get("PACHD_ADDRESS", "")
+    return lineage_graph.new_graph(address=address or None, required=lineage == "required")
+
+
+def lineage_record(run, stage: str, outputs: dict) -> dict:
+    """Record a stage's outputs in the run's lineage graph, mirroring them into Pachyderm when configured."""
+    from metaflow import current
+
+    from petseg import lineage as lineage_graph
+
+    context = {"pathspec": f"{current.flow_name}/{current.run_id}", "run_id": str(current.run_id),
+               "step": current.step_name,
+               "dataset_fingerprint": getattr(run, "dataset_fingerprint", None),
+               "model_fingerprint": getattr(run, "model_fingerprint", None),
+               "code_version": run.settings["code_version"]}
+    return lineage_graph.record_stage(run.lineage_graph, stage, outputs=outputs, context=context)
+
+
+# -- end ----------------------------------------------------------------------------------------------
+
+def summary(run) -> dict:
+    """The one-line-per-run facts `petseg runs` lists."""
+    return {
+        "dataset_fingerprint": run.dataset_fingerprint,
+        "model_fingerprint": run.model_fingerprint,
+        "calibrated_test_iou": run.metrics["calibrated"]["iou"],
+        "released": bool(run.released),
+        "version": run.manifest["version"] if run.manifest else None,
+        "deployment": run.deployment,
+    }
+
+
+def closing_words(run) -> str:
+    """Where to look next, printed at the end of a run."""
+    from metaflow import current
+
+    lines = [
+        f"Run {current.flow_name}/{current.run_id} finished.",
+        f"  report card:  python flows/seg_flow.py card view evaluate --id report  (or: card server)",
+        f"  details:      petseg show {current.run_id}",
+        f"  {run.gate_message}",
+    ]
+    if run.deployment and run.deployment.get("url"):
+        url = run.deployment["url"]
+        lines += [f"  serving at:   {url}",
+                  f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png",
+                  f"  stop it:      petseg stop {current.run_id}"]
+    return "\n".join(lines)
