@@ -72,7 +72,8 @@ class PetSegFlow(FlowSpec):
         self.parameters = stages.parameters(self)
         self.environment = stages.environment(self.settings)
         self.blob_root = stages.blob_root(self._datastore)
-        self.lineage_graph = stages.lineage_start(pachyderm=self.pachyderm, lineage=self.lineage)
+        self.pachyderm_address = stages.pachyderm_address(self.pachyderm)
+        self.lineage_graph = stages.lineage_start(code_version=self.settings["code_version"])
         self.next(self.ingest)
 
     @retry(times=2)

@@ -176,16 +176,17 @@ def load(path: str | Path) -> keras.Model:
     Raises:
         ModelError: The file is missing or is not a loadable Keras model.
     """
-    # Registers the loss that a trained model's compile settings name.
-    import petseg.metrics  # noqa: F401
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
+    return _load(path, f"model file {path}")
+
+
+def _load(path: Path, description: str) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises many kinds for a bad file.
-        raise ModelError(f"model file {path} is not a loadable Keras model: {err}") from None
+        raise ModelError(f"{description} is not a loadable Keras model: {err}") from None
 
 
 def to_bytes(model: keras.Model) -> bytes:
@@ -203,7 +204,7 @@ def from_bytes(data: bytes) -> keras.Model:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.keras"
         path.write_bytes(data)
-        return load(path)
+        return _load(path, "the stored model bytes")
 
 
 def fingerprint(model: keras.Model) -> str:

@@ -51,7 +51,8 @@ def reliability_figure(report: dict):
     for key, label in (("reliability_before", f"raw (ECE {report['ece_before']:.4f})"),
                        ("reliability_after", f"calibrated (ECE {report['ece_after']:.4f})")):
         curve = report[key]
-        ax.plot(curve["mean_predicted"], curve["observed"], marker="o", label=label)
+        points = [(p, o) for p, o in zip(curve["mean_predicted"], curve["observed_frequency"]) if p is not None]
+        ax.plot([p for p, _ in points], [o for _, o in points], marker="o", label=label)
     ax.set_xlabel("predicted probability")
     ax.set_ylabel("observed frequency")
     ax.legend()

@@ -47,7 +47,7 @@ def resolve_run(spec: str, *, finished: bool = True):
     except (MetaflowNotFound, MetaflowNamespaceMismatch):
         raise RunError(f"run {spec!r} not found: expected a run id, {FLOW}/<id> or latest "
                        f"(see `petseg runs`)") from None
-    if finished and not run.finished:
+    if finished and _status(run) == "running":
         raise RunError(f"run {run.pathspec} is still running: wait for it to finish")
     return run
 
@@ -60,9 +60,19 @@ def _data(run, step: str, name: str, default=None):
 
 
 def _status(run) -> str:
-    if not run.finished:
-        return "running"
-    return "successful" if run.successful else "failed"
+    """successful, failed (a task failed, so the run cannot finish) or running."""
+    if run.successful:
+        return "successful"
+    if run.finished or any(task.finished and not task.successful for step in run for task in step):
+        return "failed"
+    return "running"
+
+
+def _started(run):
+    try:
+        return run["start"].task.created_at
+    except KeyError:
+        return run.created_at
 
 
 def _seconds(start, end) -> float | None:
@@ -79,11 +89,12 @@ def _tag(run, key: str) -> str | None:
 def run_row(run) -> dict:
     """The facts `petseg runs` lists for one run."""
     summary = _data(run, "end", "summary", {}) if run.successful else {}
+    started = _started(run)
     return {
         "id": run.id,
         "status": _status(run),
-        "start": run.created_at.isoformat(sep=" ", timespec="seconds") if run.created_at else None,
-        "duration_s": _seconds(run.created_at, run.finished_at),
+        "start": started.isoformat(sep=" ", timespec="seconds") if started else None,
+        "duration_s": _seconds(started, run.finished_at),
         "dataset_fingerprint": summary.get("dataset_fingerprint") or _tag(run, "dataset"),
         "model_fingerprint": summary.get("model_fingerprint") or _tag(run, "model"),
         "calibrated_test_iou": summary.get("calibrated_test_iou"),

@@ -10,6 +10,7 @@ run's context (its id, fingerprints, lineage settings) take the flow object.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -57,9 +58,7 @@ def check_parameters(run) -> dict:
 
 def parameters(run) -> dict:
     """Every parameter of the run by name, so that it can be reproduced exactly."""
-    from metaflow import Parameter
-
-    names = [name for name in dir(type(run)) if isinstance(getattr(type(run), name, None), Parameter)]
+    names = [name for name, param in type(run)._get_parameters() if not param.IS_CONFIG_PARAMETER]
     return {name: getattr(run, name) for name in sorted(names)}
 
 
@@ -312,26 +311,39 @@ def fault_drill(step_name: str) -> None:
 
 # -- lineage ------------------------------------------------------------------------------------------
 
-def lineage_start(*, pachyderm: str, lineage: str) -> dict:
-    """An empty lineage graph, with the Pachyderm address ($PACHD_ADDRESS when not given)."""
-    from petseg import lineage as lineage_graph
+def pachyderm_address(pachyderm: str) -> str | None:
+    """The Pachyderm address to mirror into: the parameter, else $PACHD_ADDRESS, else none."""
+    return pachyderm or os.environ.get("PACHD_ADDRESS") or None
 
-    address = pachyderm or os.environ.get("PACHD_ADDRESS", "")
-    return lineage_graph.new_graph(address=address or None, required=lineage == "required")
+
+def lineage_start(*, code_version: str) -> dict:
+    """The run's lineage graph, with no stages yet."""
+    from metaflow import current
+
+    from petseg import lineage
+
+    return lineage.new_graph(pathspec=current.pathspec, code_version=code_version)
+
+
+def _as_file(value) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode()
 
 
 def lineage_record(run, stage: str, outputs: dict) -> dict:
     """Record a stage's outputs in the run's lineage graph, mirroring them into Pachyderm when configured."""
     from metaflow import current
 
-    from petseg import lineage as lineage_graph
+    from petseg import lineage
 
-    context = {"pathspec": f"{current.flow_name}/{current.run_id}", "run_id": str(current.run_id),
-               "step": current.step_name,
-               "dataset_fingerprint": getattr(run, "dataset_fingerprint", None),
-               "model_fingerprint": getattr(run, "model_fingerprint", None),
-               "code_version": run.settings["code_version"]}
-    return lineage_graph.record_stage(run.lineage_graph, stage, outputs=outputs, context=context)
+    return lineage.record_stage(
+        run.lineage_graph, stage, files={name: _as_file(value) for name, value in outputs.items()},
+        pathspec=current.pathspec, dataset_fingerprint=getattr(run, "dataset_fingerprint", None),
+        model_fingerprint=getattr(run, "model_fingerprint", None), address=run.pachyderm_address,
+        required=run.lineage == "required")
 
 
 # -- end ----------------------------------------------------------------------------------------------

@@ -267,8 +267,9 @@ def render(rng: np.random.Generator, breed: Breed) -> tuple[bytes, bytes]:
     shadow = _blur(pet.shadow, 6.0)[..., None]
     scene *= 1.0 - 0.35 * shadow
 
-    alpha = _blur(pet.silhouette, 0.7)[..., None]
-    scene = scene * (1.0 - alpha) + pet.colours(rng) * alpha
+    alpha = _blur(pet.silhouette, 0.7)[pet.crop][..., None]
+    region = scene[pet.crop]
+    region[...] = region * (1.0 - alpha) + pet.colours(rng) * alpha
 
     visible = pet.silhouette > 0.5
     if rng.random() < 0.35:
@@ -289,15 +290,25 @@ def render(rng: np.random.Generator, breed: Breed) -> tuple[bytes, bytes]:
 
 
 def _trimap(visible: np.ndarray, *, radius: int) -> np.ndarray:
-    """1 inside the pet, 2 outside, 3 on a band 2*radius+1 px wide along its outline."""
-    mask = Image.fromarray(visible.astype(np.uint8) * 255)
-    size = 2 * radius + 1
-    grown = np.asarray(mask.filter(ImageFilter.MaxFilter(size))) > 0
-    shrunk = np.asarray(mask.filter(ImageFilter.MinFilter(size))) > 0
+    """1 inside the pet, 2 outside, 3 on a band 2*radius px wide along its outline."""
     trimap = np.full(visible.shape, 2, dtype=np.uint8)
     trimap[visible] = 1
-    trimap[grown & ~shrunk] = 3
+    trimap[_grow(visible, radius) & _grow(~visible, radius)] = 3
     return trimap
+
+
+def _grow(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Dilate a boolean mask by a (2*radius+1)-pixel square, one axis at a time."""
+    grown = mask.copy()
+    for axis in (0, 1):
+        source = grown.copy()
+        for shift in range(1, radius + 1):
+            ahead = [slice(None), slice(None)]
+            behind = [slice(None), slice(None)]
+            ahead[axis], behind[axis] = slice(shift, None), slice(None, -shift)
+            grown[tuple(ahead)] |= source[tuple(behind)]
+            grown[tuple(behind)] |= source[tuple(ahead)]
+    return grown
 
 
 def _blur(mask: np.ndarray, radius: float) -> np.ndarray:
@@ -345,7 +356,8 @@ def _texture(rng: np.random.Generator, height: int, width: int, colours: np.ndar
     else:  # out-of-focus foliage outdoors
         mix = _smooth_noise(rng, height, width, int(rng.integers(6, 14)))
     mix = np.clip(mix, 0.0, 1.0)[..., None]
-    return (colours[0] * (1.0 - mix) + colours[1] * mix).astype(np.float32)
+    low, high = colours.astype(np.float32)
+    return low * (1.0 - mix) + high * mix
 
 
 def _background(rng: np.random.Generator, height: int, width: int, breed: Breed) -> np.ndarray:
@@ -356,14 +368,15 @@ def _background(rng: np.random.Generator, height: int, width: int, breed: Breed)
         horizon = int(rng.uniform(0.3, 0.75) * height)
         scene[horizon:] = _texture(rng, height - horizon, width, _palette(rng))
     for _ in range(int(rng.integers(0, 4))):
-        shape = Image.new("L", (width, height))
-        x0, y0 = rng.uniform(-0.2, 1.0, size=2) * (width, height)
-        w, h = rng.uniform(0.1, 0.5, size=2) * (width, height)
+        w, h = (rng.uniform(0.1, 0.5, size=2) * (width, height)).astype(int)
+        left, top = (rng.uniform(0.0, 1.0, size=2) * (width - w, height - h)).astype(int)
+        shape = Image.new("L", (w, h))
         draw = ImageDraw.Draw(shape)
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=255)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([0, 0, w - 1, h - 1], fill=255)
         alpha = (np.asarray(shape, dtype=np.float32) / 255.0)[..., None]
         colours = _palette(rng, breed.marking if rng.random() < 0.3 else None)
-        scene = scene * (1.0 - alpha) + _texture(rng, height, width, colours) * alpha
+        region = scene[top : top + h, left : left + w]
+        region[...] = region * (1.0 - alpha) + _texture(rng, h, w, colours) * alpha
     return scene
 
 
@@ -453,11 +466,15 @@ class _Pet:
         # The body's centre lies inside the frame, so the silhouette is never empty.
         ys, xs = np.nonzero(self.silhouette > 0.5)
         self.box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+        # Fur is coloured only around the pet (with room for the soft edge), which is much faster.
+        top, bottom = max(int(ys.min()) - 3, 0), min(int(ys.max()) + 4, height)
+        left, right = max(int(xs.min()) - 3, 0), min(int(xs.max()) + 4, width)
+        self.crop = (slice(top, bottom), slice(left, right))
         self.eyes = self._fill(self._eyes())
 
-        # Pixel coordinates back in the pet's frame, for coat patterns.
-        y, x = np.ogrid[0:height, 0:width]
-        (a, b), (c, d) = np.linalg.inv(self.matrix).astype(np.float32)
+        # Pixel coordinates of the crop back in the pet's frame, for coat patterns.
+        y, x = np.ogrid[top:bottom, left:right]
+        (a, b), (c, d) = (np.diag([facing, 1.0]) @ rotation.T / scale).astype(np.float32)  # inverse of matrix
         x, y = x.astype(np.float32) - self.offset[0], y.astype(np.float32) - self.offset[1]
         self.u, self.v = a * x + b * y, c * x + d * y
 
@@ -545,10 +562,10 @@ class _Pet:
         return np.asarray(mask, dtype=np.float32) / 255.0
 
     def colours(self, rng: np.random.Generator) -> np.ndarray:
-        """The pet's fur colour at every pixel (H, W, 3) in [0, 1]."""
-        breed, u, v, height, width = self.breed, self.u, self.v, self.height, self.width
-        coat = np.clip(np.array(breed.coat) / 255.0 + rng.normal(0, 0.05, size=3), 0, 1)
-        marking = np.clip(np.array(breed.marking) / 255.0 + rng.normal(0, 0.05, size=3), 0, 1)
+        """The pet's fur colour at every pixel of ``crop`` (h, w, 3) in [0, 1]."""
+        breed, u, v, crop = self.breed, self.u, self.v, self.crop
+        height, width = u.shape
+        coat, marking = np.clip(np.array([breed.coat, breed.marking]) / 255.0 + rng.normal(0, 0.05, size=(2, 3)), 0, 1).astype(np.float32)
         pattern = breed.pattern
         if pattern == "tabby":
             weight = (np.sin(2 * np.pi * (u * rng.uniform(8, 12) + 0.25 * np.sin(v * 9))) > 0.3).astype(np.float32)
@@ -558,13 +575,13 @@ class _Pet:
                 _ellipse(rng.uniform(-0.5, 0.6), rng.uniform(-0.6, 0.5), *(rng.uniform(0.03, 0.06, 2) if many else rng.uniform(0.1, 0.25, 2)))
                 for _ in range(int(rng.integers(25, 45) if many else rng.integers(2, 5)))
             ]
-            weight = self._fill(spots)
+            weight = self._fill(spots)[crop]
         elif pattern == "ticked":
             weight = 0.6 * rng.random((height, width), dtype=np.float32)
         elif pattern == "points":
-            weight = np.maximum(_blur(self.extremities, 2.0), _blur(self.face, 3.0))
+            weight = np.maximum(_blur(self.extremities, 2.0), _blur(self.face, 3.0))[crop]
         elif pattern == "mask":
-            weight = _blur(self.face, 2.0)
+            weight = _blur(self.face, 2.0)[crop]
         elif pattern == "bicolor":  # pale belly, chest and legs
             if self.sitting:
                 weight = ((u > 0.02) & (v > -0.35)).astype(np.float32)
@@ -576,13 +593,13 @@ class _Pet:
             else:
                 weight = ((v < -0.3 * self.ry) & (u < 0.4)).astype(np.float32)
         elif pattern == "hairless":
-            weight = 0.25 * (np.sin(v * 80 + np.sin(u * 20)) > 0.6)
+            weight = 0.25 * (np.sin(v * 80 + np.sin(u * 20)) > 0.6).astype(np.float32)
         else:
             weight = np.zeros((height, width), dtype=np.float32)
         weight = weight[..., None]
         if pattern == "tricolor":  # black saddle on a white coat, tan head and ears
-            fur = coat * (1.0 - weight) + np.array([0.08, 0.07, 0.06]) * weight
-            head = _blur(self.face, 3.0)[..., None]
+            fur = coat * (1.0 - weight) + np.array([0.08, 0.07, 0.06], dtype=np.float32) * weight
+            head = _blur(self.face, 3.0)[crop][..., None]
             fur = fur * (1.0 - head) + marking * head
         else:
             fur = coat * (1.0 - weight) + marking * weight
@@ -591,8 +608,8 @@ class _Pet:
         grain = 1.0 + (0.12 - 0.1 * (pattern == "hairless")) * (rng.random((height, width, 1), dtype=np.float32) - 0.5)
         shade = 1.0 - 0.25 * np.clip(v / (2 * self.ry) + 0.3, 0.0, 1.0)[..., None]
         fur = fur * grain * shade
-        eyes = self.eyes[..., None]
-        return (fur * (1.0 - eyes) + 0.05 * eyes).astype(np.float32)
+        eyes = self.eyes[crop][..., None]
+        return fur * (1.0 - eyes) + 0.05 * eyes
 
 
 # ---------------------------------------------------------------- command line

@@ -40,7 +40,7 @@ Faults, for tests of a client that must survive them:
   next call of ``method`` is cut off with UNAVAILABLE (for the ModifyFile
   stream, after some of its messages arrived), and the next
   ``outage_calls`` calls of any method fail the same way, as while pachd
-  restarts. Then it answers again, with its state intact.
+  restarts. Then (or at ``heal()``) it answers again, with its state intact.
 - ``stop()`` / ``start()``: the listening socket really goes away and comes
   back on the same port, state intact.
 
@@ -379,6 +379,12 @@ class PfsState:
                 raise _Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"cannot drop commit {commit.repo[1]}@{commit.id}: it has children",
+                )
+            if any((c.repo, c.id) not in ids for c in self.subvenant_commits(commit)):
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"cannot drop commit {commit.repo[1]}@{commit.id}: "
+                    "commits outside the drop depend on it",
                 )
         for commit in sorted(targets, key=lambda c: -c.seq):
             repo = self.repos[commit.repo]
@@ -904,6 +910,12 @@ class PachdStandin:
         with self._fault_lock:
             self._armed = (method, outage_calls)
             self._messages = after_messages
+
+    def heal(self) -> None:
+        """End an outage now and disarm a fault not yet fired."""
+        with self._fault_lock:
+            self._armed = None
+            self._outage = 0
 
     def _trip(self) -> None:
         """Fire the armed fault: start the outage and fail this call."""

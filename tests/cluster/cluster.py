@@ -39,6 +39,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -257,6 +258,9 @@ class LocalCluster:
         for name in ("kube-apiserver", "kube-controller-manager", "kubectl"):
             if not (self.bin / name).exists():
                 raise RuntimeError(f"{self.bin / name} is missing: run tests/cluster/build.sh first")
+        for sub in ("etcd", "pki", "pods", "metaflow"):
+            # A cluster's state never outlives it: keys and tokens are new.
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
         for sub in ("logs", "etcd", "pki", "pods", "metaflow"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         pki = self.dir / "pki"

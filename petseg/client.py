@@ -1,0 +1,252 @@
+"""Talk to a served model: predictions, feedback, and the serve/stop commands.
+
+`predict` sends an image (binData), writes the mask PNG and a side-by-side
+picture (input | predicted | thresholded) as the original notebook displayed
+it; `feedback` sends an image with its true trimap as a new labelled sample.
+
+Command line (registered by `add_parser`):
+
+    petseg predict --url URL IMAGE --out MASK.png
+    petseg feedback --url URL IMAGE TRUTH.png [--reward R] [--breed NAME]
+    petseg serve RUN [--port P]      # foreground, Ctrl-C stops it
+    petseg stop RUN
+
+RUN is a run id, ``PetSegFlow/<id>``, ``latest``, or a release directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from petseg.errors import DataError, RunError, ServingError
+
+PREDICT_PATH = "/api/v1.0/predictions"
+FEEDBACK_PATH = "/api/v1.0/feedback"
+TITLES = ("Input Image", "Predicted Mask", "Thresholded Mask")
+
+
+def predict(
+    url: str,
+    image_path: str | Path,
+    out_path: str | Path,
+    *,
+    figure_path: str | Path | None = None,
+    timeout: float = 60.0,
+) -> dict:
+    """Segments one image with a served model.
+
+    Args:
+        url: The server, e.g. ``http://127.0.0.1:9000``.
+        image_path: A JPEG or PNG image.
+        out_path: Where the mask goes: an RGB PNG of the probabilities of
+            pet (red), background (green) and border (blue) * 255.
+        figure_path: Where the side-by-side picture goes; default
+            ``<out stem>.side_by_side.png`` beside the mask.
+        timeout: Seconds to wait for the answer.
+
+    Returns:
+        ``{"mask", "figure", "tags"}``: the files written and the model's provenance tags.
+
+    Raises:
+        DataError: The image cannot be read.
+        ServingError: The server cannot be reached or refused the request.
+    """
+    image_bytes = _read(image_path, "image")
+    answer = _post(url, PREDICT_PATH, {"binData": _b64(image_bytes)}, timeout=timeout)
+    try:
+        mask_png = base64.b64decode(answer["binData"], validate=True)
+        probs = np.asarray(Image.open(io.BytesIO(mask_png)).convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as err:  # a server that is not petseg can answer anything
+        raise ServingError(f"{url} answered without a PNG mask in binData ({type(err).__name__}: {err})") from None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(mask_png)
+    figure_path = Path(figure_path) if figure_path else out_path.with_name(f"{out_path.stem}.side_by_side.png")
+    image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+    side_by_side(image, probs, figure_path)
+    return {"mask": str(out_path), "figure": str(figure_path), "tags": answer.get("meta", {}).get("tags", {})}
+
+
+def feedback(
+    url: str,
+    image_path: str | Path,
+    truth_png: str | Path,
+    reward: float = 1.0,
+    *,
+    breed: str | None = None,
+    timeout: float = 60.0,
+) -> dict:
+    """Sends an image and its true trimap to the server's feedback store.
+
+    Args:
+        url: The server.
+        image_path: The JPEG or PNG image.
+        truth_png: Its trimap: a single-channel PNG of 1 (pet), 2
+            (background), 3 (border) of the image's size, as Oxford ships them.
+        reward: How good the served prediction was.
+        breed: The pet's Oxford breed name, if known (lists the sample in annotations/list.txt).
+        timeout: Seconds to wait for the answer.
+
+    Returns:
+        ``{"sample_id", "store"}``.
+
+    Raises:
+        DataError: A file cannot be read.
+        ServingError: The server cannot be reached or refused the sample.
+    """
+    truth = {"binData": _b64(_read(truth_png, "truth"))}
+    if breed:
+        truth["meta"] = {"tags": {"breed": breed}}
+    message = {"request": {"binData": _b64(_read(image_path, "image"))}, "truth": truth, "reward": reward}
+    return _post(url, FEEDBACK_PATH, message, timeout=timeout).get("jsonData", {})
+
+
+def side_by_side(image: np.ndarray, probs: np.ndarray, path: str | Path) -> Path:
+    """Writes input | predicted probabilities | thresholded (>= 0.5) mask as one PNG.
+
+    Args:
+        image: uint8 (H, W, 3).
+        probs: (H, W, 3) probabilities of pet, background, border.
+        path: The PNG to write.
+
+    Returns:
+        The path written.
+    """
+    # The object-oriented API leaves matplotlib's global state (backend, figures) alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    for axes, title, picture in zip(figure.subplots(1, 3), TITLES, (image, probs, (probs >= 0.5).astype(np.float32))):
+        axes.imshow(picture)
+        axes.set_title(title)
+        axes.axis("off")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    return path
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read the {what} {path}: {err.strerror}") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _post(url: str, path: str, message: dict, *, timeout: float) -> dict:
+    endpoint = url.rstrip("/") + path
+    try:
+        response = requests.post(endpoint, json=message, timeout=timeout)
+    except requests.ConnectionError:
+        raise ServingError(f"cannot connect to {url}: is the server running? (start one with `petseg serve RUN`)") from None
+    except requests.Timeout:
+        raise ServingError(f"{endpoint} did not answer within {timeout:g} s") from None
+    except requests.RequestException as err:
+        raise ServingError(f"cannot send a request to {url!r}: {err} (expected a URL like http://127.0.0.1:9000)") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code != 200:
+        status = body.get("status", {}) if isinstance(body, dict) else {}
+        detail = status.get("info") or response.text[:200] or response.reason
+        raise ServingError(f"{endpoint} answered HTTP {response.status_code}: {detail}")
+    if not isinstance(body, dict):
+        raise ServingError(f"{endpoint} answered with something else than a JSON object")
+    return body
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> None:
+    """Registers ``predict``, ``feedback``, ``serve`` and ``stop``."""
+    command = subparsers.add_parser("predict", help="segment an image with a served model")
+    command.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9000")
+    command.add_argument("image", help="a JPEG or PNG image")
+    command.add_argument("--out", required=True, help="mask PNG to write (probabilities * 255, RGB = pet, background, border)")
+    command.add_argument("--figure", help="side-by-side picture to write (default: beside the mask)")
+    command.set_defaults(handler=_predict_command)
+
+    command = subparsers.add_parser("feedback", help="send an image with its true trimap as a new labelled sample")
+    command.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9000")
+    command.add_argument("image", help="a JPEG or PNG image")
+    command.add_argument("truth", help="its trimap PNG (1 pet, 2 background, 3 border)")
+    command.add_argument("--reward", type=float, default=1.0, help="how good the served prediction was (default 1.0)")
+    command.add_argument("--breed", help="the pet's Oxford breed name, e.g. Abyssinian or beagle")
+    command.set_defaults(handler=_feedback_command)
+
+    command = subparsers.add_parser("serve", help="serve a run's released model in the foreground (Ctrl-C stops it)")
+    command.add_argument("run", help="run id, PetSegFlow/<id>, latest, or a release directory")
+    command.add_argument("--port", type=int, default=9000, help="REST port (default 9000)")
+    command.set_defaults(handler=_serve_command)
+
+    command = subparsers.add_parser("stop", help="stop the local deployment of a run")
+    command.add_argument("run", help="run id, PetSegFlow/<id>, latest, or a release directory")
+    command.set_defaults(handler=_stop_command)
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    result = predict(args.url, args.image, args.out, figure_path=args.figure)
+    print(f"mask:    {result['mask']}\nfigure:  {result['figure']}\nmodel:   {result['tags'].get('model_version', '?')}")
+    return 0
+
+
+def _feedback_command(args: argparse.Namespace) -> int:
+    result = feedback(args.url, args.image, args.truth, args.reward, breed=args.breed)
+    print(f"stored sample {result.get('sample_id')} in {result.get('store')}")
+    return 0
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from petseg import deploy
+
+    if Path(args.run).is_dir():
+        return deploy.serve_foreground(args.run, args.port)
+    manifest = _release_data(args.run, "manifest")
+    return deploy.serve_foreground(manifest["model_uri"], args.port, fingerprint=manifest["model_fingerprint"])
+
+
+def _stop_command(args: argparse.Namespace) -> int:
+    from petseg import deploy
+
+    if Path(args.run).is_dir():
+        record = Path(args.run) / "deployment.json"
+        if not record.is_file():
+            raise ServingError(f"{args.run} has no deployment.json: it was not deployed with deploy_local")
+        deployment = json.loads(record.read_text(encoding="utf-8"))
+    else:
+        deployment = _release_data(args.run, "deployment")
+    if deployment.get("kind") == "kubernetes":
+        raise ServingError(
+            f"{args.run} is served on Kubernetes: `kubectl delete seldondeployment {deployment['name']} "
+            f"-n {deployment['namespace']}` stops it"
+        )
+    stopped = deploy.stop_local(int(deployment["pid"]))
+    print(f"{'stopped' if stopped else 'was not running:'} {deployment['url']} (pid {deployment['pid']})")
+    return 0
+
+
+def _release_data(spec: str, name: str) -> dict:
+    """An artifact of a run's release step (``manifest`` or ``deployment``)."""
+    from petseg.runs import resolve_run
+
+    run = resolve_run(spec)
+    value = getattr(run["release"].task.data, name, None)
+    if not value:
+        raise RunError(f"run {run.pathspec} has no {name}: its model was not released or not deployed")
+    return value

@@ -1,0 +1,469 @@
+"""Read the pet data from wherever it lives, check every sample, and shard it.
+
+``ingest`` is the warehouse stage: it brings a source into a local directory
+in the Oxford-IIIT Pet layout (``images/<id>.jpg``,
+``annotations/trimaps/<id>.png``, ``annotations/list.txt``), checks each
+sample, resizes it to ``image_size`` and streams it into TFRecord shards,
+sorted by id. ``transform`` then routes the shards' records into per-split
+shards by the rule in :mod:`petseg.split`.
+
+Both write into a scratch directory beside ``out_dir`` and rename it into
+place only when everything succeeded, so a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from petseg import archive, shards, synth
+from petseg.errors import ConfigError, DataError
+from petseg.split import SPLITS, split_of
+
+ACCEPTED_SOURCES = (
+    "synth:COUNT (the embedded data set), a directory holding images.tar.gz and annotations.tar.gz "
+    "or the extracted images/ and annotations/, a path to images.tar.gz (annotations.tar.gz beside it), "
+    "http(s)://HOST/DIR/ holding both archives, s3://BUCKET/PREFIX/ holding both archives or the extracted layout, "
+    "tfds:oxford_iiit_pet"
+)
+
+TRIMAP_VALUES = (1, 2, 3)
+"""Oxford trimap labels: 1 pet, 2 background, 3 border."""
+
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its trimap in a directory laid out like Oxford-IIIT Pet.
+
+    Attributes:
+        id: image stem, e.g. ``Abyssinian_12``.
+        root: the directory holding ``images/`` and ``annotations/``.
+        origin: the source it came from, for messages.
+    """
+
+    id: str
+    root: Path
+    origin: str
+
+    @property
+    def image(self) -> str:
+        """Path of the image relative to ``root``."""
+        return f"images/{self.id}.jpg"
+
+    @property
+    def trimap(self) -> str:
+        """Path of the trimap relative to ``root``."""
+        return f"annotations/trimaps/{self.id}.png"
+
+
+class BadSample(Exception):
+    """A sample that fails a check; ``file`` is relative to its root."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+def ingest(
+    source: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    skip_bad: bool = False,
+    feedback: str | None = None,
+    image_size: int = 128,
+    shard_size: int = 128,
+    s3_endpoint_url: str | None = None,
+    data_dir: str | None = None,
+) -> dict:
+    """Read, check, preprocess and shard a data source.
+
+    Args:
+        source: where the data is, one of :data:`ACCEPTED_SOURCES`.
+        out_dir: directory for the shards; must not exist or be empty.
+        seed: seed of the embedded data set (``synth:COUNT`` only).
+        skip_bad: leave bad samples out (listed under ``"skipped"``)
+            instead of stopping at the first one.
+        feedback: optional directory or ``s3://`` prefix of extra samples in
+            the extracted Oxford layout, added to the source.
+        image_size: side of the stored square images and trimaps.
+        shard_size: records per shard file.
+        s3_endpoint_url: endpoint of a non-AWS S3 server (None for AWS).
+        data_dir: tensorflow-datasets data directory (``tfds:`` only).
+
+    Returns:
+        The ingest report: ``source``, ``feedback``, ``samples`` (count
+        written), ``skipped`` (``file``, ``source``, ``reason`` of each left
+        out), ``fingerprint`` (sha256 over the sorted per-sample content
+        hashes), ``shards`` (sorted paths) and ``species`` (counts of cat,
+        dog, and samples missing from ``annotations/list.txt``).
+
+    Raises:
+        DataError: the source is missing, unreadable or empty, an archive is
+            unsafe, or a sample is bad and ``skip_bad`` is false.
+        ConfigError: ``image_size`` or ``shard_size`` is below 1.
+    """
+    for name, value in (("image_size", image_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    out_dir = Path(out_dir)
+    fetch = {"seed": seed, "s3_endpoint_url": s3_endpoint_url, "data_dir": data_dir}
+    with _output_dir(out_dir) as (work, out):
+        root = stage(source, work / "source", **fetch)
+        samples = find_samples(root, origin=source)
+        if not samples:
+            raise DataError(f"{source}: no samples found (expected images/<id>.jpg with annotations/trimaps/<id>.png); "
+                            f"accepted sources: {ACCEPTED_SOURCES}")
+        species = read_species(root)
+        if feedback:
+            feedback_root = stage(feedback, work / "feedback", **fetch)
+            samples = _merge(samples, find_samples(feedback_root, origin=feedback))
+            species.update(read_species(feedback_root))
+
+        hashes, skipped = [], []
+        counts = {"cat": 0, "dog": 0, "unlisted": 0}
+        with shards.ShardWriter(out, "samples", shard_size) as writer:
+            for sample in samples:
+                try:
+                    record, digest = prepare(sample, image_size=image_size)
+                except BadSample as bad:
+                    if not skip_bad:
+                        raise DataError(f"{sample.origin}: {bad}; fix or remove the sample, "
+                                        "or skip bad samples to leave them out and list them in the report") from None
+                    skipped.append({"file": bad.file, "source": sample.origin, "reason": bad.reason})
+                    continue
+                writer.write(record)
+                hashes.append(digest)
+                counts[species.get(sample.id, "unlisted")] += 1
+        if not hashes:
+            raise DataError(f"{source}: all {len(samples)} samples are bad (first: {skipped[0]['file']}: {skipped[0]['reason']})")
+        names = writer.names
+    return {
+        "source": source,
+        "feedback": feedback,
+        "samples": len(hashes),
+        "skipped": skipped,
+        "fingerprint": shards.fingerprint(hashes),
+        "shards": [str(out_dir / name) for name in names],
+        "species": counts,
+    }
+
+
+def transform(shard_paths: list[str], out_dir: str | Path, *, shard_size: int = 128) -> dict:
+    """Split ingest shards into training, validation, test and calibration shards.
+
+    Records are copied unchanged and in order, streaming.
+
+    Args:
+        shard_paths: shards written by :func:`ingest`.
+        out_dir: directory for ``<split>/<split>-NNNNN.tfrecord``; must not
+            exist or be empty.
+        shard_size: records per shard file.
+
+    Returns:
+        ``{"splits": {split: [paths]}, "counts": {split: n}, "manifest": {sample_id: split}}``
+        with every split of :data:`petseg.split.SPLITS` present (possibly empty).
+
+    Raises:
+        DataError: a shard is missing or unreadable.
+        ConfigError: ``shard_size`` is below 1.
+    """
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
+    out_dir = Path(out_dir)
+    manifest = {}
+    with _output_dir(out_dir) as (_, out):
+        writers = {split: shards.ShardWriter(out / split, split, shard_size) for split in SPLITS}
+        try:
+            for record in shards.read_records(shard_paths):
+                sample_id = shards.decode(record)["id"]
+                manifest[sample_id] = split_of(sample_id)
+                writers[manifest[sample_id]].write(record)
+        finally:
+            for writer in writers.values():
+                writer.close()
+    return {
+        "splits": {split: [str(out_dir / split / name) for name in writers[split].names] for split in SPLITS},
+        "counts": {split: writers[split].count for split in SPLITS},
+        "manifest": manifest,
+    }
+
+
+# ---------------------------------------------------------------- sources
+
+
+def stage(source: str, dest: Path, *, seed: int = 0, s3_endpoint_url: str | None = None, data_dir: str | None = None) -> Path:
+    """Bring a source into a local directory in the Oxford layout.
+
+    Args:
+        source: one of :data:`ACCEPTED_SOURCES`.
+        dest: scratch directory for downloads and extraction.
+        seed: seed of the embedded data set (``synth:COUNT``).
+        s3_endpoint_url: endpoint of a non-AWS S3 server.
+        data_dir: tensorflow-datasets data directory.
+
+    Returns:
+        A directory holding ``images/`` and ``annotations/`` (``dest``, or
+        the source itself when it is an extracted local directory).
+
+    Raises:
+        DataError: the source does not exist, cannot be fetched, or is of no
+            accepted form.
+    """
+    if source.startswith("synth:"):
+        count = source.removeprefix("synth:")
+        if not count.isdigit() or int(count) < 1:
+            raise DataError(f"source {source!r}: expected synth:COUNT with COUNT a positive integer")
+        images, annotations = synth.write_archives(dest / "archives", count=int(count), seed=seed)
+        return _extract_pair(images, annotations, dest)
+    if source.startswith(("http://", "https://")):
+        return _from_http(source, dest)
+    if source.startswith("s3://"):
+        return _from_s3(source, dest, endpoint_url=s3_endpoint_url)
+    if source.startswith("tfds:"):
+        return _from_tfds(source, dest, data_dir=data_dir)
+    path = Path(source)
+    if path.is_file():
+        return _extract_pair(path, path.with_name("annotations.tar.gz"), dest)
+    if (path / "images.tar.gz").is_file():
+        return _extract_pair(path / "images.tar.gz", path / "annotations.tar.gz", dest)
+    if (path / "images").is_dir():
+        return path
+    what = "holds neither images.tar.gz nor images/" if path.is_dir() else "does not exist"
+    raise DataError(f"source {source!r} {what}; accepted sources: {ACCEPTED_SOURCES}")
+
+
+def _extract_pair(images: Path, annotations: Path, dest: Path) -> Path:
+    if not annotations.is_file():
+        raise DataError(f"{annotations} not found: annotations.tar.gz must sit beside {images.name}")
+    archive.extract(images, dest)
+    archive.extract(annotations, dest)
+    return dest
+
+
+def _from_http(source: str, dest: Path) -> Path:
+    base = source.rsplit("/", 1)[0] if source.endswith(".tar.gz") else source.rstrip("/")
+    downloads = dest / "archives"
+    downloads.mkdir(parents=True)
+    for name in ("images.tar.gz", "annotations.tar.gz"):
+        url = f"{base}/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(downloads / name, "wb") as sink:
+                shutil.copyfileobj(response, sink)
+        except urllib.error.HTTPError as exc:
+            raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; expected {base}/ to hold images.tar.gz and annotations.tar.gz") from exc
+        except OSError as exc:  # URLError included: no connection, bad host, timeout
+            raise DataError(f"{url}: cannot download ({getattr(exc, 'reason', exc)})") from exc
+    return _extract_pair(downloads / "images.tar.gz", downloads / "annotations.tar.gz", dest)
+
+
+def _from_s3(source: str, dest: Path, *, endpoint_url: str | None) -> Path:
+    """Download both archives under the prefix, or else its images/ and annotations/ objects."""
+    import boto3  # only this source needs it
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parsed = urlparse(source)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket:
+        raise DataError(f"source {source!r} has no bucket; expected s3://BUCKET/PREFIX/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    client = boto3.client("s3", endpoint_url=endpoint_url)
+    try:
+        keys = [
+            item["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for item in page.get("Contents", [])
+        ]
+        relative = {key[len(prefix):]: key for key in keys if not key.endswith("/")}
+        archives = "images.tar.gz" in relative
+        if archives:
+            wanted, downloads = ["images.tar.gz", "annotations.tar.gz"], dest / "archives"
+        else:
+            wanted, downloads = sorted(name for name in relative if name.startswith(("images/", "annotations/"))), dest
+        for name in wanted:
+            if name not in relative:
+                raise DataError(f"s3://{bucket}/{prefix}{name} not found: annotations.tar.gz must sit beside images.tar.gz")
+            target = downloads.joinpath(*archive.safe_relative_path(name, where=source).parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, relative[name], str(target))
+    except (BotoCoreError, ClientError) as exc:
+        raise DataError(f"{source}: cannot read from S3 ({exc})") from exc
+    if archives:
+        return _extract_pair(downloads / "images.tar.gz", downloads / "annotations.tar.gz", dest)
+    return dest
+
+
+def _from_tfds(source: str, dest: Path, *, data_dir: str | None) -> Path:
+    """Write the builder's examples, with their original encoded bytes, in the Oxford layout."""
+    name = source.removeprefix("tfds:")
+    if name.split(":")[0] != "oxford_iiit_pet":
+        raise DataError(f"source {source!r}: only tfds:oxford_iiit_pet (optionally :VERSION) is supported")
+    import tensorflow_datasets as tfds  # slow to import; only this source needs it
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder.download_and_prepare()
+    except OSError as exc:
+        raise DataError(f"{source}: cannot prepare the data set ({exc}); prepare it on a machine with network access "
+                        "(`tfds build oxford_iiit_pet --data_dir DIR`) and pass data_dir") from exc
+    # Skipping decoding keeps the JPEG and PNG bytes as released, so content hashes match the archives.
+    raw = {"image": tfds.decode.SkipDecoding(), "segmentation_mask": tfds.decode.SkipDecoding()}
+    dataset = builder.as_dataset(split="train+test", decoders=raw, shuffle_files=False)
+    (dest / "images").mkdir(parents=True)
+    (dest / "annotations" / "trimaps").mkdir(parents=True)
+    lines = []
+    for example in dataset.as_numpy_iterator():
+        file_name = example["file_name"].decode()
+        if "/" in file_name or not file_name.endswith(".jpg"):
+            raise DataError(f"{source}: example file_name {file_name!r} is not an Oxford image name like Abyssinian_1.jpg")
+        sample_id = file_name.removesuffix(".jpg")
+        (dest / "images" / file_name).write_bytes(example["image"])
+        (dest / "annotations" / "trimaps" / f"{sample_id}.png").write_bytes(example["segmentation_mask"])
+        lines.append(synth.list_line(sample_id, synth.BREEDS[int(example["label"])]))
+    (dest / "annotations" / "list.txt").write_text(synth.LIST_HEADER + "".join(sorted(lines)))
+    return dest
+
+
+# ---------------------------------------------------------------- samples
+
+
+def find_samples(root: Path, *, origin: str) -> list[Sample]:
+    """List the samples of an Oxford-layout directory, sorted by id.
+
+    A sample is an ``images/*.jpg`` file; its trimap is checked later by
+    :func:`prepare`. Other files in ``images/`` (the real release ships a few
+    ``.mat`` files there) and macOS ``._*`` metadata files are not samples.
+
+    Args:
+        root: directory holding ``images/``.
+        origin: the source it came from, for messages.
+
+    Returns:
+        Samples sorted by id.
+    """
+    images = root / "images"
+    if not images.is_dir():
+        return []
+    return [Sample(path.stem, root, origin) for path in sorted(images.glob("*.jpg")) if not path.name.startswith("._")]
+
+
+def read_species(root: Path) -> dict[str, str]:
+    """Read ``annotations/list.txt`` into ``{sample_id: "cat" | "dog"}`` (empty if absent).
+
+    Raises:
+        DataError: a line is not ``Image CLASS-ID SPECIES BREED-ID`` with SPECIES 1 or 2.
+    """
+    listing = root / "annotations" / "list.txt"
+    if not listing.is_file():
+        return {}
+    species = {}
+    for number, line in enumerate(listing.read_text().splitlines(), start=1):
+        if line.startswith("#") or not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 4 or fields[2] not in ("1", "2"):
+            raise DataError(f"annotations/list.txt line {number}: {line!r}; expected 'Image CLASS-ID SPECIES BREED-ID' "
+                            "with SPECIES 1 (cat) or 2 (dog)")
+        species[fields[0]] = "cat" if fields[2] == "1" else "dog"
+    return species
+
+
+def _merge(samples: list[Sample], extra: list[Sample]) -> list[Sample]:
+    known = {sample.id: sample for sample in samples}
+    for sample in extra:
+        if sample.id in known:
+            raise DataError(f"{sample.origin}: {sample.image} has the same id as {known[sample.id].image} in "
+                            f"{known[sample.id].origin}; feedback samples need new ids")
+    return sorted(samples + extra, key=lambda sample: sample.id)
+
+
+def prepare(sample: Sample, *, image_size: int) -> tuple[bytes, str]:
+    """Check one sample and turn it into a shard record.
+
+    Checks that the image decodes, its trimap exists and decodes as a
+    single-channel image of the same size, and every trimap value is 1, 2
+    or 3. The image is resized bilinearly and the trimap by nearest
+    neighbour, with PIL, so the bytes are the same on every machine.
+
+    Args:
+        sample: the sample.
+        image_size: side of the stored square image and trimap.
+
+    Returns:
+        The serialised record and the sample's content hash.
+
+    Raises:
+        BadSample: a check failed; names the file and what was wrong.
+    """
+    image_file = (sample.root / sample.image).read_bytes()
+    image = _decode(image_file, sample.image, "image")
+    trimap_path = sample.root / sample.trimap
+    if not trimap_path.is_file():
+        raise BadSample(sample.image, f"its trimap {sample.trimap} is missing")
+    trimap_file = trimap_path.read_bytes()
+    trimap = _decode(trimap_file, sample.trimap, "trimap")
+    if trimap.mode not in ("L", "P"):
+        raise BadSample(sample.trimap, f"trimap has mode {trimap.mode}; expected a single-channel 8-bit PNG")
+    if trimap.size != image.size:
+        raise BadSample(sample.trimap, f"trimap is {trimap.width}x{trimap.height} but {sample.image} is "
+                                       f"{image.width}x{image.height} (width x height); expected the same size")
+    labels = np.asarray(trimap)
+    bad = ~np.isin(labels, TRIMAP_VALUES)
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        values = np.unique(labels[bad]).tolist()
+        raise BadSample(sample.trimap, f"trimap holds value {values[0] if len(values) == 1 else values} "
+                                       f"(first at row {row}, column {column}); expected only 1 (pet), 2 (background), 3 (border)")
+
+    size = (image_size, image_size)
+    pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+    mask = np.asarray(trimap.resize(size, Image.Resampling.NEAREST))
+    digest = shards.sample_hash(sample.id, image_file, trimap_file)
+    return shards.encode(sample.id, pixels, mask, digest), digest
+
+
+def _decode(data: bytes, file: str, what: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError:  # its message names the in-memory buffer, which differs per run
+        raise BadSample(file, f"{what} does not decode (not a recognised image format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadSample(file, f"{what} does not decode ({exc})") from None
+    return image
+
+
+@contextmanager
+def _output_dir(out_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """Yield ``(scratch, out)`` beside ``out_dir``; ``out`` becomes ``out_dir`` on success.
+
+    The scratch directory is removed in every case, so a failure leaves
+    ``out_dir`` as it was.
+    """
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
+        raise DataError(f"output directory {out_dir} already exists and is not empty; choose a new or empty directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".partial", dir=out_dir.parent))
+    try:
+        out = scratch / "out"
+        out.mkdir()
+        yield scratch, out
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.replace(out, out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""`petseg configure kubernetes`: write the Metaflow configuration for runs on Kubernetes.
+
+`python flows/seg_flow.py run --with kubernetes` needs an S3 datastore, a
+namespace, a container image and a way for pods to reach S3. This module
+writes those settings as a Metaflow profile (``config_<profile>.json`` in
+``$METAFLOW_HOME``, default ``~/.metaflowconfig``), to be selected with
+``METAFLOW_PROFILE=<profile>``.
+
+Credentials are never written here: pods get them from the Kubernetes secrets
+named with ``--secret`` (Metaflow adds them to each pod as ``envFrom``), and
+the machine that launches the run uses its usual AWS configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from petseg.errors import ConfigError
+
+# Kubernetes names: a namespace is a DNS-1123 label, a secret or service
+# account name a DNS-1123 subdomain.
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+# Lets compute steps that ask for GPUs be placed on GPU nodes, which are
+# usually tainted so that other pods stay off them.
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def metaflow_config(
+    *,
+    s3_root: str,
+    namespace: str,
+    image: str,
+    endpoint_url: str | None = None,
+    secrets: list[str] | tuple[str, ...] = (),
+    service_account: str | None = None,
+    gpu: int = 0,
+) -> dict[str, str]:
+    """Return the Metaflow settings for runs on Kubernetes.
+
+    Args:
+        s3_root: Datastore root, ``s3://bucket/prefix``.
+        namespace: Kubernetes namespace of the step pods.
+        image: Container image of the step pods (see the Dockerfile).
+        endpoint_url: S3 endpoint for a non-AWS S3 server, e.g. ``http://minio:9000``.
+        secrets: Kubernetes secrets whose keys become the pods' environment
+            (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+        service_account: Service account the step pods run as.
+        gpu: GPUs on the nodes compute steps go to; above 0, step pods
+            tolerate the ``nvidia.com/gpu`` taint.
+
+    Returns:
+        ``METAFLOW_*`` keys and string values, as Metaflow reads them.
+
+    Raises:
+        ConfigError: A value is malformed.
+    """
+    if not re.match(r"^s3://[^/]+", s3_root or ""):
+        raise ConfigError(f"--s3-root {s3_root!r} is not an S3 location: expected s3://bucket/prefix")
+    if not _LABEL.match(namespace or "") or len(namespace) > 63:
+        raise ConfigError(f"--namespace {namespace!r} is not a Kubernetes namespace name: use lower-case letters, "
+                          "digits and '-'")
+    if not image or any(c.isspace() for c in image):
+        raise ConfigError(f"--image {image!r} is not an image reference: expected e.g. registry/petseg:1.0")
+    if endpoint_url is not None and not re.match(r"^https?://[^/]+", endpoint_url):
+        raise ConfigError(f"--endpoint-url {endpoint_url!r} is not a URL: expected http(s)://host:port")
+    for name in list(secrets) + ([service_account] if service_account is not None else []):
+        if not _SUBDOMAIN.match(name or "") or len(name) > 253:
+            raise ConfigError(f"{name!r} is not a Kubernetes object name: use lower-case letters, digits, '-' and '.'")
+    if gpu < 0:
+        raise ConfigError(f"--gpu {gpu} is negative: give the number of GPUs, or 0 for CPU nodes")
+
+    root = s3_root.rstrip("/")
+    settings = {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": root,
+        "METAFLOW_DATATOOLS_S3ROOT": f"{root}/data",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "METAFLOW_KUBERNETES_NAMESPACE": namespace,
+        "METAFLOW_KUBERNETES_CONTAINER_IMAGE": image,
+    }
+    if endpoint_url:
+        settings["METAFLOW_S3_ENDPOINT_URL"] = endpoint_url
+    if secrets:
+        settings["METAFLOW_KUBERNETES_SECRETS"] = ",".join(secrets)
+    if service_account:
+        settings["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"] = service_account
+    if gpu:
+        settings["METAFLOW_KUBERNETES_GPU_VENDOR"] = "nvidia"
+        settings["METAFLOW_KUBERNETES_TOLERATIONS"] = json.dumps(GPU_TOLERATIONS)
+    return settings
+
+
+def config_path(*, profile: str | None = None, home: Path | None = None) -> Path:
+    """Return where Metaflow looks for a profile's configuration.
+
+    Args:
+        profile: Profile name (``METAFLOW_PROFILE``); None for the default profile.
+        home: Metaflow's configuration directory (``METAFLOW_HOME``); default ``~/.metaflowconfig``.
+
+    Returns:
+        ``home/config_<profile>.json``, or ``home/config.json`` without a profile.
+    """
+    home = Path(home) if home else Path("~/.metaflowconfig").expanduser()
+    return home / (f"config_{profile}.json" if profile else "config.json")
+
+
+def write_config(settings: dict[str, str], path: Path) -> Path:
+    """Write settings as a Metaflow configuration file, keeping its other keys.
+
+    Args:
+        settings: ``METAFLOW_*`` keys and values.
+        path: The configuration file; created with its directory if missing.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: An existing file there is not a JSON object.
+    """
+    path = Path(path)
+    current: dict = {}
+    if path.exists():
+        try:
+            current = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}): fix or remove it, or pass --out") from exc
+        if not isinstance(current, dict):
+            raise ConfigError(f"{path} does not hold a JSON object: fix or remove it, or pass --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**current, **settings}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``petseg configure kubernetes``.
+
+    Args:
+        subparsers: The ``petseg`` command's subparsers.
+    """
+    configure = subparsers.add_parser("configure", help="Write configuration for where flows run.")
+    targets = configure.add_subparsers(dest="target", metavar="TARGET", required=True)
+    parser = targets.add_parser(
+        "kubernetes",
+        help="Metaflow settings for `run --with kubernetes` (S3 datastore, namespace, image, secrets).",
+        description="Write a Metaflow profile for runs on Kubernetes. Credentials are not written: pods read them "
+                    "from the Kubernetes secrets given with --secret.",
+    )
+    parser.add_argument("--s3-root", required=True, help="Metaflow datastore root, s3://bucket/prefix.")
+    parser.add_argument("--namespace", required=True, help="Kubernetes namespace of the step pods.")
+    parser.add_argument("--image", required=True, help="Container image of the step pods.")
+    parser.add_argument("--endpoint-url", help="S3 endpoint of a non-AWS S3 server.")
+    parser.add_argument("--secret", action="append", default=[], dest="secrets",
+                        help="Kubernetes secret with the pods' S3 credentials (repeatable).")
+    parser.add_argument("--service-account", help="Service account of the step pods.")
+    parser.add_argument("--gpu", type=int, default=0,
+                        help="GPUs per GPU node; above 0, step pods tolerate the nvidia.com/gpu taint.")
+    parser.add_argument("--profile", default="kubernetes",
+                        help="Profile name; select it with METAFLOW_PROFILE (default: kubernetes).")
+    parser.add_argument("--home", type=Path, help="Metaflow configuration directory (default ~/.metaflowconfig).")
+    parser.add_argument("--out", type=Path, help="Write to this file instead of the profile's.")
+    parser.set_defaults(handler=_configure_kubernetes)
+
+
+def _configure_kubernetes(args: argparse.Namespace) -> int:
+    settings = metaflow_config(
+        s3_root=args.s3_root,
+        namespace=args.namespace,
+        image=args.image,
+        endpoint_url=args.endpoint_url,
+        secrets=args.secrets,
+        service_account=args.service_account,
+        gpu=args.gpu,
+    )
+    path = write_config(settings, args.out or config_path(profile=args.profile, home=args.home))
+    print(f"wrote {path}")
+    if not args.out:
+        print(f"use it with: export METAFLOW_PROFILE={args.profile}")
+    return 0

@@ -1,0 +1,100 @@
+"""Seldon Core component serving a petseg release.
+
+Run from this directory (or with it on PYTHONPATH):
+
+    MODEL_URI=path/to/release seldon-core-microservice PetSegModel --service-type MODEL
+
+Environment (read here only; `petseg.serving` does the work):
+
+- MODEL_URI: release directory, ``s3://bucket/prefix`` or ``PetSegFlow/<id>`` (required).
+- MODEL_FINGERPRINT: expected model fingerprint; on a mismatch the server does not start.
+- FEEDBACK_URI: directory or ``s3://`` prefix for feedback samples; unset, feedback is refused.
+- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.serving.Limits`).
+- AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server.
+"""
+
+import os
+import time
+
+from seldon_core.proto import prediction_pb2
+from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
+
+from petseg import serving
+from petseg.errors import ConfigError
+
+
+def _positive_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer: expected a positive number") from None
+
+
+class PetSegModel:
+    """The Seldon model: predictions, feedback, health, tags, metrics and metadata."""
+
+    def __init__(self):
+        defaults = serving.Limits()
+        self.limits = serving.Limits(
+            max_bytes=_positive_int("MAX_IMAGE_BYTES", defaults.max_bytes),
+            max_pixels=_positive_int("MAX_PIXELS", defaults.max_pixels),
+        )
+        self.model_uri = os.environ.get("MODEL_URI", "")
+        self.expected_fingerprint = os.environ.get("MODEL_FINGERPRINT") or None
+        self.feedback_uri = os.environ.get("FEEDBACK_URI") or None
+        self.s3_endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
+        self.service = None  # set by load()
+        self._pending_metrics = []
+        # The wrapper registers this blueprint on its Flask app (see request_guard).
+        self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags)
+
+    def load(self):
+        """Loads the release once per server process; a fingerprint mismatch stops the server."""
+        release = serving.load_release(
+            self.model_uri, expected_fingerprint=self.expected_fingerprint, s3_endpoint_url=self.s3_endpoint_url
+        )
+        store = None
+        if self.feedback_uri:
+            store = serving.FeedbackStore(self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url)
+        self.service = serving.Service(release, limits=self.limits, feedback=store)
+
+    def predict_raw(self, request):
+        """Answers a SeldonMessage (JSON for REST, proto for gRPC) in the form it came."""
+        is_proto = isinstance(request, prediction_pb2.SeldonMessage)
+        message = seldon_message_to_json(request) if is_proto else request
+        started = time.perf_counter()
+        try:
+            answer, probs = self.service.predict(message)
+        except serving.BadRequest as err:
+            raise serving.Rejection(err, self.tags()) from None
+        self._pending_metrics = serving.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
+        answer["meta"] = {"tags": self.tags(), "metrics": self.metrics()}
+        return json_to_seldon_message(answer) if is_proto else answer
+
+    def send_feedback_raw(self, feedback):
+        """Stores the request image and its truth mask as a labelled sample."""
+        try:
+            stored = self.service.feedback(seldon_message_to_json(feedback))
+        except serving.BadRequest as err:
+            raise serving.Rejection(err, self.tags()) from None
+        return json_to_seldon_message({"jsonData": stored, "meta": {"tags": self.tags()}})
+
+    def health_status(self):
+        """One prediction on a blank image (raises, so the probe fails, when the model cannot answer)."""
+        return self.service.health()
+
+    def tags(self):
+        """Provenance: model version and fingerprint, dataset fingerprint, Metaflow pathspec, code version."""
+        return self.service.release.tags() if self.service else {}
+
+    def metrics(self):
+        """Metrics of the last prediction, handed over once (the wrapper also asks after health checks)."""
+        pending, self._pending_metrics = self._pending_metrics, []
+        return pending
+
+    def init_metadata(self):
+        """Inputs and outputs, for /api/v1.0/metadata."""
+        return serving.metadata()

@@ -1,0 +1,429 @@
+"""Kubernetes: the configuration command, the node agent, and the flow on a real control plane.
+
+Unmarked tests are fast unit tests. Tests marked ``cluster`` share one
+throwaway cluster per session (tests/cluster/cluster.py): a real etcd,
+kube-apiserver and kube-controller-manager (built once by
+tests/cluster/build.sh and cached), an S3 server, and the node agent
+(tests/node_agent.py) standing in for kubelet and scheduler, so step pods run
+as local processes in this Python environment. Flows are launched as the
+``petseg`` service account of k8s/base, so its Role is what they may do.
+
+Flows and the Metaflow client run in subprocesses: Metaflow reads its
+configuration once per process, and this one may hold another.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from petseg import kubeconfig
+from petseg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tests" / "cluster"
+SMOKE_FLOW = REPO / "tests" / "flows" / "k8s_smoke_flow.py"
+SEG_FLOW = REPO / "flows" / "seg_flow.py"
+sys.path.insert(0, str(REPO / "tests"))
+
+import node_agent  # noqa: E402  (tests/ is not a package)
+
+# The real flow on a tiny source: every step still starts a process that
+# imports TensorFlow, so the data and the epochs are as small as they go.
+SEG_PARAMETERS = ["--source", "synth:24", "--trials", "2", "--tune_epochs", "1", "--epochs", "1",
+                  "--deploy", "none", "--min_iou", "0", "--lineage", "best-effort"]
+COMPUTE_STEPS = {"tune", "train", "calibrate", "evaluate"}
+SEG_STEPS = {"start", "ingest", "transform", "select", "release", "end"} | COMPUTE_STEPS
+
+
+# -- petseg configure kubernetes ------------------------------------------------------------------
+
+def configure(argv: list[str]) -> int:
+    """Run `petseg configure ...` through this module's own parser."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="petseg")
+    kubeconfig.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_configure_writes_profile_without_credentials(tmp_path):
+    code = configure(["configure", "kubernetes", "--s3-root", "s3://bucket/metaflow", "--namespace", "petseg",
+                     "--image", "registry.example.com/petseg:1.0", "--endpoint-url", "http://127.0.0.1:9000",
+                     "--secret", "petseg-s3", "--service-account", "petseg", "--gpu", "1",
+                     "--home", str(tmp_path), "--profile", "test"])
+    assert code == 0
+    settings = json.loads((tmp_path / "config_test.json").read_text())
+    assert settings["METAFLOW_DEFAULT_DATASTORE"] == "s3"
+    assert settings["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://bucket/metaflow"
+    assert settings["METAFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert settings["METAFLOW_KUBERNETES_NAMESPACE"] == "petseg"
+    assert settings["METAFLOW_KUBERNETES_CONTAINER_IMAGE"] == "registry.example.com/petseg:1.0"
+    assert settings["METAFLOW_KUBERNETES_SECRETS"] == "petseg-s3"
+    assert settings["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"] == "petseg"
+    assert json.loads(settings["METAFLOW_KUBERNETES_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
+    assert not [key for key in settings if "AWS" in key or "SECRET_ACCESS" in key]
+
+
+def test_configure_keeps_other_keys_and_out_path(tmp_path):
+    out = tmp_path / "mf.json"
+    out.write_text(json.dumps({"METAFLOW_USER": "ci"}))
+    settings = kubeconfig.metaflow_config(s3_root="s3://b/p/", namespace="ns", image="img:1")
+    kubeconfig.write_config(settings, out)
+    written = json.loads(out.read_text())
+    assert written["METAFLOW_USER"] == "ci"
+    assert written["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://b/p"
+    assert "METAFLOW_KUBERNETES_TOLERATIONS" not in written
+    assert kubeconfig.config_path(profile="x", home=tmp_path) == tmp_path / "config_x.json"
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"s3_root": "/local/dir"}, "--s3-root"),
+    ({"namespace": "Bad_NS"}, "--namespace"),
+    ({"image": ""}, "--image"),
+    ({"endpoint_url": "minio:9000"}, "--endpoint-url"),
+    ({"secrets": ["Not A Name"]}, "Not A Name"),
+    ({"gpu": -1}, "--gpu"),
+])
+def test_configure_rejects_bad_values(kwargs, word):
+    arguments = {"s3_root": "s3://b/p", "namespace": "ns", "image": "img:1", **kwargs}
+    with pytest.raises(ConfigError, match=word):
+        kubeconfig.metaflow_config(**arguments)
+
+
+def test_configure_bad_value_writes_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="--s3-root 'bucket'"):
+        configure(["configure", "kubernetes", "--s3-root", "bucket", "--namespace", "ns", "--image", "i",
+                   "--out", str(tmp_path / "c.json")])
+    assert not (tmp_path / "c.json").exists()
+
+
+# -- node agent, without a cluster ----------------------------------------------------------------
+
+class _Obj:
+    def __init__(self, data):
+        self.data = data
+
+
+class _FakeApi:
+    """The two reads the agent's environment resolution makes."""
+
+    def __init__(self):
+        self.secrets = {"s3": {"AWS_ACCESS_KEY_ID": base64.b64encode(b"key").decode()}}
+        self.config_maps = {"settings": {"MODE": "fast", "LEVEL": "3"}}
+
+    def read_namespaced_secret(self, name, namespace):
+        from kubernetes.client.rest import ApiException
+
+        if name not in self.secrets:
+            raise ApiException(status=404)
+        return _Obj(self.secrets[name])
+
+    def read_namespaced_config_map(self, name, namespace):
+        from kubernetes.client.rest import ApiException
+
+        if name not in self.config_maps:
+            raise ApiException(status=404)
+        return _Obj(self.config_maps[name])
+
+
+def _pod(env, env_from=()):
+    return {
+        "metadata": {"name": "t-1", "namespace": "petseg", "uid": "u-1", "labels": {"job-name": "t"}},
+        "spec": {"nodeName": "n", "serviceAccountName": "petseg",
+                 "containers": [{"name": "c", "command": ["true"], "env": env, "envFrom": list(env_from)}]},
+    }
+
+
+def test_node_agent_resolves_pod_environment(tmp_path):
+    agent = node_agent.NodeAgent(_FakeApi(), node="n", workdir=tmp_path, pythonpath="/src")
+    pod = _pod(
+        env=[
+            {"name": "PLAIN", "value": "1"},
+            {"name": "LEVEL", "value": "overridden"},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "JOB", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}},
+            {"name": "SA", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+            {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}},
+            {"name": "MODE_COPY", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "MODE"}}},
+            {"name": "GONE", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k", "optional": True}}},
+        ],
+        env_from=[{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "settings"}, "prefix": "CM_"},
+                  {"configMapRef": {"name": "settings"}}],
+    )
+    env = agent._environment(pod, pod["spec"]["containers"][0], tmp_path)
+    assert env["PLAIN"] == "1" and env["LEVEL"] == "overridden"
+    assert (env["POD"], env["NS"], env["JOB"], env["SA"]) == ("t-1", "petseg", "t", "petseg")
+    assert env["KEY"] == env["AWS_ACCESS_KEY_ID"] == "key"
+    assert env["MODE_COPY"] == env["CM_MODE"] == env["MODE"] == "fast"
+    assert "GONE" not in env
+    assert env["PYTHONPATH"] == "/src" and env["HOME"] == str(tmp_path)
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_node_agent_missing_secret_keeps_pod_waiting(tmp_path):
+    agent = node_agent.NodeAgent(_FakeApi(), node="n", workdir=tmp_path)
+    pod = _pod(env=[], env_from=[{"secretRef": {"name": "absent"}}])
+    with pytest.raises(node_agent.EnvError, match="absent"):
+        agent._environment(pod, pod["spec"]["containers"][0], tmp_path)
+
+
+# -- the cluster ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A throwaway cluster for the session: its environment (KUBECONFIG, METAFLOW_HOME, ...)."""
+    subprocess.run([str(CLUSTER / "build.sh")], check=True)
+    directory = tmp_path_factory.mktemp("cluster")
+    log = open(directory / "supervisor.log", "wb")
+    supervisor = subprocess.Popen([sys.executable, str(CLUSTER / "cluster.py"), "--dir", str(directory)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (directory / "env.sh").exists():
+            if supervisor.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not start:\n"
+                                   + (directory / "supervisor.log").read_text(errors="replace")[-4000:])
+            time.sleep(0.5)
+        yield json.loads((directory / "env.json").read_text())
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def admin(cluster):
+    """Kubernetes API clients as the cluster administrator."""
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=cluster["PETSEG_ADMIN_KUBECONFIG"])
+    return {"core": client.CoreV1Api(api), "batch": client.BatchV1Api(api),
+            "custom": client.CustomObjectsApi(api), "ext": client.ApiextensionsV1Api(api)}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """Where flows are launched from (Metaflow keeps local metadata there)."""
+    return tmp_path_factory.mktemp("launch")
+
+
+def flow_env(cluster: dict) -> dict[str, str]:
+    """This process's environment with the cluster's Metaflow and AWS settings in place of any others."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METAFLOW_", "AWS_", "KUBECONFIG"))}
+    return {**env, **cluster, "PYTHONUNBUFFERED": "1"}
+
+
+def run_flow(cluster: dict, workdir: Path, flow: Path, *args: str, timeout: float = 900):
+    """Run a flow command; return (exit code, output, run id)."""
+    run_id_file = workdir / f"run-id-{time.monotonic_ns()}"
+    command = [sys.executable, str(flow), *args]
+    if "run" in args or "resume" in args:
+        command += ["--run-id-file", str(run_id_file)]
+    result = subprocess.run(command, cwd=workdir, env=flow_env(cluster), capture_output=True, text=True,
+                            timeout=timeout)
+    output = result.stdout + result.stderr
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
+    return result.returncode, output, run_id
+
+
+def client_data(cluster: dict, workdir: Path, pathspec: str, names: list[str]) -> dict:
+    """Read a run's end-step artifacts and its steps through the Metaflow client."""
+    script = (
+        "import json, sys\n"
+        "from metaflow import Run, namespace\n"
+        "namespace(None)\n"
+        f"run = Run({pathspec!r})\n"
+        f"data = {{n: getattr(run['end'].task.data, n) for n in {names!r}}}\n"
+        "print(json.dumps({'successful': run.successful, 'steps': sorted(s.id for s in run), 'data': data},"
+        " default=str))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=flow_env(cluster),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def jobs_of(admin: dict, cluster: dict, flow: str, run_id: str) -> list:
+    """The Jobs Metaflow created for one run."""
+    jobs = admin["batch"].list_namespaced_job(cluster["PETSEG_K8S_NAMESPACE"]).items
+    return [j for j in jobs if (j.metadata.annotations or {}).get("metaflow/flow_name") == flow
+            and (j.metadata.annotations or {}).get("metaflow/run_id") == run_id]
+
+
+def pods_of(admin: dict, cluster: dict, job) -> list:
+    return admin["core"].list_namespaced_pod(cluster["PETSEG_K8S_NAMESPACE"],
+                                             label_selector=f"job-name={job.metadata.name}").items
+
+
+def s3_keys(cluster: dict, prefix: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=cluster["PETSEG_S3_ENDPOINT"], region_name="us-east-1",
+                      aws_access_key_id=cluster["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=cluster["AWS_SECRET_ACCESS_KEY"])
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=cluster["PETSEG_S3_BUCKET"], Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+@pytest.mark.cluster
+def test_smoke_flow_runs_as_jobs(cluster, admin, workdir):
+    code, output, run_id = run_flow(cluster, workdir, SMOKE_FLOW, "run", "--with", "kubernetes", timeout=600)
+    assert code == 0, output[-5000:]
+
+    jobs = jobs_of(admin, cluster, "K8sSmokeFlow", run_id)
+    steps = sorted(j.metadata.annotations["metaflow/step_name"] for j in jobs)
+    assert steps == ["end", "join", "square", "square", "start"]
+    for job in jobs:
+        assert job.status.succeeded == 1
+        spec = job.spec.template.spec
+        assert spec.service_account_name == "petseg"
+        container = spec.containers[0]
+        assert container.image == "petseg:test"
+        assert "petseg-s3" in [source.secret_ref.name for source in container.env_from]
+        gpus = (container.resources.limits or {}).get("nvidia.com/gpu")
+        assert gpus == ("1" if job.metadata.annotations["metaflow/step_name"] == "square" else None)
+        (pod,) = pods_of(admin, cluster, job)
+        assert pod.status.phase == "Succeeded"
+        assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+
+    result = client_data(cluster, workdir, f"K8sSmokeFlow/{run_id}", ["total", "pods", "service_account"])
+    assert result["successful"] and result["data"]["total"] == 13
+    assert result["data"]["service_account"] == "petseg"
+    pod_names = {p.metadata.name for j in jobs for p in pods_of(admin, cluster, j)}
+    assert set(result["data"]["pods"]) <= pod_names
+    assert any(f"K8sSmokeFlow/{run_id}/" in key for key in s3_keys(cluster, "metaflow/"))
+
+
+@pytest.mark.cluster
+def test_pod_of_a_deleted_job_is_stopped(cluster, admin):
+    """Deleting a running Job stops its process, as kubelet would."""
+    namespace = cluster["PETSEG_K8S_NAMESPACE"]
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "sleeper"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "serviceAccountName": "petseg",
+            "containers": [{"name": "sleep", "image": "none", "command": ["sleep", "300"]}]}}},
+    }
+    admin["batch"].create_namespaced_job(namespace, job)
+    pod = _wait(lambda: [p for p in admin["core"].list_namespaced_pod(namespace, label_selector="job-name=sleeper").items
+                         if p.status.phase == "Running"], "the sleeper pod to run")[0]
+    pid = int(pod.status.container_statuses[0].container_id.split("://")[1])
+    assert Path(f"/proc/{pid}").exists()
+    admin["batch"].delete_namespaced_job("sleeper", namespace, propagation_policy="Foreground")
+    _wait(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in _proc_state(pid), "the process to stop")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return "zombie"
+
+
+def _wait(check, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- the real flow ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def seg_runs(cluster, workdir):
+    """A run of PetSegFlow made to fail at train, then resumed: ids and outputs of both."""
+    if not SEG_FLOW.exists():
+        pytest.fail("flows/seg_flow.py is missing")
+    fault = '{"PETSEG_FAIL_AT": "train"}'
+    code, output, failed_id = run_flow(cluster, workdir, SEG_FLOW, "run", "--with", "kubernetes",
+                                       "--with", f"environment:vars={fault}", *SEG_PARAMETERS)
+    failed = {"code": code, "output": output, "run_id": failed_id}
+    code, output, resumed_id = run_flow(cluster, workdir, SEG_FLOW, "resume", "--origin-run-id", failed_id,
+                                        "--with", "kubernetes")
+    resumed = {"code": code, "output": output, "run_id": resumed_id}
+    return failed, resumed
+
+
+@pytest.mark.cluster
+def test_seg_flow_failure_is_reported_and_resume_completes(seg_runs):
+    failed, resumed = seg_runs
+    assert failed["code"] != 0, failed["output"][-3000:]
+    assert "PETSEG_FAIL_AT=train" in failed["output"]
+    assert resumed["code"] == 0, resumed["output"][-5000:]
+
+
+@pytest.mark.cluster
+def test_seg_flow_steps_ran_as_jobs_with_gpu_limits(seg_runs, admin, cluster):
+    failed, resumed = seg_runs
+    assert resumed["code"] == 0
+    failed_jobs = jobs_of(admin, cluster, "PetSegFlow", failed["run_id"])
+    resumed_jobs = jobs_of(admin, cluster, "PetSegFlow", resumed["run_id"])
+    step = lambda job: job.metadata.annotations["metaflow/step_name"]  # noqa: E731
+    # Resume clones what succeeded before train; train and later steps run again.
+    assert {step(j) for j in failed_jobs} == {"start", "ingest", "transform", "tune", "select", "train"}
+    assert {step(j) for j in resumed_jobs} == {"train", "calibrate", "evaluate", "release", "end"}
+    assert [step(j) for j in failed_jobs].count("tune") == 2
+    (failed_train,) = [j for j in failed_jobs if step(j) == "train"]
+    assert failed_train.status.failed == 1
+    for job in failed_jobs + resumed_jobs:
+        limits = job.spec.template.spec.containers[0].resources.limits or {}
+        assert ("nvidia.com/gpu" in limits) == (step(job) in COMPUTE_STEPS), step(job)
+        if step(job) in COMPUTE_STEPS:
+            assert limits["nvidia.com/gpu"] == "1"
+        if job is not failed_train:
+            assert job.status.succeeded == 1, step(job)
+
+
+@pytest.mark.cluster
+def test_seg_flow_artifacts_in_s3_and_client(seg_runs, cluster, workdir):
+    _, resumed = seg_runs
+    assert resumed["code"] == 0
+    pathspec = f"PetSegFlow/{resumed['run_id']}"
+    result = client_data(cluster, workdir, pathspec, ["metrics", "model_fingerprint", "dataset_fingerprint"])
+    assert result["successful"]
+    assert set(result["steps"]) == SEG_STEPS
+    assert len(result["data"]["model_fingerprint"]) == 64
+    keys = s3_keys(cluster, "metaflow/")
+    assert any(f"{pathspec}/train/" in key for key in keys)
+    assert any(key.startswith("metaflow/data/") or "/data/" in key for key in keys)
+    assert any("petseg/blobs/" in key for key in keys)
+
+
+# -- Argo Workflows rendering ---------------------------------------------------------------------
+
+@pytest.mark.cluster
+def test_argo_workflow_template_renders(cluster, workdir):
+    code, output, _ = run_flow(cluster, workdir, SEG_FLOW, "argo-workflows", "create", "--only-json",
+                               timeout=300)
+    assert code == 0, output[-3000:]
+    template = json.loads(output[output.index("{"):output.rindex("}") + 1])
+    assert template["kind"] == "WorkflowTemplate"
+    assert template["metadata"]["namespace"] == cluster["PETSEG_K8S_NAMESPACE"]
+    containers = {t["name"]: t for t in template["spec"]["templates"] if "container" in t}
+    assert SEG_STEPS <= set(containers)
+    for name, task in containers.items():
+        container = task["container"]
+        assert container["image"] == "petseg:test"
+        assert task.get("serviceAccountName") == "petseg"
+        assert {"secretRef": {"name": "petseg-s3"}} in container.get("envFrom", [])
+        limits = container.get("resources", {}).get("limits", {})
+        assert ("nvidia.com/gpu" in limits) == (name in COMPUTE_STEPS), name
