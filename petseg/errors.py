@@ -3,11 +3,22 @@
 Every message names the bad value (file, field, run) and says what was
 expected or how to fix it. The command line prints these as one line; the
 serving edge turns them into HTTP 4xx answers.
+
+They derive from Metaflow's exception so that a flow step failing on bad
+input prints the message alone, without a Python traceback.
 """
 
+from metaflow.exception import MetaflowException
 
-class PetsegError(Exception):
+
+class PetsegError(MetaflowException):
     """Base class: a problem the user can act on (never a bug in petseg)."""
+
+    headline = "petseg"
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.args = (message,)  # as a plain Exception: pickles and prints the same
 
 
 class DataError(PetsegError):

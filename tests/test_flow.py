@@ -1,0 +1,127 @@
+"""The workflow end to end: tiny runs through metaflow.Runner, checked through the Metaflow Client."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FLOW_FILE, REPO, TINY
+
+pytestmark = pytest.mark.flow
+
+ARTIFACTS = {
+    "start": ["settings", "environment", "parameters", "blob_root"],
+    "ingest": ["ingest_report", "dataset_fingerprint"],
+    "transform": ["splits", "trial_configs"],
+    "select": ["trial_results", "best"],
+    "train": ["model_keras", "model_fingerprint", "history", "tensorboard_logs"],
+    "calibrate": ["calibration", "calibration_report"],
+    "evaluate": ["metrics"],
+    "release": ["released", "gate_message", "manifest", "deployment"],
+    "end": ["summary", "lineage_graph"],
+}
+
+
+def petseg(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "petseg", *args], capture_output=True, text=True, cwd=REPO)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_every_artifact_is_present(released_run):
+    for step, names in ARTIFACTS.items():
+        data = released_run[step].task.data
+        for name in names:
+            assert hasattr(data, name), f"{step} lacks artifact {name}"
+    tune_tasks = list(released_run["tune"])
+    assert len(tune_tasks) == TINY["trials"]
+
+
+def test_metrics_are_within_unit_interval(released_run):
+    metrics = released_run["evaluate"].task.data.metrics
+    for variant in ("raw", "calibrated"):
+        for name in ("iou", "f1", "mean_iou", "accuracy", "precision"):
+            assert 0.0 <= metrics[variant][name] <= 1.0, (variant, name, metrics[variant][name])
+        assert metrics[variant]["loss"] >= 0.0
+    report = released_run["calibrate"].task.data.calibration_report
+    assert 0.0 <= report["ece_after"] <= 1.0 and 0.0 <= report["ece_before"] <= 1.0
+
+
+def test_fingerprints_and_tags(released_run):
+    data = released_run["end"].task.data
+    assert len(data.dataset_fingerprint) == 64 and len(data.model_fingerprint) == 64
+    assert f"dataset:{data.dataset_fingerprint}" in released_run.tags
+    assert f"model:{data.model_fingerprint}" in released_run.tags
+    assert "release:accepted" in released_run.tags
+    env = released_run["start"].task.data.environment
+    assert env["settings"] == {"seed": 42, "mode": "strict", "intra_op_threads": 2, "inter_op_threads": 2}
+    assert env["packages"]["tensorflow-cpu"] or env["packages"]["tensorflow"]
+
+
+def test_gate_passes_and_release_is_complete(released_run):
+    data = released_run["release"].task.data
+    assert data.released is True
+    manifest = data.manifest
+    assert manifest["version"] == f"petseg-{released_run.id}"
+    assert manifest["model_fingerprint"] == released_run["train"].task.data.model_fingerprint
+    from pathlib import Path
+
+    location = Path(manifest["location"])
+    assert sorted(p.name for p in location.iterdir()) == ["calibration.json", "manifest.json", "model.keras"]
+    assert json.loads((location / "manifest.json").read_text()) == manifest
+    from petseg import model as models
+
+    assert models.fingerprint(models.load(location / "model.keras")) == manifest["model_fingerprint"]
+
+
+def test_gate_rejects_and_resume_reproduces_the_model(released_run, resumed_run):
+    failed, resumed, output = resumed_run
+    assert "train" not in [step.id for step in failed if all(t.successful for t in step)]
+    data = resumed["release"].task.data
+    assert data.released is False and data.manifest is None and data.deployment is None
+    assert "1.0100" in data.gate_message and "failed" in data.gate_message
+    assert "release:rejected" in resumed.tags
+    # Strict mode: the resumed train step gives the same weights as the uninterrupted run.
+    assert resumed["train"].task.data.model_fingerprint == released_run["train"].task.data.model_fingerprint
+    assert resumed["ingest"].task.data.dataset_fingerprint == released_run["ingest"].task.data.dataset_fingerprint
+
+
+def test_runs_lists_the_run(released_run):
+    rows = json.loads(petseg("runs", "--json").stdout)
+    row = next(r for r in rows if r["id"] == released_run.id)
+    assert row["status"] == "successful"
+    assert row["model_fingerprint"] == released_run["train"].task.data.model_fingerprint
+    assert row["release"] == "accepted"
+    assert 0 <= row["calibrated_test_iou"] <= 1
+
+
+def test_show_and_diff(released_run, resumed_run):
+    info = json.loads(petseg("show", released_run.id, "--json").stdout)
+    assert info["parameters"]["source"] == TINY["source"]
+    assert set(info["steps"]) >= {"start", "ingest", "transform", "tune", "select", "train", "evaluate", "end"}
+    assert info["manifest"]["version"] == f"petseg-{released_run.id}"
+    _, resumed, _ = resumed_run
+    diff = petseg("diff", released_run.id, f"PetSegFlow/{resumed.id}").stdout
+    assert "min_iou" in diff and "pachyderm" not in diff.split("metrics")[0].replace("pachyderm_address", "")
+
+
+def test_bad_run_names_are_one_line_errors(released_run):
+    for args in (("show", "no-such-run"), ("show", "OtherFlow/1"), ("diff", "1", "2")):
+        result = petseg(*args, check=False)
+        assert result.returncode == 2
+        assert result.stderr.startswith("petseg: error:") and "Traceback" not in result.stderr
+
+
+def test_reproduce_gives_identical_fingerprints(released_run):
+    result = petseg("reproduce", released_run.id, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced" in result.stdout
+
+
+def test_bad_parameter_is_reported(tmp_path):
+    result = subprocess.run([sys.executable, str(FLOW_FILE), "run", "--deploy", "moon", "--source", "synth:8"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert "--deploy 'moon' is unknown" in result.stdout + result.stderr
