@@ -44,7 +44,7 @@ def safe_relative_path(name: str, *, where: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-def extract(archive: str | Path, target: str | Path) -> None:
+def safe_extract(archive: str | Path, target: str | Path) -> None:
     """Extract a ``.tar``/``.tar.gz`` archive into ``target``.
 
     Args:
@@ -70,7 +70,8 @@ def extract(archive: str | Path, target: str | Path) -> None:
                 with tar.extractfile(member) as source, open(destination, "wb") as sink:
                     shutil.copyfileobj(source, sink)
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{archive}: not a readable tar archive ({exc}); expected a .tar.gz as in the Oxford-IIIT Pet release") from exc
+        raise DataError(f"{archive}: not a readable tar archive ({exc}); "
+                        "expected a .tar.gz as in the Oxford-IIIT Pet release") from exc
 
 
 def _check_type(member: tarfile.TarInfo, archive: str | Path) -> None:
@@ -85,4 +86,5 @@ def _check_type(member: tarfile.TarInfo, archive: str | Path) -> None:
         kind = "a device or FIFO"
     else:
         kind = f"of unsupported tar type {member.type!r}"
-    raise DataError(f"{archive}: member {member.name!r} is {kind}; archives may hold only regular files and directories")
+    raise DataError(f"{archive}: member {member.name!r} is {kind}; "
+                    "archives may hold only regular files and directories")

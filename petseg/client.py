@@ -246,7 +246,10 @@ def _release_data(spec: str, name: str) -> dict:
     from petseg.runs import resolve_run
 
     run = resolve_run(spec)
-    value = getattr(run["release"].task.data, name, None)
+    try:
+        value = getattr(run["release"].task.data, name, None)
+    except KeyError:
+        value = None  # the run never reached its release step
     if not value:
         raise RunError(f"run {run.pathspec} has no {name}: its model was not released or not deployed")
     return value

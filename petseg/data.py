@@ -28,7 +28,8 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from petseg import archive, shards, synth
+from petseg import archive, synth
+from petseg import shards as shard_files
 from petseg.errors import ConfigError, DataError
 from petseg.split import SPLITS, split_of
 
@@ -136,7 +137,7 @@ def ingest(
 
         hashes, skipped = [], []
         counts = {"cat": 0, "dog": 0, "unlisted": 0}
-        with shards.ShardWriter(out, "samples", shard_size) as writer:
+        with shard_files.ShardWriter(out, "samples", shard_size) as writer:
             for sample in samples:
                 try:
                     record, digest = prepare(sample, image_size=image_size)
@@ -150,26 +151,27 @@ def ingest(
                 hashes.append(digest)
                 counts[species.get(sample.id, "unlisted")] += 1
         if not hashes:
-            raise DataError(f"{source}: all {len(samples)} samples are bad (first: {skipped[0]['file']}: {skipped[0]['reason']})")
+            first = skipped[0]
+            raise DataError(f"{source}: all {len(samples)} samples are bad (first: {first['file']}: {first['reason']})")
         names = writer.names
     return {
         "source": source,
         "feedback": feedback,
         "samples": len(hashes),
         "skipped": skipped,
-        "fingerprint": shards.fingerprint(hashes),
+        "fingerprint": shard_files.fingerprint(hashes),
         "shards": [str(out_dir / name) for name in names],
         "species": counts,
     }
 
 
-def transform(shard_paths: list[str], out_dir: str | Path, *, shard_size: int = 128) -> dict:
+def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128) -> dict:
     """Split ingest shards into training, validation, test and calibration shards.
 
     Records are copied unchanged and in order, streaming.
 
     Args:
-        shard_paths: shards written by :func:`ingest`.
+        shards: shard files written by :func:`ingest`.
         out_dir: directory for ``<split>/<split>-NNNNN.tfrecord``; must not
             exist or be empty.
         shard_size: records per shard file.
@@ -187,10 +189,10 @@ def transform(shard_paths: list[str], out_dir: str | Path, *, shard_size: int = 
     out_dir = Path(out_dir)
     manifest = {}
     with _output_dir(out_dir) as (_, out):
-        writers = {split: shards.ShardWriter(out / split, split, shard_size) for split in SPLITS}
+        writers = {split: shard_files.ShardWriter(out / split, split, shard_size) for split in SPLITS}
         try:
-            for record in shards.read_records(shard_paths):
-                sample_id = shards.decode(record)["id"]
+            for record in shard_files.read_records(shards):
+                sample_id = shard_files.decode(record)["id"]
                 manifest[sample_id] = split_of(sample_id)
                 writers[manifest[sample_id]].write(record)
         finally:
@@ -206,7 +208,9 @@ def transform(shard_paths: list[str], out_dir: str | Path, *, shard_size: int = 
 # ---------------------------------------------------------------- sources
 
 
-def stage(source: str, dest: Path, *, seed: int = 0, s3_endpoint_url: str | None = None, data_dir: str | None = None) -> Path:
+def stage(
+    source: str, dest: Path, *, seed: int = 0, s3_endpoint_url: str | None = None, data_dir: str | None = None
+) -> Path:
     """Bring a source into a local directory in the Oxford layout.
 
     Args:
@@ -250,8 +254,8 @@ def stage(source: str, dest: Path, *, seed: int = 0, s3_endpoint_url: str | None
 def _extract_pair(images: Path, annotations: Path, dest: Path) -> Path:
     if not annotations.is_file():
         raise DataError(f"{annotations} not found: annotations.tar.gz must sit beside {images.name}")
-    archive.extract(images, dest)
-    archive.extract(annotations, dest)
+    archive.safe_extract(images, dest)
+    archive.safe_extract(annotations, dest)
     return dest
 
 
@@ -262,10 +266,12 @@ def _from_http(source: str, dest: Path) -> Path:
     for name in ("images.tar.gz", "annotations.tar.gz"):
         url = f"{base}/{name}"
         try:
-            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(downloads / name, "wb") as sink:
-                shutil.copyfileobj(response, sink)
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+                with open(downloads / name, "wb") as sink:
+                    shutil.copyfileobj(response, sink)
         except urllib.error.HTTPError as exc:
-            raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; expected {base}/ to hold images.tar.gz and annotations.tar.gz") from exc
+            raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; "
+                            f"expected {base}/ to hold images.tar.gz and annotations.tar.gz") from exc
         except OSError as exc:  # URLError included: no connection, bad host, timeout
             raise DataError(f"{url}: cannot download ({getattr(exc, 'reason', exc)})") from exc
     return _extract_pair(downloads / "images.tar.gz", downloads / "annotations.tar.gz", dest)
@@ -297,7 +303,8 @@ def _from_s3(source: str, dest: Path, *, endpoint_url: str | None) -> Path:
             wanted, downloads = sorted(name for name in relative if name.startswith(("images/", "annotations/"))), dest
         for name in wanted:
             if name not in relative:
-                raise DataError(f"s3://{bucket}/{prefix}{name} not found: annotations.tar.gz must sit beside images.tar.gz")
+                raise DataError(f"s3://{bucket}/{prefix}{name} not found: "
+                                "annotations.tar.gz must sit beside images.tar.gz")
             target = downloads.joinpath(*archive.safe_relative_path(name, where=source).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, relative[name], str(target))
@@ -329,7 +336,8 @@ def _from_tfds(source: str, dest: Path, *, data_dir: str | None) -> Path:
     for example in dataset.as_numpy_iterator():
         file_name = example["file_name"].decode()
         if "/" in file_name or not file_name.endswith(".jpg"):
-            raise DataError(f"{source}: example file_name {file_name!r} is not an Oxford image name like Abyssinian_1.jpg")
+            raise DataError(f"{source}: example file_name {file_name!r} is not an Oxford image name "
+                            "like Abyssinian_1.jpg")
         sample_id = file_name.removesuffix(".jpg")
         (dest / "images" / file_name).write_bytes(example["image"])
         (dest / "annotations" / "trimaps" / f"{sample_id}.png").write_bytes(example["segmentation_mask"])
@@ -427,13 +435,14 @@ def prepare(sample: Sample, *, image_size: int) -> tuple[bytes, str]:
         row, column = (int(i) for i in np.argwhere(bad)[0])
         values = np.unique(labels[bad]).tolist()
         raise BadSample(sample.trimap, f"trimap holds value {values[0] if len(values) == 1 else values} "
-                                       f"(first at row {row}, column {column}); expected only 1 (pet), 2 (background), 3 (border)")
+                                       f"(first at row {row}, column {column}); "
+                                       "expected only 1 (pet), 2 (background), 3 (border)")
 
     size = (image_size, image_size)
     pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
     mask = np.asarray(trimap.resize(size, Image.Resampling.NEAREST))
-    digest = shards.sample_hash(sample.id, image_file, trimap_file)
-    return shards.encode(sample.id, pixels, mask, digest), digest
+    digest = shard_files.sample_hash(sample.id, image_file, trimap_file)
+    return shard_files.encode(sample.id, pixels, mask, digest), digest
 
 
 def _decode(data: bytes, file: str, what: str) -> Image.Image:

@@ -86,8 +86,6 @@ def deploy_local(
         log_path = Path(model_uri) / "serving.log" if local else Path(tempfile.gettempdir()) / f"petseg-serving-{port}.log"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    if feedback_uri is None and not model_uri.startswith("PetSegFlow/"):
-        feedback_uri = model_uri.rstrip("/") + "/feedback"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port),
@@ -165,8 +163,6 @@ def serve_foreground(
         The server's exit status.
     """
     model_uri = str(release_dir)
-    if feedback_uri is None and not model_uri.startswith("PetSegFlow/"):
-        feedback_uri = model_uri.rstrip("/") + "/feedback"
     command = microservice_command(port=port, grpc_port=_free_port(), metrics_port=_free_port())
     env = _environment(model_uri, fingerprint=fingerprint, feedback_uri=feedback_uri)
     process = subprocess.Popen(command, cwd=SERVING_DIR, env=env)
@@ -176,8 +172,17 @@ def serve_foreground(
         return process.wait()
 
 
+def default_feedback_uri(model_uri: str) -> str | None:
+    """``<release>/feedback`` for a release directory or ``s3://`` prefix; None for a run pathspec."""
+    if model_uri.startswith("PetSegFlow/"):
+        return None
+    return model_uri.rstrip("/") + "/feedback"
+
+
 def microservice_command(*, port: int, grpc_port: int, metrics_port: int) -> list[str]:
     """The command line that serves ``serving/PetSegModel.py`` on the given ports."""
+    if not (SERVING_DIR / f"{COMPONENT}.py").is_file():
+        raise ServingError(f"{SERVING_DIR / COMPONENT}.py not found: serve from a source checkout of petseg (pip install -e .)")
     executable = Path(sys.executable).with_name(MICROSERVICE)
     if not executable.exists():
         raise ServingError(f"{executable} not found: install seldon-core in the Python environment running petseg")
@@ -193,6 +198,7 @@ def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str |
     # The component imports this copy of petseg, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["MODEL_URI"] = model_uri
+    feedback_uri = feedback_uri or default_feedback_uri(model_uri)
     for name, value in (("MODEL_FINGERPRINT", fingerprint), ("FEEDBACK_URI", feedback_uri)):
         if value:
             env[name] = value
@@ -238,7 +244,7 @@ def _log_tail(log_path: Path) -> str:
 
 
 def _command_line(pid: int) -> str | None:
-    result = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+    result = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
     if result.returncode != 0:
         return None
     return result.stdout.strip() or None
@@ -304,7 +310,8 @@ def render_seldon_deployment(
             Must be an ``s3://`` prefix or a ``PetSegFlow/<id>`` pathspec.
         namespace: Kubernetes namespace.
         replicas: Number of serving pods.
-        feedback_uri: ``s3://`` prefix for feedback samples; None disables feedback.
+        feedback_uri: ``s3://`` prefix for feedback samples; default
+            ``<model_uri>/feedback`` for an s3 release, none for a run pathspec.
         s3_endpoint_url: Endpoint of a non-AWS S3 server (AWS_ENDPOINT_URL in the pod).
         secrets: Secrets whose keys become the pod's environment (S3 credentials).
         resources: Container resources; default `DEFAULT_RESOURCES`.
@@ -354,6 +361,7 @@ def render_seldon_deployment(
         {"name": "MODEL_URI", "value": model_uri},
         {"name": "MODEL_FINGERPRINT", "value": provenance["model-fingerprint"]},
     ]
+    feedback_uri = feedback_uri or default_feedback_uri(model_uri)
     if feedback_uri:
         env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
     if s3_endpoint_url:

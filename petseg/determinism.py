@@ -72,11 +72,12 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2) -> dict:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError as err:
+        except RuntimeError:
             raise ConfigError(
-                f"cannot set {threads} TensorFlow threads: TensorFlow already ran "
-                f"operations in this process ({err}). Call "
-                "petseg.determinism.configure() first, before building models or datasets."
+                f"cannot set {threads} TensorFlow threads: TensorFlow already started in this "
+                f"process with {tf.config.threading.get_intra_op_parallelism_threads()} "
+                "(0: machine default). Call petseg.determinism.configure() first, before "
+                "building models or datasets."
             ) from None
         tf.config.experimental.enable_op_determinism()
     # Seeds Python random, NumPy, TensorFlow and Keras' global seed generator.

@@ -95,8 +95,9 @@ def _upsample(x, filters: int, name: str):
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _downsample(x, filters: int, strides: int, name: str):
-    x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def _downsample(x, filters: int, name: str):
+    """Strided convolution block: halves the resolution."""
+    x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
@@ -112,7 +113,7 @@ def _small_unet(image) -> keras.Model:
     skips = []
     x = image
     for depth, filters in enumerate(_SMALL_ENCODER_FILTERS, start=1):
-        x = _downsample(x, filters, strides=2, name=f"down{depth}")
+        x = _downsample(x, filters, name=f"down{depth}")
         skips.append(x)
     # Resolutions 1/2, 1/4, 1/8 and the 1/16 bottleneck; back up to 1/2, then
     # the output layer doubles to full size, as in the MobileNetV2 model.
@@ -129,6 +130,8 @@ def _mobilenet_unet(image, encoder_weights: str | None) -> keras.Model:
             input_shape=(size, size, 3), include_top=False, weights=encoder_weights
         )
     except Exception as err:  # Keras raises a bare Exception when a download fails.
+        if encoder_weights is None:
+            raise
         raise ModelError(
             f"could not download the MobileNetV2 imagenet weights ({err}); "
             "use encoder_weights=None, or run once with network access to fill the Keras cache"

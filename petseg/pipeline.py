@@ -74,7 +74,8 @@ def dataset(
         mask = tf.reshape(tf.io.decode_raw(features["mask"], tf.uint8), [image_size, image_size, 1])
         if augment:
             both = tf.concat([image, mask], axis=-1)
-            both = tf.image.stateless_random_flip_left_right(both, seed=tf.stack([tf.constant(seed, tf.int64), position]))
+            key = tf.stack([tf.constant(seed, tf.int64), position])
+            both = tf.image.stateless_random_flip_left_right(both, seed=key)
             image, mask = both[..., :3], both[..., 3:]
         # Trimap values 1, 2, 3 become channels 0 (pet), 1 (background), 2 (border).
         one_hot = tf.one_hot(tf.cast(mask[..., 0], tf.int32) - 1, 3, dtype=tf.float32)

@@ -378,7 +378,8 @@ def probability_png(probs: np.ndarray) -> bytes:
     """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border)."""
     pixels = np.round(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    # Level 1: a tenth of the time of the default level 6 for a file 25% larger.
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -653,13 +654,13 @@ def _some_values(values: np.ndarray) -> str:
 
 def _jpeg(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
 def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -867,6 +868,10 @@ class Rejection(SeldonMicroserviceException):
     def __init__(self, error: BadRequest, tags: dict[str, str]):
         super().__init__(str(error), status_code=400, reason=error.reason)
         self.tags = tags
+
+    def __str__(self) -> str:
+        # What a gRPC client sees as the error's details.
+        return self.message
 
     def to_dict(self) -> dict:
         """The JSON body of the answer."""

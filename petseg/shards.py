@@ -130,7 +130,8 @@ def read_records(paths: Iterable[str | Path]) -> Iterator[bytes]:
             for record in tf.data.TFRecordDataset(str(path)):
                 yield record.numpy()
         except tf.errors.OpError as exc:
-            raise DataError(f"{path}: cannot read shard ({exc.message}); expected a TFRecord file written by petseg") from exc
+            raise DataError(f"{path}: cannot read shard ({exc.message}); "
+                            "expected a TFRecord file written by petseg") from exc
 
 
 class ShardWriter:

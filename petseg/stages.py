@@ -58,7 +58,8 @@ def check_parameters(run) -> dict:
 
 def parameters(run) -> dict:
     """Every parameter of the run by name, so that it can be reproduced exactly."""
-    names = [name for name, param in type(run)._get_parameters() if not param.IS_CONFIG_PARAMETER]
+    # Inside a task, Metaflow turns parameters into properties; configs keep their own class.
+    names = [name for name, param in type(run)._get_parameters() if not getattr(param, "IS_CONFIG_PARAMETER", False)]
     return {name: getattr(run, name) for name in sorted(names)}
 
 
@@ -119,7 +120,7 @@ def transform(*, shards: list[dict], store: str) -> dict:
         local = get_files(blobs, shards, Path(work) / "in")
         result = data.transform(local, Path(work) / "splits")
         result["splits"] = {name: put_files(blobs, paths) for name, paths in result["splits"].items()}
-    empty = [name for name in ("training", "validation") if not result["counts"].get(name)]
+    empty = [name for name in SPLITS if not result["counts"].get(name)]
     if empty:
         raise ConfigError(f"split(s) {', '.join(empty)} got no samples: the source is too small "
                           f"(counts {result['counts']}); use more samples")

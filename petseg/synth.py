@@ -93,7 +93,7 @@ class Breed:
 BREEDS: tuple[Breed, ...] = (
     Breed("Abyssinian", (176, 110, 60), (90, 55, 30), "ticked", "pointed", "long", 0.9, 1.9, 0.25, 0.0),
     Breed("american_bulldog", (235, 230, 220), (170, 120, 80), "patches", "folded", "short", 1.3, 1.6, 0.45, 0.0),
-    Breed("american_pit_bull_terrier", (150, 110, 80), (240, 235, 225), "bicolor", "folded", "long", 1.2, 1.7, 0.5, 0.0),
+    Breed("american_pit_bull_terrier", (150, 110, 80), (240, 235, 225), "bicolor", "folded", "long", 1.2, 1.7, 0.5, 0),
     Breed("basset_hound", (240, 235, 225), (140, 85, 40), "tricolor", "floppy", "long", 1.3, 2.6, 0.6, 0.0),
     Breed("beagle", (240, 235, 225), (160, 100, 45), "tricolor", "floppy", "long", 1.0, 1.8, 0.55, 0.0),
     Breed("Bengal", (200, 150, 80), (60, 40, 20), "spotted", "pointed", "long", 1.0, 2.0, 0.25, 0.0),
@@ -125,7 +125,7 @@ BREEDS: tuple[Breed, ...] = (
     Breed("shiba_inu", (210, 125, 55), (245, 235, 220), "bicolor", "erect", "curled", 0.9, 1.6, 0.4, 0.3),
     Breed("Siamese", (225, 210, 180), (60, 45, 35), "points", "pointed", "long", 0.95, 2.0, 0.3, 0.0),
     Breed("Sphynx", (215, 170, 160), (180, 140, 130), "hairless", "pointed", "long", 0.9, 1.8, 0.2, 0.0),
-    Breed("staffordshire_bull_terrier", (110, 75, 55), (240, 235, 225), "bicolor", "folded", "long", 0.9, 1.6, 0.4, 0.0),
+    Breed("staffordshire_bull_terrier", (110, 75, 55), (240, 235, 225), "bicolor", "folded", "long", 0.9, 1.6, 0.4, 0),
     Breed("wheaten_terrier", (225, 200, 150), (200, 170, 120), "solid", "folded", "long", 1.0, 1.7, 0.5, 0.8),
     Breed("yorkshire_terrier", (60, 70, 85), (190, 140, 80), "points", "erect", "short", 0.45, 1.6, 0.35, 0.8),
 )
@@ -181,7 +181,7 @@ def write_archives(out_dir: str | os.PathLike, *, count: int, seed: int) -> tupl
 
     images_path, annotations_path = out / "images.tar.gz", out / "annotations.tar.gz"
     partial_images, partial_annotations = out / ".images.tar.gz.partial", out / ".annotations.tar.gz.partial"
-    with _deterministic_tar(partial_images) as images, _deterministic_tar(partial_annotations) as annotations:
+    with _DeterministicTar(partial_images) as images, _DeterministicTar(partial_annotations) as annotations:
         _add_dir(images, "images")
         _add_dir(annotations, "annotations")
         _add_file(annotations, "annotations/list.txt", (LIST_HEADER + listing).encode())
@@ -207,7 +207,7 @@ def _plan(count: int, seed: int) -> list[tuple[str, int, Breed]]:
     return plan
 
 
-class _deterministic_tar:
+class _DeterministicTar:
     """A gzip'd ustar archive whose bytes depend only on what is added."""
 
     def __init__(self, path: Path):
@@ -414,13 +414,19 @@ def _light(rng: np.random.Generator, scene: np.ndarray) -> np.ndarray:
     return scene * gain * cast
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, fluff: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+def _ellipse(
+    cx: float, cy: float, rx: float, ry: float, fluff: float = 0.0, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Points (N, 2) on an ellipse; ``fluff`` > 0 (with ``rng``) roughens the outline like fur."""
     t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
     r = np.ones_like(t)
     if fluff:
         r += fluff * 0.12 * rng.random(t.size)
     return np.stack([cx + rx * r * np.cos(t), cy + ry * r * np.sin(t)], axis=1)
+
+
+_EAR_TRIANGLES = {"pointed": (0.35, 1.75, 0.0), "erect": (0.25, 1.95, 0.0), "folded": (0.3, 1.35, -0.5)}
+"""Ear shape: half-width of the base (radians on the head), tip distance (head radii), tip turn (radians)."""
 
 
 def _stroke(points: np.ndarray, width: float) -> np.ndarray:
@@ -470,7 +476,7 @@ class _Pet:
         top, bottom = max(int(ys.min()) - 3, 0), min(int(ys.max()) + 4, height)
         left, right = max(int(xs.min()) - 3, 0), min(int(xs.max()) + 4, width)
         self.crop = (slice(top, bottom), slice(left, right))
-        self.eyes = self._fill(self._eyes())
+        self.eyes = self._fill(self._eye_and_nose())
 
         # Pixel coordinates of the crop back in the pet's frame, for coat patterns.
         y, x = np.ogrid[top:bottom, left:right]
@@ -494,11 +500,13 @@ class _Pet:
             legs = []
             for x in (-0.36, -0.24, 0.22, 0.34):
                 sway = rng.normal(0.0, 0.04)
-                legs.append(np.array([[x, 0], [x + 0.09, 0], [x + 0.09 + sway, ry + leg_length], [x + sway, ry + leg_length]]))
+                foot = ry + leg_length
+                legs.append(np.array([[x, 0], [x + 0.09, 0], [x + 0.09 + sway, foot], [x + sway, foot]]))
             tail_root = np.array([-0.48, -0.35 * ry])
             tail_dir = np.array([-0.7, -0.7])
-            body.append(np.array([[0.25, -ry * 0.6], [head[0] - 0.05, head[1]], [head[0] + 0.1, head[1] + hr], [0.45, 0]]))
-        hx, hy = head
+            neck = [[0.25, -ry * 0.6], [head[0] - 0.05, head[1]], [head[0] + 0.1, head[1] + hr], [0.45, 0]]
+            body.append(np.array(neck))
+        hx, hy = self.head = head
         head_shape = _ellipse(hx, hy, hr, hr * 0.95, fluff, rng)
         snout_length = hr * (0.3 + breed.snout)
         snout = _ellipse(hx + hr * 0.6 + snout_length * 0.5, hy + hr * 0.3, snout_length * 0.6 + 0.02, hr * 0.42)
@@ -508,30 +516,20 @@ class _Pet:
         paws = [leg.copy() for leg in legs]
         for paw in paws:  # lower half of each leg
             paw[:2, 1] = (paw[0, 1] + paw[2, 1]) / 2
-        self.head = (hx, hy)
         return parts, ears + [snout, tail] + paws, ears + [snout]
 
     def _ears(self, rng: np.random.Generator, breed: Breed, hx: float, hy: float, hr: float) -> list[np.ndarray]:
         ears = []
         for base_angle in (-1.15, -1.95):  # the near and the far ear, up from the head
             a = base_angle + rng.normal(0, 0.08)
-            if breed.ears in ("pointed", "erect"):
-                reach = 1.75 if breed.ears == "pointed" else 1.95
-                spread = 0.35 if breed.ears == "pointed" else 0.25
-                ears.append(np.array([
-                    [hx + hr * 0.9 * np.cos(a - spread), hy + hr * 0.9 * np.sin(a - spread)],
-                    [hx + hr * reach * np.cos(a), hy + hr * reach * np.sin(a)],
-                    [hx + hr * 0.9 * np.cos(a + spread), hy + hr * 0.9 * np.sin(a + spread)],
-                ]))
-            elif breed.ears == "folded":
-                ears.append(np.array([
-                    [hx + hr * 0.9 * np.cos(a - 0.3), hy + hr * 0.9 * np.sin(a - 0.3)],
-                    [hx + hr * 1.35 * np.cos(a - 0.5), hy + hr * 1.35 * np.sin(a - 0.5)],
-                    [hx + hr * 0.9 * np.cos(a + 0.3), hy + hr * 0.9 * np.sin(a + 0.3)],
-                ]))
-            else:  # floppy: hangs beside the head
+            if breed.ears == "floppy":  # hangs beside the head
                 drop = hr * (1.1 if breed.name == "basset_hound" else 0.7)
-                ears.append(_ellipse(hx - hr * 0.25 + (a + 1.5) * hr * 0.4, hy + hr * 0.35, hr * 0.32, drop, breed.fluff, rng))
+                centre_x = hx - hr * 0.25 + (a + 1.5) * hr * 0.4
+                ears.append(_ellipse(centre_x, hy + hr * 0.35, hr * 0.32, drop, breed.fluff, rng))
+                continue
+            spread, reach, tip = _EAR_TRIANGLES[breed.ears]
+            corners = [(a - spread, 0.9), (a + tip, reach), (a + spread, 0.9)]
+            ears.append(np.array([[hx + hr * r * np.cos(angle), hy + hr * r * np.sin(angle)] for angle, r in corners]))
         return ears
 
     def _tail(self, rng: np.random.Generator, breed: Breed, root: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -547,10 +545,12 @@ class _Pet:
         width = 0.13 if breed.tail == "plume" else (0.06 if breed.species == "cat" else 0.08)
         return _stroke(points, width)
 
-    def _eyes(self) -> list[np.ndarray]:
+    def _eye_and_nose(self) -> list[np.ndarray]:
         hx, hy = self.head
         r = self.head_r
-        return [_ellipse(hx + r * 0.35, hy - r * 0.15, r * 0.13, r * 0.13), _ellipse(hx + r * (1.0 + self.breed.snout * 0.9), hy + r * 0.3, r * 0.12, r * 0.1)]
+        eye = _ellipse(hx + r * 0.35, hy - r * 0.15, r * 0.13, r * 0.13)
+        nose = _ellipse(hx + r * (1.0 + self.breed.snout * 0.9), hy + r * 0.3, r * 0.12, r * 0.1)
+        return [eye, nose]
 
     def _fill(self, polygons: list[np.ndarray]) -> np.ndarray:
         """Rasterise polygons given in the pet's frame to a float mask of the photo."""
@@ -565,15 +565,16 @@ class _Pet:
         """The pet's fur colour at every pixel of ``crop`` (h, w, 3) in [0, 1]."""
         breed, u, v, crop = self.breed, self.u, self.v, self.crop
         height, width = u.shape
-        coat, marking = np.clip(np.array([breed.coat, breed.marking]) / 255.0 + rng.normal(0, 0.05, size=(2, 3)), 0, 1).astype(np.float32)
+        colours = np.array([breed.coat, breed.marking]) / 255.0 + rng.normal(0, 0.05, size=(2, 3))
+        coat, marking = np.clip(colours, 0, 1).astype(np.float32)
         pattern = breed.pattern
         if pattern == "tabby":
             weight = (np.sin(2 * np.pi * (u * rng.uniform(8, 12) + 0.25 * np.sin(v * 9))) > 0.3).astype(np.float32)
         elif pattern in ("spotted", "patches"):
-            many = pattern == "spotted"
+            number, radii = ((25, 45), (0.03, 0.06)) if pattern == "spotted" else ((2, 5), (0.1, 0.25))
             spots = [
-                _ellipse(rng.uniform(-0.5, 0.6), rng.uniform(-0.6, 0.5), *(rng.uniform(0.03, 0.06, 2) if many else rng.uniform(0.1, 0.25, 2)))
-                for _ in range(int(rng.integers(25, 45) if many else rng.integers(2, 5)))
+                _ellipse(rng.uniform(-0.5, 0.6), rng.uniform(-0.6, 0.5), *rng.uniform(*radii, size=2))
+                for _ in range(int(rng.integers(*number)))
             ]
             weight = self._fill(spots)[crop]
         elif pattern == "ticked":

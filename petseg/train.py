@@ -22,6 +22,7 @@ def fit(
     learning_rate: float,
     seed: int,
     log_dir: str | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int = 2,
 ) -> tuple[keras.Model, dict]:
     """Builds and trains a model with Adam on the binary cross-entropy + Jaccard loss.
@@ -35,6 +36,7 @@ def fit(
         seed: Seeds the weight initialisation (Keras' global seed is reset to
             it before the model is built).
         log_dir: Where TensorBoard logs go; None for no logs.
+        callbacks: More Keras callbacks, e.g. timers.
         verbose: Keras progress output: 0 silent, 2 one line per epoch.
 
     Returns:
@@ -50,7 +52,9 @@ def fit(
         # Positive-class IoU of the binarised maps, as SegmentationMetrics' "iou".
         metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")],
     )
-    callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir)] if log_dir else []
+    callbacks = list(callbacks or [])
+    if log_dir:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir))
     history = model.fit(
         train, validation_data=validation, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose
     )

@@ -23,7 +23,7 @@ from petseg import serving
 from petseg.errors import ConfigError
 
 
-def _positive_int(name: str, default: int) -> int:
+def _int_setting(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     if not value:
         return default
@@ -39,8 +39,8 @@ class PetSegModel:
     def __init__(self):
         defaults = serving.Limits()
         self.limits = serving.Limits(
-            max_bytes=_positive_int("MAX_IMAGE_BYTES", defaults.max_bytes),
-            max_pixels=_positive_int("MAX_PIXELS", defaults.max_pixels),
+            max_bytes=_int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
+            max_pixels=_int_setting("MAX_PIXELS", defaults.max_pixels),
         )
         self.model_uri = os.environ.get("MODEL_URI", "")
         self.expected_fingerprint = os.environ.get("MODEL_FINGERPRINT") or None

@@ -427,3 +427,116 @@ def test_argo_workflow_template_renders(cluster, workdir):
         assert {"secretRef": {"name": "petseg-s3"}} in container.get("envFrom", [])
         limits = container.get("resources", {}).get("limits", {})
         assert ("nvidia.com/gpu" in limits) == (name in COMPUTE_STEPS), name
+
+
+# -- SeldonDeployment -------------------------------------------------------------------------------
+
+RELEASE = {"version": "petseg-1764000000000001", "pathspec": "PetSegFlow/1764000000000001",
+           "run_id": "1764000000000001", "model_fingerprint": "a" * 64, "dataset_fingerprint": "b" * 64,
+           "code_version": "0.1.0", "model_uri": "s3://petseg/metaflow/release/"}
+
+
+@pytest.fixture(scope="session")
+def seldon_crd(cluster, admin):
+    """The SeldonDeployment resource type, registered without an operator behind it."""
+    import yaml
+
+    crd = yaml.safe_load((CLUSTER / "seldondeployment-crd.yaml").read_text())
+    admin["ext"].create_custom_resource_definition(crd)
+    _wait(lambda: any(c.type == "Established" and c.status == "True" for c in
+                      admin["ext"].read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []),
+          "the SeldonDeployment CRD")
+    return crd
+
+
+def _set_state(admin, namespace: str, name: str, state: str, description: str = "") -> None:
+    """Write status.state as the Seldon operator would (none runs here)."""
+    from petseg import deploy
+
+    body = {"status": {"state": state, "description": description}}
+    admin["custom"].patch_namespaced_custom_object_status(deploy.GROUP, deploy.VERSION, namespace, deploy.PLURAL,
+                                                          name, body)
+
+
+@pytest.mark.cluster
+def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
+    import threading
+
+    from kubernetes import config
+
+    from petseg import deploy
+    from petseg.errors import ServingError
+
+    namespace = cluster["PETSEG_K8S_NAMESPACE"]
+    runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
+    rendered = deploy.render_seldon_deployment(RELEASE, image="petseg:test", namespace=namespace,
+                                               secrets=["petseg-s3"], s3_endpoint_url=cluster["PETSEG_S3_ENDPOINT"])
+    name = rendered["metadata"]["name"]
+
+    # Created, then waited on until the (stand-in) operator reports it Available.
+    outcome = {}
+    waiter = threading.Thread(target=lambda: outcome.update(
+        applied=deploy.apply_seldon_deployment(rendered, namespace=namespace, api_client=runner, timeout=60,
+                                               poll_interval=0.2)))
+    waiter.start()
+    _wait(lambda: admin["custom"].list_namespaced_custom_object(deploy.GROUP, deploy.VERSION, namespace,
+                                                                deploy.PLURAL)["items"], "the SeldonDeployment")
+    _set_state(admin, namespace, name, "Available")
+    waiter.join(timeout=60)
+    assert outcome["applied"]["status"]["state"] == "Available"
+    created = outcome["applied"]
+
+    # Applying again replaces it in place: one object, same uid, new spec.
+    rendered_again = deploy.render_seldon_deployment(RELEASE, image="petseg:test", namespace=namespace,
+                                                     replicas=2, secrets=["petseg-s3"])
+    again = deploy.apply_seldon_deployment(rendered_again, namespace=namespace, api_client=runner, timeout=5)
+    items = admin["custom"].list_namespaced_custom_object(deploy.GROUP, deploy.VERSION, namespace,
+                                                          deploy.PLURAL)["items"]
+    assert [item["metadata"]["name"] for item in items] == [name]
+    assert again["metadata"]["uid"] == created["metadata"]["uid"]
+    assert again["spec"]["predictors"][0]["replicas"] == 2
+    assert again["metadata"]["annotations"]["petseg/model-fingerprint"] == "a" * 64
+
+    # A deployment that Seldon reports Failed is an error that says why.
+    _set_state(admin, namespace, name, "Failed", "image pull failed")
+    with pytest.raises(ServingError, match="image pull failed"):
+        deploy.apply_seldon_deployment(rendered_again, namespace=namespace, api_client=runner, timeout=5)
+    admin["custom"].delete_namespaced_custom_object(deploy.GROUP, deploy.VERSION, namespace, deploy.PLURAL, name)
+
+
+@pytest.mark.cluster
+def test_service_account_has_no_rights_beyond_its_roles(cluster):
+    from kubernetes import client, config
+
+    runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])
+    core = client.CoreV1Api(runner)
+    with pytest.raises(client.ApiException) as denied:
+        core.list_namespaced_secret(cluster["PETSEG_K8S_NAMESPACE"])
+    assert denied.value.status == 403
+    with pytest.raises(client.ApiException) as denied:
+        client.BatchV1Api(runner).list_namespaced_job("default")
+    assert denied.value.status == 403
+    assert core.list_namespaced_pod(cluster["PETSEG_K8S_NAMESPACE"]).items is not None
+
+
+# -- kustomize ----------------------------------------------------------------------------------------
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("target", ["base", "overlays/gpu"])
+def test_kustomize_renders(cluster, target):
+    import yaml
+
+    result = subprocess.run([cluster["PETSEG_KUBECTL"], "kustomize", str(REPO / "k8s" / target)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(result.stdout)}
+    assert ("Namespace", "petseg") in objects and ("ServiceAccount", "petseg") in objects
+    assert all(o["metadata"].get("namespace") == "petseg" for (kind, _), o in objects.items() if kind != "Namespace")
+    assert not [kind for kind, _ in objects if kind == "Secret"]  # credentials are never part of the base
+    settings = objects[("ConfigMap", "petseg-metaflow")]["data"]
+    assert settings["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"] == "petseg"
+    if target == "overlays/gpu":
+        assert settings["METAFLOW_KUBERNETES_NODE_SELECTOR"] == "nvidia.com/gpu.present=true"
+        assert json.loads(settings["METAFLOW_KUBERNETES_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
+    else:
+        assert "METAFLOW_KUBERNETES_TOLERATIONS" not in settings

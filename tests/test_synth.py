@@ -81,7 +81,8 @@ def test_photos_and_trimaps_look_like_oxford(archives):
             continue
         photo = Image.open(io.BytesIO(data))
         assert photo.format == "JPEG" and photo.mode == "RGB"
-        trimap = Image.open(io.BytesIO(annotations[name.replace("images/", "annotations/trimaps/").replace(".jpg", ".png")][1]))
+        trimap_name = name.replace("images/", "annotations/trimaps/").replace(".jpg", ".png")
+        trimap = Image.open(io.BytesIO(annotations[trimap_name][1]))
         assert trimap.format == "PNG" and trimap.mode == "L"
         assert trimap.size == photo.size
         assert all(synth.SIDE_RANGE[0] <= side <= synth.SIDE_RANGE[1] for side in photo.size)

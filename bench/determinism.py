@@ -1,0 +1,146 @@
+"""What bitwise reproducibility costs: strict against fast against one thread.
+
+Trains the small model on generated data in three settings of
+`petseg.determinism.configure`:
+
+- strict: seeds, op determinism, 2 intra/inter-op threads (the default);
+- fast: seeds only, threads chosen by TensorFlow;
+- single-thread: the original project's recipe, op determinism and 1 thread.
+
+Thread counts can be set once per process, so every run is its own
+subprocess. Variants alternate round by round so that a change in machine
+load hits all of them alike. Prints the median training time of each variant
+(epochs after the first; the first one also traces the graph), the ratios
+strict/fast and single-thread/fast, whether the strict runs produced
+identical weight fingerprints, and the machine.
+
+Usage:
+    python bench/determinism.py [--rounds 3] [--epochs 3] [--images 96]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "strict": {"strict": True, "threads": 2},
+    "fast": {"strict": False},
+    "single-thread": {"strict": True, "threads": 1},
+}
+SEED = 7
+BATCH_SIZE = 16
+
+
+def worker(variant: str, epochs: int, images: int) -> dict:
+    """Trains once in this process and returns its timings and fingerprint."""
+    from petseg import determinism
+
+    settings = determinism.configure(seed=SEED, **VARIANTS[variant])
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from petseg import model, train
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((images, 128, 128, 3), dtype=np.float32)
+    pet = pixels[..., 0] > 0.5
+    masks = np.stack([pet, ~pet, np.zeros_like(pet)], axis=-1).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((pixels, masks)).batch(BATCH_SIZE)
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.start)
+
+    seconds: list[float] = []
+    fitted, _ = train.fit(
+        train=data,
+        validation=data.take(1),
+        arch="small",
+        epochs=epochs,
+        learning_rate=1e-3,
+        seed=SEED,
+        callbacks=[EpochTimer()],
+        verbose=0,
+    )
+    record = determinism.environment_record(settings)
+    return {
+        "variant": variant,
+        "settings": settings,
+        "epoch_seconds": seconds,
+        "seconds": sum(seconds[1:]),
+        "fingerprint": model.fingerprint(fitted),
+        "cpu": record["cpu"]["model"],
+        "cores": record["cpu"]["logical_cores"],
+        "tensorflow": tf.__version__,
+    }
+
+
+def run_variant(variant: str, epochs: int, images: int) -> dict:
+    """Runs `worker` in a fresh Python process."""
+    completed = subprocess.run(
+        [sys.executable, __file__, "--worker", variant, "--epochs", str(epochs), "--images", str(images)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        sys.exit(f"{variant} run failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (at least 2)")
+    parser.add_argument("--images", type=int, default=96, help="generated 128x128 training images")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.epochs, args.images)))
+        return
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch is not timed")
+
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    load_before = os.getloadavg()[0]
+    for round_number in range(1, args.rounds + 1):
+        for variant in VARIANTS:
+            result = run_variant(variant, args.epochs, args.images)
+            runs[variant].append(result)
+            print(f"round {round_number} {variant:13} {result['seconds']:7.2f} s  {result['fingerprint'][:12]}", flush=True)
+
+    medians = {variant: statistics.median(r["seconds"] for r in results) for variant, results in runs.items()}
+    first = runs["strict"][0]
+    strict_prints = {r["fingerprint"] for r in runs["strict"]}
+    print()
+    print(f"machine: {first['cpu']}, {first['cores']} logical cores, TensorFlow {first['tensorflow']}")
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(
+        f"workload: small U-Net, {args.images} images 128x128, batch {BATCH_SIZE}, "
+        f"epochs 2-{args.epochs} timed, {args.rounds} rounds"
+    )
+    for variant, results in runs.items():
+        threads = results[0]["settings"]["intra_op_threads"]
+        print(f"{variant:13} median {medians[variant]:7.2f} s  (intra/inter-op threads: {threads or 'machine default'})")
+    print(f"strict/fast          {medians['strict'] / medians['fast']:.3f}")
+    print(f"single-thread/fast   {medians['single-thread'] / medians['fast']:.3f}")
+    print(f"strict runs identical: {len(strict_prints) == 1} ({len(runs['strict'])} runs)")
+    single_prints = {r["fingerprint"] for r in runs["single-thread"]}
+    print(f"single-thread runs identical: {len(single_prints) == 1}; same weights as strict: {single_prints == strict_prints}")
+
+
+if __name__ == "__main__":
+    main()
