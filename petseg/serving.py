@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+import keras
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 from seldon_core.flask_utils import SeldonMicroserviceException
 
@@ -113,8 +115,8 @@ class Release:
         fingerprint: sha256 of the loaded weights (`petseg.model.fingerprint`).
     """
 
-    model: Any
-    calibration: Any
+    model: keras.Model
+    calibration: Calibration
     manifest: dict
     uri: str
     fingerprint: str
@@ -173,7 +175,7 @@ def load_release(
     return release
 
 
-def _release_in_folder(folder: Path) -> tuple[Any, Any, dict]:
+def _release_in_folder(folder: Path) -> tuple[keras.Model, Calibration, dict]:
     missing = [name for name in RELEASE_FILES if not (folder / name).is_file()]
     if missing:
         raise ModelError(f"release directory {folder} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
@@ -225,7 +227,7 @@ def _download_release(uri: str, folder: Path, *, s3_endpoint_url: str | None) ->
             raise ModelError(f"release file s3://{bucket}/{key} could not be read: {err}") from None
 
 
-def _release_of_run(pathspec: str) -> tuple[Any, Any, dict]:
+def _release_of_run(pathspec: str) -> tuple[keras.Model, Calibration, dict]:
     from metaflow import Run
     from metaflow.exception import MetaflowException
 
@@ -277,18 +279,17 @@ class Predictor:
     """
 
     def __init__(self, release: Release):
-        import tensorflow as tf
-
         size = release.image_size
         model = release.model
 
         # One graph for every input size and batch: a traced call costs a
-        # fraction of an eager Keras call on small images.
+        # fraction of an eager Keras call on small images. Antialiasing
+        # scales images down as PIL's bilinear resize at ingest did for the
+        # training images (petseg.data.prepare).
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
         def forward(images):
-            return model(tf.image.resize(images, (size, size)), training=False)
+            return model(tf.image.resize(images, (size, size), antialias=True), training=False)
 
-        self._tf = tf
         self._forward = forward
         self._size = size
         self.calibration = release.calibration
@@ -305,7 +306,7 @@ class Predictor:
         probs = np.asarray(self.calibration.apply(self._forward(images).numpy()), dtype=np.float32)
         height, width = images.shape[1:3]
         if (height, width) != (self._size, self._size):
-            probs = self._tf.image.resize(probs, (height, width)).numpy()
+            probs = tf.image.resize(probs, (height, width)).numpy()
         return np.clip(probs, 0.0, 1.0)
 
 

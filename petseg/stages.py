@@ -58,9 +58,11 @@ def check_parameters(run) -> dict:
 
 def parameters(run) -> dict:
     """Every parameter of the run by name, so that it can be reproduced exactly."""
-    # Inside a task, Metaflow turns parameters into properties; configs keep their own class.
-    names = [name for name, param in type(run)._get_parameters() if not getattr(param, "IS_CONFIG_PARAMETER", False)]
-    return {name: getattr(run, name) for name in sorted(names)}
+    from collections.abc import Mapping
+
+    # Configs (such as `compute`) come back as mappings; they set resources, not results.
+    values = {name: getattr(run, name) for name, _ in type(run)._get_parameters()}
+    return {name: value for name, value in sorted(values.items()) if not isinstance(value, Mapping)}
 
 
 def environment(settings: dict) -> dict:

@@ -439,3 +439,59 @@ def test_fingerprint_mismatch_refuses_to_start(release_dir, manifest, tmp_path):
         deploy.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, fingerprint=wrong)
     assert wrong in str(refused.value) and manifest["model_fingerprint"] in str(refused.value)
     assert "exited with status" in str(refused.value)
+
+
+# -- release and feedback locations (in process) ----------------------------------------------------
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An in-process S3 (moto) with one bucket."""
+    import boto3
+    from moto import mock_aws
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        client_s3 = boto3.client("s3")
+        client_s3.create_bucket(Bucket="petseg")
+        yield client_s3
+
+
+def test_release_loads_from_s3(s3, release_dir, manifest):
+    for name in serving.RELEASE_FILES:
+        s3.upload_file(str(release_dir / name), "petseg", f"releases/v1/{name}")
+    loaded = serving.load_release("s3://petseg/releases/v1/", expected_fingerprint=manifest["model_fingerprint"])
+    assert loaded.uri == "s3://petseg/releases/v1/"
+    assert loaded.tags()["model_fingerprint"] == manifest["model_fingerprint"]
+
+
+def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
+    import metaflow
+
+    artifacts = type("Data", (), {"model_keras": (release_dir / "model.keras").read_bytes(),
+                                  "calibration": json.loads((release_dir / "calibration.json").read_text()),
+                                  "manifest": manifest})
+    task = type("Task", (), {"data": artifacts})
+
+    def run(pathspec, _namespace_check=True):
+        assert pathspec == "PetSegFlow/1234" and _namespace_check is False
+        return {"release": type("Step", (), {"task": task})}
+
+    monkeypatch.setattr(metaflow, "Run", run)
+    loaded = serving.load_release("PetSegFlow/1234")
+    assert loaded.tags()["pathspec"] == "PetSegFlow/1234"
+
+
+def test_feedback_store_on_s3_is_read_back_by_ingest(s3, tmp_path):
+    store = serving.FeedbackStore("s3://petseg/feedback")
+    trimap = np.full((12, 16), 2, np.uint8)
+    trimap[3:9, 4:12] = 1
+    sample = serving.FeedbackSample(_encode(_image(12, 16), "JPEG"), trimap, 1.0, "Bengal")
+    sample_id = store.add(sample, model_version="petseg-1234", model_fingerprint="f" * 64)
+    assert store.add(sample, model_version="petseg-1234", model_fingerprint="f" * 64) == sample_id
+    listing = s3.get_object(Bucket="petseg", Key="feedback/annotations/list.txt")["Body"].read().decode()
+    assert listing.count(sample_id) == 1
+    report = data.ingest("synth:2", tmp_path / "ingested", feedback="s3://petseg/feedback/")
+    assert report["samples"] == 3 and report["species"]["cat"] >= 1
