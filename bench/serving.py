@@ -7,7 +7,9 @@ measures, in the same run, one request at a time:
 - in process, binData: `Service.predict` on a binData message (base64 and PNG
   decode, model, calibration, PNG encode), what the server does per request;
 - REST binData: a PNG as base64 binData, answered with a PNG mask;
-- REST ndarray: the image as a JSON ndarray of uint8, answered with a JSON ndarray.
+- REST ndarray: the image as a JSON ndarray of uint8, answered with a JSON ndarray;
+- REST ping: GET /health/ping, no model and no petseg code: the floor of
+  HTTP through gunicorn on this machine.
 
 Modes alternate block by block, so that a change in machine load hits all of
 them alike. Prints p50 and p95 latency, requests per second (sequential, one
@@ -109,6 +111,7 @@ def main() -> None:
             "in process, binData": lambda: service.predict(bin_message),
             "REST binData": lambda: rest(bin_body),
             "REST ndarray": lambda: rest(ndarray_body),
+            "REST ping": lambda: session.get(deployment["url"] + "/health/ping", timeout=60).raise_for_status(),
         }
         try:
             load_before = os.getloadavg()[0]

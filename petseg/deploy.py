@@ -76,12 +76,13 @@ def deploy_local(
 
     Raises:
         ServingError: The server exited or did not answer in time (the message
-            quotes the last lines of its log).
+            quotes the telling line of its log).
     """
-    model_uri = str(release_dir)
-    local = Path(model_uri).is_dir()
-    port = port or _free_port()
-    grpc_port, metrics_port = _free_port(), _free_port()
+    local = Path(release_dir).is_dir()
+    # The server runs in serving/: a relative directory would point elsewhere there.
+    model_uri = str(Path(release_dir).resolve()) if local else str(release_dir)
+    free = _free_ports(3)
+    port, grpc_port, metrics_port = port or free[0], free[1], free[2]
     if log_path is None:
         log_path = Path(model_uri) / "serving.log" if local else Path(tempfile.gettempdir()) / f"petseg-serving-{port}.log"
     log_path = Path(log_path)
@@ -162,8 +163,9 @@ def serve_foreground(
     Returns:
         The server's exit status.
     """
-    model_uri = str(release_dir)
-    command = microservice_command(port=port, grpc_port=_free_port(), metrics_port=_free_port())
+    model_uri = str(Path(release_dir).resolve()) if Path(release_dir).is_dir() else str(release_dir)
+    grpc_port, metrics_port = _free_ports(2)
+    command = microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port)
     env = _environment(model_uri, fingerprint=fingerprint, feedback_uri=feedback_uri)
     process = subprocess.Popen(command, cwd=SERVING_DIR, env=env)
     try:
@@ -207,10 +209,16 @@ def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str |
     return env
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports free now (all probes stay bound until every port is picked)."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen, *, log_path: Path, timeout: float) -> None:

@@ -47,7 +47,8 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2) -> dict:
     Strict mode: seeds for Python `random`, NumPy, TensorFlow and Keras, op
     determinism, and `threads` intra-op and inter-op threads. Fast mode: seeds
     only; TensorFlow picks the thread counts (recorded as 0, the machine
-    default) and results can differ between runs in the last bits.
+    default), so the weight bytes depend on the machine's core count and on
+    kernels that are not guaranteed deterministic.
 
     Call this before TensorFlow executes any op: thread counts cannot change
     once its runtime has started. Calling it again with the same settings is

@@ -37,6 +37,11 @@ _MOBILENET_SKIPS = (
     "block_16_project",
 )
 _DECODER_FILTERS = (512, 256, 128, 64)
+# Keras' default of 0.99 averages the batch statistics over ~100 steps, while
+# a short CPU run has ~20 steps an epoch, so validation saw stale statistics.
+# Small model, 10 epochs on 286 images: the same training loss, validation
+# loss 1.23 with 0.99 and 1.01 with 0.9.
+BATCH_NORM_MOMENTUM = 0.9
 _SMALL_ENCODER_FILTERS = (16, 32, 64, 64)
 _SMALL_DECODER_FILTERS = (64, 32, 16)
 
@@ -91,14 +96,14 @@ def _upsample(x, filters: int, name: str):
         kernel_initializer=keras.initializers.RandomNormal(0.0, 0.02),
         name=f"{name}_conv_transpose",
     )(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
 def _downsample(x, filters: int, name: str):
     """Strided convolution block: halves the resolution."""
     x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 

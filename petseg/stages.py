@@ -289,13 +289,19 @@ def manifest(run) -> dict:
 
 def deploy(run, target: str) -> dict | None:
     """Hand the release to the serving deployment chosen by ``--deploy``."""
+    from metaflow.metaflow_config import (KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE, KUBERNETES_SECRETS,
+                                          S3_ENDPOINT_URL)
+
     from petseg import deploy as deployment
 
     if target == "none":
         return None
+    fingerprint = run.manifest["model_fingerprint"]
     if target == "local":
-        return deployment.deploy_local(run.manifest["location"], port=run.port or None)
-    return deployment.deploy_kubernetes(run.manifest)
+        return deployment.deploy_local(run.manifest["location"], port=run.port or None, fingerprint=fingerprint)
+    return deployment.deploy_kubernetes(
+        run.manifest, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
+        s3_endpoint_url=S3_ENDPOINT_URL, secrets=[s for s in (KUBERNETES_SECRETS or "").split(",") if s])
 
 
 def tag_run(**tags: str) -> None:

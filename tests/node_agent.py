@@ -28,7 +28,7 @@ Usage::
 
     python tests/node_agent.py --kubeconfig KUBECONFIG --workdir DIR \\
         [--node petseg-node] [--gpus 4] [--label key=value] [--max-pods 2] \\
-        [--pythonpath DIR]
+        [--pythonpath DIR] [--env KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -113,8 +113,10 @@ class NodeAgent:
         gpus: How many ``nvidia.com/gpu`` the Node advertises.
         labels: Extra Node labels, e.g. for a GPU ``nodeSelector``.
         max_pods: How many pods run at the same time; others wait.
-        pythonpath: Prepended to each pod's ``PYTHONPATH``; stands in for
-            packages that the real image installs.
+        pythonpath: Each pod's ``PYTHONPATH``; stands in for packages that
+            the real image installs.
+        image_env: Environment every pod starts from; stands in for the
+            image's ``ENV`` lines.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class NodeAgent:
         labels: dict[str, str] | None = None,
         max_pods: int = 2,
         pythonpath: str | None = None,
+        image_env: dict[str, str] | None = None,
     ) -> None:
         self.api = api
         self.node = node
@@ -135,6 +138,7 @@ class NodeAgent:
         self.labels = {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux", **(labels or {})}
         self.max_pods = max_pods
         self.pythonpath = pythonpath
+        self.image_env = image_env or {}
         self.running: dict[str, PodProcess] = {}
         self.waiting_reason: dict[str, str] = {}
 
@@ -258,6 +262,7 @@ class NodeAgent:
             "HOSTNAME": pod["metadata"]["name"],
             "LANG": "C.UTF-8",
             "TMPDIR": str(workdir / "tmp"),
+            **self.image_env,
         }
         if self.pythonpath:
             env["PYTHONPATH"] = self.pythonpath
@@ -461,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=4, help="nvidia.com/gpu the Node advertises")
     parser.add_argument("--label", action="append", default=[], help="extra Node label KEY=VALUE (repeatable)")
     parser.add_argument("--max-pods", type=int, default=2, help="pods run at the same time")
-    parser.add_argument("--pythonpath", help="prepended to the pods' PYTHONPATH")
+    parser.add_argument("--pythonpath", help="the pods' PYTHONPATH (packages the image would install)")
+    parser.add_argument("--env", action="append", default=[], help="image environment KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
     config.load_kube_config(config_file=args.kubeconfig)
     labels = dict(item.split("=", 1) for item in args.label)
@@ -473,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         labels=labels,
         max_pods=args.max_pods,
         pythonpath=args.pythonpath,
+        image_env=dict(item.split("=", 1) for item in args.env),
     )
     agent.run_forever()
     return 0

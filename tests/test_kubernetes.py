@@ -224,6 +224,7 @@ def workdir(tmp_path_factory):
 def flow_env(cluster: dict) -> dict[str, str]:
     """This process's environment with the cluster's Metaflow and AWS settings in place of any others."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("METAFLOW_", "AWS_", "KUBECONFIG"))}
+    env.setdefault("USER", "petseg-test")  # Metaflow needs a user name
     return {**env, **cluster, "PYTHONUNBUFFERED": "1"}
 
 

@@ -76,4 +76,6 @@ export GOCACHE="$CACHE/go-build"
 for name in "${BINARIES[@]}"; do
     install -m 0755 "$tree/_output/bin/$name" "$BIN/$name"
 done
+# The tree and Go's build cache take some 2.5 GB; the binaries are what counts.
+rm -rf "$tree" "$GOCACHE"
 log "done: $(ls "$BIN" | tr '\n' ' ')"

@@ -360,6 +360,8 @@ class LocalCluster:
                 f"--workdir={self.dir / 'pods'}",
                 "--label=nvidia.com/gpu.present=true",
                 f"--pythonpath={REPO}",
+                # As the Dockerfile's ENV: the packages are there already.
+                "--env=METAFLOW_SKIP_INSTALL_DEPENDENCIES=1",
             ],
             env=agent_env,
         )
