@@ -39,16 +39,14 @@ BATCH_SIZE = 16
 
 def worker(variant: str, epochs: int, images: int) -> dict:
     """Trains once in this process and returns its timings and fingerprint."""
-    from petseg import determinism
-
-    settings = determinism.configure(seed=SEED, **VARIANTS[variant])
-
+    # Imported here: the parent process only starts workers and needs no TensorFlow.
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from petseg import model, train
+    from petseg import determinism, model, train
 
+    settings = determinism.configure(seed=SEED, **VARIANTS[variant])
     rng = np.random.default_rng(0)
     pixels = rng.random((images, 128, 128, 3), dtype=np.float32)
     pet = pixels[..., 0] > 0.5

@@ -50,9 +50,9 @@ class PetSegFlow(FlowSpec):
     threads = Parameter("threads", default=2, type=int,
                         help="Intra- and inter-op threads in strict mode; they change the weight bits, so they are "
                              "fixed here and recorded, not taken from the machine.")
-    trials = Parameter("trials", default=4, type=int, help="Number of hyper-parameter trials.")
-    tune_epochs = Parameter("tune_epochs", default=2, type=int, help="Epochs per tuning trial.")
-    epochs = Parameter("epochs", default=8, type=int, help="Epochs for the final model.")
+    trials = Parameter("trials", default=3, type=int, help="Number of hyper-parameter trials.")
+    tune_epochs = Parameter("tune_epochs", default=3, type=int, help="Epochs per tuning trial.")
+    epochs = Parameter("epochs", default=10, type=int, help="Epochs for the final model.")
     arch = Parameter("arch", default="small", help="Model: small (fast on CPU) or mobilenetv2 (U-Net for real data).")
     batch_size = Parameter("batch_size", default=0, type=int,
                            help="Batch size of the final model; 0 takes the tuned one.")

@@ -87,7 +87,9 @@ def fill_card(card, *, metrics: dict, history: dict, trials: list[dict], calibra
 
     card.append(Markdown("# Pet segmentation report"))
     card.append(Markdown(f"## Test metrics ({metrics['test_samples']} images)"))
-    card.append(Table(metrics_rows(metrics), headers=["metric", "raw", "calibrated"]))
+    card.append(Table(metrics_rows(metrics) + [["expected calibration error", f"{metrics['ece']['raw']:.4f}",
+                                                 f"{metrics['ece']['calibrated']:.4f}"]],
+                      headers=["metric", "raw", "calibrated"]))
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(curves_figure(history)))
     card.append(Markdown("## Tuning trials"))

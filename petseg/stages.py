@@ -219,14 +219,8 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
         dataset = _dataset("calibration", splits, store, work, batch_size=16)
         probs, labels = calibration.collect(model, dataset, seed=settings["seed"])
     fitted = calibration.fit(probs, labels)
-    calibrated = fitted.apply(probs)
-    report = {
-        "pixels": int(probs.size),
-        "ece_before": calibration.expected_calibration_error(probs, labels),
-        "ece_after": calibration.expected_calibration_error(calibrated, labels),
-        "reliability_before": calibration.reliability_curve(probs, labels),
-        "reliability_after": calibration.reliability_curve(calibrated, labels),
-    }
+    # Fitted and measured on the calibration split; evaluate measures it again on the test split.
+    report = calibration.summary(fitted, probs, labels)
     return fitted.to_dict(), report
 
 
@@ -243,7 +237,9 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     fitted = calibration.Calibration.from_dict(calibration_table)
     with tempfile.TemporaryDirectory(prefix="petseg-evaluate-") as work:
         test = _dataset("test", splits, store, work, batch_size=16)
+        held_out = calibration.summary(fitted, *calibration.collect(model, test, seed=settings["seed"]))
         metrics = {"raw": train.evaluate(model, test), "calibrated": train.evaluate(model, test, calibration=fitted),
+                   "ece": {"raw": held_out["ece_before"], "calibrated": held_out["ece_after"]},
                    "test_samples": int(splits["counts"]["test"])}
         images, truths = next(iter(test.unbatch().batch(SAMPLE_PREDICTIONS)))
     probs = fitted.apply(model.predict(images, verbose=0))
