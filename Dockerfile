@@ -25,17 +25,18 @@ COPY requirements.lock /tmp/requirements.lock
 RUN set -eux; \
     case "$VARIANT" in \
       cpu) cp /tmp/requirements.lock /tmp/requirements.txt ;; \
-      gpu) tf="$(sed -n 's/^tensorflow-cpu==\([^ ;\\]*\).*/\1/p' /tmp/requirements.lock)"; \
+      gpu) tf="$(sed -n -E 's/^tensorflow[-_]cpu==([^ ;\\]+).*/\1/Ip' /tmp/requirements.lock)"; \
            test -n "$tf"; \
-           grep -v '^tensorflow-cpu==' /tmp/requirements.lock > /tmp/requirements.txt; \
+           grep -v -i -E '^tensorflow[-_]cpu==' /tmp/requirements.lock > /tmp/requirements.txt; \
            echo "tensorflow[and-cuda]==$tf" >> /tmp/requirements.txt ;; \
       *) echo "VARIANT must be cpu or gpu, not $VARIANT" >&2; exit 1 ;; \
     esac; \
     pip install -r /tmp/requirements.txt; \
     rm /tmp/requirements.lock /tmp/requirements.txt
 
-# The project itself; its dependencies are all in the lock file.
-COPY setup.py /src/setup.py
+# The project itself; its dependencies are all in the lock file (the GPU
+# variant has tensorflow[and-cuda] where setup.py names tensorflow-cpu).
+COPY setup.py README.md /src/
 COPY petseg /src/petseg
 RUN pip install --no-deps /src && rm -rf /src
 COPY flows /app/flows

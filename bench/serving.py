@@ -174,7 +174,8 @@ def main() -> None:
     print(f"target REST binData p50 <= {TARGET_RATIO} x in-process p50 + {TARGET_SLACK_MS:g} ms = {budget:.2f} ms: "
           f"{rest_p50:.2f} ms, {verdict}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "budget_ms": budget, "machine": machine["cpu"]["model"]}, indent=2))
+        record = {"results": results, "budget_ms": budget, "machine": machine["cpu"]["model"]}
+        Path(args.json).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

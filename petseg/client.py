@@ -152,11 +152,15 @@ def _post(url: str, path: str, message: dict, *, timeout: float) -> dict:
     try:
         response = requests.post(endpoint, json=message, timeout=timeout)
     except requests.ConnectionError:
-        raise ServingError(f"cannot connect to {url}: is the server running? (start one with `petseg serve RUN`)") from None
+        raise ServingError(
+            f"cannot connect to {url}: is the server running? (start one with `petseg serve RUN`)"
+        ) from None
     except requests.Timeout:
         raise ServingError(f"{endpoint} did not answer within {timeout:g} s") from None
     except requests.RequestException as err:
-        raise ServingError(f"cannot send a request to {url!r}: {err} (expected a URL like http://127.0.0.1:9000)") from None
+        raise ServingError(
+            f"cannot send a request to {url!r}: {err} (expected a URL like http://127.0.0.1:9000)"
+        ) from None
     try:
         body = response.json()
     except ValueError:
@@ -178,7 +182,8 @@ def add_parser(subparsers) -> None:
     command = subparsers.add_parser("predict", help="segment an image with a served model")
     command.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9000")
     command.add_argument("image", help="a JPEG or PNG image")
-    command.add_argument("--out", required=True, help="mask PNG to write (probabilities * 255, RGB = pet, background, border)")
+    command.add_argument("--out", required=True,
+                         help="mask PNG to write (probabilities * 255, RGB = pet, background, border)")
     command.add_argument("--figure", help="side-by-side picture to write (default: beside the mask)")
     command.set_defaults(handler=_predict_command)
 
@@ -202,7 +207,9 @@ def add_parser(subparsers) -> None:
 
 def _predict_command(args: argparse.Namespace) -> int:
     result = predict(args.url, args.image, args.out, figure_path=args.figure)
-    print(f"mask:    {result['mask']}\nfigure:  {result['figure']}\nmodel:   {result['tags'].get('model_version', '?')}")
+    print(f"mask:    {result['mask']}")
+    print(f"figure:  {result['figure']}")
+    print(f"model:   {result['tags'].get('model_version', '?')}")
     return 0
 
 

@@ -28,11 +28,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 import yaml
 
 from petseg.errors import ConfigError, ServingError
+
+if TYPE_CHECKING:  # imported where used: only Kubernetes deployments need it
+    import kubernetes
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_DIR = ROOT / "serving"
@@ -83,8 +87,10 @@ def deploy_local(
     model_uri = str(Path(release_dir).resolve()) if local else str(release_dir)
     free = _free_ports(3)
     port, grpc_port, metrics_port = port or free[0], free[1], free[2]
-    if log_path is None:
-        log_path = Path(model_uri) / "serving.log" if local else Path(tempfile.gettempdir()) / f"petseg-serving-{port}.log"
+    if log_path is None and local:
+        log_path = Path(model_uri, "serving.log")
+    elif log_path is None:
+        log_path = Path(tempfile.gettempdir(), f"petseg-serving-{port}.log")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -184,7 +190,9 @@ def default_feedback_uri(model_uri: str) -> str | None:
 def microservice_command(*, port: int, grpc_port: int, metrics_port: int) -> list[str]:
     """The command line that serves ``serving/PetSegModel.py`` on the given ports."""
     if not (SERVING_DIR / f"{COMPONENT}.py").is_file():
-        raise ServingError(f"{SERVING_DIR / COMPONENT}.py not found: serve from a source checkout of petseg (pip install -e .)")
+        raise ServingError(
+            f"{SERVING_DIR / COMPONENT}.py not found: serve from a source checkout of petseg (pip install -e .)"
+        )
     executable = Path(sys.executable).with_name(MICROSERVICE)
     if not executable.exists():
         raise ServingError(f"{executable} not found: install seldon-core in the Python environment running petseg")
@@ -226,7 +234,9 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, *, log_path: Path, 
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            raise ServingError(f"the server for {url} exited with status {code} before answering: {_log_tail(log_path)}")
+            raise ServingError(
+                f"the server for {url} exited with status {code} before answering: {_log_tail(log_path)}"
+            )
         try:
             if requests.get(f"{url}/health/status", timeout=10).status_code == 200:
                 return
@@ -235,7 +245,9 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, *, log_path: Path, 
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    raise ServingError(f"the server for {url} did not answer /health/status within {timeout:g} s: {_log_tail(log_path)}")
+    raise ServingError(
+        f"the server for {url} did not answer /health/status within {timeout:g} s: {_log_tail(log_path)}"
+    )
 
 
 def _log_tail(log_path: Path) -> str:
@@ -244,7 +256,8 @@ def _log_tail(log_path: Path) -> str:
     That is the last petseg error (a bad release, a fingerprint mismatch),
     else the last line naming an error, else the last line.
     """
-    lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     ours = [line.split(": ", 1)[-1] for line in lines if line.startswith("petseg.errors.")]
     errors = [line for line in lines if "Error" in line]
     last = (ours or errors or lines or ["(empty log)"])[-1]
@@ -394,7 +407,7 @@ def apply_seldon_deployment(
     manifest: dict,
     *,
     namespace: str,
-    api_client=None,
+    api_client: kubernetes.client.ApiClient | None = None,
     timeout: float = 600.0,
     poll_interval: float = 2.0,
 ) -> dict:
@@ -444,7 +457,7 @@ def deploy_kubernetes(
     *,
     image: str = "petseg:latest",
     namespace: str = "default",
-    api_client=None,
+    api_client: kubernetes.client.ApiClient | None = None,
     timeout: float = 600.0,
     **render_options,
 ) -> dict:
@@ -475,7 +488,7 @@ def deploy_kubernetes(
     }
 
 
-def _default_api_client():
+def _default_api_client() -> kubernetes.client.ApiClient:
     from kubernetes import config
 
     try:

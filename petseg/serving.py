@@ -44,11 +44,14 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+import flask
 import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 from seldon_core.flask_utils import SeldonMicroserviceException
+from seldon_core.utils import json_to_feedback
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from petseg import model as models
 from petseg import synth
@@ -179,7 +182,8 @@ def _release_in_folder(folder: Path) -> tuple[keras.Model, Calibration, dict]:
     missing = [name for name in RELEASE_FILES if not (folder / name).is_file()]
     if missing:
         raise ModelError(f"release directory {folder} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
-    return models.load(folder / "model.keras"), Calibration.load(folder / "calibration.json"), _read_json(folder / "manifest.json")
+    model = models.load(folder / "model.keras")
+    return model, Calibration.load(folder / "calibration.json"), _read_json(folder / "manifest.json")
 
 
 def _check_fingerprint(release: Release, expected: str | None) -> None:
@@ -324,7 +328,9 @@ def parse_prediction(message: Any, *, limits: Limits) -> Payload:
         BadRequest: Anything that is not one image or a batch of images.
     """
     if not isinstance(message, dict):
-        raise BadRequest("BAD_MESSAGE", where="request", expected="a JSON object (SeldonMessage)", got=_describe(message))
+        raise BadRequest(
+            "BAD_MESSAGE", where="request", expected="a JSON object (SeldonMessage)", got=_describe(message),
+        )
     forms = [key for key in ("data", "binData", "strData") if key in message]
     if len(forms) != 1:
         raise BadRequest(
@@ -372,7 +378,8 @@ def encode_prediction(probs: np.ndarray, payload: Payload) -> dict:
     rounded = np.round(values.astype(np.float64), DECIMALS)
     if payload.form == "ndarray":
         return {"data": {"names": list(CHANNELS), "ndarray": rounded.tolist()}}
-    return {"data": {"names": list(CHANNELS), "tensor": {"shape": list(values.shape), "values": rounded.ravel().tolist()}}}
+    tensor = {"shape": list(values.shape), "values": rounded.ravel().tolist()}
+    return {"data": {"names": list(CHANNELS), "tensor": tensor}}
 
 
 def probability_png(probs: np.ndarray) -> bytes:
@@ -396,7 +403,9 @@ def decode_image(encoded: bytes, *, where: str, limits: Limits) -> tuple[np.ndar
     if not encoded:
         raise BadRequest("EMPTY", where=where, expected="JPEG or PNG bytes", got="no bytes")
     if len(encoded) > limits.max_bytes:
-        raise BadRequest("TOO_LARGE", where=where, expected=f"at most {limits.max_bytes} bytes", got=f"{len(encoded)} bytes")
+        raise BadRequest(
+            "TOO_LARGE", where=where, expected=f"at most {limits.max_bytes} bytes", got=f"{len(encoded)} bytes",
+        )
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             _check_image(image, where=where, limits=limits)
@@ -405,7 +414,8 @@ def decode_image(encoded: bytes, *, where: str, limits: Limits) -> tuple[np.ndar
         raise
     except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...) for bad bytes.
         raise BadRequest(
-            "BAD_IMAGE", where=where, expected="JPEG or PNG bytes", got=f"undecodable bytes ({type(err).__name__}: {err})"
+            "BAD_IMAGE", where=where, expected="JPEG or PNG bytes",
+            got=f"undecodable bytes ({type(err).__name__}: {err})",
         ) from None
 
 
@@ -425,7 +435,8 @@ def _base64_bytes(value: Any, *, where: str, limits: Limits) -> bytes:
         raise BadRequest("BAD_BASE64", where=where, expected=_IMAGE_BYTES, got=_describe(value))
     if len(value) > (limits.max_bytes + 2) // 3 * 4 + 4:
         raise BadRequest(
-            "TOO_LARGE", where=where, expected=f"at most {limits.max_bytes} bytes", got=f"{len(value)} base64 characters"
+            "TOO_LARGE", where=where, expected=f"at most {limits.max_bytes} bytes",
+            got=f"{len(value)} base64 characters",
         )
     try:
         return base64.b64decode(value, validate=True)
@@ -442,7 +453,10 @@ def _numbers(value: Any, *, where: str) -> tuple[np.ndarray, bool]:
     elements = np.asarray(value, dtype=object)
     types = set(map(type, elements.flat))
     if list in types:
-        raise BadRequest("BAD_SHAPE", where=where, expected=f"a rectangular nested list of {_ARRAY}", got="nested lists of unequal lengths or depths")
+        raise BadRequest(
+            "BAD_SHAPE", where=where, expected=f"a rectangular nested list of {_ARRAY}",
+            got="nested lists of unequal lengths or depths",
+        )
     if not types <= {int, float}:
         names = ", ".join(sorted({"null" if t is type(None) else t.__name__ for t in types - {int, float}}))
         raise BadRequest("BAD_DTYPE", where=where, expected=_ARRAY, got=f"elements of type {names}")
@@ -455,10 +469,14 @@ def _numbers(value: Any, *, where: str) -> tuple[np.ndarray, bool]:
 def _tensor(tensor: Any) -> tuple[np.ndarray, bool]:
     where = "data.tensor"
     if not isinstance(tensor, dict) or not {"shape", "values"} <= set(tensor):
-        raise BadRequest("BAD_TENSOR", where=where, expected='an object {"shape": [...], "values": [...]}', got=_describe(tensor))
+        raise BadRequest(
+            "BAD_TENSOR", where=where, expected='an object {"shape": [...], "values": [...]}', got=_describe(tensor),
+        )
     shape = tensor["shape"]
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise BadRequest("BAD_SHAPE", where=f"{where}.shape", expected="a list of non-negative integers", got=_describe(shape))
+        raise BadRequest(
+            "BAD_SHAPE", where=f"{where}.shape", expected="a list of non-negative integers", got=_describe(shape),
+        )
     values, integers = _numbers(tensor["values"], where=f"{where}.values")
     if values.ndim != 1 or values.size != math.prod(shape):
         raise BadRequest(
@@ -478,7 +496,9 @@ def _images(values: np.ndarray, integers: bool, *, where: str, limits: Limits) -
         raise BadRequest("EMPTY", where=where, expected="at least one 1x1 RGB pixel", got=f"shape {values.shape}")
     pixels = values.size // 3
     if pixels > limits.max_pixels:
-        raise BadRequest("TOO_LARGE", where=where, expected=f"at most {limits.max_pixels} pixels", got=f"{pixels} pixels")
+        raise BadRequest(
+            "TOO_LARGE", where=where, expected=f"at most {limits.max_pixels} pixels", got=f"{pixels} pixels",
+        )
     if not np.isfinite(values).all():
         raise BadRequest("BAD_VALUES", where=where, expected="finite numbers", got="NaN or infinity")
     low, high = float(values.min()), float(values.max())
@@ -486,10 +506,13 @@ def _images(values: np.ndarray, integers: bool, *, where: str, limits: Limits) -
     # those are 0-255 too (a Seldon proto turns every number into a double).
     whole = integers or (high > 1.0 and bool((values == np.round(values)).all()))
     if whole and (low < 0 or high > 255):
-        raise BadRequest("BAD_VALUES", where=where, expected="uint8 values 0-255", got=f"values from {low:g} to {high:g}")
+        raise BadRequest(
+            "BAD_VALUES", where=where, expected="uint8 values 0-255", got=f"values from {low:g} to {high:g}",
+        )
     if not whole and (low < 0 or high > 1):
         raise BadRequest(
-            "BAD_VALUES", where=where, expected="floats in [0, 1] or integers 0-255", got=f"values from {low:g} to {high:g}"
+            "BAD_VALUES", where=where, expected="floats in [0, 1] or integers 0-255",
+            got=f"values from {low:g} to {high:g}",
         )
     return (values / 255.0 if whole else values).astype(np.float32)
 
@@ -551,18 +574,23 @@ def parse_feedback(message: Any, *, limits: Limits) -> FeedbackSample:
         BadRequest: A missing or malformed image, truth or reward.
     """
     if not isinstance(message, dict):
-        raise BadRequest("BAD_MESSAGE", where="feedback", expected="a JSON object (Seldon Feedback)", got=_describe(message))
+        raise BadRequest(
+            "BAD_MESSAGE", where="feedback", expected="a JSON object (Seldon Feedback)", got=_describe(message),
+        )
     for key in ("request", "truth"):
         if not isinstance(message.get(key), dict):
             raise BadRequest(
-                "MISSING_DATA", where=f"feedback.{key}", expected="a SeldonMessage object", got=_describe(message.get(key))
+                "MISSING_DATA", where=f"feedback.{key}", expected="a SeldonMessage object",
+                got=_describe(message.get(key)),
             )
     reward = message.get("reward", 0.0)
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
         raise BadRequest("BAD_REWARD", where="feedback.reward", expected="a finite number", got=_describe(reward))
     payload = parse_prediction(message["request"], limits=limits)
     if len(payload.images) != 1:
-        raise BadRequest("BAD_SHAPE", where="feedback.request", expected="one image", got=f"{len(payload.images)} images")
+        raise BadRequest(
+            "BAD_SHAPE", where="feedback.request", expected="one image", got=f"{len(payload.images)} images",
+        )
     trimap = _truth(message["truth"], limits=limits)
     height, width = payload.images.shape[1:3]
     if trimap.shape != (height, width):
@@ -600,21 +628,30 @@ def _truth(truth: dict, *, limits: Limits) -> np.ndarray:
     expected = "an HxW trimap (1, 2, 3) or an HxWx3 one-hot or probability map in [0, 1]"
     for form in ("binData", "strData"):
         if form in truth:
-            return _truth_png(_base64_bytes(truth[form], where=f"{where}.{form}", limits=limits), where=f"{where}.{form}", limits=limits)
+            encoded = _base64_bytes(truth[form], where=f"{where}.{form}", limits=limits)
+            return _truth_png(encoded, where=f"{where}.{form}", limits=limits)
     data = truth.get("data")
     if not isinstance(data, dict) or not {"ndarray", "tensor"} & set(data):
-        raise BadRequest("MISSING_DATA", where=where, expected="data.ndarray, data.tensor, binData or strData", got=_describe(truth))
+        raise BadRequest(
+            "MISSING_DATA", where=where, expected="data.ndarray, data.tensor, binData or strData", got=_describe(truth),
+        )
     if "ndarray" in data:
         values, _ = _numbers(data["ndarray"], where=f"{where}.data.ndarray")
     else:
         values, _ = _tensor(data["tensor"])
     if values.size == 0 or values.size // (values.shape[-1] if values.ndim == 3 else 1) > limits.max_pixels:
-        raise BadRequest("BAD_TRUTH", where=where, expected=f"a non-empty mask of at most {limits.max_pixels} pixels", got=f"shape {values.shape}")
+        raise BadRequest(
+            "BAD_TRUTH", where=where, expected=f"a non-empty mask of at most {limits.max_pixels} pixels",
+            got=f"shape {values.shape}",
+        )
     if not np.isfinite(values).all():
         raise BadRequest("BAD_TRUTH", where=where, expected="finite numbers", got="NaN or infinity")
     if values.ndim == 2:
         if not np.isin(values, (1, 2, 3)).all():
-            raise BadRequest("BAD_TRUTH", where=where, expected="trimap values 1, 2 and 3 only", got=f"values {_some_values(values)}")
+            raise BadRequest(
+                "BAD_TRUTH", where=where, expected="trimap values 1, 2 and 3 only",
+                got=f"values {_some_values(values)}",
+            )
         return values.astype(np.uint8)
     if values.ndim == 3 and values.shape[-1] == 3:
         if values.min() < 0 or values.max() > 1:
@@ -628,22 +665,30 @@ def _truth(truth: dict, *, limits: Limits) -> np.ndarray:
 
 def _truth_png(encoded: bytes, *, where: str, limits: Limits) -> np.ndarray:
     if len(encoded) > limits.max_bytes:
-        raise BadRequest("TOO_LARGE", where=where, expected=f"at most {limits.max_bytes} bytes", got=f"{len(encoded)} bytes")
+        raise BadRequest(
+            "TOO_LARGE", where=where, expected=f"at most {limits.max_bytes} bytes", got=f"{len(encoded)} bytes",
+        )
     expected = "a PNG: one channel of trimap values 1-3, or RGB probabilities * 255"
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             _check_image(image, where=where, limits=limits)
             if image.format != "PNG" or image.mode not in ("L", "P", "RGB"):
-                raise BadRequest("BAD_TRUTH", where=where, expected=expected, got=f"a {image.format} image in mode {image.mode}")
+                raise BadRequest(
+                    "BAD_TRUTH", where=where, expected=expected, got=f"a {image.format} image in mode {image.mode}",
+                )
             pixels = np.asarray(image)
     except BadRequest:
         raise
     except Exception as err:  # Pillow raises many kinds for bad bytes.
-        raise BadRequest("BAD_IMAGE", where=where, expected=expected, got=f"undecodable bytes ({type(err).__name__}: {err})") from None
+        raise BadRequest(
+            "BAD_IMAGE", where=where, expected=expected, got=f"undecodable bytes ({type(err).__name__}: {err})",
+        ) from None
     if pixels.ndim == 3:
         return (np.argmax(pixels, axis=-1) + 1).astype(np.uint8)
     if not np.isin(pixels, (1, 2, 3)).all():
-        raise BadRequest("BAD_TRUTH", where=where, expected="trimap values 1, 2 and 3 only", got=f"values {_some_values(pixels)}")
+        raise BadRequest(
+            "BAD_TRUTH", where=where, expected="trimap values 1, 2 and 3 only", got=f"values {_some_values(pixels)}",
+        )
     return pixels.astype(np.uint8)
 
 
@@ -731,7 +776,8 @@ class FeedbackStore:
         """Appends ``line`` to annotations/list.txt unless the id is listed already."""
         if self._s3 is not None:
             try:
-                text = self._s3.get_object(Bucket=self._bucket, Key=self._key("annotations/list.txt"))["Body"].read().decode()
+                listing = self._s3.get_object(Bucket=self._bucket, Key=self._key("annotations/list.txt"))
+                text = listing["Body"].read().decode()
             except self._s3.exceptions.NoSuchKey:
                 text = synth.LIST_HEADER
             if not _listed(text, sample_id):
@@ -882,7 +928,7 @@ class Rejection(SeldonMicroserviceException):
         }
 
 
-def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]):
+def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flask.Blueprint:
     """A Flask blueprint that vets prediction and feedback requests before the wrapper reads them.
 
     The Seldon wrapper parses a request before the model sees it and answers
@@ -900,13 +946,11 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]):
     Returns:
         The blueprint.
     """
-    from flask import Blueprint, request
-    from seldon_core.utils import json_to_feedback
-
-    guard = Blueprint("petseg_request_guard", __name__)
+    guard = flask.Blueprint("petseg_request_guard", __name__)
 
     @guard.before_app_request
     def vet_request():
+        request = flask.request
         if request.endpoint not in (PREDICT_VIEW, FEEDBACK_VIEW):
             return
         try:
@@ -917,7 +961,8 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]):
                     json_to_feedback(message)
                 except Exception as err:  # the protobuf parser's errors, as the wrapper would meet them
                     raise BadRequest(
-                        "BAD_FEEDBACK", where="feedback", expected="a Seldon Feedback message (request, response, reward, truth)",
+                        "BAD_FEEDBACK", where="feedback",
+                        expected="a Seldon Feedback message (request, response, reward, truth)",
                         got=str(getattr(err, "message", err)),
                     ) from None
         except BadRequest as err:
@@ -926,7 +971,7 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]):
     return guard
 
 
-def read_message(request, *, max_bytes: int) -> dict:
+def read_message(request: flask.Request, *, max_bytes: int) -> dict:
     """The JSON object of a REST request, read the way the Seldon wrapper reads it.
 
     The message is the form or query field ``json`` when there is one (as
@@ -942,8 +987,6 @@ def read_message(request, *, max_bytes: int) -> dict:
     Raises:
         BadRequest: Too large, another content type, invalid JSON or not an object.
     """
-    from werkzeug.exceptions import RequestEntityTooLarge
-
     size = request.content_length
     too_large = BadRequest("TOO_LARGE", where="request body", expected=f"at most {max_bytes} bytes",
                            got=f"{size} bytes" if size is not None else f"more than {max_bytes} bytes")
@@ -951,7 +994,9 @@ def read_message(request, *, max_bytes: int) -> dict:
         raise too_large
     request.max_content_length = max_bytes  # also bounds bodies sent without a length
     if request.mimetype == "multipart/form-data":
-        raise BadRequest("BAD_CONTENT_TYPE", where="Content-Type", expected="application/json", got="multipart/form-data")
+        raise BadRequest(
+            "BAD_CONTENT_TYPE", where="Content-Type", expected="application/json", got="multipart/form-data",
+        )
     try:
         text = request.form.get("json") or request.args.get("json")
         if not text and not request.is_json:
@@ -964,7 +1009,9 @@ def read_message(request, *, max_bytes: int) -> dict:
         raise
     except Exception as err:  # ValueError, RecursionError, werkzeug's BadRequest: all mean undecodable JSON
         detail = getattr(err, "description", None) or str(err)
-        raise BadRequest("BAD_JSON", where="request body", expected="a JSON object", got=f"invalid JSON ({detail})") from None
+        raise BadRequest(
+            "BAD_JSON", where="request body", expected="a JSON object", got=f"invalid JSON ({detail})",
+        ) from None
     if not isinstance(message, dict):
         raise BadRequest("BAD_MESSAGE", where="request body", expected="a JSON object", got=_describe(message))
     return message

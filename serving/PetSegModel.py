@@ -36,7 +36,7 @@ def _int_setting(name: str, default: int) -> int:
 class PetSegModel:
     """The Seldon model: predictions, feedback, health, tags, metrics and metadata."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         defaults = serving.Limits()
         self.limits = serving.Limits(
             max_bytes=_int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
@@ -47,11 +47,11 @@ class PetSegModel:
         self.feedback_uri = os.environ.get("FEEDBACK_URI") or None
         self.s3_endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
         self.service = None  # set by load()
-        self._pending_metrics = []
+        self._pending_metrics: list[dict] = []
         # The wrapper registers this blueprint on its Flask app (see request_guard).
         self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags)
 
-    def load(self):
+    def load(self) -> None:
         """Loads the release once per server process; a fingerprint mismatch stops the server."""
         release = serving.load_release(
             self.model_uri, expected_fingerprint=self.expected_fingerprint, s3_endpoint_url=self.s3_endpoint_url
@@ -61,7 +61,7 @@ class PetSegModel:
             store = serving.FeedbackStore(self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url)
         self.service = serving.Service(release, limits=self.limits, feedback=store)
 
-    def predict_raw(self, request):
+    def predict_raw(self, request: dict | prediction_pb2.SeldonMessage) -> dict | prediction_pb2.SeldonMessage:
         """Answers a SeldonMessage (JSON for REST, proto for gRPC) in the form it came."""
         is_proto = isinstance(request, prediction_pb2.SeldonMessage)
         message = seldon_message_to_json(request) if is_proto else request
@@ -74,7 +74,7 @@ class PetSegModel:
         answer["meta"] = {"tags": self.tags(), "metrics": self.metrics()}
         return json_to_seldon_message(answer) if is_proto else answer
 
-    def send_feedback_raw(self, feedback):
+    def send_feedback_raw(self, feedback: prediction_pb2.Feedback) -> prediction_pb2.SeldonMessage:
         """Stores the request image and its truth mask as a labelled sample."""
         try:
             stored = self.service.feedback(seldon_message_to_json(feedback))
@@ -82,19 +82,19 @@ class PetSegModel:
             raise serving.Rejection(err, self.tags()) from None
         return json_to_seldon_message({"jsonData": stored, "meta": {"tags": self.tags()}})
 
-    def health_status(self):
+    def health_status(self) -> dict:
         """One prediction on a blank image (raises, so the probe fails, when the model cannot answer)."""
         return self.service.health()
 
-    def tags(self):
+    def tags(self) -> dict[str, str]:
         """Provenance: model version and fingerprint, dataset fingerprint, Metaflow pathspec, code version."""
         return self.service.release.tags() if self.service else {}
 
-    def metrics(self):
+    def metrics(self) -> list[dict]:
         """Metrics of the last prediction, handed over once (the wrapper also asks after health checks)."""
         pending, self._pending_metrics = self._pending_metrics, []
         return pending
 
-    def init_metadata(self):
+    def init_metadata(self) -> dict:
         """Inputs and outputs, for /api/v1.0/metadata."""
         return serving.metadata()

@@ -206,7 +206,8 @@ def test_apply_retries_after_a_conflict(monkeypatch, rendered):
 def test_apply_times_out_naming_the_deployment_and_its_last_state(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(states=["Creating"]))
     with pytest.raises(ServingError, match=r"SeldonDeployment serving/petseg-1732791234567890 .*last state: Creating"):
-        deploy.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), timeout=0.05, poll_interval=0.01)
+        deploy.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), timeout=0.05,
+                                       poll_interval=0.01)
 
 
 def test_apply_reports_a_failed_deployment(monkeypatch, rendered):
