@@ -125,3 +125,45 @@ def test_bad_parameter_is_reported(tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     assert "--deploy 'moon' is unknown" in result.stdout + result.stderr
+
+
+def test_serve_the_released_run_and_predict(released_run, tmp_path):
+    """`petseg serve RUN` then `petseg predict --url ... IMAGE --out MASK` on the flow's own model."""
+    import socket
+    import tarfile
+    import time
+
+    import requests
+
+    from petseg import synth
+
+    images, _ = synth.write_archives(tmp_path / "data", count=2, seed=3)
+    with tarfile.open(images) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        image = tmp_path / "pet.jpg"
+        image.write_bytes(tar.extractfile(member).read())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "petseg", "serve", released_run.id, "--port", str(port)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/health/status", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, "petseg serve exited"
+            time.sleep(0.5)
+        result = petseg("predict", "--url", url, str(image), "--out", str(tmp_path / "mask.png"))
+        assert (tmp_path / "mask.png").stat().st_size > 0
+        assert (tmp_path / "mask.side_by_side.png").stat().st_size > 0
+        assert f"petseg-{released_run.id}" in result.stdout
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=60)

@@ -15,11 +15,14 @@ configuration once per process, and this one may hold another.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -180,29 +183,42 @@ def test_node_agent_missing_secret_keeps_pod_waiting(tmp_path):
 
 # -- the cluster ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def private_dir(prefix: str):
+    """A temporary directory, removed on exit.
+
+    Not pytest's tmp_path_factory: another pytest session of the same user
+    may prune those directories while this one still runs a cluster in them.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster():
     """A throwaway cluster for the session: its environment (KUBECONFIG, METAFLOW_HOME, ...)."""
     subprocess.run([str(CLUSTER / "build.sh")], check=True)
-    directory = tmp_path_factory.mktemp("cluster")
-    log = open(directory / "supervisor.log", "wb")
-    supervisor = subprocess.Popen([sys.executable, str(CLUSTER / "cluster.py"), "--dir", str(directory)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not (directory / "env.sh").exists():
-            if supervisor.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the test cluster did not start:\n"
-                                   + (directory / "supervisor.log").read_text(errors="replace")[-4000:])
-            time.sleep(0.5)
-        yield json.loads((directory / "env.json").read_text())
-    finally:
-        supervisor.send_signal(signal.SIGTERM)
+    with private_dir("petseg-cluster-") as directory, open(directory / "supervisor.log", "wb") as log:
+        supervisor = subprocess.Popen([sys.executable, str(CLUSTER / "cluster.py"), "--dir", str(directory)],
+                                      stdout=log, stderr=subprocess.STDOUT)
         try:
-            supervisor.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            supervisor.kill()
-        log.close()
+            deadline = time.monotonic() + 300
+            while not (directory / "env.sh").exists():
+                if supervisor.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the test cluster did not start:\n"
+                                       + (directory / "supervisor.log").read_text(errors="replace")[-4000:])
+                time.sleep(0.5)
+            yield json.loads((directory / "env.json").read_text())
+        finally:
+            supervisor.send_signal(signal.SIGTERM)
+            try:
+                supervisor.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                supervisor.kill()
+                supervisor.wait()
 
 
 @pytest.fixture(scope="session")
@@ -216,9 +232,10 @@ def admin(cluster):
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
+def workdir():
     """Where flows are launched from (Metaflow keeps local metadata there)."""
-    return tmp_path_factory.mktemp("launch")
+    with private_dir("petseg-launch-") as directory:
+        yield directory
 
 
 def flow_env(cluster: dict) -> dict[str, str]:
