@@ -6,6 +6,13 @@
 # `kubernetes` source package (1.20.x, full tree with vendor/) with Debian's Go.
 # etcd comes from Debian's etcd-server package.
 #
+# Go >= 1.18 changed reflect.mapiterinit, which the vendored
+# github.com/modern-go/reflect2 v1.0.1 links to directly: built with Debian's
+# Go 1.19 as is, kube-apiserver dies with "unexpected fault address" as soon as
+# it encodes an unstructured object (e.g. a custom resource). reflect2 v1.0.2
+# fixed that; its source comes from Debian's golang-github-modern-go-reflect2-dev
+# and replaces the vendored copy before the build.
+#
 # The binaries go to $PETSEG_K8S_CACHE (default /var/cache/petseg-k8s), never
 # into the repository. A second run with the cache filled returns at once.
 #
@@ -15,10 +22,14 @@ set -euo pipefail
 CACHE="${PETSEG_K8S_CACHE:-/var/cache/petseg-k8s}"
 BIN="$CACHE/bin"
 BINARIES=(kube-apiserver kube-controller-manager kubectl)
-APT_PACKAGES=(etcd-server golang-go rsync build-essential dpkg-dev ca-certificates)
+APT_PACKAGES=(etcd-server golang-go rsync build-essential dpkg-dev ca-certificates golang-github-modern-go-reflect2-dev)
+# Names what the cached binaries were built from; a change rebuilds them.
+BUILD_ID="kubernetes-1.20 debian-source reflect2-1.0.2"
+REFLECT2=/usr/share/gocode/src/github.com/modern-go/reflect2
 
 have_all() {
     local name
+    [ "$(cat "$BIN/BUILD_ID" 2>/dev/null)" = "$BUILD_ID" ] || return 1
     for name in "${BINARIES[@]}"; do
         [ -x "$BIN/$name" ] || return 1
     done
@@ -67,6 +78,14 @@ if [ -z "$tree" ]; then
     tree="$(find "$CACHE/src" -maxdepth 1 -type d -name 'kubernetes-*' | head -n 1)"
 fi
 
+vendored="$tree/vendor/github.com/modern-go/reflect2"
+if ! cmp -s "$REFLECT2/go_above_118.go" "$vendored/go_above_118.go"; then
+    log "replacing the vendored reflect2 with Debian's $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev)"
+    rm -f "$vendored"/*.go
+    cp "$REFLECT2"/*.go "$vendored"/
+    rm -f "$vendored"/*_test.go
+fi
+
 # One make call shares the compiled dependencies between the three programs;
 # a plain `go build -mod=vendor` fails on this tree, make sets it up right.
 log "building ${BINARIES[*]} in $tree (several minutes)"
@@ -76,6 +95,7 @@ export GOCACHE="$CACHE/go-build"
 for name in "${BINARIES[@]}"; do
     install -m 0755 "$tree/_output/bin/$name" "$BIN/$name"
 done
+echo "$BUILD_ID" > "$BIN/BUILD_ID"
 # The tree and Go's build cache take some 2.5 GB; the binaries are what counts.
 rm -rf "$tree" "$GOCACHE"
 log "done: $(ls "$BIN" | tr '\n' ' ')"
