@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 PYTHON312 ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
 	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
 export USERNAME ?= $(shell id -un)
+# Parallel flow tasks: each training task uses 2 threads (the flow's --threads), so cores / 2.
+WORKERS ?= $(shell n=$$(( $$(nproc) / 2 )); echo $$(( n > 0 ? n : 1 )))
 IMAGE ?= petseg:latest
 VARIANT ?= cpu
 
@@ -28,7 +30,7 @@ $(STAMP): requirements.lock requirements-dev.lock setup.py
 	touch $(STAMP)
 
 run: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/seg_flow.py run $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/seg_flow.py run --max-workers $(WORKERS) $(ARGS)
 
 cluster-build:
 	tests/cluster/build.sh

@@ -47,13 +47,35 @@ print(json.dumps({"wall": time.perf_counter() - wall, "stages": timings}))
 '''
 
 
+STEP_TIMES = r'''
+import json, sys
+from metaflow import Flow, namespace
+namespace(None)
+run = Flow("PetSegFlow").latest_run
+times = {}
+for step in run:
+    for task in step:
+        times.setdefault(step.id, []).append(round((task.finished_at - task.created_at).total_seconds(), 1))
+print(json.dumps(dict(reversed(list(times.items())))))
+'''
+
+
+def step_times(datastore: str) -> dict:
+    """Wall time of each task of the latest flow run, by step (from the Metaflow Client)."""
+    env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}
+    out = subprocess.run([sys.executable, "-c", STEP_TIMES], env=env, cwd=REPO, check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_flow(args, datastore: str) -> float:
     env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore, "USERNAME": os.environ.get("USERNAME", "bench"),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "flows" / "seg_flow.py"), "run", "--source", args.source,
                     "--trials", str(args.trials), "--tune_epochs", str(args.tune_epochs), "--epochs", str(args.epochs),
-                    "--seed", str(args.seed), "--deploy", "none", "--min_iou", "0"],
+                    "--seed", str(args.seed), "--deploy", "none", "--min_iou", "0",
+                    "--max-workers", str(args.max_workers)],
                    env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
@@ -82,15 +104,19 @@ def main() -> None:
     parser.add_argument("--tune_epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="parallel flow tasks; as `make run`: cores / 2 threads per task")
     args = parser.parse_args()
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"work: source {args.source}, {args.trials} trials x {args.tune_epochs} epochs, {args.epochs} epochs")
+    print(f"work: source {args.source}, {args.trials} trials x {args.tune_epochs} epochs, {args.epochs} epochs, "
+          f"flow --max-workers {args.max_workers}")
     flows, plains, computes = [], [], []
     with tempfile.TemporaryDirectory(prefix="petseg-bench-") as datastore:
         for round_ in range(args.rounds):
             flow = run_flow(args, datastore)
+            print(f"flow tasks (s): {json.dumps(step_times(datastore))}")
             plain = run_plain(args)
             flows.append(flow)
             plains.append(plain["process_wall"])

@@ -50,8 +50,8 @@ def metaflow_config(
         secrets: Kubernetes secrets whose keys become the pods' environment
             (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
         service_account: Service account the step pods run as.
-        gpu: GPUs on the nodes compute steps go to; above 0, step pods
-            tolerate the ``nvidia.com/gpu`` taint.
+        gpu: GPUs per node for compute steps; above 0, step pods tolerate
+            the ``nvidia.com/gpu`` taint of GPU nodes.
 
     Returns:
         ``METAFLOW_*`` keys and string values, as Metaflow reads them.
@@ -158,7 +158,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="Kubernetes secret with the pods' S3 credentials (repeatable).")
     parser.add_argument("--service-account", help="Service account of the step pods.")
     parser.add_argument("--gpu", type=int, default=0,
-                        help="GPUs per GPU node; above 0, step pods tolerate the nvidia.com/gpu taint.")
+                        help="GPUs per node for compute steps; above 0, step pods tolerate the nvidia.com/gpu "
+                             "taint of GPU nodes (default 0: CPU nodes).")
     parser.add_argument("--profile", default="kubernetes",
                         help="Profile name; select it with METAFLOW_PROFILE (default: kubernetes).")
     parser.add_argument("--home", type=Path, help="Metaflow configuration directory (default ~/.metaflowconfig).")
@@ -179,5 +180,10 @@ def _configure_kubernetes(args: argparse.Namespace) -> int:
     path = write_config(settings, args.out or config_path(profile=args.profile, home=args.home))
     print(f"wrote {path}")
     if not args.out:
-        print(f"use it with: export METAFLOW_PROFILE={args.profile}")
+        home = f"METAFLOW_HOME={args.home} " if args.home else ""
+        print(f"use it with: export {home}METAFLOW_PROFILE={args.profile}")
+    if not args.gpu:
+        # The flow's compute steps ask for compute.gpu GPUs, which a cluster
+        # without GPU nodes cannot schedule.
+        print("no GPU nodes: run the flow with --config-value compute '{\"cpu\": 2, \"memory\": 4096, \"gpu\": 0}'")
     return 0

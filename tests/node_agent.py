@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -225,6 +226,8 @@ class NodeAgent:
                 self.sync()
             except ApiException as error:
                 print(f"node-agent: API error {error.status}: {error.reason}", file=sys.stderr, flush=True)
+            except urllib3.exceptions.HTTPError as error:  # the API server is restarting
+                print(f"node-agent: API unreachable: {error}", file=sys.stderr, flush=True)
             time.sleep(interval)
         for proc in list(self.running.values()):
             self._stop(proc, deleted=False)
@@ -333,16 +336,27 @@ class NodeAgent:
             self._wait(pod, container["name"], str(error))
             return
         self.waiting_reason.pop(meta["uid"], None)
-        with open(workdir / "output.log", "ab") as log:
-            process = subprocess.Popen(
-                command,
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        started_at = now()
+        try:
+            with open(workdir / "output.log", "ab") as log:
+                process = subprocess.Popen(
+                    command,
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except OSError as error:
+            # What a kubelet reports when the runtime cannot start the command.
+            state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(error),
+                                    "startedAt": started_at, "finishedAt": now()}}
+            status = {"phase": "Failed", "containerStatuses": [
+                {"name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": False,
+                 "restartCount": 0, "state": state}]}
+            self._patch(meta["namespace"], meta["name"], status)
+            return
         proc = PodProcess(
             namespace=meta["namespace"],
             name=meta["name"],
@@ -351,7 +365,7 @@ class NodeAgent:
             image=container.get("image", ""),
             process=process,
             workdir=workdir,
-            started_at=now(),
+            started_at=started_at,
         )
         self.running[meta["uid"]] = proc
         state = {"running": {"startedAt": proc.started_at}}

@@ -311,6 +311,7 @@ def test_smoke_flow_runs_as_jobs(cluster, admin, workdir):
         assert job.status.succeeded == 1
         spec = job.spec.template.spec
         assert spec.service_account_name == "petseg"
+        assert [t.key for t in spec.tolerations] == ["nvidia.com/gpu"]
         container = spec.containers[0]
         assert container.image == "petseg:test"
         assert "petseg-s3" in [source.secret_ref.name for source in container.env_from]
@@ -345,6 +346,25 @@ def test_pod_of_a_deleted_job_is_stopped(cluster, admin):
     assert Path(f"/proc/{pid}").exists()
     admin["batch"].delete_namespaced_job("sleeper", namespace, propagation_policy="Foreground")
     _wait(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in _proc_state(pid), "the process to stop")
+
+
+@pytest.mark.cluster
+def test_pod_whose_command_cannot_start_fails(cluster, admin):
+    namespace = cluster["PETSEG_K8S_NAMESPACE"]
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "no-such-command"},
+        "spec": {"restartPolicy": "Never", "serviceAccountName": "petseg",
+                 "containers": [{"name": "main", "image": "none", "command": ["/no/such/command"]}]},
+    }
+    admin["core"].create_namespaced_pod(namespace, pod)
+
+    def failed():
+        current = admin["core"].read_namespaced_pod("no-such-command", namespace)
+        return current if current.status.phase == "Failed" else None
+
+    terminated = _wait(failed, "the pod to fail").status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.reason) == (128, "StartError")
+    admin["core"].delete_namespaced_pod("no-such-command", namespace)
 
 
 def _proc_state(pid: int) -> str:

@@ -442,6 +442,7 @@ class LocalCluster:
             endpoint_url=s3_url,
             secrets=[S3_SECRET],
             service_account=SERVICE_ACCOUNT,
+            gpu=1,
         )
         kubeconfig.write_config(settings, self.dir / "metaflow" / "config_cluster.json")
 
