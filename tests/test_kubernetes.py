@@ -340,8 +340,8 @@ def test_pod_of_a_deleted_job_is_stopped(cluster, admin):
             "containers": [{"name": "sleep", "image": "none", "command": ["sleep", "300"]}]}}},
     }
     admin["batch"].create_namespaced_job(namespace, job)
-    pod = _wait(lambda: [p for p in admin["core"].list_namespaced_pod(namespace, label_selector="job-name=sleeper").items
-                         if p.status.phase == "Running"], "the sleeper pod to run")[0]
+    pods = lambda: admin["core"].list_namespaced_pod(namespace, label_selector="job-name=sleeper").items  # noqa: E731
+    pod = _wait(lambda: [p for p in pods() if p.status.phase == "Running"], "the sleeper pod to run")[0]
     pid = int(pod.status.container_statuses[0].container_id.split("://")[1])
     assert Path(f"/proc/{pid}").exists()
     admin["batch"].delete_namespaced_job("sleeper", namespace, propagation_policy="Foreground")

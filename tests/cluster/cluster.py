@@ -12,9 +12,10 @@ the kernel should this process die first):
    namespace, garbage-collector and ttl-after-finished controllers;
 4. ``moto_server`` (S3) with one bucket;
 5. the node agent (``tests/node_agent.py``) in place of kubelet and scheduler;
-6. the project's kustomize base (``k8s/base``) applied, its S3 secret filled
-   with the test server's (dummy) credentials, and a Metaflow configuration
-   written by ``petseg configure kubernetes``.
+6. the project's kustomize base (``k8s/base``) applied, the S3 secret made
+   from ``k8s/base/s3-secret.template.yaml`` with the test server's (dummy)
+   credentials, and a Metaflow profile written by ``petseg.kubeconfig`` as
+   ``petseg configure kubernetes`` does.
 
 When ready it writes ``DIR/env.sh`` (to ``source``) and ``DIR/env.json``:
 ``KUBECONFIG`` there authenticates as the ``petseg`` service account, so the
@@ -52,7 +53,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "petseg"
 SERVICE_ACCOUNT = "petseg"
-S3_SECRET = "petseg-s3"
 BUCKET = "petseg"
 IMAGE = "petseg:test"
 ADMISSION_OFF = (
@@ -411,23 +411,25 @@ class LocalCluster:
         )
         s3.create_bucket(Bucket=BUCKET)
 
+    def _get(self, kubeconfig: Path, *what: str) -> dict:
+        """One object from the API, as JSON."""
+        return json.loads(self.kubectl(kubeconfig, "-n", NAMESPACE, "get", *what, "-o", "json"))
+
     def _apply_base(self, admin: Path, credentials: dict[str, str]) -> str:
-        """Apply k8s/base, fill its S3 secret; return the service account's token."""
+        """Apply k8s/base and the S3 secret made from its template; return the service account's token."""
+        import yaml
+
         self.kubectl(admin, "apply", "-k", str(REPO / "k8s" / "base"))
-        secret = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": S3_SECRET, "namespace": NAMESPACE},
-            "type": "Opaque",
-            "stringData": credentials,
-        }
+        secret = yaml.safe_load((REPO / "k8s" / "base" / "s3-secret.template.yaml").read_text())
+        if set(secret["stringData"]) != set(credentials):
+            raise RuntimeError(f"s3-secret.template.yaml holds {sorted(secret['stringData'])}, "
+                               f"expected {sorted(credentials)}")
+        secret["stringData"] = credentials
         self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(secret))
 
         def token() -> str:
-            account = json.loads(self.kubectl(admin, "-n", NAMESPACE, "get", "serviceaccount", SERVICE_ACCOUNT, "-o", "json"))
-            name = account["secrets"][0]["name"]
-            data = json.loads(self.kubectl(admin, "-n", NAMESPACE, "get", "secret", name, "-o", "json"))["data"]
-            return base64.b64decode(data["token"]).decode()
+            name = self._get(admin, "serviceaccount", SERVICE_ACCOUNT)["secrets"][0]["name"]
+            return base64.b64decode(self._get(admin, "secret", name)["data"]["token"]).decode()
 
         return wait_for("service-account token", token, timeout=60)
 
@@ -440,7 +442,7 @@ class LocalCluster:
             namespace=NAMESPACE,
             image=IMAGE,
             endpoint_url=s3_url,
-            secrets=[S3_SECRET],
+            secrets=["petseg-s3"],  # the name in k8s/base/s3-secret.template.yaml
             service_account=SERVICE_ACCOUNT,
             gpu=1,
         )
