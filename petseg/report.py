@@ -19,12 +19,19 @@ def trial_rows(trials: list[dict]) -> list[list[str]]:
              str(t["config"].get("augment", "")), f"{t['val_loss']:.4f}", f"{t['val_iou']:.4f}"] for t in trials]
 
 
-def curves_figure(history: dict):
-    """Training and validation curves, one panel per metric."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (steps and servers have no screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves_figure(history: dict):
+    """Training and validation curves, one panel per metric."""
+    plt = _pyplot()
 
     names = [k for k in history if not k.startswith("val_")]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
@@ -41,10 +48,7 @@ def curves_figure(history: dict):
 
 def reliability_figure(report: dict):
     """Reliability diagram before and after calibration, with the ECE of each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k:", label="perfect")
@@ -62,10 +66,7 @@ def reliability_figure(report: dict):
 
 def predictions_figure(samples: dict):
     """Input | truth | predicted | thresholded, one row per test image (pet channel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     images, truths, probs = samples["images"], samples["truths"], samples["probs"]
     fig, axes = plt.subplots(len(images), 4, figsize=(8, 2 * len(images)), squeeze=False)

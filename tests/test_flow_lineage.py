@@ -16,6 +16,7 @@ from pachyderm_sdk.api import pfs
 
 from conftest import REPO
 from petseg import lineage
+from test_lineage import commit_files as files_of
 
 pytestmark = pytest.mark.flow
 
@@ -28,17 +29,6 @@ EXPECTED_FILES = {
     "evaluate": {"/metrics.json"},
     "release": {"/manifest.json", "/decision.txt"},
 }
-
-
-def files_of(client, commit) -> dict:
-    found, todo = {}, ["/"]
-    while todo:
-        for info in client.pfs.list_file(file=pfs.File(commit=commit, path=todo.pop())):
-            if info.file_type == pfs.FileType.DIR:
-                todo.append(info.file.path)
-            else:
-                found[info.file.path] = client.pfs.pfs_file(info.file).read()
-    return found
 
 
 def commits_of(client, stage, run_id):
