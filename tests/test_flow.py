@@ -39,6 +39,16 @@ def test_every_artifact_is_present(released_run):
     assert len(tune_tasks) == TINY["trials"]
 
 
+def test_report_card(released_run):
+    from metaflow.cards import get_cards
+
+    cards = get_cards(released_run["evaluate"].task, id="report")
+    html = cards[0].get()
+    for section in ("Test metrics", "Training curves", "Tuning trials", "Reliability", "Sample predictions"):
+        assert section in html
+    assert html.count("data:image/png;base64") >= 3
+
+
 def test_metrics_are_within_unit_interval(released_run):
     metrics = released_run["evaluate"].task.data.metrics
     for variant in ("raw", "calibrated"):
