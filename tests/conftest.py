@@ -13,6 +13,7 @@ from pathlib import Path
 # Before Metaflow is imported anywhere: a private datastore for this session.
 SESSION_ROOT = Path(tempfile.mkdtemp(prefix="petseg-tests-"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(SESSION_ROOT)
+os.environ["METAFLOW_CARD_LOCALROOT"] = str(SESSION_ROOT / ".metaflow" / "mf.cards")  # cards ignore the above
 os.environ.setdefault("USERNAME", "petseg-tests")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
