@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # The first Python 3.12 that actually runs: on PATH (pyenv shims may point nowhere), then pyenv's versions.
 PYTHON312 ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
 	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
-export USERNAME ?= $(shell id -un)
+# Metaflow records who ran a flow and refuses "root": fall back to "petseg" there.
+export USERNAME := $(or $(filter-out root,$(USERNAME)),$(filter-out root,$(shell id -un)),petseg)
 # Parallel flow tasks: each training task uses 2 threads (the flow's --threads), so cores / 2.
 WORKERS ?= $(shell n=$$(( $$(nproc) / 2 )); echo $$(( n > 0 ? n : 1 )))
 IMAGE ?= petseg:latest

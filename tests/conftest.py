@@ -14,7 +14,7 @@ from pathlib import Path
 SESSION_ROOT = Path(tempfile.mkdtemp(prefix="petseg-tests-"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(SESSION_ROOT)
 os.environ["METAFLOW_CARD_LOCALROOT"] = str(SESSION_ROOT / ".metaflow" / "mf.cards")  # cards ignore the above
-os.environ.setdefault("USERNAME", "petseg-tests")
+os.environ.setdefault("METAFLOW_USER", "petseg-tests")  # Metaflow refuses to run as "root"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
