@@ -13,7 +13,6 @@ from pathlib import Path
 # Before Metaflow is imported anywhere: a private datastore for this session.
 SESSION_ROOT = Path(tempfile.mkdtemp(prefix="petseg-tests-"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(SESSION_ROOT)
-os.environ["METAFLOW_CARD_LOCALROOT"] = str(SESSION_ROOT / ".metaflow" / "mf.cards")  # cards ignore the above
 os.environ.setdefault("METAFLOW_USER", "petseg-tests")  # Metaflow refuses to run as "root"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,7 +30,8 @@ def run_flow(env: dict | None = None, **params):
     """Run PetSegFlow to completion with metaflow.Runner; returns (status, Run, output)."""
     from metaflow import Runner
 
-    with Runner(str(FLOW_FILE), show_output=False, env={**os.environ, **(env or {})}, cwd=str(REPO)).run(
+    # Cards are stored under the working directory's .metaflow, not the datastore root: run there.
+    with Runner(str(FLOW_FILE), show_output=False, env={**os.environ, **(env or {})}, cwd=str(SESSION_ROOT)).run(
             **params) as result:
         return result.status, result.run, result.stdout + result.stderr
 
@@ -40,7 +40,7 @@ def resume_flow(origin_run_id: str, step: str, env: dict | None = None):
     """Resume a run from ``step``; returns (status, Run, output)."""
     from metaflow import Runner
 
-    with Runner(str(FLOW_FILE), show_output=False, env={**os.environ, **(env or {})}, cwd=str(REPO)).resume(
+    with Runner(str(FLOW_FILE), show_output=False, env={**os.environ, **(env or {})}, cwd=str(SESSION_ROOT)).resume(
             step_to_rerun=step, origin_run_id=origin_run_id) as result:
         return result.status, result.run, result.stdout + result.stderr
 

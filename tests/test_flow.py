@@ -39,12 +39,15 @@ def test_every_artifact_is_present(released_run):
     assert len(tune_tasks) == TINY["trials"]
 
 
-def test_report_card(released_run):
+def test_report_card(released_run, monkeypatch):
     import base64
     import re
 
     from metaflow.cards import get_cards
 
+    from conftest import SESSION_ROOT
+
+    monkeypatch.chdir(SESSION_ROOT)  # where the flow ran: Metaflow finds cards from the working directory
     html = get_cards(released_run["evaluate"].task, id="report")[0].get()
     # A Metaflow card carries its components as base64 JSON inside the page.
     data = base64.b64decode(re.search(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html).group(1)).decode()
