@@ -56,7 +56,7 @@ class PetSegFlow(FlowSpec):
     arch = Parameter("arch", default="small", help="Model: small (fast on CPU) or mobilenetv2 (U-Net for real data).")
     batch_size = Parameter("batch_size", default=0, type=int,
                            help="Batch size of the final model; 0 takes the tuned one.")
-    min_iou = Parameter("min_iou", default=0.6, type=float,
+    min_iou = Parameter("min_iou", default=0.55, type=float,
                         help="Quality gate: the calibrated test IoU a model must reach to be released.")
     deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
     port = Parameter("port", default=0, type=int, help="Port of a local deployment; 0 picks a free one.")
