@@ -381,7 +381,7 @@ def closing_words(run) -> str:
 
     lines = [
         f"Run {current.flow_name}/{current.run_id} finished.",
-        f"  report card:  python flows/seg_flow.py card view evaluate --id report  (or: card server)",
+        f"  report card:  python flows/seg_flow.py card get {current.run_id}/evaluate --id report report.html",
         f"  details:      petseg show {current.run_id}",
         f"  {run.gate_message}",
     ]
