@@ -69,7 +69,7 @@ def worker(variant: str, epochs: int, images: int) -> dict:
         learning_rate=1e-3,
         seed=SEED,
         callbacks=[EpochTimer()],
-        verbose=0,
+        echo=None,
     )
     record = determinism.environment_record(settings)
     return {

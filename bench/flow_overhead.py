@@ -6,7 +6,7 @@ Runs, alternated in one session (the machine is shared and noisy):
 Prints the flow's wall time, the plain script's wall time, the sum of the
 stages' own compute (from the plain script), and the overheads as ratios.
 
-Usage: python bench/flow_overhead.py [--rounds 2] [--source synth:400] [--epochs 8] ...
+Usage: python bench/flow_overhead.py [--rounds 2] [--source synth:1200] [--epochs 12] ...  (defaults: the flow's)
 """
 
 import argparse
@@ -31,10 +31,9 @@ def timed(name, fn, *a, **k):
     t = time.perf_counter(); out = fn(*a, **k); timings[name] = timings.get(name, 0) + time.perf_counter() - t
     return out
 wall = time.perf_counter()
-timed("start", stages.environment, settings)
 store = tempfile.mkdtemp(prefix="petseg-bench-store-")
 report = timed("ingest", stages.ingest, source=args["source"], feedback="", skip_bad=False, seed=args["seed"], store=store)
-splits = timed("transform", stages.transform, shards=report["shards"], store=store)
+splits = timed("transform", stages.transform, shards=report["shards"], store=store, rule="md5", official_test=None)
 configs = stages.sample_trials(n=args["trials"], seed=args["seed"])
 results = [timed("tune", stages.run_trial, c, splits=splits, store=store, arch="small", epochs=args["tune_epochs"],
                  settings=settings) for c in configs]
@@ -74,7 +73,7 @@ def run_flow(args, datastore: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "flows" / "seg_flow.py"), "run", "--source", args.source,
                     "--trials", str(args.trials), "--tune_epochs", str(args.tune_epochs), "--epochs", str(args.epochs),
-                    "--seed", str(args.seed), "--deploy", "none", "--min_iou", "0",
+                    "--seed", str(args.seed), "--deploy", "none", "--min_miou", "0", "--min_margin", "-1",
                     "--max-workers", str(args.max_workers)],
                    env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -99,10 +98,10 @@ def median(values):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--source", default="synth:400")
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--tune_epochs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--source", default="synth:1200")
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--tune_epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="parallel flow tasks; as `make run`: cores / 2 threads per task")

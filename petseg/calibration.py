@@ -1,11 +1,13 @@
 """Isotonic calibration of pixel probabilities, stored as plain arrays.
 
-A segmentation model's sigmoid outputs are often over- or under-confident.
-Isotonic regression (pool-adjacent-violators) fits, per output channel, the
-monotone map from predicted probability to observed frequency on the
-calibration split. The map is a list of (threshold, value) points applied with
-`np.interp`, saved as JSON: the serving process loads it without unpickling
-anything (the original stored a pickled scikit-learn object).
+A segmentation model's softmax outputs are often over- or under-confident.
+Isotonic regression (pool-adjacent-violators) fits, per class, the monotone
+map from predicted probability to observed frequency on the calibration split
+(one-vs-rest); the three calibrated values of a pixel are then divided by
+their sum, so they are again a distribution over pet, background and border.
+The map is a list of (threshold, value) points applied with `np.interp`, saved
+as JSON: the serving process loads it without unpickling anything (the
+original stored a pickled scikit-learn object).
 """
 
 import json
@@ -16,12 +18,13 @@ import numpy as np
 
 from petseg.errors import ModelError
 
-FORMAT = "petseg-isotonic-v1"
+FORMAT = "petseg-isotonic-v2"
+"""v2: per class, renormalised to sum to one (v1 calibrated independent sigmoid channels)."""
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """One monotone map per channel: np.interp(p, thresholds[c], values[c]).
+    """One monotone map per class, np.interp(p, thresholds[c], values[c]), then renormalised.
 
     Attributes:
         thresholds: Per channel, strictly increasing probabilities.
@@ -33,13 +36,14 @@ class Calibration:
     values: tuple[np.ndarray, ...]
 
     def apply(self, probs) -> np.ndarray:
-        """Calibrates probabilities; inputs outside a channel's range get its end values.
+        """Calibrates class probabilities; inputs outside a class's range get its end values.
 
         Args:
-            probs: Array (..., channels).
+            probs: Array (..., classes).
 
         Returns:
-            float32 array of the same shape.
+            float32 array of the same shape, summing to one over the last axis
+            (a pixel whose calibrated values are all 0 keeps its raw ones).
 
         Raises:
             ModelError: The last axis does not have one entry per channel.
@@ -52,7 +56,8 @@ class Calibration:
         out = np.empty_like(probs)
         for channel, (x, y) in enumerate(zip(self.thresholds, self.values)):
             out[..., channel] = np.interp(probs[..., channel], x, y)
-        return out
+        total = out.sum(axis=-1, keepdims=True)
+        return np.where(total > 0, out / np.maximum(total, np.float32(1e-12)), probs).astype(np.float32)
 
     def to_dict(self) -> dict:
         """JSON-able form: {"format", "channels": [{"thresholds": [...], "values": [...]}]}."""

@@ -130,6 +130,7 @@ def ingest(
             raise DataError(f"{source}: no samples found (expected images/<id>.jpg with annotations/trimaps/<id>.png); "
                             f"accepted sources: {ACCEPTED_SOURCES}")
         species = read_species(root)
+        official_test = read_official_test(root)
         if feedback:
             feedback_root = stage(feedback, work / "feedback", **fetch)
             samples = _merge(samples, find_samples(feedback_root, origin=feedback))
@@ -158,6 +159,7 @@ def ingest(
         "source": source,
         "feedback": feedback,
         "samples": len(hashes),
+        "official_test": official_test,
         "skipped": skipped,
         "fingerprint": shard_files.fingerprint(hashes),
         "shards": [str(out_dir / name) for name in names],
@@ -165,13 +167,16 @@ def ingest(
     }
 
 
-def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128) -> dict:
+def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128,
+              official_test: list[str] | None = None) -> dict:
     """Split ingest shards into training, validation, test and calibration shards.
 
     Records are copied unchanged and in order, streaming.
 
     Args:
         shards: shard files written by :func:`ingest`.
+        official_test: the official test ids (the ``official`` rule of
+            :mod:`petseg.split`); None for the ``md5`` rule.
         out_dir: directory for ``<split>/<split>-NNNNN.tfrecord``; must not
             exist or be empty.
         shard_size: records per shard file.
@@ -188,12 +193,13 @@ def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128) 
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     out_dir = Path(out_dir)
     manifest = {}
+    test_ids = frozenset(official_test) if official_test is not None else None
     with _output_dir(out_dir) as (_, out):
         writers = {split: shard_files.ShardWriter(out / split, split, shard_size) for split in SPLITS}
         try:
             for record in shard_files.read_records(shards):
                 sample_id = shard_files.decode(record)["id"]
-                manifest[sample_id] = split_of(sample_id)
+                manifest[sample_id] = split_of(sample_id, official_test=test_ids)
                 writers[manifest[sample_id]].write(record)
         finally:
             for writer in writers.values():
@@ -329,11 +335,13 @@ def _from_tfds(source: str, dest: Path, *, data_dir: str | None) -> Path:
                         "(`tfds build oxford_iiit_pet --data_dir DIR`) and pass data_dir") from exc
     # Skipping decoding keeps the JPEG and PNG bytes as released, so content hashes match the archives.
     raw = {"image": tfds.decode.SkipDecoding(), "segmentation_mask": tfds.decode.SkipDecoding()}
-    dataset = builder.as_dataset(split="train+test", decoders=raw, shuffle_files=False)
     (dest / "images").mkdir(parents=True)
     (dest / "annotations" / "trimaps").mkdir(parents=True)
     lines = []
-    for example in dataset.as_numpy_iterator():
+    official = {"trainval": [], "test": []}  # tfds' train and test splits are the official lists
+    examples = ((name, example) for name, split in (("trainval", "train"), ("test", "test"))
+                for example in builder.as_dataset(split=split, decoders=raw, shuffle_files=False).as_numpy_iterator())
+    for split_name, example in examples:
         file_name = example["file_name"].decode()
         if "/" in file_name or not file_name.endswith(".jpg"):
             raise DataError(f"{source}: example file_name {file_name!r} is not an Oxford image name "
@@ -342,7 +350,10 @@ def _from_tfds(source: str, dest: Path, *, data_dir: str | None) -> Path:
         (dest / "images" / file_name).write_bytes(example["image"])
         (dest / "annotations" / "trimaps" / f"{sample_id}.png").write_bytes(example["segmentation_mask"])
         lines.append(synth.list_line(sample_id, synth.BREEDS[int(example["label"])]))
+        official[split_name].append(lines[-1])
     (dest / "annotations" / "list.txt").write_text(synth.LIST_HEADER + "".join(sorted(lines)))
+    for name, listed in official.items():
+        (dest / "annotations" / f"{name}.txt").write_text("".join(sorted(listed)))
     return dest
 
 
@@ -388,6 +399,28 @@ def read_species(root: Path) -> dict[str, str]:
                             "with SPECIES 1 (cat) or 2 (dog)")
         species[fields[0]] = "cat" if fields[2] == "1" else "dog"
     return species
+
+
+def read_official_test(root: Path) -> list[str] | None:
+    """The sorted ids of ``annotations/test.txt`` when the release ships both split files, else None.
+
+    Raises:
+        DataError: only one of ``trainval.txt`` and ``test.txt`` is present.
+    """
+    files = {name: root / "annotations" / f"{name}.txt" for name in ("trainval", "test")}
+    present = [name for name, path in files.items() if path.is_file()]
+    if not present:
+        return None
+    if len(present) == 1:
+        missing = next(name for name in files if name not in present)
+        raise DataError(f"annotations/{present[0]}.txt is present but annotations/{missing}.txt is not: "
+                        "the official split needs both files (or neither)")
+    ids = []
+    for line in files["test"].read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        ids.append(line.split()[0])
+    return sorted(ids)
 
 
 def _merge(samples: list[Sample], extra: list[Sample]) -> list[Sample]:

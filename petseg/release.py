@@ -19,21 +19,33 @@ from petseg.errors import ConfigError
 RELEASE_FILES = ("model.keras", "calibration.json", "manifest.json")
 
 
-def gate(metrics: dict, *, min_iou: float) -> tuple[bool, str]:
-    """Decide whether a model is released: calibrated test IoU must reach ``min_iou``.
+def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
+    """Decide whether a model is released, from validation figures only.
+
+    The rule: on the validation split, the calibrated model's mIoU must reach
+    the absolute floor ``min_miou`` and beat the best baseline's mIoU (see
+    `petseg.baselines`) by at least ``min_margin``. The test split is not
+    consulted: it stays an unbiased estimate of the released model.
 
     Args:
-        metrics: the evaluate step's metrics, with ``metrics["calibrated"]["iou"]``.
-        min_iou: the threshold.
+        metrics: the evaluate step's metrics, with ``metrics["validation"]["calibrated"]["miou"]``
+            and ``metrics["validation"]["baselines"]``.
+        min_miou: the floor.
+        min_margin: the lead over the best baseline.
 
     Returns:
-        (passed, a one-line message with the figure and the threshold).
+        (passed, a one-line message with the figures and the thresholds).
     """
-    iou = float(metrics["calibrated"]["iou"])
-    if iou >= min_iou:
-        return True, f"Release gate passed: calibrated test IoU {iou:.4f} >= min_iou {min_iou:.4f}."
-    return False, (f"Release gate failed: calibrated test IoU {iou:.4f} < min_iou {min_iou:.4f}; "
-                   "the model is not deployed (lower --min_iou or improve the model).")
+    validation = metrics["validation"]
+    miou = float(validation["calibrated"]["miou"])
+    name, scored = max(validation["baselines"].items(), key=lambda item: item[1]["miou"])
+    baseline = float(scored["miou"])
+    figures = (f"validation mIoU {miou:.4f} (floor {min_miou:.2f}), best baseline {name} {baseline:.4f} "
+               f"(required lead {min_margin:.2f}, got {miou - baseline:+.4f})")
+    if miou >= min_miou and miou - baseline >= min_margin:
+        return True, f"Release gate passed: {figures}."
+    return False, (f"Release gate failed: {figures}; the model is not deployed "
+                   "(train longer, or change --min_miou / --min_margin).")
 
 
 def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, dataset_fingerprint: str,
@@ -52,7 +64,7 @@ def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, datas
         "files": list(RELEASE_FILES),
         "image_size": image_size,
         "settings": settings,
-        "metrics": {"raw": metrics["raw"], "calibrated": metrics["calibrated"]},
+        "metrics": {key: metrics[key] for key in ("raw", "calibrated", "baselines", "validation") if key in metrics},
     }
 
 

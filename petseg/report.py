@@ -5,18 +5,55 @@ from __future__ import annotations
 
 import numpy as np
 
-METRIC_ORDER = ("iou", "f1", "mean_iou", "accuracy", "precision", "loss")
+from petseg.metrics import CLASSES, HEADLINE
+
+# Class colours of the mask panels: pet red, background dark blue, border yellow.
+CLASS_COLOURS = np.array([[0.85, 0.15, 0.15], [0.10, 0.10, 0.35], [0.95, 0.85, 0.10]], dtype=np.float32)
+LABELS = {"pet_iou": "pet IoU", "background_iou": "background IoU", "border_iou": "border IoU", "miou": "mIoU",
+          "pixel_accuracy": "pixel accuracy"}
+
+
+def _with_interval(metrics: dict, name: str) -> str:
+    interval = metrics.get("intervals", {}).get(name)
+    if interval is None:
+        return f"{metrics[name]:.4f}"
+    return f"{metrics[name]:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def metrics_rows(metrics: dict) -> list[list[str]]:
-    """The original's evaluation table: one row per metric, raw and calibrated side by side."""
-    return [[name, f"{metrics['raw'][name]:.4f}", f"{metrics['calibrated'][name]:.4f}"] for name in METRIC_ORDER]
+    """Model (raw and calibrated) beside every baseline on the test split, with 95 % intervals."""
+    columns = [metrics["raw"], metrics["calibrated"], *metrics["baselines"].values()]
+    rows = [[LABELS[name], *(_with_interval(column, name) for column in columns)] for name in HEADLINE]
+    rows += [[label, *(f"{column[name]:.4f}" for column in columns)]
+             for name, label in (("soft_iou", "soft IoU (per image)"), ("soft_f1", "soft F1 (per image)"),
+                                 ("binary_accuracy", "binary accuracy"), ("loss", "loss"))]
+    return rows
+
+
+def metrics_headers(metrics: dict) -> list[str]:
+    return ["metric (test)", "model", "model, calibrated", *metrics["baselines"]]
+
+
+def confusion_rows(metrics: dict) -> list[list[str]]:
+    """The calibrated model's test confusion matrix, as shares of each true class."""
+    rows = []
+    for name, counts in zip(CLASSES, metrics["calibrated"]["confusion"]):
+        total = sum(counts) or 1
+        rows.append([f"true {name}", *(f"{count / total:.3f}" for count in counts)])
+    return rows
+
+
+def validation_rows(metrics: dict) -> list[list[str]]:
+    """What the release gate saw: validation mIoU of the model and of each baseline."""
+    validation = metrics["validation"]
+    return [["model, calibrated", f"{validation['calibrated']['miou']:.4f}"],
+            *([name, f"{scored['miou']:.4f}"] for name, scored in validation["baselines"].items())]
 
 
 def trial_rows(trials: list[dict]) -> list[list[str]]:
     """One row per tuning trial: its configuration and validation results."""
     return [[str(t["index"]), f"{t['config']['learning_rate']:.2e}", str(t["config"]["batch_size"]),
-             str(t["config"].get("augment", "")), f"{t['val_loss']:.4f}", f"{t['val_iou']:.4f}"] for t in trials]
+             str(t["config"].get("width", "")), f"{t['val_loss']:.4f}", f"{t['val_miou']:.4f}"] for t in trials]
 
 
 def _pyplot():
@@ -33,7 +70,7 @@ def curves_figure(history: dict):
     """Training and validation curves, one panel per metric."""
     plt = _pyplot()
 
-    names = [k for k in history if not k.startswith("val_")]
+    names = [k for k in history if not k.startswith("val_") and isinstance(history[k], list)]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):
         ax.plot(history[name], label="training")
@@ -64,15 +101,20 @@ def reliability_figure(report: dict):
     return fig
 
 
+def colour_mask(classes: np.ndarray) -> np.ndarray:
+    """(H, W) class indices to an (H, W, 3) picture in CLASS_COLOURS."""
+    return CLASS_COLOURS[classes]
+
+
 def predictions_figure(samples: dict):
-    """Input | truth | predicted | thresholded, one row per test image (pet channel)."""
+    """Input | true classes | predicted classes | pet probability, one row per test image."""
     plt = _pyplot()
 
     images, truths, probs = samples["images"], samples["truths"], samples["probs"]
     fig, axes = plt.subplots(len(images), 4, figsize=(8, 2 * len(images)), squeeze=False)
     for row, (image, truth, prob) in enumerate(zip(images, truths, probs)):
-        panels = (image, truth[..., 0], prob[..., 0], (prob[..., 0] > 0.5).astype(np.float32))
-        for ax, panel, title in zip(axes[row], panels, ("input", "truth", "predicted", "thresholded")):
+        panels = (image, colour_mask(np.argmax(truth, -1)), colour_mask(np.argmax(prob, -1)), prob[..., 0])
+        for ax, panel, title in zip(axes[row], panels, ("input", "truth", "predicted", "pet probability")):
             ax.imshow(panel, vmin=0, vmax=1, cmap=None if panel.ndim == 3 else "gray")
             ax.set_axis_off()
             if row == 0:
@@ -87,16 +129,23 @@ def fill_card(card, *, metrics: dict, history: dict, trials: list[dict], calibra
     from metaflow.cards import Image, Markdown, Table
 
     card.append(Markdown("# Pet segmentation report"))
-    card.append(Markdown(f"## Test metrics ({metrics['test_samples']} images)"))
-    card.append(Table(metrics_rows(metrics) + [["expected calibration error", f"{metrics['ece']['raw']:.4f}",
-                                                 f"{metrics['ece']['calibrated']:.4f}"]],
-                      headers=["metric", "raw", "calibrated"]))
+    card.append(Markdown(f"## Test split ({metrics['test_samples']} images): the model beside the baselines\n\n"
+                         "Per-class IoU of the argmax class, their mean (mIoU) and pixel accuracy, with 95 % "
+                         "bootstrap intervals over test images. Baselines are fitted on the training split and "
+                         "learn nothing about shape: all-background, the mean training mask, and a lookup from "
+                         "colour and position."))
+    card.append(Table(metrics_rows(metrics), headers=metrics_headers(metrics)))
+    card.append(Markdown("## Confusion (test, calibrated; rows: true class, shares of it)"))
+    card.append(Table(confusion_rows(metrics), headers=["", *(f"predicted {name}" for name in CLASSES)]))
+    card.append(Markdown("## What the release gate saw (validation mIoU)"))
+    card.append(Table(validation_rows(metrics), headers=["predictor", "validation mIoU"]))
+    card.append(Markdown(f"## Calibration (held-out test pixels)\n\nExpected calibration error "
+                         f"{metrics['ece']['raw']:.4f} raw, {metrics['ece']['calibrated']:.4f} calibrated."))
+    card.append(Image.from_matplotlib(reliability_figure(calibration_report)))
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(curves_figure(history)))
     card.append(Markdown("## Tuning trials"))
-    card.append(Table(trial_rows(trials), headers=["trial", "learning rate", "batch", "augment",
-                                                   "val loss", "val IoU"]))
-    card.append(Markdown("## Reliability (calibration split)"))
-    card.append(Image.from_matplotlib(reliability_figure(calibration_report)))
-    card.append(Markdown("## Sample predictions (pet channel, calibrated)"))
+    card.append(Table(trial_rows(trials), headers=["trial", "learning rate", "batch", "width",
+                                                   "val loss", "val mIoU"]))
+    card.append(Markdown("## Sample predictions (calibrated; red pet, blue background, yellow border)"))
     card.append(Image.from_matplotlib(predictions_figure(samples)))

@@ -97,7 +97,10 @@ def run_row(run) -> dict:
         "duration_s": _seconds(started, run.finished_at),
         "dataset_fingerprint": summary.get("dataset_fingerprint") or _tag(run, "dataset"),
         "model_fingerprint": summary.get("model_fingerprint") or _tag(run, "model"),
-        "calibrated_test_iou": summary.get("calibrated_test_iou"),
+        "test_pet_iou": summary.get("test_pet_iou"),
+        "test_miou": summary.get("test_miou"),
+        "best_baseline": summary.get("best_baseline"),
+        "best_baseline_miou": summary.get("best_baseline_miou"),
         "release": _tag(run, "release"),
     }
 
@@ -116,7 +119,7 @@ def describe(run) -> dict:
         "pathspec": run.pathspec,
         "tags": sorted(run.tags),
         "parameters": _data(run, "start", "parameters", {}),
-        "environment": _data(run, "start", "environment", {}),
+        "environment": _data(run, "train", "environment", {}),
         "steps": dict(reversed(list(steps.items()))),
         "ingest_report": {k: v for k, v in (_data(run, "ingest", "ingest_report", {}) or {}).items()
                           if k != "shards"},
@@ -180,12 +183,15 @@ def cmd_runs(args) -> int:
     if not rows:
         print(f"no {FLOW} runs yet: run `python flows/seg_flow.py run`")
         return 0
-    print(f"{'id':<18} {'status':<10} {'start':<19} {'dur s':>7} {'dataset':<12} {'model':<12} {'IoU':>6} release")
+    print(f"{'id':<18} {'status':<10} {'start':<19} {'dur s':>7} {'dataset':<12} {'model':<12} "
+          f"{'pet':>5} {'mIoU':>5} {'base':>5} release")
     for r in rows:
-        iou = f"{r['calibrated_test_iou']:.3f}" if r["calibrated_test_iou"] is not None else "-"
+        figures = [f"{r[key]:.3f}" if r[key] is not None else "-"
+                   for key in ("test_pet_iou", "test_miou", "best_baseline_miou")]
         print(f"{r['id']:<18} {r['status']:<10} {r['start'] or '-':<19} {r['duration_s'] or '-':>7} "
               f"{(r['dataset_fingerprint'] or '-')[:12]:<12} {(r['model_fingerprint'] or '-')[:12]:<12} "
-              f"{iou:>6} {r['release'] or '-'}")
+              f"{figures[0]:>5} {figures[1]:>5} {figures[2]:>5} {r['release'] or '-'}")
+    print("pet, mIoU: the calibrated model on the test split; base: the best baseline's test mIoU")
     return 0
 
 
@@ -206,11 +212,9 @@ def cmd_show(args) -> int:
         print("\ntrials:")
         for t in info["trials"]:
             print(f"  #{t['index']} lr={t['config']['learning_rate']:.2e} batch={t['config']['batch_size']} "
-                  f"val_loss={t['val_loss']:.4f} val_iou={t['val_iou']:.4f}")
+                  f"val_loss={t['val_loss']:.4f} val_miou={t['val_miou']:.4f}")
     if info["metrics"]:
-        print("\ntest metrics:     raw    calibrated")
-        for name in ("iou", "f1", "mean_iou", "accuracy", "precision", "loss"):
-            print(f"  {name:<12} {info['metrics']['raw'][name]:8.4f} {info['metrics']['calibrated'][name]:8.4f}")
+        print_metrics(info["metrics"])
     env = info["environment"] or {}
     print(f"\nenvironment: python {env.get('python')}, settings {env.get('settings')}")
     print(f"\nrelease: {info['release_decision']}")
@@ -219,6 +223,19 @@ def cmd_show(args) -> int:
     if info["deployment"]:
         print(f"  deployment {info['deployment']}")
     return 0
+
+
+def print_metrics(metrics: dict) -> None:
+    """The test figures of the model (raw, calibrated) beside every baseline."""
+    columns = {"raw": metrics["raw"], "calibrated": metrics["calibrated"], **metrics["baselines"]}
+    print(f"\ntest metrics ({metrics['test_samples']} images): model beside baselines fitted on training")
+    print(f"  {'':<16}" + "".join(f"{name:>17}" for name in columns))
+    for name in ("pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "soft_iou", "soft_f1"):
+        print(f"  {name:<16}" + "".join(f"{column[name]:17.4f}" for column in columns.values()))
+    for name in ("pet_iou", "miou"):
+        low, high = metrics["calibrated"]["intervals"][name]
+        print(f"  calibrated {name} 95 % interval: [{low:.4f}, {high:.4f}]")
+    print(f"  ECE raw {metrics['ece']['raw']:.4f}, calibrated {metrics['ece']['calibrated']:.4f}")
 
 
 def cmd_diff(args) -> int:
@@ -234,7 +251,30 @@ def cmd_diff(args) -> int:
     return 0
 
 
-def reproduce(run, *, echo=print) -> dict:
+def flow_environment() -> dict:
+    """This process's environment, plus a user name Metaflow accepts when it would find none.
+
+    Metaflow records who ran a flow and refuses to start as "root" or with no
+    user name, so a root shell (a container, CI) needs a fallback.
+    """
+    env = dict(os.environ)
+    if not any(env.get(name) not in (None, "", "root") for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+        env["USERNAME"] = "petseg"
+    return env
+
+
+def cpu_flag_changes(old: dict, new: dict) -> str | None:
+    """A one-line account of CPU instruction-set flags present in one environment record only."""
+    before = set((old.get("cpu") or {}).get("flags") or [])
+    after = set((new.get("cpu") or {}).get("flags") or [])
+    if before == after:
+        return None
+    return (f"CPU instruction sets differ (only in the original: {' '.join(sorted(before - after)) or '-'}; "
+            f"only here: {' '.join(sorted(after - before)) or '-'}): bitwise equality is guaranteed only on "
+            "the same CPU instruction set, software and thread count")
+
+
+def reproduce(run, *, echo=print, show_output: bool = True) -> dict:
     """Re-run a past run's flow with the same parameters and compare fingerprints.
 
     Returns:
@@ -247,7 +287,7 @@ def reproduce(run, *, echo=print) -> dict:
         raise RunError(f"run {run.pathspec} recorded no parameters: it cannot be reproduced")
     params["deploy"] = "none"  # reproducing a run checks it; it does not deploy it again
     echo(f"re-running {run.pathspec} with {params}")
-    with Runner(str(FLOW_FILE), show_output=False, env={**os.environ}).run(**params) as result:
+    with Runner(str(FLOW_FILE), show_output=show_output, env=flow_environment()).run(**params) as result:
         if result.status != "successful":
             raise RunError(f"the re-run {result.run.pathspec} failed ({result.status}); "
                            f"see `python {FLOW_FILE} logs {result.run.id}`")
@@ -255,9 +295,12 @@ def reproduce(run, *, echo=print) -> dict:
     old_info, new_info = describe(run), describe(new)
     checks = [(key, old_info[key], new_info[key]) for key in ("dataset_fingerprint", "model_fingerprint")
               if old_info[key] != new_info[key]]
-    env = [row for row in differences({k: old_info["environment"].get(k) for k in ENVIRONMENT_KEYS_THAT_MATTER},
-                                      {k: new_info["environment"].get(k) for k in ENVIRONMENT_KEYS_THAT_MATTER})]
-    return {"identical": not checks, "new_run": new.pathspec, "differences": checks, "environment": env}
+    old_env, new_env = old_info["environment"] or {}, new_info["environment"] or {}
+    env = [row for row in differences({k: old_env.get(k) for k in ENVIRONMENT_KEYS_THAT_MATTER},
+                                      {k: new_env.get(k) for k in ENVIRONMENT_KEYS_THAT_MATTER})
+           if row[0] != "cpu.flags"]
+    return {"identical": not checks, "new_run": new.pathspec, "differences": checks, "environment": env,
+            "cpu_flags": cpu_flag_changes(old_env, new_env)}
 
 
 def cmd_reproduce(args) -> int:
@@ -265,6 +308,8 @@ def cmd_reproduce(args) -> int:
     outcome = reproduce(run, echo=lambda line: print(line, file=sys.stderr))
     for key, a, b in outcome["environment"]:
         print(f"warning: environment differs at {key}: {a!r} -> {b!r}", file=sys.stderr)
+    if outcome["cpu_flags"]:
+        print(f"warning: {outcome['cpu_flags']}", file=sys.stderr)
     if outcome["identical"]:
         print(f"reproduced: {outcome['new_run']} has the same dataset and model fingerprints as {run.pathspec}")
         return 0

@@ -19,12 +19,14 @@ from pathlib import Path
 
 from petseg import __version__
 from petseg.errors import ConfigError
+from petseg.split import RULES, SPLITS
 from petseg.store import BlobStore, get_files, put_files
 
-SPLITS = ("training", "validation", "test", "calibration")
 DEPLOY_TARGETS = ("local", "kubernetes", "none")
 LINEAGE_MODES = ("required", "best-effort")
 SAMPLE_PREDICTIONS = 6
+BOOTSTRAP = 1000
+"""Resamples of the test images for the 95 % intervals."""
 
 
 def _store(root: str) -> BlobStore:
@@ -50,6 +52,8 @@ def check_parameters(run) -> dict:
         raise ConfigError(f"--deploy {run.deploy!r} is unknown: expected one of {', '.join(DEPLOY_TARGETS)}")
     if run.lineage not in LINEAGE_MODES:
         raise ConfigError(f"--lineage {run.lineage!r} is unknown: expected one of {', '.join(LINEAGE_MODES)}")
+    if run.split not in RULES:
+        raise ConfigError(f"--split {run.split!r} is unknown: expected one of {', '.join(RULES)}")
     if run.arch not in ("small", "mobilenetv2"):
         raise ConfigError(f"--arch {run.arch!r} is unknown: expected small or mobilenetv2")
     return {"seed": run.seed, "strict": bool(run.deterministic), "threads": run.threads,
@@ -63,14 +67,6 @@ def parameters(run) -> dict:
     # Configs (such as `compute`) come back as mappings; they set resources, not results.
     values = {name: getattr(run, name) for name, _ in type(run)._get_parameters()}
     return {name: value for name, value in sorted(values.items()) if not isinstance(value, Mapping)}
-
-
-def environment(settings: dict) -> dict:
-    """Fix seeds and threads in this process and return the environment record."""
-    from petseg import determinism
-
-    applied = _configure(settings)
-    return determinism.environment_record(applied)
 
 
 def _configure(settings: dict) -> dict:
@@ -113,14 +109,18 @@ def ingest(*, source: str, feedback: str, skip_bad: bool, seed: int, store: str)
     return report
 
 
-def transform(*, shards: list[dict], store: str) -> dict:
-    """Split the ingested samples by the md5 rule; return per-split shard records and counts."""
+def transform(*, shards: list[dict], store: str, rule: str, official_test: list[str] | None) -> dict:
+    """Split the ingested samples by ``rule`` (see petseg.split); return per-split shard records and counts."""
     from petseg import data
 
+    if rule == "official" and official_test is None:
+        raise ConfigError("--split official needs the source's annotations/trainval.txt and annotations/test.txt, "
+                          "and this source has neither; use --split md5 or a source with the official lists")
     blobs = _store(store)
     with tempfile.TemporaryDirectory(prefix="petseg-transform-") as work:
         local = get_files(blobs, shards, Path(work) / "in")
-        result = data.transform(local, Path(work) / "splits")
+        result = data.transform(local, Path(work) / "splits",
+                                official_test=official_test if rule == "official" else None)
         result["splits"] = {name: put_files(blobs, paths) for name, paths in result["splits"].items()}
     empty = [name for name in SPLITS if not result["counts"].get(name)]
     if empty:
@@ -152,10 +152,11 @@ def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, sett
     seed = settings["seed"]
     batch_size = config["batch_size"]
     training = _dataset("training", splits, store, work, batch_size=batch_size, shuffle=True, seed=seed,
-                        augment=config.get("augment", True))
+                        augment=True)
     validation = _dataset("validation", splits, store, work, batch_size=batch_size)
     model, history = train.fit(train=training, validation=validation, arch=arch, epochs=epochs,
-                               learning_rate=config["learning_rate"], seed=seed, log_dir=log_dir)
+                               learning_rate=config["learning_rate"], width=config.get("width"), seed=seed,
+                               log_dir=log_dir)
     return model, history, validation
 
 
@@ -168,7 +169,7 @@ def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int,
         model, history, validation = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
                                           settings=settings, work=work)
         metrics = train.evaluate(model, validation)
-    return {"index": config["index"], "config": config, "val_loss": metrics["loss"], "val_iou": metrics["iou"],
+    return {"index": config["index"], "config": config, "val_loss": metrics["loss"], "val_miou": metrics["miou"],
             "history": history}
 
 
@@ -182,20 +183,23 @@ def select(results: list[dict]) -> tuple[list[dict], dict]:
 
 def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch_size: int,
           settings: dict) -> dict:
-    """Train the final model; return its bytes, fingerprint, history and TensorBoard logs."""
+    """Train the final model; return its bytes, fingerprint, history, TensorBoard logs and the
+    environment record of the process that trained it (software, CPU, devices, settings)."""
     from petseg import model as models
 
-    _configure(settings)
     config = dict(best["config"])
     if batch_size:
         config["batch_size"] = batch_size
+    from petseg import determinism
+
+    environment = determinism.environment_record(_configure(settings))
     with tempfile.TemporaryDirectory(prefix="petseg-train-") as work:
         log_dir = os.path.join(work, "logs")
         model, history, _ = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
                                  settings=settings, work=work, log_dir=log_dir)
         logs = _tar_directory(log_dir)
     return {"model_keras": models.to_bytes(model), "fingerprint": models.fingerprint(model),
-            "history": history, "tensorboard_logs": logs, "config": config}
+            "history": history, "tensorboard_logs": logs, "config": config, "environment": environment}
 
 
 def _tar_directory(path: str) -> bytes:
@@ -226,23 +230,39 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
 
 def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store: str,
              settings: dict) -> tuple[dict, dict]:
-    """Test metrics of the raw and calibrated model, and a few sample predictions for the card."""
+    """The model and the baselines on the validation and test splits, and sample predictions for the card.
+
+    Baselines are fitted on the training split. Validation figures are for the
+    release gate; test figures (with 95 % bootstrap intervals) are the report.
+    """
     import numpy as np
 
-    from petseg import calibration, train
+    from petseg import baselines, calibration, train
     from petseg import model as models
 
     _configure(settings)
+    seed = settings["seed"]
     model = models.from_bytes(model_keras)
     fitted = calibration.Calibration.from_dict(calibration_table)
     with tempfile.TemporaryDirectory(prefix="petseg-evaluate-") as work:
-        test = _dataset("test", splits, store, work, batch_size=16)
-        held_out = calibration.summary(fitted, *calibration.collect(model, test, seed=settings["seed"]))
-        metrics = {"raw": train.evaluate(model, test), "calibrated": train.evaluate(model, test, calibration=fitted),
-                   "ece": {"raw": held_out["ece_before"], "calibrated": held_out["ece_after"]},
-                   "test_samples": int(splits["counts"]["test"])}
+        batches = {split: _dataset(split, splits, store, work, batch_size=16)
+                   for split in ("training", "validation", "test")}
+        lookup = baselines.fit(batches["training"].as_numpy_iterator())
+        test = batches["test"]
+        held_out = calibration.summary(fitted, *calibration.collect(model, test, seed=seed))
+        metrics = {
+            "raw": train.evaluate(model, test, bootstrap=BOOTSTRAP, seed=seed),
+            "calibrated": train.evaluate(model, test, calibration=fitted, bootstrap=BOOTSTRAP, seed=seed),
+            "baselines": baselines.score(lookup, test.as_numpy_iterator(), bootstrap=BOOTSTRAP, seed=seed),
+            "validation": {
+                "calibrated": train.evaluate(model, batches["validation"], calibration=fitted),
+                "baselines": baselines.score(lookup, batches["validation"].as_numpy_iterator()),
+            },
+            "ece": {"raw": held_out["ece_before"], "calibrated": held_out["ece_after"]},
+            "test_samples": int(splits["counts"]["test"]),
+        }
         images, truths = next(iter(test.unbatch().batch(SAMPLE_PREDICTIONS)))
-    probs = fitted.apply(model.predict(images, verbose=0))
+    probs = fitted.apply(model.predict_on_batch(images))
     samples = {"images": np.asarray(images), "truths": np.asarray(truths), "probs": np.asarray(probs)}
     return metrics, samples
 
@@ -258,11 +278,11 @@ def report_card(card, *, metrics: dict, history: dict, trials: list[dict], calib
 
 # -- release ------------------------------------------------------------------------------------------
 
-def gate(metrics: dict, *, min_iou: float) -> tuple[bool, str]:
-    """The quality gate on calibrated test IoU."""
+def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
+    """The quality gate on validation mIoU, against the floor and the best baseline."""
     from petseg import release
 
-    return release.gate(metrics, min_iou=min_iou)
+    return release.gate(metrics, min_miou=min_miou, min_margin=min_margin)
 
 
 def manifest(run) -> dict:
@@ -364,11 +384,17 @@ def lineage_record(run, stage: str, outputs: dict) -> dict:
 # -- end ----------------------------------------------------------------------------------------------
 
 def summary(run) -> dict:
-    """The one-line-per-run facts `petseg runs` lists."""
+    """The one-line-per-run facts `petseg runs` lists (test split, calibrated model)."""
+    calibrated = run.metrics["calibrated"]
+    name, best = max(run.metrics["baselines"].items(), key=lambda item: item[1]["miou"])
     return {
         "dataset_fingerprint": run.dataset_fingerprint,
         "model_fingerprint": run.model_fingerprint,
-        "calibrated_test_iou": run.metrics["calibrated"]["iou"],
+        "test_pet_iou": calibrated["pet_iou"],
+        "test_miou": calibrated["miou"],
+        "best_baseline": name,
+        "best_baseline_pet_iou": best["pet_iou"],
+        "best_baseline_miou": best["miou"],
         "released": bool(run.released),
         "version": run.manifest["version"] if run.manifest else None,
         "deployment": run.deployment,
@@ -376,14 +402,21 @@ def summary(run) -> dict:
 
 
 def closing_words(run) -> str:
-    """Where to look next, printed at the end of a run."""
+    """The run's quality and where to look next, printed at the end of a run."""
     from metaflow import current
 
+    facts = run.summary
+    calibrated = run.metrics["calibrated"]
     lines = [
         f"Run {current.flow_name}/{current.run_id} finished.",
+        f"  test IoU:     pet {calibrated['pet_iou']:.3f}  background {calibrated['background_iou']:.3f}  "
+        f"border {calibrated['border_iou']:.3f}  mIoU {calibrated['miou']:.3f}  "
+        f"(pixel accuracy {calibrated['pixel_accuracy']:.3f}, {calibrated['images']} images)",
+        f"  best baseline: {facts['best_baseline']}: pet {facts['best_baseline_pet_iou']:.3f}  "
+        f"mIoU {facts['best_baseline_miou']:.3f}",
+        f"  {run.gate_message}",
         f"  report card:  python flows/seg_flow.py card get {current.run_id}/evaluate --id report report.html",
         f"  details:      petseg show {current.run_id}",
-        f"  {run.gate_message}",
     ]
     if run.deployment and run.deployment.get("url"):
         url = run.deployment["url"]

@@ -177,7 +177,12 @@ def write_archives(out_dir: str | os.PathLike, *, count: int, seed: int) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(count, seed)
     ordered = sorted(plan, key=lambda entry: entry[0])
-    listing = "".join(list_line(sid, breed) for sid, _, breed in sorted(plan, key=lambda e: (BREEDS.index(e[2]), e[0])))
+    by_breed = sorted(plan, key=lambda e: (BREEDS.index(e[2]), e[0]))
+    listing = "".join(list_line(sid, breed) for sid, _, breed in by_breed)
+    # The official split files (no header): within a breed, every other sample is a test sample.
+    halves = {"trainval": [], "test": []}
+    for sid, _, breed in by_breed:
+        halves["test" if int(sid.rsplit("_", 1)[1]) % 2 == 0 else "trainval"].append(list_line(sid, breed))
 
     images_path, annotations_path = out / "images.tar.gz", out / "annotations.tar.gz"
     partial_images, partial_annotations = out / ".images.tar.gz.partial", out / ".annotations.tar.gz.partial"
@@ -185,6 +190,8 @@ def write_archives(out_dir: str | os.PathLike, *, count: int, seed: int) -> tupl
         _add_dir(images, "images")
         _add_dir(annotations, "annotations")
         _add_file(annotations, "annotations/list.txt", (LIST_HEADER + listing).encode())
+        for name, lines in sorted(halves.items()):  # members in sorted order: test.txt, then trainval.txt
+            _add_file(annotations, f"annotations/{name}.txt", "".join(lines).encode())
         _add_dir(annotations, "annotations/trimaps")
         for sample_id, index, breed in ordered:
             photo, trimap = render(np.random.default_rng([seed, index]), breed)

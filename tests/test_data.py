@@ -460,3 +460,28 @@ def test_transform_of_a_missing_shard_leaves_no_output(reference, tmp_path):
     with pytest.raises(DataError, match="nope.tfrecord: cannot read shard"):
         data.transform(reference["shards"] + [str(tmp_path / "nope.tfrecord")], tmp_path / "splits")
     assert_no_output(tmp_path / "splits")
+
+
+def test_official_split_takes_test_txt_and_carves_the_rest(extracted, reference, tmp_path):
+    test_ids = sorted(line.split()[0] for line in (extracted / "annotations" / "test.txt").read_text().splitlines())
+    assert reference["official_test"] == test_ids
+    result = data.transform(reference["shards"], tmp_path / "splits", official_test=reference["official_test"])
+    manifest = result["manifest"]
+    assert sorted(i for i, split in manifest.items() if split == "test") == test_ids
+    for sample_id, split in manifest.items():
+        if sample_id not in test_ids:
+            bucket = int(hashlib.md5(sample_id.encode()).hexdigest(), 16) % 10
+            assert split == {7: "validation", 9: "calibration"}.get(bucket, "training")
+
+
+def test_one_official_split_file_alone_is_refused(layout, tmp_path):
+    (layout / "annotations" / "test.txt").unlink()
+    with pytest.raises(DataError, match="annotations/trainval.txt is present but annotations/test.txt is not"):
+        data.ingest(str(layout), tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_a_source_without_split_files_has_no_official_test(layout, tmp_path):
+    for name in ("test", "trainval"):
+        (layout / "annotations" / f"{name}.txt").unlink()
+    assert data.ingest(str(layout), tmp_path / "out")["official_test"] is None

@@ -31,7 +31,7 @@ pet = images[..., 0] > 0.5
 masks = np.stack([pet, ~pet, np.zeros_like(pet)], axis=-1).astype(np.float32)
 data = tf.data.Dataset.from_tensor_slices((images, masks)).shuffle(16, seed=3).batch(8)
 fitted, history = train.fit(
-    train=data, validation=data, arch="small", epochs=2, learning_rate=1e-3, seed=11, verbose=0
+    train=data, validation=data, arch="small", epochs=2, learning_rate=1e-3, seed=11, echo=None
 )
 try:
     determinism.configure(seed=11, strict=True, threads=1)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from petseg import calibration, model, train
 from petseg.errors import ConfigError, ModelError
+from petseg.metrics import SegmentationMetrics
 
 
 def _blobs(count: int = 8, size: int = 32, seed: int = 0) -> tf.data.Dataset:
@@ -40,7 +41,7 @@ def trained(log_dir):
         learning_rate=1e-3,
         seed=0,
         log_dir=str(log_dir),
-        verbose=0,
+        echo=None,
     )
 
 
@@ -48,16 +49,29 @@ def test_small_model_shape_and_size():
     small = model.build("small")
     assert small.input_shape == (None, 128, 128, 3)
     assert small.output_shape == (None, 128, 128, 3)
-    assert small.count_params() < 200_000
-    probs = small.predict_on_batch(np.zeros((1, 128, 128, 3), dtype=np.float32))
-    assert np.all((probs > 0) & (probs < 1))  # sigmoid
+    assert 500_000 < small.count_params() < 1_000_000
+    probs = small.predict_on_batch(np.random.default_rng(0).random((2, 128, 128, 3), dtype=np.float32))
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)  # softmax over the three classes
+    assert model.build("small", width=8).count_params() < small.count_params() / 3
+
+
+def test_decoder_upsamples_bilinearly_and_convolves_after_each_skip():
+    small = model.build("small")
+    kinds = {type(layer).__name__ for layer in small.layers}
+    assert "Conv2DTranspose" not in kinds
+    resizes = [layer for layer in small.layers if isinstance(layer, keras.layers.UpSampling2D)]
+    assert resizes and all(layer.interpolation == "bilinear" for layer in resizes)
+    for layer in small.layers:
+        if isinstance(layer, keras.layers.Concatenate):
+            follower = small.get_layer(layer.name.replace("_concat", "_conv"))
+            assert follower.kernel_size == (3, 3)
 
 
 def test_mobilenet_model_is_the_tutorial_unet():
     unet = model.build("mobilenetv2", image_size=128)
     assert unet.output_shape == (None, 128, 128, 3)
-    assert 6_000_000 < unet.count_params() < 7_000_000
-    filters = [unet.get_layer(f"up{i}_conv_transpose").filters for i in range(1, 5)]
+    assert 7_500_000 < unet.count_params() < 9_000_000
+    filters = [unet.get_layer(f"up{i}_conv").filters for i in range(1, 5)]
     assert filters == [512, 256, 128, 64]
     assert unet.get_layer("encoder").trainable  # random encoder: trained with the rest
 
@@ -77,6 +91,7 @@ def test_imagenet_weights_unavailable_is_a_model_error(monkeypatch):
     [
         ({"arch": "resnet"}, "unknown model arch 'resnet'"),
         ({"image_size": 100}, "multiple of 32"),
+        ({"width": 0}, "width must be a positive integer"),
         ({"arch": "mobilenetv2", "encoder_weights": "random"}, "encoder_weights"),
         ({"arch": "small", "encoder_weights": "imagenet"}, "needs arch 'mobilenetv2'"),
     ],
@@ -99,7 +114,7 @@ def test_same_seed_same_fingerprint_and_names():
 def test_fingerprint_covers_every_weight():
     small = model.build("small", image_size=32)
     before = model.fingerprint(small)
-    moving_mean = small.get_layer("down1_bn").moving_mean
+    moving_mean = small.get_layer("down1a_bn").moving_mean
     moving_mean.assign(moving_mean + 1.0)
     assert model.fingerprint(small) != before
 
@@ -144,8 +159,9 @@ def test_load_refuses_missing_corrupt_and_unsafe_files(tmp_path):
 
 def test_fit_returns_history_of_floats_and_logs(trained, log_dir):
     fitted, history = trained
-    assert set(history) == {"loss", "iou", "val_loss", "val_iou"}
-    assert all(len(values) == 1 and type(values[0]) is float for values in history.values())
+    assert set(history) == {"loss", "miou", "val_loss", "val_miou", "learning_rate", "best_epoch"}
+    assert history["best_epoch"] == 1
+    assert all(len(values) == 1 and type(values[0]) is float for key, values in history.items() if key != "best_epoch")
     assert fitted.input_shape == (None, 32, 32, 3)
     assert list(log_dir.rglob("events.out.tfevents.*"))
 
@@ -153,9 +169,10 @@ def test_fit_returns_history_of_floats_and_logs(trained, log_dir):
 def test_evaluate_matches_keras_validation_loss(trained):
     fitted, history = trained
     result = train.evaluate(fitted, _blobs(seed=1))
-    assert set(result) == {"iou", "f1", "mean_iou", "accuracy", "precision", "loss"}
+    assert {"pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "confusion", "soft_iou", "soft_f1",
+            "binary_accuracy", "loss", "images"} == set(result)
     assert result["loss"] == pytest.approx(history["val_loss"][0], rel=1e-4)
-    assert result["iou"] == pytest.approx(history["val_iou"][0], rel=1e-4)
+    assert result["miou"] == pytest.approx(history["val_miou"][0], rel=1e-4)
 
 
 def test_evaluate_applies_calibration(trained):
@@ -163,4 +180,8 @@ def test_evaluate_applies_calibration(trained):
     fitted_calibration = calibration.fit_dataset(fitted, _blobs(seed=2))
     plain = train.evaluate(fitted, _blobs(seed=1))
     calibrated = train.evaluate(fitted, _blobs(seed=1), calibration=fitted_calibration)
-    assert calibrated != plain
+    by_hand = SegmentationMetrics()
+    for images, masks in _blobs(seed=1):
+        by_hand.update(masks, fitted_calibration.apply(fitted.predict_on_batch(images)))
+    assert calibrated == by_hand.result()
+    assert calibrated["loss"] != plain["loss"]

@@ -51,8 +51,14 @@ def test_layout_matches_oxford(archives):
     ids = sorted(name.removeprefix("images/").removesuffix(".jpg") for name, (m, _) in images.items() if m.isfile())
     assert len(ids) == COUNT
     assert sorted(n for n, (m, _) in annotations.items() if m.isfile()) == (
-        ["annotations/list.txt"] + [f"annotations/trimaps/{i}.png" for i in ids]
+        ["annotations/list.txt", "annotations/test.txt", "annotations/trainval.txt"]
+        + [f"annotations/trimaps/{i}.png" for i in ids]
     )
+    # The official split files: list.txt's lines without its header, every sample in exactly one.
+    listed = [line for line in annotations["annotations/list.txt"][1].decode().splitlines() if not line.startswith("#")]
+    halves = [annotations[f"annotations/{name}.txt"][1].decode().splitlines() for name in ("trainval", "test")]
+    assert sorted(halves[0] + halves[1]) == sorted(listed)
+    assert halves[0] and halves[1] and not set(halves[0]) & set(halves[1])
 
     lines = annotations["annotations/list.txt"][1].decode().splitlines()
     assert lines[:6] == [

@@ -17,13 +17,13 @@ def test_trials_stay_in_the_search_space():
     trials = tune.sample_trials(200, seed=0)
     assert [trial["index"] for trial in trials] == list(range(200))
     rates = [trial["learning_rate"] for trial in trials]
-    assert all(1e-4 <= rate <= 3e-3 for rate in rates)
+    low, high = tune.LEARNING_RATE_RANGE
+    assert all(low <= rate <= high for rate in rates)
     # Log-uniform: about as many draws below the geometric midpoint as above.
-    below = sum(rate < math.sqrt(1e-4 * 3e-3) for rate in rates)
+    below = sum(rate < math.sqrt(low * high) for rate in rates)
     assert 70 < below < 130
-    assert {trial["batch_size"] for trial in trials} == {8, 16, 32}
-    assert {trial["augment"] for trial in trials} == {False, True}
-    assert all(type(trial["batch_size"]) is int and type(trial["augment"]) is bool for trial in trials)
+    assert {trial["batch_size"] for trial in trials} == set(tune.BATCH_SIZES)
+    assert all(type(trial["batch_size"]) is int for trial in trials)
 
 
 def test_a_longer_list_starts_with_the_shorter_one():
