@@ -20,6 +20,7 @@ setup(
         "kubernetes>=36,<37",  # 37 needs python-dateutil>=3, botocore needs <3
         "boto3>=1.44,<1.45",
         "pachyderm-sdk>=2.12,<2.13",
+        "google-crc32c>=1.9,<2",  # TFRecord framing without importing TensorFlow (petseg.shards)
         "pillow",
         "matplotlib",
         "requests",

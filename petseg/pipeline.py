@@ -19,6 +19,15 @@ from petseg.errors import DataError
 
 SHUFFLE_BUFFER = 1024
 """Records held for shuffling (about 64 MiB at 128x128)."""
+FEATURES = {
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "mask": tf.io.FixedLenFeature([], tf.string),
+    "height": tf.io.FixedLenFeature([], tf.int64),
+    "width": tf.io.FixedLenFeature([], tf.int64),
+    "sha256": tf.io.FixedLenFeature([], tf.string),
+}
+"""Feature spec of shard records (`petseg.shards.encode`) for ``tf.io.parse_single_example``."""
 
 
 def dataset(
@@ -69,7 +78,7 @@ def dataset(
         records = records.repeat()
 
     def decode(position: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        features = tf.io.parse_single_example(record, shard_files.FEATURES)
+        features = tf.io.parse_single_example(record, FEATURES)
         image = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), [image_size, image_size, 3])
         mask = tf.reshape(tf.io.decode_raw(features["mask"], tf.uint8), [image_size, image_size, 1])
         if augment:

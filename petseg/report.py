@@ -139,8 +139,9 @@ def fill_card(card, *, metrics: dict, history: dict, trials: list[dict], calibra
     card.append(Table(confusion_rows(metrics), headers=["", *(f"predicted {name}" for name in CLASSES)]))
     card.append(Markdown("## What the release gate saw (validation mIoU)"))
     card.append(Table(validation_rows(metrics), headers=["predictor", "validation mIoU"]))
-    card.append(Markdown(f"## Calibration (held-out test pixels)\n\nExpected calibration error "
-                         f"{metrics['ece']['raw']:.4f} raw, {metrics['ece']['calibrated']:.4f} calibrated."))
+    card.append(Markdown(f"## Calibration\n\nExpected calibration error on held-out test pixels: "
+                         f"{metrics['ece']['raw']:.4f} raw, {metrics['ece']['calibrated']:.4f} calibrated. "
+                         "The diagram: the calibration split, before and after."))
     card.append(Image.from_matplotlib(reliability_figure(calibration_report)))
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(curves_figure(history)))

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The smallest run that still exercises every stage.
 TINY = {"source": "synth:48", "trials": 2, "tune_epochs": 1, "epochs": 1, "deploy": "none"}
+# The smallest run that learns shapes, judged by the default gate (about 3 minutes on 2 cores).
+LEARNING = {"source": "synth:600", "trials": 1, "tune_epochs": 1, "epochs": 8, "deploy": "none"}
 
 
 def run_flow(env: dict | None = None, **params):
@@ -55,20 +57,36 @@ def pachd():
 
 
 @pytest.fixture(scope="session")
-def released_run(pachd):
-    """A tiny run that passes the gate (min_iou 0), with its lineage mirrored into the stand-in."""
-    status, run, output = run_flow(**TINY, min_iou=0.0, pachyderm=pachd.address)
+def released(pachd):
+    """A tiny run that passes the gate (floor 0, any lead), with its lineage mirrored into the stand-in.
+
+    Returns (Run, its console output).
+    """
+    status, run, output = run_flow(**TINY, min_miou=0.0, min_margin=-1.0, pachyderm=pachd.address)
+    assert status == "successful", output[-4000:]
+    return run, output
+
+
+@pytest.fixture(scope="session")
+def learning_run():
+    """A run big enough to learn, with every gate setting at its default."""
+    status, run, output = run_flow(**LEARNING)
     assert status == "successful", output[-4000:]
     return run
 
 
 @pytest.fixture(scope="session")
+def released_run(released):
+    return released[0]
+
+
+@pytest.fixture(scope="session")
 def resumed_run(pachd, released_run):
-    """The same run with min_iou 1.01, failed on purpose in train, then resumed from train.
+    """The same run with min_miou 1.01, failed on purpose in train, then resumed from train.
 
     Returns (failed Run, resumed Run, resume output).
     """
-    status, failed, output = run_flow(env={"PETSEG_FAIL_AT": "train"}, **TINY, min_iou=1.01,
+    status, failed, output = run_flow(env={"PETSEG_FAIL_AT": "train"}, **TINY, min_miou=1.01,
                                       pachyderm=pachd.address)
     assert status == "failed", output[-4000:]
     status, resumed, output = resume_flow(failed.id, "train")

@@ -485,3 +485,44 @@ def test_a_source_without_split_files_has_no_official_test(layout, tmp_path):
     for name in ("test", "trainval"):
         (layout / "annotations" / f"{name}.txt").unlink()
     assert data.ingest(str(layout), tmp_path / "out")["official_test"] is None
+
+
+def test_shard_records_are_byte_identical_to_tensorflows(tmp_path):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    mask = rng.integers(1, 4, (8, 8), dtype=np.uint8)
+    ours = shards.encode("pug_3", image, mask, "ab" * 32)
+
+    def feature(value):
+        if isinstance(value, int):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "id": feature(b"pug_3"), "image": feature(image.tobytes()), "mask": feature(mask.tobytes()),
+        "height": feature(8), "width": feature(8), "sha256": feature(("ab" * 32).encode())}))
+    assert ours == example.SerializeToString(deterministic=True)
+    with shards.ShardWriter(tmp_path / "ours", "s", 10) as writer:
+        writer.write(ours)
+    with tf.io.TFRecordWriter(str(tmp_path / "theirs.tfrecord")) as writer:
+        writer.write(ours)
+    assert (tmp_path / "ours" / "s-00000.tfrecord").read_bytes() == (tmp_path / "theirs.tfrecord").read_bytes()
+    decoded = shards.decode(ours)
+    assert decoded["id"] == "pug_3" and decoded["sha256"] == "ab" * 32
+    np.testing.assert_array_equal(decoded["image"], image)
+    np.testing.assert_array_equal(decoded["mask"], mask)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_shard_is_named(reference, tmp_path, damage):
+    shard = tmp_path / "damaged.tfrecord"
+    content = bytearray(Path(reference["shards"][0]).read_bytes())
+    if damage == "truncate":
+        content = content[:-100]
+    else:
+        content[40] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    with pytest.raises(DataError, match=r"damaged.tfrecord: cannot read shard \(record \d+: corrupt or truncated data\)"):
+        list(shards.read_records([shard]))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import FLOW_FILE, REPO, TINY
+from conftest import FLOW_FILE, REPO, TINY, run_flow
 
 pytestmark = pytest.mark.flow
 
@@ -51,19 +51,44 @@ def test_report_card(released_run, monkeypatch):
     html = get_cards(released_run["evaluate"].task, id="report")[0].get()
     # A Metaflow card carries its components as base64 JSON inside the page.
     data = base64.b64decode(re.search(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html).group(1)).decode()
-    for section in ("Test metrics", "Training curves", "Tuning trials", "Reliability", "Sample predictions"):
+    for section in ("beside the baselines", "Confusion", "What the release gate saw", "Calibration",
+                    "Training curves", "Tuning trials", "Sample predictions"):
         assert section in data
+    for figure in ("pet IoU", "border IoU", "mIoU", "all-background", "mean-mask", "colour-position"):
+        assert figure in data
     assert data.count("data:image/png;base64") >= 3
 
 
 def test_metrics_are_within_unit_interval(released_run):
     metrics = released_run["evaluate"].task.data.metrics
-    for variant in ("raw", "calibrated"):
-        for name in ("iou", "f1", "mean_iou", "accuracy", "precision"):
-            assert 0.0 <= metrics[variant][name] <= 1.0, (variant, name, metrics[variant][name])
-        assert metrics[variant]["loss"] >= 0.0
+    scored = [metrics["raw"], metrics["calibrated"], *metrics["baselines"].values(),
+              metrics["validation"]["calibrated"], *metrics["validation"]["baselines"].values()]
+    assert set(metrics["baselines"]) == {"all-background", "mean-mask", "colour-position"}
+    for figures in scored:
+        for name in ("pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "soft_iou", "soft_f1"):
+            assert 0.0 <= figures[name] <= 1.0, (name, figures[name])
+        assert figures["loss"] >= 0.0
+    for name, (low, high) in metrics["calibrated"]["intervals"].items():
+        assert low <= metrics["calibrated"][name] <= high, name
+    assert metrics["calibrated"]["images"] == metrics["test_samples"]
     report = released_run["calibrate"].task.data.calibration_report
     assert 0.0 <= report["ece_after"] <= 1.0 and 0.0 <= report["ece_before"] <= 1.0
+
+
+# What the model must lead the best baseline by on the test split, in mIoU and in pet IoU.
+QUALITY_MARGIN = 0.10
+
+
+def test_the_model_beats_every_baseline_by_a_margin(learning_run):
+    """A quality assertion: a model that learns nothing about shape fails it."""
+    metrics = learning_run["evaluate"].task.data.metrics
+    model = metrics["calibrated"]
+    best_miou = max(scored["miou"] for scored in metrics["baselines"].values())
+    best_pet = max(scored["pet_iou"] for scored in metrics["baselines"].values())
+    assert model["miou"] - best_miou >= QUALITY_MARGIN, (model["miou"], metrics["baselines"])
+    assert model["pet_iou"] - best_pet >= QUALITY_MARGIN, (model["pet_iou"], metrics["baselines"])
+    assert "release:accepted" in learning_run.tags
+    assert learning_run["release"].task.data.gate_message.startswith("Release gate passed")
 
 
 def test_fingerprints_and_tags(released_run):
@@ -72,7 +97,7 @@ def test_fingerprints_and_tags(released_run):
     assert f"dataset:{data.dataset_fingerprint}" in released_run.tags
     assert f"model:{data.model_fingerprint}" in released_run.tags
     assert "release:accepted" in released_run.tags
-    env = released_run["start"].task.data.environment
+    env = released_run["train"].task.data.environment
     assert env["settings"] == {"seed": 42, "mode": "strict", "intra_op_threads": 2, "inter_op_threads": 2}
     assert env["packages"]["tensorflow-cpu"] or env["packages"]["tensorflow"]
 
@@ -98,7 +123,7 @@ def test_gate_rejects_and_resume_reproduces_the_model(released_run, resumed_run)
     assert "train" not in [step.id for step in failed if all(t.successful for t in step)]
     data = resumed["release"].task.data
     assert data.released is False and data.manifest is None and data.deployment is None
-    assert "1.0100" in data.gate_message and "failed" in data.gate_message
+    assert "floor 1.01" in data.gate_message and "failed" in data.gate_message
     assert "release:rejected" in resumed.tags
     # Strict mode: the resumed train step gives the same weights as the uninterrupted run.
     assert resumed["train"].task.data.model_fingerprint == released_run["train"].task.data.model_fingerprint
@@ -111,7 +136,8 @@ def test_runs_lists_the_run(released_run):
     assert row["status"] == "successful"
     assert row["model_fingerprint"] == released_run["train"].task.data.model_fingerprint
     assert row["release"] == "accepted"
-    assert 0 <= row["calibrated_test_iou"] <= 1
+    assert 0 <= row["test_pet_iou"] <= 1 and 0 <= row["test_miou"] <= 1
+    assert row["best_baseline"] in {"all-background", "mean-mask", "colour-position"}
 
 
 def test_show_and_diff(released_run, resumed_run):
@@ -121,7 +147,18 @@ def test_show_and_diff(released_run, resumed_run):
     assert info["manifest"]["version"] == f"petseg-{released_run.id}"
     _, resumed, _ = resumed_run
     diff = petseg("diff", released_run.id, f"PetSegFlow/{resumed.id}").stdout
-    assert "min_iou" in diff and "pachyderm" not in diff.split("metrics")[0].replace("pachyderm_address", "")
+    assert "min_miou" in diff and "pachyderm" not in diff.split("metrics")[0].replace("pachyderm_address", "")
+
+
+def test_step_output_is_one_line_per_epoch_without_tensorflow_noise(released):
+    run, output = released
+    for noise in ("cpu_feature_guard", "local_rendezvous", "use_unbounded_threadpool", "oneDNN", "Traceback"):
+        assert noise not in output, noise
+    train_lines = [line for line in output.splitlines() if "/train/" in line]
+    epochs = run["start"].task.data.parameters["epochs"]
+    assert [line.split("] ", 1)[1].split()[1] for line in train_lines if "] epoch " in line] == [
+        f"{n}/{epochs}" for n in range(1, epochs + 1)]
+    assert "test IoU:" in output and "best baseline:" in output
 
 
 def test_bad_run_names_are_one_line_errors(released_run):
@@ -184,3 +221,21 @@ def test_serve_the_released_run_and_predict(released_run, tmp_path):
 
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=60)
+
+
+def test_official_split_flow():
+    """`--split official` on a synthetic release with both split files: test.txt is the test split."""
+    status, run, output = run_flow(**{**TINY, "trials": 1}, split="official", min_miou=0.0, min_margin=-1.0)
+    assert status == "successful", output[-4000:]
+    official_test = set(run["ingest"].task.data.ingest_report["official_test"])
+    manifest = run["transform"].task.data.splits["manifest"]
+    assert official_test and {i for i, split in manifest.items() if split == "test"} == official_test
+    assert run["evaluate"].task.data.metrics["test_samples"] == len(official_test)
+
+
+def test_official_split_without_the_files_is_a_config_error():
+    from petseg import stages
+    from petseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--split official needs the source's annotations/trainval.txt"):
+        stages.transform(shards=[], store="unused", rule="official", official_test=None)

@@ -42,7 +42,7 @@ import node_agent  # noqa: E402  (tests/ is not a package)
 # The real flow on a tiny source: every step still starts a process that
 # imports TensorFlow, so the data and the epochs are as small as they go.
 SEG_PARAMETERS = ["--source", "synth:24", "--trials", "2", "--tune_epochs", "1", "--epochs", "1",
-                  "--deploy", "none", "--min_iou", "0", "--lineage", "best-effort"]
+                  "--deploy", "none", "--min_miou", "0", "--min_margin", "-1", "--lineage", "best-effort"]
 COMPUTE_STEPS = {"tune", "train", "calibrate", "evaluate"}
 SEG_STEPS = {"start", "ingest", "transform", "select", "release", "end"} | COMPUTE_STEPS
 
