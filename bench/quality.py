@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from petseg.report import QUALITY_TARGETS  # noqa: E402
 from petseg.runs import flow_environment  # noqa: E402
 
 PROFILES = {
@@ -100,9 +101,8 @@ def main() -> None:
         print(f"{profile} ({len(rows)} seeds): " + ", ".join(
             f"{key} {mean:.4g} [{low:.4g}, {high:.4g}]" for key, (mean, low, high) in summary.items()))
         mean = {key: value[0] for key, value in summary.items()}
-        checks = {"pet IoU >= 0.90": mean["pet_iou"] >= 0.90, "mIoU >= 0.75": mean["miou"] >= 0.75,
-                  "pet lead >= 0.25": mean["pet_lead"] >= 0.25, "wall <= 5 min": mean["wall_s"] <= 300,
-                  "wall <= 8 min": mean["wall_s"] <= 480}
+        checks = {f"{key} >= {target}": mean[key] >= target for key, target in QUALITY_TARGETS.items()}
+        checks.update({"wall <= 5 min": mean["wall_s"] <= 300, "wall <= 8 min": mean["wall_s"] <= 480})
         print("  targets (means): " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks.items()))
 
 

@@ -13,6 +13,21 @@ LABELS = {"pet_iou": "pet IoU", "background_iou": "background IoU", "border_iou"
           "pixel_accuracy": "pixel accuracy"}
 
 
+QUALITY_TARGETS = {"pet_iou": 0.90, "miou": 0.75, "pet_lead": 0.25}
+"""What the embedded data set's model should reach on the test split: pet IoU, mIoU, and the lead of its
+pet IoU over the best baseline's (bench/quality.py checks them over several seeds)."""
+
+
+def target_rows(metrics: dict) -> list[list[str]]:
+    """Each quality target, this run's figure, and whether it is met."""
+    model = metrics["calibrated"]
+    best_pet = max(scored["pet_iou"] for scored in metrics["baselines"].values())
+    figures = {"pet_iou": model["pet_iou"], "miou": model["miou"], "pet_lead": model["pet_iou"] - best_pet}
+    names = {"pet_iou": "pet IoU", "miou": "mIoU", "pet_lead": "pet IoU lead over the best baseline"}
+    return [[names[key], f">= {target:.2f}", f"{figures[key]:.4f}", "met" if figures[key] >= target else "missed"]
+            for key, target in QUALITY_TARGETS.items()]
+
+
 def _with_interval(metrics: dict, name: str) -> str:
     interval = metrics.get("intervals", {}).get(name)
     if interval is None:
@@ -135,6 +150,8 @@ def fill_card(card, *, metrics: dict, history: dict, trials: list[dict], calibra
                          "learn nothing about shape: all-background, the mean training mask, and a lookup from "
                          "colour and position."))
     card.append(Table(metrics_rows(metrics), headers=metrics_headers(metrics)))
+    card.append(Markdown("## Quality targets (test, calibrated)"))
+    card.append(Table(target_rows(metrics), headers=["figure", "target", "this run", ""]))
     card.append(Markdown("## Confusion (test, calibrated; rows: true class, shares of it)"))
     card.append(Table(confusion_rows(metrics), headers=["", *(f"predicted {name}" for name in CLASSES)]))
     card.append(Markdown("## What the release gate saw (validation mIoU)"))

@@ -51,7 +51,7 @@ def test_report_card(released_run, monkeypatch):
     html = get_cards(released_run["evaluate"].task, id="report")[0].get()
     # A Metaflow card carries its components as base64 JSON inside the page.
     data = base64.b64decode(re.search(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html).group(1)).decode()
-    for section in ("beside the baselines", "Confusion", "What the release gate saw", "Calibration",
+    for section in ("beside the baselines", "Quality targets", "Confusion", "What the release gate saw", "Calibration",
                     "Training curves", "Tuning trials", "Sample predictions"):
         assert section in data
     for figure in ("pet IoU", "border IoU", "mIoU", "all-background", "mean-mask", "colour-position"):
