@@ -11,11 +11,11 @@ from conftest import FLOW_FILE, REPO, TINY, run_flow
 pytestmark = pytest.mark.flow
 
 ARTIFACTS = {
-    "start": ["settings", "environment", "parameters", "blob_root"],
+    "start": ["settings", "parameters", "blob_root"],
     "ingest": ["ingest_report", "dataset_fingerprint"],
     "transform": ["splits", "trial_configs"],
     "select": ["trial_results", "best"],
-    "train": ["model_keras", "model_fingerprint", "history", "tensorboard_logs"],
+    "train": ["model_keras", "model_fingerprint", "history", "tensorboard_logs", "environment"],
     "calibrate": ["calibration", "calibration_report"],
     "evaluate": ["metrics"],
     "release": ["released", "gate_message", "manifest", "deployment"],
