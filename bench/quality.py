@@ -16,6 +16,7 @@ Profiles (flow parameters on top of the defaults):
   short    --source synth:800 --epochs 8
   default  (the flow's defaults: what `make run` does)
   long     --source synth:2000 --epochs 16
+  xl       --source synth:2000 --epochs 24
 
 Usage: python bench/quality.py [--profiles default long] [--seeds 42 7]
 """
@@ -41,6 +42,7 @@ PROFILES = {
     "short": ["--source", "synth:800", "--epochs", "8"],
     "default": [],
     "long": ["--source", "synth:2000", "--epochs", "16"],
+    "xl": ["--source", "synth:2000", "--epochs", "24"],
 }
 FIGURES = ("wall_s", "pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "baseline_pet_iou",
            "baseline_miou", "pet_lead")
