@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # petseg.report imports Keras: no start-up notices
 
 from petseg.report import QUALITY_TARGETS  # noqa: E402
 from petseg.runs import flow_environment  # noqa: E402
