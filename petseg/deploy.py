@@ -15,6 +15,7 @@ creates or replaces it and waits until Seldon reports it Available;
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -140,15 +141,24 @@ def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
         return False
     if MICROSERVICE not in command or COMPONENT not in command:
         raise ServingError(f"process {pid} is not a petseg deployment (it runs {command[:120]!r}); not stopping it")
-    # The session holds the gunicorn workers and the gRPC and metrics servers too.
-    os.killpg(pid, signal.SIGTERM)
+    _end_session(pid, timeout=timeout)
+    return True
+
+
+def _end_session(pid: int, *, timeout: float) -> None:
+    """SIGTERM to every process of the session ``pid`` leads, SIGKILL to what is left after ``timeout``.
+
+    The session holds the gunicorn master and workers and the gRPC and metrics servers.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while _session_alive(pid):
         if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
         time.sleep(0.2)
-    return True
 
 
 def serve_foreground(
@@ -158,7 +168,11 @@ def serve_foreground(
     fingerprint: str | None = None,
     feedback_uri: str | None = None,
 ) -> int:
-    """Runs the Seldon microservice for a release in the foreground until it stops (Ctrl-C).
+    """Runs the Seldon microservice for a release in the foreground until it stops.
+
+    The server runs in a session of its own; SIGTERM or SIGINT (Ctrl-C) to
+    this process stops that whole session, workers and helpers included, and
+    so does the server's own exit: no process of it outlives this call.
 
     Args:
         release_dir: The release (any model URI, as for `deploy_local`).
@@ -173,11 +187,19 @@ def serve_foreground(
     grpc_port, metrics_port = _free_ports(2)
     command = microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port)
     env = _environment(model_uri, fingerprint=fingerprint, feedback_uri=feedback_uri)
-    process = subprocess.Popen(command, cwd=SERVING_DIR, env=env)
+    process = subprocess.Popen(command, cwd=SERVING_DIR, env=env, start_new_session=True)
+
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         return process.wait()
-    except KeyboardInterrupt:  # the server got the same SIGINT; let it finish
-        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _end_session(process.pid, timeout=10.0)
 
 
 def default_feedback_uri(model_uri: str) -> str | None:

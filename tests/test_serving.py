@@ -10,6 +10,10 @@ import base64
 import io
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import keras
 import numpy as np
@@ -499,3 +503,34 @@ def test_feedback_store_on_s3_is_read_back_by_ingest(s3, tmp_path):
     assert listing.count(sample_id) == 1
     report = data.ingest("synth:2", tmp_path / "ingested", feedback="s3://petseg/feedback/")
     assert report["samples"] == 3 and report["species"]["cat"] >= 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum):
+    """`petseg serve` sent SIGTERM or SIGINT exits, and no process of the server it started survives."""
+    import psutil
+
+    port = deploy._free_ports(1)[0]
+    serve = subprocess.Popen([sys.executable, "-m", "petseg", "serve", str(release_dir), "--port", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert serve.poll() is None, "petseg serve exited before the server answered"
+            assert time.monotonic() < deadline, "the server did not answer within 300 s"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        server = psutil.Process(serve.pid).children(recursive=True)
+        assert len(server) >= 2  # the microservice and its workers and helpers
+        serve.send_signal(signum)
+        serve.wait(timeout=60)
+        gone, alive = psutil.wait_procs(server, timeout=30)
+        assert not alive, [process.cmdline() for process in alive]
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health/ping", timeout=2)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
