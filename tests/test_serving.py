@@ -534,3 +534,15 @@ def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum):
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_petseg_stop_leaves_no_process_of_a_detached_server(release_dir, tmp_path):
+    import psutil
+
+    deployment = deploy.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300)
+    leader = psutil.Process(deployment["pid"])
+    processes = [leader, *leader.children(recursive=True)]
+    assert len(processes) >= 2
+    assert deploy.stop_local(deployment["pid"]) is True
+    gone, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, [process.cmdline() for process in alive]
