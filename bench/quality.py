@@ -18,7 +18,7 @@ Profiles (flow parameters on top of the defaults):
   long     --source synth:2000 --epochs 16
   xl       --source synth:2000 --epochs 24
 
-Usage: python bench/quality.py [--profiles default long] [--seeds 42 7]
+Usage: python bench/quality.py [--profiles default long xl] [--seeds 42 7]
 """
 
 import argparse

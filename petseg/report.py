@@ -68,7 +68,7 @@ def validation_rows(metrics: dict) -> list[list[str]]:
 def trial_rows(trials: list[dict]) -> list[list[str]]:
     """One row per tuning trial: its configuration and validation results."""
     return [[str(t["index"]), f"{t['config']['learning_rate']:.2e}", str(t["config"]["batch_size"]),
-             str(t["config"].get("width", "")), f"{t['val_loss']:.4f}", f"{t['val_miou']:.4f}"] for t in trials]
+             f"{t['val_loss']:.4f}", f"{t['val_miou']:.4f}"] for t in trials]
 
 
 def _pyplot():
@@ -163,7 +163,6 @@ def fill_card(card, *, metrics: dict, history: dict, trials: list[dict], calibra
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(curves_figure(history)))
     card.append(Markdown("## Tuning trials"))
-    card.append(Table(trial_rows(trials), headers=["trial", "learning rate", "batch", "width",
-                                                   "val loss", "val mIoU"]))
+    card.append(Table(trial_rows(trials), headers=["trial", "learning rate", "batch", "val loss", "val mIoU"]))
     card.append(Markdown("## Sample predictions (calibrated; red pet, blue background, yellow border)"))
     card.append(Image.from_matplotlib(predictions_figure(samples)))

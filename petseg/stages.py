@@ -155,8 +155,7 @@ def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, sett
                         augment=True)
     validation = _dataset("validation", splits, store, work, batch_size=batch_size)
     model, history = train.fit(train=training, validation=validation, arch=arch, epochs=epochs,
-                               learning_rate=config["learning_rate"], width=config.get("width"), seed=seed,
-                               log_dir=log_dir)
+                               learning_rate=config["learning_rate"], seed=seed, log_dir=log_dir)
     return model, history, validation
 
 
@@ -185,13 +184,12 @@ def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch
           settings: dict) -> dict:
     """Train the final model; return its bytes, fingerprint, history, TensorBoard logs and the
     environment record of the process that trained it (software, CPU, devices, settings)."""
+    from petseg import determinism
     from petseg import model as models
 
     config = dict(best["config"])
     if batch_size:
         config["batch_size"] = batch_size
-    from petseg import determinism
-
     environment = determinism.environment_record(_configure(settings))
     with tempfile.TemporaryDirectory(prefix="petseg-train-") as work:
         log_dir = os.path.join(work, "logs")
