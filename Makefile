@@ -34,13 +34,15 @@ run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/seg_flow.py run --max-workers $(WORKERS) $(ARGS)
 
 cluster-build:
-	tests/cluster/build.sh
+	tests/support/cluster/build.sh
 
+# Every tier, fastest first (pytest.ini's testpaths): unit, serving, flow, cluster.
 test: install cluster-build
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
+# The unit tier only: the library, in a few minutes.
 test-fast: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests -m "not cluster"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/unit
 
 image:
 	docker build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .

@@ -67,7 +67,6 @@ def worker(variant: str, epochs: int, images: int) -> dict:
         arch="small",
         epochs=epochs,
         learning_rate=1e-3,
-        seed=SEED,
         callbacks=[EpochTimer()],
         echo=None,
     )

@@ -23,21 +23,22 @@ REPO = Path(__file__).resolve().parent.parent
 PLAIN = r'''
 import json, sys, tempfile, time
 from pathlib import Path
-from petseg import stages
+from petseg import stages, tune
 args = json.loads(sys.argv[1])
-settings = {"seed": args["seed"], "strict": True, "threads": 2, "code_version": "bench"}
+settings = {"seed": args["seed"], "strict": True, "threads": 2, "image_size": 128, "code_version": "bench"}
 timings = {}
 def timed(name, fn, *a, **k):
     t = time.perf_counter(); out = fn(*a, **k); timings[name] = timings.get(name, 0) + time.perf_counter() - t
     return out
 wall = time.perf_counter()
 store = tempfile.mkdtemp(prefix="petseg-bench-store-")
-report = timed("ingest", stages.ingest, source=args["source"], feedback="", skip_bad=False, seed=args["seed"], store=store)
+report = timed("ingest", stages.ingest, source=args["source"], feedback="", skip_bad=False, settings=settings,
+               store=store)
 splits = timed("transform", stages.transform, shards=report["shards"], store=store, rule="md5", official_test=None)
-configs = stages.sample_trials(n=args["trials"], seed=args["seed"])
+configs = tune.sample_trials(args["trials"], seed=args["seed"])
 results = [timed("tune", stages.run_trial, c, splits=splits, store=store, arch="small", epochs=args["tune_epochs"],
                  settings=settings) for c in configs]
-_, best = timed("select", stages.select, results)
+best = timed("select", tune.select, results)
 trained = timed("train", stages.train, best, splits=splits, store=store, arch="small", epochs=args["epochs"],
                 batch_size=0, settings=settings)
 calibration, _ = timed("calibrate", stages.calibrate, trained["model_keras"], splits=splits, store=store, settings=settings)

@@ -1,6 +1,6 @@
 """What serving through Seldon costs: one 128x128 image over REST against in process.
 
-Starts the microservice (`petseg.deploy.deploy_local`) on a release and
+Starts the microservice (`petseg.deploy_local.deploy_local`) on a release and
 measures, in the same run, one request at a time:
 
 - in process, array: `Predictor.predict` on a decoded image (model + calibration);
@@ -11,7 +11,7 @@ measures, in the same run, one request at a time:
 - REST ping: GET /health/ping, no model and no petseg code: the floor of
   HTTP through gunicorn on this machine.
 
-The image is a pet photo from the embedded data set (`petseg.synth`), scaled
+The image is a pet photo from the embedded data set (`petseg.scenes`), scaled
 to 128x128 and sent as a JPEG, as Oxford-IIIT Pet photos are. The client is
 http.client from the standard library, so that little client time hides in
 the figures. Modes alternate block by block, so that a change in machine load
@@ -63,7 +63,7 @@ def make_release(folder: Path) -> Path:
     manifest = release.build_manifest(
         run_id="bench", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
         dataset_fingerprint="", code_version="bench", metrics={"raw": {}, "calibrated": {}}, settings={},
-        location=str(target))
+        location=str(target), image_size=small.input_shape[1])
     release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
     return target
 
@@ -72,9 +72,9 @@ def pet_photo() -> bytes:
     """A 128x128 JPEG of a generated pet."""
     from PIL import Image
 
-    from petseg import synth
+    from petseg import scenes
 
-    photo, _ = synth.render(np.random.default_rng(3), synth.BREEDS[0])
+    photo, _ = scenes.render(np.random.default_rng(3), scenes.BREEDS[0])
     buffer = io.BytesIO()
     Image.open(io.BytesIO(photo)).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR).save(
         buffer, format="JPEG", quality=90)
@@ -118,7 +118,7 @@ def main() -> None:
     import tensorflow as tf
     from PIL import Image
 
-    from petseg import deploy, determinism, serving
+    from petseg import deploy_local, determinism, messages, release, serving
 
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = Path(args.release) if args.release else make_release(Path(tmp))
@@ -128,9 +128,9 @@ def main() -> None:
         bin_body = json.dumps(bin_message)
         ndarray_body = json.dumps({"data": {"ndarray": image.tolist()}})
 
-        service = serving.Service(serving.load_release(str(release_dir)), limits=serving.Limits())
+        service = serving.Service(release.load_release(str(release_dir)), limits=messages.Limits())
         array = image[None].astype(np.float32) / 255.0
-        deployment = deploy.deploy_local(release_dir, log_path=Path(tmp) / "serving.log", timeout=600)
+        deployment = deploy_local.deploy_local(release_dir, log_path=Path(tmp) / "serving.log", timeout=600)
         rest = Client(deployment["url"])
         predictions = "/api/v1.0/predictions"
         modes = {
@@ -155,7 +155,7 @@ def main() -> None:
                         seconds[name].append(time.perf_counter() - started)
             load_after = os.getloadavg()[0]
         finally:
-            deploy.stop_local(deployment["pid"])
+            deploy_local.stop_local(deployment["pid"])
 
     results = {name: percentiles(values) for name, values in seconds.items()}
     machine = determinism.environment_record({})

@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from petseg import release as releases  # noqa: E402
 from petseg import stages  # noqa: E402
+from petseg import tune as tuning  # noqa: E402
 
 # What compute steps (tune, train, calibrate, evaluate) ask of a cluster; local runs ignore it.
 # Change per run: python flows/seg_flow.py --config-value compute '{"gpu": 0, "cpu": 2, "memory": 4096}' run ...
@@ -61,6 +63,9 @@ class PetSegFlow(FlowSpec):
     tune_epochs = Parameter("tune_epochs", default=1, type=int, help="Epochs per tuning trial.")
     epochs = Parameter("epochs", default=12, type=int, help="Epochs for the final model.")
     arch = Parameter("arch", default="small", help="Model: small (fast on CPU) or mobilenetv2 (U-Net for real data).")
+    image_size = Parameter("image_size", default=128, type=int,
+                           help="Side of the square images the model sees (a multiple of 16); recorded in the "
+                                "release manifest, and the server resizes requests to it.")
     batch_size = Parameter("batch_size", default=0, type=int,
                            help="Batch size of the final model; 0 takes the tuned one.")
     min_miou = Parameter("min_miou", default=0.5, type=float,
@@ -77,10 +82,10 @@ class PetSegFlow(FlowSpec):
     @step
     def start(self):
         """Check the parameters and fix the run's settings."""
-        self.settings = stages.check_parameters(self)
-        self.parameters = stages.parameters(self)
+        self.parameters = stages.parameters({name: getattr(self, name) for name in current.parameter_names})
+        self.settings = stages.settings(self.parameters)
         self.blob_root = stages.blob_root(self._datastore)
-        self.pachyderm_address = stages.pachyderm_address(self.pachyderm)
+        self.lineage_target = stages.lineage_target(pachyderm=self.pachyderm, mode=self.lineage)
         self.lineage_graph = stages.lineage_start(code_version=self.settings["code_version"])
         self.next(self.ingest)
 
@@ -89,10 +94,13 @@ class PetSegFlow(FlowSpec):
     def ingest(self):
         """Read and validate the source, write shards, fingerprint the data set."""
         self.ingest_report = stages.ingest(source=self.source, feedback=self.feedback, skip_bad=self.skip_bad,
-                                           seed=self.seed, store=self.blob_root)
+                                           settings=self.settings, store=self.blob_root)
         self.dataset_fingerprint = self.ingest_report["fingerprint"]
         stages.tag_run(dataset=self.dataset_fingerprint)
-        self.lineage_graph = stages.lineage_record(self, "warehouse", {"ingest_report.json": self.ingest_report})
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "warehouse",
+                                                   {"ingest_report.json": self.ingest_report},
+                                                   target=self.lineage_target,
+                                                   dataset_fingerprint=self.dataset_fingerprint)
         self.next(self.transform)
 
     @step
@@ -100,8 +108,10 @@ class PetSegFlow(FlowSpec):
         """Split samples by the --split rule and write one shard set per split."""
         self.splits = stages.transform(shards=self.ingest_report["shards"], store=self.blob_root, rule=self.split,
                                        official_test=self.ingest_report.get("official_test"))
-        self.trial_configs = stages.sample_trials(n=self.trials, seed=self.seed)
-        self.lineage_graph = stages.lineage_record(self, "transform", {"splits.json": self.splits})
+        self.trial_configs = tuning.sample_trials(self.trials, seed=self.settings["seed"])
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "transform", {"splits.json": self.splits},
+                                                   target=self.lineage_target,
+                                                   dataset_fingerprint=self.dataset_fingerprint)
         self.next(self.tune, foreach="trial_configs")
 
     @compute_resources
@@ -117,9 +127,12 @@ class PetSegFlow(FlowSpec):
     def select(self, inputs):
         """Keep every trial's result and pick the best (lowest validation loss, ties by index)."""
         self.merge_artifacts(inputs, exclude=["trial"])
-        self.trial_results, self.best = stages.select([i.trial for i in inputs])
-        self.lineage_graph = stages.lineage_record(self, "tune", {"trials.json": self.trial_results,
-                                                                  "selected.json": self.best})
+        self.trial_results = sorted((i.trial for i in inputs), key=lambda trial: trial["index"])
+        self.best = tuning.select(self.trial_results)
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "tune", {"trials.json": self.trial_results,
+                                                                                "selected.json": self.best},
+                                                   target=self.lineage_target,
+                                                   dataset_fingerprint=self.dataset_fingerprint)
         self.next(self.train)
 
     @compute_resources
@@ -127,26 +140,28 @@ class PetSegFlow(FlowSpec):
     @step
     def train(self):
         """Train the final model with the selected settings; keep weights, fingerprint, logs, environment."""
-        stages.fault_drill("train")
         trained = stages.train(self.best, splits=self.splits, store=self.blob_root, arch=self.arch,
                                epochs=self.epochs, batch_size=self.batch_size, settings=self.settings)
         self.model_keras, self.model_fingerprint = trained["model_keras"], trained["fingerprint"]
         self.history, self.tensorboard_logs = trained["history"], trained["tensorboard_logs"]
         self.environment = trained["environment"]
         stages.tag_run(model=self.model_fingerprint)
-        self.lineage_graph = stages.lineage_record(self, "model", {"model.keras": self.model_keras,
-                                                                   "fingerprint.txt": self.model_fingerprint})
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "model",
+                                                   {"model.keras": self.model_keras,
+                                                    "fingerprint.txt": self.model_fingerprint},
+                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.calibrate)
 
     @compute_resources
     @step
     def calibrate(self):
         """Fit isotonic calibration on the calibration split; ECE before and after."""
-        stages.fault_drill("calibrate")
         self.calibration, self.calibration_report = stages.calibrate(
             self.model_keras, splits=self.splits, store=self.blob_root, settings=self.settings)
-        self.lineage_graph = stages.lineage_record(self, "calibrate", {"calibration.json": self.calibration,
-                                                                       "report.json": self.calibration_report})
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "calibrate",
+                                                   {"calibration.json": self.calibration,
+                                                    "report.json": self.calibration_report},
+                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.evaluate)
 
     @card(type="blank", id="report")
@@ -156,29 +171,41 @@ class PetSegFlow(FlowSpec):
         """The model beside the baselines on validation and test data, and the report card."""
         self.metrics, samples = stages.evaluate(self.model_keras, self.calibration, splits=self.splits,
                                                 store=self.blob_root, settings=self.settings)
-        stages.report_card(current.card["report"], metrics=self.metrics, history=self.history,
-                           trials=self.trial_results, calibration_report=self.calibration_report, samples=samples)
-        self.lineage_graph = stages.lineage_record(self, "evaluate", {"metrics.json": self.metrics})
+        stages.report_card(metrics=self.metrics, history=self.history, trials=self.trial_results,
+                           calibration_report=self.calibration_report, samples=samples)
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "evaluate", {"metrics.json": self.metrics},
+                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.release)
 
     @step
     def release(self):
         """Quality gate on validation mIoU; a passing model gets a manifest and a deployment."""
-        self.released, self.gate_message = stages.gate(self.metrics, min_miou=self.min_miou,
-                                                       min_margin=self.min_margin)
+        self.released, self.gate_message = releases.gate(self.metrics, min_miou=self.min_miou,
+                                                        min_margin=self.min_margin)
         print(self.gate_message)
-        self.manifest = stages.manifest(self) if self.released else None
-        self.deployment = stages.deploy(self, self.deploy) if self.released else None
+        self.manifest, self.deployment = None, None
+        if self.released:
+            self.manifest = stages.export_release(model_keras=self.model_keras, calibration=self.calibration,
+                                                  metrics=self.metrics, settings=self.settings,
+                                                  store=self.blob_root, **self._fingerprints())
+            self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port)
         stages.tag_run(release="accepted" if self.released else "rejected")
-        self.lineage_graph = stages.lineage_record(self, "release", {"manifest.json": self.manifest,
-                                                                     "decision.txt": self.gate_message})
+        self.lineage_graph = stages.lineage_record(self.lineage_graph, "release",
+                                                   {"manifest.json": self.manifest,
+                                                    "decision.txt": self.gate_message},
+                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.end)
 
     @step
     def end(self):
         """Summarise the run and say where to look."""
-        self.summary = stages.summary(self)
-        print(stages.closing_words(self))
+        self.summary = stages.summary(metrics=self.metrics, released=self.released, manifest=self.manifest,
+                                      deployment=self.deployment, **self._fingerprints())
+        print(stages.closing_words(self.summary, metrics=self.metrics, gate_message=self.gate_message))
+
+    def _fingerprints(self) -> dict:
+        """The run's data set and model fingerprints, as the step glue takes them."""
+        return {"dataset_fingerprint": self.dataset_fingerprint, "model_fingerprint": self.model_fingerprint}
 
 
 if __name__ == "__main__":

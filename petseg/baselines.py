@@ -19,7 +19,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from petseg.metrics import CLASSES, SegmentationMetrics
+from petseg.metrics import SegmentationMetrics
+from petseg.oxford import CLASSES
 
 NAMES = ("all-background", "mean-mask", "colour-position")
 COLOUR_LEVELS = 4

@@ -1,21 +1,15 @@
-"""The `petseg` command line: one subcommand per job, each defined in its own module."""
+"""The `petseg` command line: builds the parser from the command groups in petseg.commands and runs one command."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from petseg.commands import cluster, data, lineage, runs, serving
 from petseg.errors import PetsegError
 
-# Modules that define `add_parser(subparsers)`; each registers its subcommands.
-COMMAND_MODULES = (
-    "petseg.synth",
-    "petseg.runs",
-    "petseg.client",
-    "petseg.lineage",
-    "petseg.kubeconfig",
-)
+# Each group registers its commands; this order is the order of `petseg --help`.
+COMMAND_GROUPS = (data, runs, serving, lineage, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproducible pet segmentation: data, runs, serving and lineage.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(subparsers)
+    for group in COMMAND_GROUPS:
+        group.register(subparsers)
     return parser
 
 

@@ -1,32 +1,23 @@
-"""Talk to a served model: predictions, feedback, and the serve/stop commands.
+"""Client of a served model: send an image for prediction, or a labelled sample as feedback.
 
 `predict` sends an image (binData), writes the mask PNG and a side-by-side
 picture (input | predicted | thresholded) as the original notebook displayed
 it; `feedback` sends an image with its true trimap as a new labelled sample.
-
-Command line (registered by `add_parser`):
-
-    petseg predict --url URL IMAGE --out MASK.png
-    petseg feedback --url URL IMAGE TRUTH.png [--reward R] [--breed NAME]
-    petseg serve RUN [--port P]      # foreground, Ctrl-C stops it
-    petseg stop RUN
-
-RUN is a run id, ``PetSegFlow/<id>``, ``latest``, or a release directory.
+The ``petseg predict`` and ``petseg feedback`` commands (petseg.commands.serving)
+call them.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import requests
 from PIL import Image
 
-from petseg.errors import DataError, RunError, ServingError
+from petseg.errors import DataError, ServingError
 
 PREDICT_PATH = "/api/v1.0/predictions"
 FEEDBACK_PATH = "/api/v1.0/feedback"
@@ -172,91 +163,3 @@ def _post(url: str, path: str, message: dict, *, timeout: float) -> dict:
     if not isinstance(body, dict):
         raise ServingError(f"{endpoint} answered with something else than a JSON object")
     return body
-
-
-# -- command line -----------------------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> None:
-    """Registers ``predict``, ``feedback``, ``serve`` and ``stop``."""
-    command = subparsers.add_parser("predict", help="segment an image with a served model")
-    command.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9000")
-    command.add_argument("image", help="a JPEG or PNG image")
-    command.add_argument("--out", required=True,
-                         help="mask PNG to write (probabilities * 255, RGB = pet, background, border)")
-    command.add_argument("--figure", help="side-by-side picture to write (default: beside the mask)")
-    command.set_defaults(handler=_predict_command)
-
-    command = subparsers.add_parser("feedback", help="send an image with its true trimap as a new labelled sample")
-    command.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9000")
-    command.add_argument("image", help="a JPEG or PNG image")
-    command.add_argument("truth", help="its trimap PNG (1 pet, 2 background, 3 border)")
-    command.add_argument("--reward", type=float, default=1.0, help="how good the served prediction was (default 1.0)")
-    command.add_argument("--breed", help="the pet's Oxford breed name, e.g. Abyssinian or beagle")
-    command.set_defaults(handler=_feedback_command)
-
-    command = subparsers.add_parser("serve", help="serve a run's released model in the foreground (Ctrl-C stops it)")
-    command.add_argument("run", help="run id, PetSegFlow/<id>, latest, or a release directory")
-    command.add_argument("--port", type=int, default=9000, help="REST port (default 9000)")
-    command.set_defaults(handler=_serve_command)
-
-    command = subparsers.add_parser("stop", help="stop the local deployment of a run")
-    command.add_argument("run", help="run id, PetSegFlow/<id>, latest, or a release directory")
-    command.set_defaults(handler=_stop_command)
-
-
-def _predict_command(args: argparse.Namespace) -> int:
-    result = predict(args.url, args.image, args.out, figure_path=args.figure)
-    print(f"mask:    {result['mask']}")
-    print(f"figure:  {result['figure']}")
-    print(f"model:   {result['tags'].get('model_version', '?')}")
-    return 0
-
-
-def _feedback_command(args: argparse.Namespace) -> int:
-    result = feedback(args.url, args.image, args.truth, args.reward, breed=args.breed)
-    print(f"stored sample {result.get('sample_id')} in {result.get('store')}")
-    return 0
-
-
-def _serve_command(args: argparse.Namespace) -> int:
-    from petseg import deploy
-
-    if Path(args.run).is_dir():
-        return deploy.serve_foreground(args.run, args.port)
-    manifest = _release_data(args.run, "manifest")
-    return deploy.serve_foreground(manifest["model_uri"], args.port, fingerprint=manifest["model_fingerprint"])
-
-
-def _stop_command(args: argparse.Namespace) -> int:
-    from petseg import deploy
-
-    if Path(args.run).is_dir():
-        record = Path(args.run) / "deployment.json"
-        if not record.is_file():
-            raise ServingError(f"{args.run} has no deployment.json: it was not deployed with deploy_local")
-        deployment = json.loads(record.read_text(encoding="utf-8"))
-    else:
-        deployment = _release_data(args.run, "deployment")
-    if deployment.get("kind") == "kubernetes":
-        raise ServingError(
-            f"{args.run} is served on Kubernetes: `kubectl delete seldondeployment {deployment['name']} "
-            f"-n {deployment['namespace']}` stops it"
-        )
-    stopped = deploy.stop_local(int(deployment["pid"]))
-    print(f"{'stopped' if stopped else 'was not running:'} {deployment['url']} (pid {deployment['pid']})")
-    return 0
-
-
-def _release_data(spec: str, name: str) -> dict:
-    """An artifact of a run's release step (``manifest`` or ``deployment``)."""
-    from petseg.runs import resolve_run
-
-    run = resolve_run(spec)
-    try:
-        value = getattr(run["release"].task.data, name, None)
-    except KeyError:
-        value = None  # the run never reached its release step
-    if not value:
-        raise RunError(f"run {run.pathspec} has no {name}: its model was not released or not deployed")
-    return value

@@ -1,7 +1,7 @@
-"""Read the pet data from wherever it lives, check every sample, and shard it.
+"""Check every sample of a data source and shard it; route shards into splits.
 
-``ingest`` is the warehouse stage: it brings a source into a local directory
-in the Oxford-IIIT Pet layout (``images/<id>.jpg``,
+``ingest`` is the warehouse stage: it brings a source (`petseg.sources`) into a
+local directory in the Oxford-IIIT Pet layout (``images/<id>.jpg``,
 ``annotations/trimaps/<id>.png``, ``annotations/list.txt``), checks each
 sample, resizes it to ``image_size`` and streams it into TFRecord shards,
 sorted by id. ``transform`` then routes the shards' records into per-split
@@ -14,36 +14,25 @@ place only when everything succeeded, so a failure leaves no partial output.
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from petseg import archive, synth
+from petseg import oxford, storage
 from petseg import shards as shard_files
 from petseg.errors import ConfigError, DataError
-from petseg.split import SPLITS, split_of
+from petseg.oxford import SPLITS
+from petseg.sources import ACCEPTED_SOURCES, stage
+from petseg.split import split_of
 
-ACCEPTED_SOURCES = (
-    "synth:COUNT (the embedded data set), a directory holding images.tar.gz and annotations.tar.gz "
-    "or the extracted images/ and annotations/, a path to images.tar.gz (annotations.tar.gz beside it), "
-    "http(s)://HOST/DIR/ holding both archives, s3://BUCKET/PREFIX/ holding both archives or the extracted layout, "
-    "tfds:oxford_iiit_pet"
-)
 
-TRIMAP_VALUES = (1, 2, 3)
-"""Oxford trimap labels: 1 pet, 2 background, 3 border."""
-
-_DOWNLOAD_TIMEOUT_S = 60
+IMAGE_SIZE = 128
+"""Default side of the square images and trimaps in shards (a run records its own, see the flow's --image_size)."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +52,12 @@ class Sample:
     @property
     def image(self) -> str:
         """Path of the image relative to ``root``."""
-        return f"images/{self.id}.jpg"
+        return oxford.image_file(self.id)
 
     @property
     def trimap(self) -> str:
         """Path of the trimap relative to ``root``."""
-        return f"annotations/trimaps/{self.id}.png"
+        return oxford.trimap_file(self.id)
 
 
 class BadSample(Exception):
@@ -86,7 +75,7 @@ def ingest(
     seed: int = 0,
     skip_bad: bool = False,
     feedback: str | None = None,
-    image_size: int = 128,
+    image_size: int = IMAGE_SIZE,
     shard_size: int = 128,
     s3_endpoint_url: str | None = None,
     data_dir: str | None = None,
@@ -211,152 +200,6 @@ def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128,
     }
 
 
-# ---------------------------------------------------------------- sources
-
-
-def stage(
-    source: str, dest: Path, *, seed: int = 0, s3_endpoint_url: str | None = None, data_dir: str | None = None
-) -> Path:
-    """Bring a source into a local directory in the Oxford layout.
-
-    Args:
-        source: one of :data:`ACCEPTED_SOURCES`.
-        dest: scratch directory for downloads and extraction.
-        seed: seed of the embedded data set (``synth:COUNT``).
-        s3_endpoint_url: endpoint of a non-AWS S3 server.
-        data_dir: tensorflow-datasets data directory.
-
-    Returns:
-        A directory holding ``images/`` and ``annotations/`` (``dest``, or
-        the source itself when it is an extracted local directory).
-
-    Raises:
-        DataError: the source does not exist, cannot be fetched, or is of no
-            accepted form.
-    """
-    if source.startswith("synth:"):
-        count = source.removeprefix("synth:")
-        if not count.isdigit() or int(count) < 1:
-            raise DataError(f"source {source!r}: expected synth:COUNT with COUNT a positive integer")
-        images, annotations = synth.write_archives(dest / "archives", count=int(count), seed=seed)
-        return _extract_pair(images, annotations, dest)
-    if source.startswith(("http://", "https://")):
-        return _from_http(source, dest)
-    if source.startswith("s3://"):
-        return _from_s3(source, dest, endpoint_url=s3_endpoint_url)
-    if source.startswith("tfds:"):
-        return _from_tfds(source, dest, data_dir=data_dir)
-    path = Path(source)
-    if path.is_file():
-        return _extract_pair(path, path.with_name("annotations.tar.gz"), dest)
-    if (path / "images.tar.gz").is_file():
-        return _extract_pair(path / "images.tar.gz", path / "annotations.tar.gz", dest)
-    if (path / "images").is_dir():
-        return path
-    what = "holds neither images.tar.gz nor images/" if path.is_dir() else "does not exist"
-    raise DataError(f"source {source!r} {what}; accepted sources: {ACCEPTED_SOURCES}")
-
-
-def _extract_pair(images: Path, annotations: Path, dest: Path) -> Path:
-    if not annotations.is_file():
-        raise DataError(f"{annotations} not found: annotations.tar.gz must sit beside {images.name}")
-    archive.safe_extract(images, dest)
-    archive.safe_extract(annotations, dest)
-    return dest
-
-
-def _from_http(source: str, dest: Path) -> Path:
-    base = source.rsplit("/", 1)[0] if source.endswith(".tar.gz") else source.rstrip("/")
-    downloads = dest / "archives"
-    downloads.mkdir(parents=True)
-    for name in ("images.tar.gz", "annotations.tar.gz"):
-        url = f"{base}/{name}"
-        try:
-            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-                with open(downloads / name, "wb") as sink:
-                    shutil.copyfileobj(response, sink)
-        except urllib.error.HTTPError as exc:
-            raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; "
-                            f"expected {base}/ to hold images.tar.gz and annotations.tar.gz") from exc
-        except OSError as exc:  # URLError included: no connection, bad host, timeout
-            raise DataError(f"{url}: cannot download ({getattr(exc, 'reason', exc)})") from exc
-    return _extract_pair(downloads / "images.tar.gz", downloads / "annotations.tar.gz", dest)
-
-
-def _from_s3(source: str, dest: Path, *, endpoint_url: str | None) -> Path:
-    """Download both archives under the prefix, or else its images/ and annotations/ objects."""
-    import boto3  # only this source needs it
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    parsed = urlparse(source)
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
-    if not bucket:
-        raise DataError(f"source {source!r} has no bucket; expected s3://BUCKET/PREFIX/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    client = boto3.client("s3", endpoint_url=endpoint_url)
-    try:
-        keys = [
-            item["Key"]
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for item in page.get("Contents", [])
-        ]
-        relative = {key[len(prefix):]: key for key in keys if not key.endswith("/")}
-        archives = "images.tar.gz" in relative
-        if archives:
-            wanted, downloads = ["images.tar.gz", "annotations.tar.gz"], dest / "archives"
-        else:
-            wanted, downloads = sorted(name for name in relative if name.startswith(("images/", "annotations/"))), dest
-        for name in wanted:
-            if name not in relative:
-                raise DataError(f"s3://{bucket}/{prefix}{name} not found: "
-                                "annotations.tar.gz must sit beside images.tar.gz")
-            target = downloads.joinpath(*archive.safe_relative_path(name, where=source).parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, relative[name], str(target))
-    except (BotoCoreError, ClientError) as exc:
-        raise DataError(f"{source}: cannot read from S3 ({exc})") from exc
-    if archives:
-        return _extract_pair(downloads / "images.tar.gz", downloads / "annotations.tar.gz", dest)
-    return dest
-
-
-def _from_tfds(source: str, dest: Path, *, data_dir: str | None) -> Path:
-    """Write the builder's examples, with their original encoded bytes, in the Oxford layout."""
-    name = source.removeprefix("tfds:")
-    if name.split(":")[0] != "oxford_iiit_pet":
-        raise DataError(f"source {source!r}: only tfds:oxford_iiit_pet (optionally :VERSION) is supported")
-    import tensorflow_datasets as tfds  # slow to import; only this source needs it
-    builder = tfds.builder(name, data_dir=data_dir)
-    try:
-        builder.download_and_prepare()
-    except OSError as exc:
-        raise DataError(f"{source}: cannot prepare the data set ({exc}); prepare it on a machine with network access "
-                        "(`tfds build oxford_iiit_pet --data_dir DIR`) and pass data_dir") from exc
-    # Skipping decoding keeps the JPEG and PNG bytes as released, so content hashes match the archives.
-    raw = {"image": tfds.decode.SkipDecoding(), "segmentation_mask": tfds.decode.SkipDecoding()}
-    (dest / "images").mkdir(parents=True)
-    (dest / "annotations" / "trimaps").mkdir(parents=True)
-    lines = []
-    official = {"trainval": [], "test": []}  # tfds' train and test splits are the official lists
-    examples = ((name, example) for name, split in (("trainval", "train"), ("test", "test"))
-                for example in builder.as_dataset(split=split, decoders=raw, shuffle_files=False).as_numpy_iterator())
-    for split_name, example in examples:
-        file_name = example["file_name"].decode()
-        if "/" in file_name or not file_name.endswith(".jpg"):
-            raise DataError(f"{source}: example file_name {file_name!r} is not an Oxford image name "
-                            "like Abyssinian_1.jpg")
-        sample_id = file_name.removesuffix(".jpg")
-        (dest / "images" / file_name).write_bytes(example["image"])
-        (dest / "annotations" / "trimaps" / f"{sample_id}.png").write_bytes(example["segmentation_mask"])
-        lines.append(synth.list_line(sample_id, synth.BREEDS[int(example["label"])]))
-        official[split_name].append(lines[-1])
-    (dest / "annotations" / "list.txt").write_text(synth.LIST_HEADER + "".join(sorted(lines)))
-    for name, listed in official.items():
-        (dest / "annotations" / f"{name}.txt").write_text("".join(sorted(listed)))
-    return dest
-
-
 # ---------------------------------------------------------------- samples
 
 
@@ -386,19 +229,8 @@ def read_species(root: Path) -> dict[str, str]:
     Raises:
         DataError: a line is not ``Image CLASS-ID SPECIES BREED-ID`` with SPECIES 1 or 2.
     """
-    listing = root / "annotations" / "list.txt"
-    if not listing.is_file():
-        return {}
-    species = {}
-    for number, line in enumerate(listing.read_text().splitlines(), start=1):
-        if line.startswith("#") or not line.strip():
-            continue
-        fields = line.split()
-        if len(fields) != 4 or fields[2] not in ("1", "2"):
-            raise DataError(f"annotations/list.txt line {number}: {line!r}; expected 'Image CLASS-ID SPECIES BREED-ID' "
-                            "with SPECIES 1 (cat) or 2 (dog)")
-        species[fields[0]] = "cat" if fields[2] == "1" else "dog"
-    return species
+    listing = root / oxford.LIST_FILE
+    return oxford.parse_species(listing.read_text()) if listing.is_file() else {}
 
 
 def read_official_test(root: Path) -> list[str] | None:
@@ -407,7 +239,7 @@ def read_official_test(root: Path) -> list[str] | None:
     Raises:
         DataError: only one of ``trainval.txt`` and ``test.txt`` is present.
     """
-    files = {name: root / "annotations" / f"{name}.txt" for name in ("trainval", "test")}
+    files = {name: root / "annotations" / f"{name}.txt" for name in oxford.OFFICIAL_LISTS}
     present = [name for name, path in files.items() if path.is_file()]
     if not present:
         return None
@@ -415,12 +247,7 @@ def read_official_test(root: Path) -> list[str] | None:
         missing = next(name for name in files if name not in present)
         raise DataError(f"annotations/{present[0]}.txt is present but annotations/{missing}.txt is not: "
                         "the official split needs both files (or neither)")
-    ids = []
-    for line in files["test"].read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        ids.append(line.split()[0])
-    return sorted(ids)
+    return sorted(oxford.listed_ids(files["test"].read_text()))
 
 
 def _merge(samples: list[Sample], extra: list[Sample]) -> list[Sample]:
@@ -463,7 +290,7 @@ def prepare(sample: Sample, *, image_size: int) -> tuple[bytes, str]:
         raise BadSample(sample.trimap, f"trimap is {trimap.width}x{trimap.height} but {sample.image} is "
                                        f"{image.width}x{image.height} (width x height); expected the same size")
     labels = np.asarray(trimap)
-    bad = ~np.isin(labels, TRIMAP_VALUES)
+    bad = ~np.isin(labels, oxford.TRIMAP_VALUES)
     if bad.any():
         row, column = (int(i) for i in np.argwhere(bad)[0])
         values = np.unique(labels[bad]).tolist()
@@ -499,13 +326,6 @@ def _output_dir(out_dir: Path) -> Iterator[tuple[Path, Path]]:
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
         raise DataError(f"output directory {out_dir} already exists and is not empty; choose a new or empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".partial", dir=out_dir.parent))
-    try:
-        out = scratch / "out"
-        out.mkdir()
-        yield scratch, out
-        if out_dir.is_dir():
-            out_dir.rmdir()
-        os.replace(out, out_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as scratch:
+        with storage.staged_directory(out_dir) as out:
+            yield Path(scratch), out

@@ -2,27 +2,24 @@
 
 Every message names the bad value (file, field, run) and says what was
 expected or how to fix it. The command line prints these as one line; the
-serving edge turns them into HTTP 4xx answers.
-
-They derive from Metaflow's exception so that a flow step failing on bad
-input prints the message alone, without a Python traceback.
+serving edge turns them into HTTP 4xx answers; the flow's step glue
+(`petseg.stages`) hands them to Metaflow as messages without a traceback.
+Nothing here depends on Metaflow, so the model server does not import it.
 """
 
-from metaflow.exception import MetaflowException
 
-
-class PetsegError(MetaflowException):
+class PetsegError(Exception):
     """Base class: a problem the user can act on (never a bug in petseg)."""
 
     headline = "petseg"
 
-    def __init__(self, message: str = ""):
-        super().__init__(message)
-        self.args = (message,)  # as a plain Exception: pickles and prints the same
-
 
 class DataError(PetsegError):
     """A source, archive, image or trimap is missing or malformed."""
+
+
+class StorageError(DataError):
+    """A file or object could not be read or written where it lives (a directory or S3)."""
 
 
 class ConfigError(PetsegError):

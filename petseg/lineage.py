@@ -1,4 +1,4 @@
-"""Lineage: what each stage of a petseg run read and wrote, and where it lives.
+"""Lineage graph: what each stage of a petseg run read and wrote, as a plain dict.
 
 A run's lineage is a plain, JSON-able dict (the *graph*) that the flow keeps
 as an artifact, with or without Pachyderm::
@@ -17,52 +17,16 @@ Stages and their parents are fixed (``STAGES``): warehouse; transform <-
 warehouse; tune <- transform; model <- transform, tune; calibrate <- model,
 transform; evaluate <- calibrate; release <- evaluate.
 
-Mirroring to Pachyderm (``mirror_stage``) is optional: project ``petseg``,
-one repo per stage, branch ``master``, and branch provenance wired as the
-stage parents, so that Pachyderm itself answers "which data and model made
-this release".
-
-How stage commits relate in Pachyderm. pachd refuses StartCommit on a branch
-that has provenance ("cannot start a commit on an output branch"): commits on
-such branches are made by Pachyderm, when a commit lands upstream. Every
-commit started on an input branch creates, in the same *commit set* (same
-commit id), an open commit on every branch downstream of it, with direct
-provenance on the upstream commits. petseg uses exactly that instead of
-fighting it:
-
-- The warehouse stage (the only input repo) starts a commit on
-  ``warehouse@master``. Pachyderm opens commits with the same id in
-  transform, tune, model, calibrate, evaluate and release: one commit set is
-  one petseg run, and ``pachctl inspect commit-set ID`` shows it whole.
-- Each later stage writes its files into its repo's open commit of that set
-  and finishes it, as a pipeline would with its output commit. The commit
-  set id travels from stage to stage in the graph.
-- So provenance between commits is Pachyderm's own, not a convention in a
-  description; an open commit in a later repo means "stage not run (yet)".
-
-The warehouse stage also creates the project, repos and branches when they
-are missing (idempotently); later stages only touch their own commit.
-
-Atomicity: all files of a stage go in one ModifyFile stream, which pachd
-applies only once the stream completes, and the commit is finished after it.
-If an attempt fails after the warehouse commit was started, that commit (with
-the empty ones it opened downstream) is dropped; a later stage's commit is
-cleared back to empty, since it cannot leave its commit set. When pachd is
-unreachable, that cleanup cannot happen, so every attempt first looks for the
-stage's commit of this run: a finished one is reused (no duplicate), an open
-one is written again from scratch and finished. Transient failures (pachd
-unreachable or restarting) are retried with exponential backoff.
+This module builds, joins, searches and prints graphs. The ``pachyderm``
+entries are filled by ``petseg.pachyderm.mirror_stage``, which mirrors a
+recorded stage into Pachyderm; nothing here talks to Pachyderm.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
-import json
 import posixpath
-import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -70,8 +34,6 @@ from typing import Any, Union
 from petseg.errors import ConfigError, LineageError
 
 FORMAT = 1
-PROJECT = "petseg"
-BRANCH = "master"
 STAGES: dict[str, tuple[str, ...]] = {
     "warehouse": (),
     "transform": ("warehouse",),
@@ -86,9 +48,6 @@ FileSource = Union[str, Path, bytes]
 
 _CHUNK = 1024 * 1024
 _SHORT = 12
-
-
-# -- the graph -----------------------------------------------------------------
 
 
 def new_graph(*, pathspec: str, code_version: str) -> dict:
@@ -131,10 +90,10 @@ def describe_files(files: Mapping[str, FileSource]) -> dict[str, dict]:
     described = {}
     for name, source in files.items():
         digest, size = hashlib.sha256(), 0
-        for chunk in _chunks(source, name):
+        for chunk in file_chunks(source, name):
             digest.update(chunk)
             size += len(chunk)
-        described[_repo_path(name)] = {"sha256": digest.hexdigest(), "size": size}
+        described[output_path(name)] = {"sha256": digest.hexdigest(), "size": size}
     return dict(sorted(described.items()))
 
 
@@ -146,14 +105,11 @@ def record_stage(
     pathspec: str,
     dataset_fingerprint: str | None = None,
     model_fingerprint: str | None = None,
-    address: str | None = None,
-    required: bool = True,
-    attempts: int = 5,
-    delay: float = 1.0,
 ) -> dict:
-    """Add one stage to the graph and, given an address, mirror it to Pachyderm.
+    """Add one stage to the graph (not yet mirrored: its ``pachyderm`` entry is None).
 
-    This is the one call a flow step makes, after writing its outputs.
+    A flow step calls it after writing its outputs, then hands the result to
+    ``petseg.pachyderm.mirror_stage`` when a Pachyderm mirror is configured.
 
     Args:
         graph: the run's graph so far (not modified).
@@ -162,20 +118,14 @@ def record_stage(
         pathspec: the Metaflow task doing the stage (``current.pathspec``).
         dataset_fingerprint: set it once known (warehouse stage).
         model_fingerprint: set it once known (model stage).
-        address: pachd address (``host:port`` or ``grpc://host:port``); None
-            records the graph only.
-        required: when Pachyderm cannot be reached, raise (True) or warn and
-            record what was not mirrored (False).
-        attempts: tries before giving up on an unreachable pachd.
-        delay: seconds before the second try, doubled after each failure.
 
     Returns:
         A new graph including the stage.
 
     Raises:
-        LineageError: a bad stage or file, or (when required) a failed mirror.
+        LineageError: a bad stage, pathspec or file.
     """
-    _check_stage(stage)
+    check_stage(stage)
     flow, run_id = _run_of(pathspec)
     new = copy.deepcopy(graph)
     # After a resume the graph comes from the origin run; it now belongs here.
@@ -190,16 +140,6 @@ def record_stage(
         "outputs": describe_files(files),
         "pachyderm": None,
     }
-    if address:
-        record = mirror_stage(
-            new, stage, files=files, address=address, required=required,
-            attempts=attempts, delay=delay,
-        )
-        new["stages"][stage]["pachyderm"] = record
-        if record["mirrored"] and stage == "warehouse":
-            new["pachyderm"] = {
-                "address": address, "project": PROJECT, "commit_set": record["commit"]
-            }
     return new
 
 
@@ -278,417 +218,14 @@ def format_graph(graph: dict) -> str:
     return "\n".join(lines)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``petseg lineage`` (its code lives in ``petseg.lineage_cli``)."""
-    from petseg import lineage_cli
-
-    return lineage_cli.add_parser(subparsers)
-
-
-# -- the Pachyderm mirror ------------------------------------------------------
-
-
-class _Transient(Exception):
-    """A failure worth retrying: pachd unreachable or restarting."""
-
-
-def mirror_stage(
-    graph: dict,
-    stage: str,
-    *,
-    files: Mapping[str, FileSource],
-    address: str,
-    required: bool = True,
-    attempts: int = 5,
-    delay: float = 1.0,
-) -> dict:
-    """Write one stage of one run as one finished commit in its Pachyderm repo.
-
-    The graph must already hold the stage (``record_stage``) and, for any stage
-    after warehouse, the commit set of the run's mirrored warehouse stage.
-    Calling it again for the same run and stage reuses the finished commit.
-
-    Args:
-        graph: the run's graph, including ``stage``.
-        stage: one of ``STAGES``.
-        files: the stage's outputs: path in repo -> local file or bytes.
-        address: pachd address, ``host:port`` or ``grpc://host:port``.
-        required: raise when the stage could not be mirrored (True), or warn
-            and return a record saying so (False).
-        attempts: tries before giving up on an unreachable pachd.
-        delay: seconds before the second try, doubled after each failure.
-
-    Returns:
-        ``{"stage", "mirrored": True, "address", "project", "repo", "branch",
-        "commit", "reused"}``, or ``{"stage", "mirrored": False, "address",
-        "error", "files"}`` when best-effort and not mirrored.
-
-    Raises:
-        ConfigError: the address is malformed.
-        LineageError: ``required`` and the stage could not be mirrored.
-    """
-    _check_stage(stage)
-    if stage not in graph["stages"]:
-        raise LineageError(f"stage {stage} is not in the lineage graph: record it first")
-    _Connection(address).close()  # a malformed address is a ConfigError, never retried
-    if STAGES[stage] and not (graph.get("pachyderm") or {}).get("commit_set"):
-        record, error = None, (
-            f"the warehouse stage of {graph['pathspec']} was not mirrored, so there is"
-            " no Pachyderm commit set to add to; rerun the flow with Pachyderm reachable"
-        )
-    else:
-        record, error = _mirror_with_retries(graph, stage, files, address, attempts, delay)
-    if record is not None:
-        return record
-    message = f"stage {stage} was not mirrored: {error}"
-    if required:
-        raise LineageError(f"{message} (or make lineage best-effort to run on without it)")
-    warnings.warn(message, stacklevel=2)
-    return {
-        "stage": stage,
-        "mirrored": False,
-        "address": address,
-        "error": error,
-        "files": sorted(graph["stages"][stage]["outputs"]),
-    }
-
-
-def _mirror_with_retries(graph, stage, files, address, attempts, delay) -> tuple[dict | None, str]:
-    """The mirror record, or None and why there is none."""
-    error = ""
-    for attempt in range(max(1, attempts)):
-        if attempt:
-            time.sleep(delay * 2 ** (attempt - 1))
-        try:
-            return _mirror_once(graph, stage, files, address), ""
-        except _Transient as exc:
-            error = (
-                f"cannot reach Pachyderm at {address} after {attempt + 1} attempt(s)"
-                f" ({exc}). Check that pachd is running and that this address"
-                " reaches it (e.g. `pachctl port-forward`, or the cluster's pachd service)"
-            )
-        except LineageError as exc:
-            return None, str(exc)
-    return None, error
-
-
-class _Connection:
-    """A pachyderm-sdk Client for one attempt, closed afterwards."""
-
-    def __init__(self, address: str):
-        from pachyderm_sdk import Client
-
-        try:
-            self.sdk = Client.from_pachd_address(address)
-        except ValueError as exc:
-            raise ConfigError(
-                f"bad Pachyderm address {address!r} ({exc}): use host:port or grpc://host:port"
-            ) from None
-
-    def close(self) -> None:
-        # pachyderm-sdk 2.12 has no public close(); its channel has one.
-        channel = getattr(self.sdk, "_channel", None)
-        if channel is not None:
-            channel.close()
-
-
-def _mirror_once(graph: dict, stage: str, files: Mapping[str, FileSource], address: str) -> dict:
-    """One attempt; transient gRPC failures come out as ``_Transient``."""
-    import grpc
-
-    transient = {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-    }
-    client = _Connection(address)
-    try:
-        if STAGES[stage]:
-            commit_id, reused = _mirror_downstream(client.sdk, graph, stage, files)
-        else:
-            _ensure_layout(client.sdk)
-            commit_id, reused = _mirror_input(client.sdk, graph, stage, files)
-    except grpc.RpcError as exc:
-        if exc.code() in transient:
-            raise _Transient(f"{exc.code().name}: {exc.details()}") from None
-        raise LineageError(
-            f"Pachyderm at {address} refused stage {stage}: {exc.code().name}: {exc.details()}"
-        ) from None
-    except ConnectionError as exc:
-        raise _Transient(str(exc).strip()) from None
-    finally:
-        client.close()
-    return {
-        "stage": stage,
-        "mirrored": True,
-        "address": address,
-        "project": PROJECT,
-        "repo": stage,
-        "branch": BRANCH,
-        "commit": commit_id,
-        "reused": reused,
-    }
-
-
-def _ensure_layout(client) -> None:
-    """Create the project, repos and branches with provenance, if missing."""
-    import grpc
-    from pachyderm_sdk.api import pfs
-
-    project = pfs.Project(name=PROJECT)
-    if not client.pfs.project_exists(project):
-        _tolerate_exists(
-            lambda: client.pfs.create_project(
-                project=project, description="petseg: one repo per workflow stage"
-            )
-        )
-    for stage, parents in STAGES.items():
-        branch, wanted = _branch(stage), [_branch(parent) for parent in parents]
-        try:
-            info = client.pfs.inspect_branch(branch=branch)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            info = None
-        if info is None:
-            if not client.pfs.repo_exists(branch.repo):
-                _tolerate_exists(
-                    lambda: client.pfs.create_repo(
-                        repo=branch.repo, description=f"petseg stage {stage}"
-                    )
-                )
-            client.pfs.create_branch(branch=branch, provenance=wanted)
-            if parents:
-                _seal_initial_commit(client, branch)
-        elif sorted(map(str, info.direct_provenance)) != sorted(map(str, wanted)):
-            client.pfs.create_branch(branch=branch, provenance=wanted)
-
-
-def _seal_initial_commit(client, branch) -> None:
-    """Finish the empty commit pachd opens on a new branch with provenance.
-
-    Left open it would read as a stage that never ran; no petseg run owns it.
-    """
-    import grpc
-
-    head = client.pfs.inspect_branch(branch=branch).head
-    if head.id and not _finished(client.pfs.inspect_commit(commit=head)):
-        try:
-            client.pfs.finish_commit(commit=head, description="petseg: empty initial commit")
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # finished meanwhile
-                raise
-
-
-def _mirror_input(client, graph: dict, stage: str, files) -> tuple[str, bool]:
-    """The warehouse stage: a commit on the input branch, opening the commit set."""
-    description = _description(graph, stage)
-    existing = _find_run_commit(client, graph, stage)
-    if existing is not None and _finished(existing):
-        return _reuse(existing, graph, stage)
-    if existing is not None:
-        # An earlier attempt of this run died before finishing: its commit
-        # (and the set it opened downstream) is written again, not duplicated.
-        commit = existing.commit
-    else:
-        commit = client.pfs.start_commit(
-            branch=_branch(stage), parent=_last_finished(client, _branch(stage)),
-            description=description,
-        )
-    try:
-        _write_files(client, commit, files)
-        client.pfs.finish_commit(commit=commit, description=description)
-    except BaseException:
-        # Drop it with the empty commits it opened downstream; if a later
-        # run already built on them, at least leave it empty.
-        if not _try(lambda: client.pfs.drop_commit(commit=commit, recursive=True)):
-            _try(lambda: client.pfs.clear_commit(commit=commit))
-        raise
-    return commit.id, False
-
-
-def _mirror_downstream(client, graph: dict, stage: str, files) -> tuple[str, bool]:
-    """A later stage: fill and finish its repo's open commit of the run's commit set."""
-    import grpc
-    from pachyderm_sdk.api import pfs
-
-    commit_set = graph["pachyderm"]["commit_set"]
-    commit = pfs.Commit(repo=_repo(stage), id=commit_set)
-    try:
-        info = client.pfs.inspect_commit(commit=commit)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        raise LineageError(
-            f"commit set {commit_set} has no commit in repo {PROJECT}/{stage}: the"
-            " repo or its provenance was changed after the warehouse stage ran;"
-            " rerun the flow"
-        ) from None
-    if _finished(info):
-        return _reuse(info, graph, stage)
-    description = _description(graph, stage)
-    try:
-        _write_files(client, commit, files)
-        client.pfs.finish_commit(commit=commit, description=description)
-    except BaseException:
-        # This commit belongs to the commit set and cannot be dropped alone;
-        # clearing it leaves it open and empty: "stage not run".
-        _try(lambda: client.pfs.clear_commit(commit=commit))
-        raise
-    return commit_set, False
-
-
-def _write_files(client, commit, files: Mapping[str, FileSource]) -> None:
-    """All files in one ModifyFile stream, replacing what the parent held."""
-    from pachyderm_sdk.api import pfs
-
-    def requests() -> Iterator[pfs.ModifyFileRequest]:
-        yield pfs.ModifyFileRequest(set_commit=commit)
-        # A commit starts as a copy of its parent (the previous run's stage).
-        yield pfs.ModifyFileRequest(delete_file=pfs.DeleteFile(path="/"))
-        for name, source in sorted(files.items()):
-            path = "/" + _repo_path(name)
-            yield pfs.ModifyFileRequest(add_file=pfs.AddFile(path=path, raw=b""))
-            for chunk in _chunks(source, name):
-                yield pfs.ModifyFileRequest(add_file=pfs.AddFile(path=path, raw=chunk))
-
-    client.pfs.modify_file(requests())
-
-
-def _find_run_commit(client, graph: dict, stage: str):
-    """The newest commit of ``stage`` written for this run, or None."""
-    for info in client.pfs.list_commit(repo=_repo(stage)):
-        meta = _parse_description(info.description)
-        if meta and meta.get("stage") == stage and meta.get("run") == graph["pathspec"]:
-            return info
-    return None
-
-
-def _last_finished(client, branch):
-    """The newest finished commit on a branch.
-
-    pachd refuses an open parent; a commit left open by a run that died (and
-    never retried) must not block the next runs.
-    """
-    head = client.pfs.inspect_branch(branch=branch).head
-    while head is not None and head.id:
-        info = client.pfs.inspect_commit(commit=head)
-        if _finished(info):
-            return info.commit
-        head = info.parent_commit
-    return None
-
-
-def _reuse(info, graph: dict, stage: str) -> tuple[str, bool]:
-    """Accept an existing finished commit for this stage, or explain why not."""
-    meta = _parse_description(info.description)
-    if meta is None:
-        raise LineageError(
-            f"commit {info.commit.id} in {PROJECT}/{stage} is finished but was not"
-            " written by petseg; it cannot hold this run's stage"
-        )
-    outputs = graph["stages"][stage]["outputs"]
-    if meta.get("outputs") == outputs:
-        return info.commit.id, True
-    if meta.get("run") == graph["pathspec"]:
-        # A retried step: the commit of the first attempt stays (commits are
-        # immutable), though files such as a saved model differ in bytes.
-        warnings.warn(
-            f"stage {stage} of {graph['pathspec']} is already in Pachyderm"
-            f" (commit {info.commit.id}) with outputs of an earlier attempt",
-            stacklevel=4,
-        )
-        return info.commit.id, True
-    raise LineageError(
-        f"stage {stage} of commit set {info.commit.id} was already recorded by"
-        f" {meta.get('run')} with other outputs; commits are immutable, so start"
-        " a new run rather than resuming that one"
-    )
-
-
-def _description(graph: dict, stage: str) -> str:
-    """The commit description: a headline, then the run's metadata as JSON."""
-    entry = graph["stages"][stage]
-    meta = {
-        "petseg": FORMAT,
-        "stage": stage,
-        "parents": entry["parents"],
-        "run": graph["pathspec"],
-        "run_id": graph["run_id"],
-        "pathspec": entry["pathspec"],
-        "code_version": graph["code_version"],
-        "dataset_fingerprint": graph["dataset_fingerprint"],
-        "model_fingerprint": graph["model_fingerprint"],
-        "outputs": entry["outputs"],
-    }
-    headline = f"petseg {stage} of {graph['pathspec']}"
-    return headline + "\n" + json.dumps(meta, indent=1, sort_keys=True)
-
-
-def _parse_description(text: str) -> dict | None:
-    """The metadata of a petseg commit description, or None for other commits."""
-    _headline, _, body = (text or "").partition("\n")
-    try:
-        meta = json.loads(body)
-    except ValueError:
-        return None
-    return meta if isinstance(meta, dict) and "petseg" in meta else None
-
-
-# -- small helpers -------------------------------------------------------------
-
-
-def _repo(stage: str):
-    from pachyderm_sdk.api import pfs
-
-    return pfs.Repo(name=stage, type="user", project=pfs.Project(name=PROJECT))
-
-
-def _branch(stage: str):
-    from pachyderm_sdk.api import pfs
-
-    return pfs.Branch(repo=_repo(stage), name=BRANCH)
-
-
-def _finished(info) -> bool:
-    # betterproto reads an unset timestamp as the epoch.
-    return any(t is not None and t.timestamp() > 0 for t in (info.finishing, info.finished))
-
-
-def _tolerate_exists(create) -> None:
-    import grpc
-
-    try:
-        create()
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # made by a concurrent run
-            raise
-
-
-def _try(action) -> bool:
-    """Best-effort cleanup (the connection may be what failed): did it work?"""
-    try:
-        action()
-    except Exception:  # noqa: BLE001 - the original error is the one to report
-        return False
-    return True
-
-
-def _check_stage(stage: str) -> None:
+def check_stage(stage: str) -> None:
+    """Raise LineageError unless ``stage`` is one of ``STAGES``."""
     if stage not in STAGES:
         raise LineageError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
 
 
-def _run_of(pathspec: str) -> tuple[str, str]:
-    parts = (pathspec or "").strip("/").split("/")
-    if len(parts) < 2 or not all(parts[:2]):
-        raise LineageError(
-            f"bad Metaflow pathspec {pathspec!r}: expected Flow/run_id[/step/task]"
-        )
-    return parts[0], parts[1]
-
-
-def _repo_path(name: str) -> str:
+def output_path(name: str) -> str:
+    """An output's path in its stage's repo, normalised; LineageError if it leaves the repo."""
     path = posixpath.normpath(str(name).strip("/"))
     if path in ("", ".") or path.startswith("..") or "\\" in path:
         raise LineageError(
@@ -697,7 +234,12 @@ def _repo_path(name: str) -> str:
     return path
 
 
-def _chunks(source: FileSource, name: str) -> Iterator[bytes]:
+def file_chunks(source: FileSource, name: str) -> Iterator[bytes]:
+    """The bytes of an output (a local file or bytes) in chunks of 1 MiB.
+
+    Raises:
+        LineageError: the local file cannot be read.
+    """
     if isinstance(source, (bytes, bytearray)):
         for start in range(0, len(source), _CHUNK):
             yield bytes(source[start:start + _CHUNK])
@@ -710,16 +252,30 @@ def _chunks(source: FileSource, name: str) -> Iterator[bytes]:
         raise LineageError(f"cannot read output {name!r} from {source}: {exc.strerror}") from None
 
 
+# -- small helpers -------------------------------------------------------------
+
+
+def _run_of(pathspec: str) -> tuple[str, str]:
+    parts = (pathspec or "").strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise LineageError(
+            f"bad Metaflow pathspec {pathspec!r}: expected Flow/run_id[/step/task]"
+        )
+    return parts[0], parts[1]
+
+
 def _short(value: Any) -> str:
     return str(value)[:_SHORT] if value else "-"
 
 
-def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+def _size(size: float) -> str:
+    if size < 1024:
+        return f"{size} B"
+    for unit in ("KiB", "MiB"):
         size /= 1024
-    return str(size)
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GiB"
 
 
 def _where(record: dict | None) -> str:

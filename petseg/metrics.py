@@ -17,8 +17,8 @@ import keras
 import numpy as np
 
 from petseg.errors import ModelError
+from petseg.oxford import CLASSES
 
-CLASSES = ("pet", "background", "border")
 HEADLINE = ("pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy")
 """The figures reported with a bootstrap interval."""
 # segmentation-models' smoothing of the soft scores (keeps 0/0 at 1 for a class absent from both).

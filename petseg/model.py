@@ -29,8 +29,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from petseg.data import IMAGE_SIZE
 from petseg.errors import ConfigError, ModelError
-from petseg.metrics import CLASSES
+from petseg.oxford import CLASSES
 
 ARCHITECTURES = ("small", "mobilenetv2")
 DEFAULT_WIDTH = 16
@@ -54,7 +55,7 @@ BATCH_NORM_MOMENTUM = 0.9
 
 
 def build(
-    arch: str = "small", *, image_size: int = 128, width: int | None = None, encoder_weights: str | None = None
+    arch: str = "small", *, image_size: int = IMAGE_SIZE, width: int | None = None, encoder_weights: str | None = None
 ) -> keras.Model:
     """Builds an untrained segmentation model.
 

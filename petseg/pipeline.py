@@ -34,7 +34,7 @@ def dataset(
     shards: Sequence[str | Path],
     *,
     batch_size: int,
-    image_size: int = 128,
+    image_size: int,
     shuffle: bool = False,
     seed: int = 0,
     augment: bool = False,
@@ -52,7 +52,7 @@ def dataset(
         shards: shard files written by :func:`petseg.data.ingest` or
             :func:`petseg.data.transform`.
         batch_size: examples per batch (the last batch may be smaller).
-        image_size: side of the stored images; must match the shards.
+        image_size: side of the stored images (the run's setting); must match the shards.
         shuffle: shuffle records through a buffer of :data:`SHUFFLE_BUFFER`.
         seed: seed for shuffling and flipping.
         augment: flip image and mask left-right together, each with

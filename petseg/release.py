@@ -1,22 +1,33 @@
-"""The quality gate and the release: a manifest and an exported model directory.
+"""The release format, both ways: the quality gate, the manifest, `export` (write) and `load_release` (read).
 
 A release directory holds everything the serving process needs and nothing it
 has to unpickle: ``model.keras`` (Keras format, loaded with safe_mode),
-``calibration.json`` (plain arrays) and ``manifest.json`` (provenance).
+``calibration.json`` (plain arrays) and ``manifest.json`` (provenance). It
+lives in a local directory or under an ``s3://`` prefix (`petseg.storage`);
+a finished Metaflow run ``PetSegFlow/<id>`` holds the same three as artifacts
+of its release step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING
 
-from petseg.errors import ConfigError
+from petseg.calibration import Calibration
+from petseg.errors import ConfigError, ModelError
+from petseg.storage import Location, failures, is_s3, staged_directory
+
+if TYPE_CHECKING:
+    import keras
 
 RELEASE_FILES = ("model.keras", "calibration.json", "manifest.json")
+"""The files of a release, in the order they are written: manifest.json last, so its presence means complete."""
+
+_RUN_PATHSPEC = re.compile(r"^PetSegFlow/[^/\s]+$")
 
 
 def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
@@ -50,7 +61,7 @@ def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, st
 
 def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, dataset_fingerprint: str,
                    code_version: str, metrics: dict, settings: dict, location: str,
-                   image_size: int = 128) -> dict:
+                   image_size: int) -> dict:
     """Return the release manifest: what was released, from where, and how good it is."""
     return {
         "version": f"petseg-{run_id}",
@@ -72,36 +83,168 @@ def export(target: str, *, model_keras: bytes, calibration: dict, manifest: dict
            s3_endpoint_url: str | None = None) -> str:
     """Write a release directory (local path or s3:// prefix) and return its location.
 
-    A local release appears at once or not at all: files are written into a
-    temporary directory beside the target, which is then renamed.
+    On S3 the files are written in `RELEASE_FILES` order, manifest.json last:
+    its presence means the release is complete. A local release appears at
+    once or not at all (`petseg.storage.staged_directory`).
+
+    Raises:
+        ConfigError: an S3 ``target`` without a bucket.
+        StorageError: a file could not be written.
     """
     files = {
         "model.keras": model_keras,
         "calibration.json": json.dumps(calibration, sort_keys=True).encode(),
         "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode(),
     }
-    if target.startswith("s3://"):
-        import boto3
-
-        parsed = urlparse(target)
-        if not parsed.netloc:
-            raise ConfigError(f"release location {target!r} has no bucket: expected s3://bucket/prefix")
-        client = boto3.client("s3", endpoint_url=s3_endpoint_url)
-        prefix = parsed.path.strip("/")
-        # manifest.json last: its presence means the release is complete.
+    if is_s3(target):
+        location = Location(target, s3_endpoint_url=s3_endpoint_url, what="release location")
         for name in RELEASE_FILES:
-            client.put_object(Bucket=parsed.netloc, Key=f"{prefix}/{name}", Body=files[name])
+            location.write_bytes(name, files[name])
         return target.rstrip("/") + "/"
     final = Path(target)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with failures(str(final), "write the release"), staged_directory(final) as staging:
         for name in RELEASE_FILES:
             (staging / name).write_bytes(files[name])
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return str(final)
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A released model, ready to serve.
+
+    Attributes:
+        model: The Keras model.
+        calibration: Its `petseg.calibration.Calibration`.
+        manifest: The release manifest (version, pathspec, fingerprints, code version, ...).
+        uri: Where it was loaded from.
+        fingerprint: sha256 of the loaded weights (`petseg.model.fingerprint`).
+    """
+
+    model: keras.Model
+    calibration: Calibration
+    manifest: dict
+    uri: str
+    fingerprint: str
+
+    @property
+    def image_size(self) -> int:
+        """Height and width of the model input, as the run recorded it in the manifest."""
+        return int(self.manifest["image_size"])
+
+    def tags(self) -> dict[str, str]:
+        """The provenance every answer carries in ``meta.tags``."""
+        return {
+            "model_version": str(self.manifest.get("version", "")),
+            "model_fingerprint": self.fingerprint,
+            "dataset_fingerprint": str(self.manifest.get("dataset_fingerprint", "")),
+            "pathspec": str(self.manifest.get("pathspec", "")),
+            "code_version": str(self.manifest.get("code_version", "")),
+        }
+
+
+def load_release(
+    uri: str, *, expected_fingerprint: str | None = None, s3_endpoint_url: str | None = None
+) -> Release:
+    """Loads a release and checks its model fingerprint.
+
+    Args:
+        uri: A local release directory (model.keras, calibration.json,
+            manifest.json), an ``s3://bucket/prefix`` holding the same files,
+            or a Metaflow run ``PetSegFlow/<id>`` whose release step holds
+            ``model_keras``, ``calibration`` and ``manifest``.
+        expected_fingerprint: When given, the model's fingerprint must equal it.
+        s3_endpoint_url: Endpoint of a non-AWS S3 server.
+
+    Returns:
+        The release.
+
+    Raises:
+        ModelError: The release is missing, incomplete or unreadable, or its
+            weights do not match ``expected_fingerprint`` or its manifest.
+        StorageError: A file of an ``s3://`` release could not be read.
+        ConfigError: ``uri`` is none of the accepted forms.
+    """
+    from petseg import model as models  # Keras: only a loader needs it
+
+    if not uri:
+        raise ConfigError("no model to serve: expected a release directory, s3://bucket/prefix or PetSegFlow/<id>")
+    if is_s3(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            _download_release(Location(uri, s3_endpoint_url=s3_endpoint_url, what="release"), Path(tmp))
+            model, calibration, manifest = _release_in_folder(Path(tmp))
+    elif Path(uri).is_dir():
+        model, calibration, manifest = _release_in_folder(Path(uri))
+    elif _RUN_PATHSPEC.match(uri):
+        model, calibration, manifest = _release_of_run(uri)
+    else:
+        raise ConfigError(f"model URI {uri!r} is not a directory, s3://bucket/prefix or PetSegFlow/<id>")
+    release = Release(model, calibration, manifest, str(uri), models.fingerprint(model))
+    _check_fingerprint(release, expected_fingerprint)
+    return release
+
+
+def _download_release(location: Location, folder: Path) -> None:
+    missing = [name for name in RELEASE_FILES if not location.exists(name)]
+    if missing:
+        raise ModelError(f"release {location.root} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
+    for name in RELEASE_FILES:
+        location.download(name, folder / name)
+
+
+def _release_in_folder(folder: Path) -> tuple[keras.Model, Calibration, dict]:
+    from petseg import model as models
+
+    missing = [name for name in RELEASE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ModelError(f"release directory {folder} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
+    model = models.load(folder / "model.keras")
+    return model, Calibration.load(folder / "calibration.json"), _read_json(folder / "manifest.json")
+
+
+def _check_fingerprint(release: Release, expected: str | None) -> None:
+    size, model_size = release.manifest.get("image_size"), release.model.input_shape[1]
+    if size != model_size:
+        raise ModelError(f"release {release.uri} is inconsistent: its manifest records image_size {size!r} "
+                         f"but the model takes {model_size}x{model_size} images")
+    recorded = release.manifest.get("model_fingerprint")
+    if expected and expected != release.fingerprint:
+        raise ModelError(
+            f"model fingerprint mismatch for {release.uri}: MODEL_FINGERPRINT is {expected} "
+            f"but the model's weights hash to {release.fingerprint}; refusing to serve another model"
+        )
+    if recorded and recorded != release.fingerprint:
+        raise ModelError(
+            f"release {release.uri} is inconsistent: its manifest records model fingerprint {recorded} "
+            f"but the model's weights hash to {release.fingerprint}"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"release file {path} is not readable JSON: {err}") from None
+
+
+def _release_of_run(pathspec: str) -> tuple[keras.Model, Calibration, dict]:
+    # Metaflow only here: a server of a release directory or S3 prefix never imports it.
+    from metaflow import Run
+    from metaflow.exception import MetaflowException
+
+    from petseg import model as models
+
+    try:
+        # Serve a run of any user or namespace: the pathspec names it exactly.
+        data = Run(pathspec, _namespace_check=False)["release"].task.data
+        model_keras, calibration, manifest = data.model_keras, data.calibration, data.manifest
+    except (MetaflowException, KeyError, AttributeError) as err:
+        raise ModelError(
+            f"run {pathspec} has no released model ({type(err).__name__}: {err}); "
+            "expected a finished run whose release step passed the quality gate"
+        ) from None
+    if not manifest:
+        raise ModelError(f"run {pathspec} did not release a model: its quality gate failed")
+    return models.from_bytes(model_keras), Calibration.from_dict(calibration), manifest

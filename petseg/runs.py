@@ -1,19 +1,16 @@
-"""Inspect past runs of PetSegFlow through the Metaflow Client.
+"""Run look-ups: past runs of PetSegFlow and their artifacts, through the Metaflow Client.
 
-`petseg runs`, `show`, `diff`, `reproduce` and `tensorboard`. RUN is a run id,
-``PetSegFlow/<id>`` or ``latest``. A run that is unknown, of another flow or
-still running is a one-line error, never a traceback.
+What the run commands (`petseg runs`, `show`, `diff`, `reproduce`,
+`tensorboard`, `lineage`, `serve`, `stop`) read: a run by its name, the facts
+of a run, the differences between two runs, a run's lineage graph and its
+release. RUN is a run id, ``PetSegFlow/<id>`` or ``latest``. A run that is
+unknown, of another flow or still running is a RunError, never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 from petseg.errors import RunError
@@ -22,6 +19,9 @@ FLOW = "PetSegFlow"
 FLOW_FILE = Path(__file__).resolve().parent.parent / "flows" / "seg_flow.py"
 # Environment facts that change results; a difference is worth a warning.
 ENVIRONMENT_KEYS_THAT_MATTER = ("packages", "tensorflow_build", "cpu", "devices", "settings", "python")
+# Where a run's end step keeps its lineage graph, in order of preference (the
+# flow's parameter ``lineage`` takes that name, so the artifact is ``lineage_graph``).
+GRAPH_ARTIFACTS = ("lineage_graph", "lineage")
 
 
 def resolve_run(spec: str, *, finished: bool = True):
@@ -105,6 +105,18 @@ def run_row(run) -> dict:
     }
 
 
+def run_rows() -> list[dict]:
+    """`run_row` of every run of the flow, newest first; empty before the first run."""
+    from metaflow import Flow, namespace
+    from metaflow.exception import MetaflowNotFound
+
+    namespace(None)
+    try:
+        return [run_row(run) for run in Flow(FLOW).runs()]
+    except MetaflowNotFound:
+        return []
+
+
 def describe(run) -> dict:
     """Everything `petseg show` prints about one run."""
     steps = {}
@@ -162,95 +174,6 @@ def diff_runs(run_a, run_b) -> dict:
     return {name: differences(a, b) for name, (a, b) in sections.items()}
 
 
-# -- commands -----------------------------------------------------------------------------------------
-
-def _print_json(value) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True, default=str))
-
-
-def cmd_runs(args) -> int:
-    from metaflow import Flow, namespace
-    from metaflow.exception import MetaflowNotFound
-
-    namespace(None)
-    try:
-        rows = [run_row(run) for run in Flow(FLOW).runs()]
-    except MetaflowNotFound:
-        rows = []
-    if args.json:
-        _print_json(rows)
-        return 0
-    if not rows:
-        print(f"no {FLOW} runs yet: run `python flows/seg_flow.py run`")
-        return 0
-    print(f"{'id':<18} {'status':<10} {'start':<19} {'dur s':>7} {'dataset':<12} {'model':<12} "
-          f"{'pet':>5} {'mIoU':>5} {'base':>5} release")
-    for r in rows:
-        figures = [f"{r[key]:.3f}" if r[key] is not None else "-"
-                   for key in ("test_pet_iou", "test_miou", "best_baseline_miou")]
-        print(f"{r['id']:<18} {r['status']:<10} {r['start'] or '-':<19} {r['duration_s'] or '-':>7} "
-              f"{(r['dataset_fingerprint'] or '-')[:12]:<12} {(r['model_fingerprint'] or '-')[:12]:<12} "
-              f"{figures[0]:>5} {figures[1]:>5} {figures[2]:>5} {r['release'] or '-'}")
-    print("pet, mIoU: the calibrated model on the test split; base: the best baseline's test mIoU")
-    return 0
-
-
-def cmd_show(args) -> int:
-    info = describe(resolve_run(args.run, finished=False))
-    if args.json:
-        _print_json(info)
-        return 0
-    print(f"{info['pathspec']}  {info['status']}  started {info['start']}  ({info['duration_s']} s)")
-    print(f"dataset {info['dataset_fingerprint']}\nmodel   {info['model_fingerprint']}")
-    print("\nparameters:")
-    for key, value in sorted(info["parameters"].items()):
-        print(f"  {key} = {value}")
-    print("\nsteps (seconds):")
-    for name, step in info["steps"].items():
-        print(f"  {name:<10} {step['duration_s']}  ({step['tasks']} task{'s' if step['tasks'] != 1 else ''})")
-    if info["trials"]:
-        print("\ntrials:")
-        for t in info["trials"]:
-            print(f"  #{t['index']} lr={t['config']['learning_rate']:.2e} batch={t['config']['batch_size']} "
-                  f"val_loss={t['val_loss']:.4f} val_miou={t['val_miou']:.4f}")
-    if info["metrics"]:
-        print_metrics(info["metrics"])
-    env = info["environment"] or {}
-    print(f"\nenvironment: python {env.get('python')}, settings {env.get('settings')}")
-    print(f"\nrelease: {info['release_decision']}")
-    if info["manifest"]:
-        print(f"  version {info['manifest']['version']} at {info['manifest']['location']}")
-    if info["deployment"]:
-        print(f"  deployment {info['deployment']}")
-    return 0
-
-
-def print_metrics(metrics: dict) -> None:
-    """The test figures of the model (raw, calibrated) beside every baseline."""
-    columns = {"raw": metrics["raw"], "calibrated": metrics["calibrated"], **metrics["baselines"]}
-    print(f"\ntest metrics ({metrics['test_samples']} images): model beside baselines fitted on training")
-    print(f"  {'':<16}" + "".join(f"{name:>17}" for name in columns))
-    for name in ("pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "soft_iou", "soft_f1"):
-        print(f"  {name:<16}" + "".join(f"{column[name]:17.4f}" for column in columns.values()))
-    for name in ("pet_iou", "miou"):
-        low, high = metrics["calibrated"]["intervals"][name]
-        print(f"  calibrated {name} 95 % interval: [{low:.4f}, {high:.4f}]")
-    print(f"  ECE raw {metrics['ece']['raw']:.4f}, calibrated {metrics['ece']['calibrated']:.4f}")
-
-
-def cmd_diff(args) -> int:
-    result = diff_runs(resolve_run(args.run_a), resolve_run(args.run_b))
-    if not any(result.values()):
-        print(f"runs {args.run_a} and {args.run_b} do not differ")
-        return 0
-    for section, rows in result.items():
-        if rows:
-            print(f"{section}:")
-            for key, a, b in rows:
-                print(f"  {key}: {a!r} -> {b!r}")
-    return 0
-
-
 def flow_environment() -> dict:
     """This process's environment, plus a user name Metaflow accepts when it would find none.
 
@@ -303,61 +226,83 @@ def reproduce(run, *, echo=print, show_output: bool = True) -> dict:
             "cpu_flags": cpu_flag_changes(old_env, new_env)}
 
 
-def cmd_reproduce(args) -> int:
-    run = resolve_run(args.run)
-    outcome = reproduce(run, echo=lambda line: print(line, file=sys.stderr))
-    for key, a, b in outcome["environment"]:
-        print(f"warning: environment differs at {key}: {a!r} -> {b!r}", file=sys.stderr)
-    if outcome["cpu_flags"]:
-        print(f"warning: {outcome['cpu_flags']}", file=sys.stderr)
-    if outcome["identical"]:
-        print(f"reproduced: {outcome['new_run']} has the same dataset and model fingerprints as {run.pathspec}")
-        return 0
-    print(f"NOT reproduced: {outcome['new_run']} differs from {run.pathspec}:")
-    for key, a, b in outcome["differences"]:
-        print(f"  {key}: {a} (original) vs {b} (re-run)")
-    return 1
+def training_logs(run) -> bytes:
+    """The TensorBoard logs of a run's train step, as a .tar.gz archive.
 
-
-def cmd_tensorboard(args) -> int:
-    from petseg.archive import safe_extract
-
-    run = resolve_run(args.run)
+    Raises:
+        RunError: the run's train step did not finish.
+    """
     logs = _data(run, "train", "tensorboard_logs")
     if not logs:
         raise RunError(f"run {run.pathspec} has no training logs (its train step did not finish)")
-    with tempfile.TemporaryDirectory(prefix="petseg-tb-") as work:
-        archive = Path(work) / "logs.tar.gz"
-        archive.write_bytes(logs)
-        safe_extract(archive, Path(work) / "out")
-        command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(Path(work) / "out" / "logs"),
-                   "--port", str(args.port), "--host", args.host]
-        print(f"serving {run.pathspec} training logs at http://{args.host}:{args.port} (Ctrl-C stops)")
-        return subprocess.call(command)
+    return logs
 
 
-def add_parser(subparsers) -> None:
-    """Register runs, show, diff, reproduce and tensorboard."""
-    p = subparsers.add_parser("runs", help="list past runs")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=cmd_runs)
+def release_artifact(spec: str, name: str) -> dict:
+    """An artifact of a run's release step (``manifest`` or ``deployment``).
 
-    p = subparsers.add_parser("show", help="parameters, environment, steps, metrics and release of a run")
-    p.add_argument("run", metavar="RUN", help="run id, PetSegFlow/<id> or latest")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=cmd_show)
+    Raises:
+        RunError: no such run, or its model was not released (or not deployed).
+    """
+    run = resolve_run(spec)
+    try:
+        value = getattr(run["release"].task.data, name, None)
+    except KeyError:
+        value = None  # the run never reached its release step
+    if not value:
+        raise RunError(f"run {run.pathspec} has no {name}: its model was not released or not deployed")
+    return value
 
-    p = subparsers.add_parser("diff", help="what differs between two runs")
-    p.add_argument("run_a", metavar="RUN_A")
-    p.add_argument("run_b", metavar="RUN_B")
-    p.set_defaults(handler=cmd_diff)
 
-    p = subparsers.add_parser("reproduce", help="re-run a run and verify its fingerprints (exit 1 if they differ)")
-    p.add_argument("run", metavar="RUN")
-    p.set_defaults(handler=cmd_reproduce)
+def run_graph(run: str) -> dict:
+    """The lineage graph of one run (see petseg.lineage), read from its end step.
 
-    p = subparsers.add_parser("tensorboard", help="serve a run's training logs with TensorBoard")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--port", type=int, default=6006)
-    p.add_argument("--host", default="127.0.0.1")
-    p.set_defaults(handler=cmd_tensorboard)
+    Args:
+        run: ``latest``, a run id, or ``PetSegFlow/<run id>``.
+
+    Raises:
+        RunError: no such run, a run of another flow, or one without lineage.
+    """
+    found = resolve_run(run)
+    graph = _graph_of(found)
+    if graph is None:
+        raise RunError(
+            f"{found.pathspec} has no lineage: it did not succeed (the graph is read"
+            " from its end step) or predates lineage"
+        )
+    return graph
+
+
+def run_graphs() -> Iterator[dict]:
+    """The lineage graphs of every successful run, newest first."""
+    from metaflow import Flow, namespace
+    from metaflow.exception import MetaflowNotFound
+
+    namespace(None)  # as `petseg runs`: runs of every user and production namespace
+    try:
+        runs = list(Flow(FLOW).runs())
+    except MetaflowNotFound:
+        return
+    for run in runs:
+        graph = _graph_of(run)
+        if graph is not None:
+            yield graph
+
+
+def _graph_of(run) -> dict | None:
+    """The lineage graph stored by a run's end step, with its model fingerprint, or None."""
+    if not run.successful:
+        return None
+    task = run["end"].task
+    if task is None:
+        return None
+    graph = None
+    for name in GRAPH_ARTIFACTS:
+        if name in task and isinstance(task[name].data, dict):
+            graph = dict(task[name].data)
+            break
+    if graph is None:
+        return None
+    if not graph.get("model_fingerprint") and "model_fingerprint" in task:
+        graph["model_fingerprint"] = task["model_fingerprint"].data
+    return graph

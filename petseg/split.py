@@ -15,7 +15,8 @@ Two rules:
 import hashlib
 from collections.abc import Collection
 
-SPLITS = ("training", "validation", "test", "calibration")
+from petseg.oxford import SPLITS
+
 RULES = ("md5", "official")
 
 

@@ -1,27 +1,38 @@
-"""What each stage of PetSegFlow does, over plain values.
+"""The flow's step glue: the only place that reads Metaflow and the environment.
 
-The flow (flows/seg_flow.py) is the table of contents; these functions do the
-work of one step each: fetch shards from the blob store, call the library
-modules named by their job (data, pipeline, train, calibration, ...), and
-return plain, JSON-able results for Metaflow to version. Functions that need a
-run's context (its id, fingerprints, lineage settings) take the flow object.
+The flow (flows/seg_flow.py) is the table of contents; each function here does
+the work of one step over explicit values: fetch shards from the blob store,
+call the library modules named by their job (data, pipeline, train,
+calibration, ...), and return plain, JSON-able results for Metaflow to
+version. Metaflow's settings (the S3 endpoint, the Kubernetes image and
+namespace, the run's id), the environment (``PACHD_ADDRESS``,
+``PETSEG_FAIL_AT``) and the run's tags are read and written here and nowhere
+else in the library. A `PetsegError` leaves a step as a `StepError`, which
+Metaflow prints as one message without a traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from petseg import __version__
-from petseg.errors import ConfigError
-from petseg.split import RULES, SPLITS
-from petseg.store import BlobStore, get_files, put_files
+from metaflow import current
+from metaflow.exception import MetaflowException
 
+from petseg import __version__
+from petseg.errors import ConfigError, PetsegError
+from petseg.oxford import SPLITS
+from petseg.split import RULES
+from petseg.storage import BlobStore, get_files, put_files
+
+ARCHITECTURES = ("small", "mobilenetv2")
 DEPLOY_TARGETS = ("local", "kubernetes", "none")
 LINEAGE_MODES = ("required", "best-effort")
 SAMPLE_PREDICTIONS = 6
@@ -29,50 +40,77 @@ BOOTSTRAP = 1000
 """Resamples of the test images for the 95 % intervals."""
 
 
-def _store(root: str) -> BlobStore:
+class StepError(MetaflowException):
+    """A user-facing problem in a step, printed by Metaflow as its message alone."""
+
+    headline = "petseg"
+
+
+def _glue(function):
+    """Hand a `PetsegError` to Metaflow as a `StepError` (one message, no traceback)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PetsegError as err:
+            raise StepError(str(err)) from None
+
+    return wrapper
+
+
+def _s3_endpoint() -> str | None:
     from metaflow.metaflow_config import S3_ENDPOINT_URL
 
-    return BlobStore(root, s3_endpoint_url=S3_ENDPOINT_URL)
+    return S3_ENDPOINT_URL
+
+
+def _store(root: str) -> BlobStore:
+    return BlobStore(root, s3_endpoint_url=_s3_endpoint())
+
+
+def _configure(settings: dict) -> dict:
+    """Seeds, threads and op determinism for this task: the one place a task sets its seed."""
+    from petseg import determinism
+
+    return determinism.configure(seed=settings["seed"], strict=settings["strict"], threads=settings["threads"])
 
 
 # -- start --------------------------------------------------------------------------------------------
 
-def check_parameters(run) -> dict:
-    """Validate the run's parameters and return its settings (seed, mode, threads).
+@_glue
+def settings(parameters: Mapping) -> dict:
+    """Validate the run's parameters and return its settings (seed, mode, threads, image size, code version).
+
+    Args:
+        parameters: every parameter of the run by name (see `parameters`).
 
     Raises:
         ConfigError: a parameter is out of range, naming it and what is accepted.
     """
-    for name, minimum in (("trials", 1), ("tune_epochs", 1), ("epochs", 1), ("threads", 1)):
-        if getattr(run, name) < minimum:
-            raise ConfigError(f"--{name} {getattr(run, name)} is too small: expected an integer >= {minimum}")
-    if run.batch_size < 0:
-        raise ConfigError(f"--batch_size {run.batch_size} is negative: expected 0 (tuned) or a positive integer")
-    if run.deploy not in DEPLOY_TARGETS:
-        raise ConfigError(f"--deploy {run.deploy!r} is unknown: expected one of {', '.join(DEPLOY_TARGETS)}")
-    if run.lineage not in LINEAGE_MODES:
-        raise ConfigError(f"--lineage {run.lineage!r} is unknown: expected one of {', '.join(LINEAGE_MODES)}")
-    if run.split not in RULES:
-        raise ConfigError(f"--split {run.split!r} is unknown: expected one of {', '.join(RULES)}")
-    if run.arch not in ("small", "mobilenetv2"):
-        raise ConfigError(f"--arch {run.arch!r} is unknown: expected small or mobilenetv2")
-    return {"seed": run.seed, "strict": bool(run.deterministic), "threads": run.threads,
-            "code_version": code_version()}
+    for name, minimum in (("trials", 1), ("tune_epochs", 1), ("epochs", 1), ("threads", 1), ("image_size", 32)):
+        if parameters[name] < minimum:
+            raise ConfigError(f"--{name} {parameters[name]} is too small: expected an integer >= {minimum}")
+    if parameters["batch_size"] < 0:
+        raise ConfigError(f"--batch_size {parameters['batch_size']} is negative: "
+                          "expected 0 (tuned) or a positive integer")
+    for name, accepted in (("deploy", DEPLOY_TARGETS), ("lineage", LINEAGE_MODES), ("split", RULES),
+                           ("arch", ARCHITECTURES)):
+        if parameters[name] not in accepted:
+            raise ConfigError(f"--{name} {parameters[name]!r} is unknown: expected one of {', '.join(accepted)}")
+    if parameters["image_size"] % 16:
+        raise ConfigError(f"--image_size {parameters['image_size']} is not a multiple of 16: "
+                          "the U-Net halves the image four times")
+    return {"seed": parameters["seed"], "strict": bool(parameters["deterministic"]), "threads": parameters["threads"],
+            "image_size": parameters["image_size"], "code_version": code_version()}
 
 
-def parameters(run) -> dict:
-    """Every parameter of the run by name, so that it can be reproduced exactly."""
-    from collections.abc import Mapping
+def parameters(values: Mapping) -> dict:
+    """The run's parameters by name, sorted, so that it can be reproduced exactly.
 
-    # Configs (such as `compute`) come back as mappings; they set resources, not results.
-    values = {name: getattr(run, name) for name, _ in type(run)._get_parameters()}
+    Configs (such as ``compute``) come as mappings; they set resources, not results.
+    """
     return {name: value for name, value in sorted(values.items()) if not isinstance(value, Mapping)}
-
-
-def _configure(settings: dict) -> dict:
-    from petseg import determinism
-
-    return determinism.configure(seed=settings["seed"], strict=settings["strict"], threads=settings["threads"])
 
 
 def code_version() -> str:
@@ -94,21 +132,27 @@ def blob_root(datastore) -> str:
     return f"{root.rstrip('/')}/petseg/blobs"
 
 
+def lineage_target(*, pachyderm: str, mode: str) -> dict:
+    """Where lineage is mirrored: the --pachyderm address, else $PACHD_ADDRESS, else none; and whether it must be."""
+    return {"address": pachyderm or os.environ.get("PACHD_ADDRESS") or None, "required": mode == "required"}
+
+
 # -- ingest and transform -----------------------------------------------------------------------------
 
-def ingest(*, source: str, feedback: str, skip_bad: bool, seed: int, store: str) -> dict:
+@_glue
+def ingest(*, source: str, feedback: str, skip_bad: bool, settings: dict, store: str) -> dict:
     """Read, validate and shard the source; return the ingest report with shards in the blob store."""
-    from metaflow.metaflow_config import S3_ENDPOINT_URL
-
     from petseg import data
 
     with tempfile.TemporaryDirectory(prefix="petseg-ingest-") as work:
-        report = data.ingest(source, Path(work) / "warehouse", seed=seed, skip_bad=skip_bad,
-                             feedback=feedback or None, s3_endpoint_url=S3_ENDPOINT_URL)
+        report = data.ingest(source, Path(work) / "warehouse", seed=settings["seed"], skip_bad=skip_bad,
+                             feedback=feedback or None, image_size=settings["image_size"],
+                             s3_endpoint_url=_s3_endpoint())
         report["shards"] = put_files(_store(store), report["shards"])
     return report
 
 
+@_glue
 def transform(*, shards: list[dict], store: str, rule: str, official_test: list[str] | None) -> dict:
     """Split the ingested samples by ``rule`` (see petseg.split); return per-split shard records and counts."""
     from petseg import data
@@ -129,36 +173,29 @@ def transform(*, shards: list[dict], store: str, rule: str, official_test: list[
     return result
 
 
-def _dataset(split: str, splits: dict, store: str, work: str, **options):
+def _dataset(split: str, splits: dict, store: str, work: str, settings: dict, **options):
     from petseg import pipeline
 
     local = get_files(_store(store), splits["splits"][split], Path(work) / split)
-    return pipeline.dataset(local, **options)
+    return pipeline.dataset(local, image_size=settings["image_size"], **options)
 
 
 # -- tune, select, train ------------------------------------------------------------------------------
-
-def sample_trials(*, n: int, seed: int) -> list[dict]:
-    """Draw ``n`` hyper-parameter configurations with a seeded sampler."""
-    from petseg import tune
-
-    return tune.sample_trials(n, seed=seed)
-
 
 def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict,
          work: str, log_dir: str | None = None):
     from petseg import train
 
-    seed = settings["seed"]
     batch_size = config["batch_size"]
-    training = _dataset("training", splits, store, work, batch_size=batch_size, shuffle=True, seed=seed,
-                        augment=True)
-    validation = _dataset("validation", splits, store, work, batch_size=batch_size)
+    training = _dataset("training", splits, store, work, settings, batch_size=batch_size, shuffle=True,
+                        seed=settings["seed"], augment=True)
+    validation = _dataset("validation", splits, store, work, settings, batch_size=batch_size)
     model, history = train.fit(train=training, validation=validation, arch=arch, epochs=epochs,
-                               learning_rate=config["learning_rate"], seed=seed, log_dir=log_dir)
+                               learning_rate=config["learning_rate"], log_dir=log_dir)
     return model, history, validation
 
 
+@_glue
 def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict) -> dict:
     """Train one short trial and return its configuration, validation loss and IoU, and history."""
     from petseg import train
@@ -172,14 +209,7 @@ def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int,
             "history": history}
 
 
-def select(results: list[dict]) -> tuple[list[dict], dict]:
-    """Order every trial by index and pick the best configuration."""
-    from petseg import tune
-
-    ordered = sorted(results, key=lambda r: r["index"])
-    return ordered, tune.select(ordered)
-
-
+@_glue
 def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch_size: int,
           settings: dict) -> dict:
     """Train the final model; return its bytes, fingerprint, history, TensorBoard logs and the
@@ -187,6 +217,7 @@ def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch
     from petseg import determinism
     from petseg import model as models
 
+    _fault_drill("train")
     config = dict(best["config"])
     if batch_size:
         config["batch_size"] = batch_size
@@ -210,15 +241,17 @@ def _tar_directory(path: str) -> bytes:
 
 # -- calibrate, evaluate ------------------------------------------------------------------------------
 
+@_glue
 def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -> tuple[dict, dict]:
     """Fit isotonic calibration on the calibration split; return it and the ECE report."""
     from petseg import calibration
     from petseg import model as models
 
+    _fault_drill("calibrate")
     _configure(settings)
     model = models.from_bytes(model_keras)
     with tempfile.TemporaryDirectory(prefix="petseg-calibrate-") as work:
-        dataset = _dataset("calibration", splits, store, work, batch_size=16)
+        dataset = _dataset("calibration", splits, store, work, settings, batch_size=16)
         probs, labels = calibration.collect(model, dataset, seed=settings["seed"])
     fitted = calibration.fit(probs, labels)
     # Fitted and measured on the calibration split; evaluate measures it again on the test split.
@@ -226,6 +259,7 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
     return fitted.to_dict(), report
 
 
+@_glue
 def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store: str,
              settings: dict) -> tuple[dict, dict]:
     """The model and the baselines on the validation and test splits, and sample predictions for the card.
@@ -243,7 +277,7 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     model = models.from_bytes(model_keras)
     fitted = calibration.Calibration.from_dict(calibration_table)
     with tempfile.TemporaryDirectory(prefix="petseg-evaluate-") as work:
-        batches = {split: _dataset(split, splits, store, work, batch_size=16)
+        batches = {split: _dataset(split, splits, store, work, settings, batch_size=16)
                    for split in ("training", "validation", "test")}
         lookup = baselines.fit(batches["training"].as_numpy_iterator())
         test = batches["test"]
@@ -265,57 +299,51 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     return metrics, samples
 
 
-def report_card(card, *, metrics: dict, history: dict, trials: list[dict], calibration_report: dict,
+def report_card(*, metrics: dict, history: dict, trials: list[dict], calibration_report: dict,
                 samples: dict) -> None:
-    """Fill the evaluate step's card: metrics, curves, trials, reliability and sample predictions."""
+    """Fill the evaluate step's ``report`` card: metrics, curves, trials, reliability and sample predictions."""
     from petseg import report
 
-    report.fill_card(card, metrics=metrics, history=history, trials=trials,
+    report.fill_card(current.card["report"], metrics=metrics, history=history, trials=trials,
                      calibration_report=calibration_report, samples=samples)
 
 
 # -- release ------------------------------------------------------------------------------------------
 
-def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
-    """The quality gate on validation mIoU, against the floor and the best baseline."""
-    from petseg import release
-
-    return release.gate(metrics, min_miou=min_miou, min_margin=min_margin)
-
-
-def manifest(run) -> dict:
-    """Export the release (model, calibration, manifest) and return the manifest."""
-    from metaflow import current
-    from metaflow.metaflow_config import S3_ENDPOINT_URL
-
+@_glue
+def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, settings: dict,
+                   dataset_fingerprint: str, model_fingerprint: str, store: str) -> dict:
+    """Export this run's release (model, calibration, manifest) beside its blobs and return the manifest."""
     from petseg import release
 
     version = f"petseg-{current.run_id}"
-    location = f"{run.blob_root.rsplit('/blobs', 1)[0]}/releases/{version}"
+    location = f"{store.rsplit('/blobs', 1)[0]}/releases/{version}"
     document = release.build_manifest(
-        run_id=current.run_id, flow_name=current.flow_name, model_fingerprint=run.model_fingerprint,
-        dataset_fingerprint=run.dataset_fingerprint, code_version=run.settings["code_version"],
-        metrics=run.metrics, settings=run.settings, location=location)
-    release.export(location, model_keras=run.model_keras, calibration=run.calibration, manifest=document,
-                   s3_endpoint_url=S3_ENDPOINT_URL)
+        run_id=current.run_id, flow_name=current.flow_name, model_fingerprint=model_fingerprint,
+        dataset_fingerprint=dataset_fingerprint, code_version=settings["code_version"], metrics=metrics,
+        settings=settings, location=location, image_size=settings["image_size"])
+    release.export(location, model_keras=model_keras, calibration=calibration, manifest=document,
+                   s3_endpoint_url=_s3_endpoint())
     return document
 
 
-def deploy(run, target: str) -> dict | None:
-    """Hand the release to the serving deployment chosen by ``--deploy``."""
-    from metaflow.metaflow_config import (KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE, KUBERNETES_SECRETS,
-                                          S3_ENDPOINT_URL)
-
-    from petseg import deploy as deployment
+@_glue
+def deploy(manifest: dict, *, target: str, port: int) -> dict | None:
+    """Hand the release to the serving deployment chosen by ``--deploy`` (Metaflow's Kubernetes settings)."""
+    from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE, KUBERNETES_SECRETS
 
     if target == "none":
         return None
-    fingerprint = run.manifest["model_fingerprint"]
+    fingerprint = manifest["model_fingerprint"]
     if target == "local":
-        return deployment.deploy_local(run.manifest["location"], port=run.port or None, fingerprint=fingerprint)
-    return deployment.deploy_kubernetes(
-        run.manifest, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
-        s3_endpoint_url=S3_ENDPOINT_URL, secrets=[s for s in (KUBERNETES_SECRETS or "").split(",") if s])
+        from petseg import deploy_local
+
+        return deploy_local.deploy_local(manifest["location"], port=port or None, fingerprint=fingerprint)
+    from petseg import deploy_kubernetes
+
+    return deploy_kubernetes.deploy_kubernetes(
+        manifest, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
+        s3_endpoint_url=_s3_endpoint(), secrets=[s for s in (KUBERNETES_SECRETS or "").split(",") if s])
 
 
 def tag_run(**tags: str) -> None:
@@ -325,7 +353,7 @@ def tag_run(**tags: str) -> None:
     the metadata afterwards); there it says so and goes on: the fingerprints are
     artifacts of the run all the same.
     """
-    from metaflow import Run, current
+    from metaflow import Run
     from metaflow.exception import MetaflowNotFound
 
     pathspec = f"{current.flow_name}/{current.run_id}"
@@ -335,7 +363,7 @@ def tag_run(**tags: str) -> None:
         print(f"note: {pathspec} is not visible from this task's metadata; not tagged with {sorted(tags)}")
 
 
-def fault_drill(step_name: str) -> None:
+def _fault_drill(step_name: str) -> None:
     """Fail on purpose when PETSEG_FAIL_AT names this step (to rehearse `resume`)."""
     if os.environ.get("PETSEG_FAIL_AT") == step_name:
         raise RuntimeError(f"fault drill: PETSEG_FAIL_AT={step_name} made this step fail; "
@@ -344,15 +372,8 @@ def fault_drill(step_name: str) -> None:
 
 # -- lineage ------------------------------------------------------------------------------------------
 
-def pachyderm_address(pachyderm: str) -> str | None:
-    """The Pachyderm address to mirror into: the parameter, else $PACHD_ADDRESS, else none."""
-    return pachyderm or os.environ.get("PACHD_ADDRESS") or None
-
-
 def lineage_start(*, code_version: str) -> dict:
     """The run's lineage graph, with no stages yet."""
-    from metaflow import current
-
     from petseg import lineage
 
     return lineage.new_graph(pathspec=current.pathspec, code_version=code_version)
@@ -366,45 +387,47 @@ def _as_file(value) -> bytes:
     return json.dumps(value, indent=2, sort_keys=True, default=str).encode()
 
 
-def lineage_record(run, stage: str, outputs: dict) -> dict:
-    """Record a stage's outputs in the run's lineage graph, mirroring them into Pachyderm when configured."""
-    from metaflow import current
-
+@_glue
+def lineage_record(graph: dict, stage: str, outputs: dict, *, target: dict, dataset_fingerprint: str | None = None,
+                   model_fingerprint: str | None = None) -> dict:
+    """Record a stage's outputs in the run's lineage graph, and mirror them into Pachyderm when ``target`` names one."""
     from petseg import lineage
 
-    return lineage.record_stage(
-        run.lineage_graph, stage, files={name: _as_file(value) for name, value in outputs.items()},
-        pathspec=current.pathspec, dataset_fingerprint=getattr(run, "dataset_fingerprint", None),
-        model_fingerprint=getattr(run, "model_fingerprint", None), address=run.pachyderm_address,
-        required=run.lineage == "required")
+    files = {name: _as_file(value) for name, value in outputs.items()}
+    graph = lineage.record_stage(graph, stage, files=files, pathspec=current.pathspec,
+                                 dataset_fingerprint=dataset_fingerprint, model_fingerprint=model_fingerprint)
+    if target["address"]:
+        from petseg import pachyderm
+
+        graph = pachyderm.mirror_stage(graph, stage, files=files, address=target["address"],
+                                       required=target["required"])
+    return graph
 
 
 # -- end ----------------------------------------------------------------------------------------------
 
-def summary(run) -> dict:
+def summary(*, metrics: dict, dataset_fingerprint: str, model_fingerprint: str, released: bool,
+            manifest: dict | None, deployment: dict | None) -> dict:
     """The one-line-per-run facts `petseg runs` lists (test split, calibrated model)."""
-    calibrated = run.metrics["calibrated"]
-    name, best = max(run.metrics["baselines"].items(), key=lambda item: item[1]["miou"])
+    calibrated = metrics["calibrated"]
+    name, best = max(metrics["baselines"].items(), key=lambda item: item[1]["miou"])
     return {
-        "dataset_fingerprint": run.dataset_fingerprint,
-        "model_fingerprint": run.model_fingerprint,
+        "dataset_fingerprint": dataset_fingerprint,
+        "model_fingerprint": model_fingerprint,
         "test_pet_iou": calibrated["pet_iou"],
         "test_miou": calibrated["miou"],
         "best_baseline": name,
         "best_baseline_pet_iou": best["pet_iou"],
         "best_baseline_miou": best["miou"],
-        "released": bool(run.released),
-        "version": run.manifest["version"] if run.manifest else None,
-        "deployment": run.deployment,
+        "released": bool(released),
+        "version": manifest["version"] if manifest else None,
+        "deployment": deployment,
     }
 
 
-def closing_words(run) -> str:
+def closing_words(facts: dict, *, metrics: dict, gate_message: str) -> str:
     """The run's quality and where to look next, printed at the end of a run."""
-    from metaflow import current
-
-    facts = run.summary
-    calibrated = run.metrics["calibrated"]
+    calibrated = metrics["calibrated"]
     lines = [
         f"Run {current.flow_name}/{current.run_id} finished.",
         f"  test IoU:     pet {calibrated['pet_iou']:.3f}  background {calibrated['background_iou']:.3f}  "
@@ -412,12 +435,13 @@ def closing_words(run) -> str:
         f"(pixel accuracy {calibrated['pixel_accuracy']:.3f}, {calibrated['images']} images)",
         f"  best baseline: {facts['best_baseline']}: pet {facts['best_baseline_pet_iou']:.3f}  "
         f"mIoU {facts['best_baseline_miou']:.3f}",
-        f"  {run.gate_message}",
+        f"  {gate_message}",
         f"  report card:  python flows/seg_flow.py card get {current.run_id}/evaluate --id report report.html",
         f"  details:      petseg show {current.run_id}",
     ]
-    if run.deployment and run.deployment.get("url"):
-        url = run.deployment["url"]
+    deployment = facts["deployment"]
+    if deployment and deployment.get("url"):
+        url = deployment["url"]
         lines += [f"  serving at:   {url}",
                   f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png",
                   f"  stop it:      petseg stop {current.run_id}"]

@@ -1,8 +1,9 @@
 """Training and streaming evaluation.
 
 Training is bitwise reproducible when the process called
-`petseg.determinism.configure(strict=True)` first and the datasets come in a
-fixed order: the same seed, threads and data give the same weight bytes.
+`petseg.determinism.configure(strict=True)` first (the one place a process
+sets its seed) and the datasets come in a fixed order: the same seed, threads
+and data give the same weight bytes.
 
 The schedule is the one the original project tuned by hand, made automatic: a
 cosine decay of the learning rate over the run (so the last epochs settle
@@ -18,7 +19,8 @@ import tensorflow as tf
 
 from petseg import model as models
 from petseg.calibration import Calibration
-from petseg.metrics import CLASSES, SegmentationMetrics, segmentation_loss
+from petseg.metrics import SegmentationMetrics, segmentation_loss
+from petseg.oxford import CLASSES
 
 WARMUP_EPOCHS = 1
 """Epochs at a tenth of the learning rate first: the batch statistics settle before large steps."""
@@ -71,7 +73,6 @@ def fit(
     arch: str,
     epochs: int,
     learning_rate: float,
-    seed: int,
     width: int | None = None,
     log_dir: str | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
@@ -79,14 +80,14 @@ def fit(
 ) -> tuple[keras.Model, dict]:
     """Builds and trains a model with Adam on cross-entropy + Dice.
 
+    The weights start from the generators seeded by `petseg.determinism.configure`.
+
     Args:
         train: Batches of (images, one-hot masks), in a fixed order.
         validation: Batches for the end-of-epoch validation loss.
         arch: Model architecture, see `petseg.model.build`.
         epochs: Number of passes over `train`.
         learning_rate: Peak Adam learning rate (see `learning_rate_at`).
-        seed: Seeds the weight initialisation (Keras' global seed is reset to
-            it before the model is built).
         width: Filters of the small model's first block (None: its default).
         log_dir: Where TensorBoard logs go; None for no logs.
         callbacks: More Keras callbacks, e.g. timers.
@@ -98,7 +99,6 @@ def fit(
         one Python float per epoch, and "best_epoch" (1-based).
     """
     image_size = train.element_spec[0].shape[1]
-    keras.utils.set_random_seed(seed)
     model = models.build(arch, image_size=image_size, width=width)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),

@@ -9,7 +9,7 @@ Environment (read here only; `petseg.serving` does the work):
 - MODEL_URI: release directory, ``s3://bucket/prefix`` or ``PetSegFlow/<id>`` (required).
 - MODEL_FINGERPRINT: expected model fingerprint; on a mismatch the server does not start.
 - FEEDBACK_URI: directory or ``s3://`` prefix for feedback samples; unset, feedback is refused.
-- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.serving.Limits`).
+- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`).
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server.
 """
 
@@ -19,7 +19,7 @@ import time
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
-from petseg import serving
+from petseg import feedback, messages, release, serving
 from petseg.errors import ConfigError
 
 
@@ -37,8 +37,8 @@ class PetSegModel:
     """The Seldon model: predictions, feedback, health, tags, metrics and metadata."""
 
     def __init__(self) -> None:
-        defaults = serving.Limits()
-        self.limits = serving.Limits(
+        defaults = messages.Limits()
+        self.limits = messages.Limits(
             max_bytes=_int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
             max_pixels=_int_setting("MAX_PIXELS", defaults.max_pixels),
         )
@@ -53,13 +53,13 @@ class PetSegModel:
 
     def load(self) -> None:
         """Loads the release once per server process; a fingerprint mismatch stops the server."""
-        release = serving.load_release(
+        loaded = release.load_release(
             self.model_uri, expected_fingerprint=self.expected_fingerprint, s3_endpoint_url=self.s3_endpoint_url
         )
         store = None
         if self.feedback_uri:
-            store = serving.FeedbackStore(self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url)
-        self.service = serving.Service(release, limits=self.limits, feedback=store)
+            store = feedback.FeedbackStore(self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url)
+        self.service = serving.Service(loaded, limits=self.limits, feedback=store)
 
     def predict_raw(self, request: dict | prediction_pb2.SeldonMessage) -> dict | prediction_pb2.SeldonMessage:
         """Answers a SeldonMessage (JSON for REST, proto for gRPC) in the form it came."""
@@ -68,7 +68,7 @@ class PetSegModel:
         started = time.perf_counter()
         try:
             answer, probs = self.service.predict(message)
-        except serving.BadRequest as err:
+        except messages.BadRequest as err:
             raise serving.Rejection(err, self.tags()) from None
         self._pending_metrics = serving.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
         answer["meta"] = {"tags": self.tags(), "metrics": self.metrics()}
@@ -78,7 +78,7 @@ class PetSegModel:
         """Stores the request image and its truth mask as a labelled sample."""
         try:
             stored = self.service.feedback(seldon_message_to_json(feedback))
-        except serving.BadRequest as err:
+        except messages.BadRequest as err:
             raise serving.Rejection(err, self.tags()) from None
         return json_to_seldon_message({"jsonData": stored, "meta": {"tags": self.tags()}})
 

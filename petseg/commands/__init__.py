@@ -1,0 +1,1 @@
+"""The `petseg` command line's subcommands, one module per group; each exposes ``register(subparsers)``."""

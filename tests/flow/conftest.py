@@ -1,0 +1,55 @@
+"""The flow tier's shared runs: every flow step is a process that imports TensorFlow, so the tier
+runs the flow as few times as it can: one released run (mirrored into the pachd stand-in), one run
+big enough to learn, and one run that fails on purpose in train and is resumed.
+"""
+
+import pytest
+
+from harness import LEARNING, TINY, resume_flow, run_flow
+
+
+@pytest.fixture(scope="session")
+def flow_pachd():
+    """The Pachyderm stand-in (tests/support/pachd_standin.py) the tier's runs mirror into."""
+    from pachd_standin import running_standin
+
+    with running_standin() as standin:
+        yield standin
+
+
+@pytest.fixture(scope="session")
+def released(flow_pachd):
+    """A tiny run that passes the gate (floor 0, any lead), with its lineage mirrored into the stand-in.
+
+    Returns (Run, its console output).
+    """
+    status, run, output = run_flow(**TINY, min_miou=0.0, min_margin=-1.0, pachyderm=flow_pachd.address)
+    assert status == "successful", output[-4000:]
+    return run, output
+
+
+@pytest.fixture(scope="session")
+def released_run(released):
+    return released[0]
+
+
+@pytest.fixture(scope="session")
+def learning_run():
+    """A run big enough to learn, with every gate setting at its default."""
+    status, run, output = run_flow(**LEARNING)
+    assert status == "successful", output[-4000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def resumed_run(flow_pachd, released_run):
+    """The same run with min_miou 1.01, failed on purpose in train, then resumed from train.
+
+    Returns (failed Run, resumed Run, resume output).
+    """
+    status, failed, output = run_flow(env={"PETSEG_FAIL_AT": "train"}, **TINY, min_miou=1.01,
+                                      pachyderm=flow_pachd.address)
+    assert status == "failed", output[-4000:]
+    status, resumed, output = resume_flow(failed.id, "train")
+    assert status == "successful", output[-4000:]
+    return failed, resumed, output

@@ -1,0 +1,256 @@
+"""Deployment: SeldonDeployment rendering and applying (against a stand-in API), local process control."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from kubernetes import client as k8s
+
+from petseg import deploy_kubernetes, deploy_local
+from petseg.errors import ConfigError, ServingError
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+MANIFEST = {
+    "version": "petseg-1732791234567890",
+    "pathspec": "PetSegFlow/1732791234567890",
+    "run_id": "1732791234567890",
+    "model_fingerprint": "a" * 64,
+    "dataset_fingerprint": "b" * 64,
+    "code_version": "0.1.0+g1a2b3c4",
+    "model_uri": "s3://bucket/metaflow/releases/petseg-1732791234567890",
+}
+
+
+def _container(rendered: dict) -> dict:
+    return rendered["spec"]["predictors"][0]["componentSpecs"][0]["spec"]["containers"][0]
+
+
+# -- names and labels -------------------------------------------------------------------------------
+
+
+def test_name_is_petseg_and_the_run_id():
+    assert deploy_kubernetes.deployment_name("petseg-1732791234567890") == "petseg-1732791234567890"
+    assert deploy_kubernetes.deployment_name("petseg-argo-petsegflow-x7k2p") == "petseg-argo-petsegflow-x7k2p"
+
+
+@pytest.mark.parametrize("version", ["petseg-Run_42", "petseg-" + "x" * 80, "petseg-a.b.c", "petseg--", "petseg-ÄÖ"])
+def test_name_is_a_short_dns_label_and_stays_distinct(version):
+    name = deploy_kubernetes.deployment_name(version)
+    assert DNS_LABEL.match(name) and len(name) <= 40 and name.startswith("petseg-")
+    assert name != deploy_kubernetes.deployment_name(version + "1")
+
+
+@pytest.mark.parametrize("value", ["a" * 64, "0.1.0+g1a2b3c4", "--weird value!--", "PetSegFlow/12", ""])
+def test_label_values_are_valid(value):
+    assert LABEL_VALUE.match(deploy_kubernetes.label_value(value)) and len(deploy_kubernetes.label_value(value)) <= 63
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+def test_render_fills_the_template():
+    rendered = deploy_kubernetes.render_seldon_deployment(MANIFEST, image="registry/petseg:1.0", namespace="serving")
+    assert rendered["apiVersion"] == "machinelearning.seldon.io/v1" and rendered["kind"] == "SeldonDeployment"
+    assert rendered["metadata"]["name"] == "petseg-1732791234567890"
+    assert rendered["metadata"]["namespace"] == "serving"
+    container = _container(rendered)
+    assert container["image"] == "registry/petseg:1.0"
+    assert container["name"] == rendered["spec"]["predictors"][0]["graph"]["name"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
+                   "FEEDBACK_URI": MANIFEST["model_uri"] + "/feedback"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health/status", "port": "http"}
+    assert container["resources"] == deploy_kubernetes.DEFAULT_RESOURCES
+    assert container["envFrom"] == []
+
+
+def test_render_labels_provenance_shortened_and_annotates_it_in_full():
+    rendered = deploy_kubernetes.render_seldon_deployment(MANIFEST, image="petseg:latest")
+    labels, annotations = rendered["metadata"]["labels"], rendered["metadata"]["annotations"]
+    assert labels["petseg/run-id"] == "1732791234567890"
+    assert labels["petseg/model-fingerprint"] == "a" * 12
+    assert labels["petseg/dataset-fingerprint"] == "b" * 12
+    assert labels["petseg/code-version"] == "0.1.0-g1a2b3c4"
+    assert all(LABEL_VALUE.match(v) and len(v) <= 63 for v in labels.values())
+    assert annotations["petseg/model-fingerprint"] == "a" * 64
+    assert annotations["petseg/dataset-fingerprint"] == "b" * 64
+    assert annotations["petseg/pathspec"] == "PetSegFlow/1732791234567890"
+    assert annotations["petseg/code-version"] == "0.1.0+g1a2b3c4"
+    # The pods carry the same provenance.
+    assert rendered["spec"]["predictors"][0]["componentSpecs"][0]["metadata"]["labels"] == labels
+
+
+def test_render_options():
+    rendered = deploy_kubernetes.render_seldon_deployment(
+        MANIFEST, image="petseg:latest", replicas=3, feedback_uri="s3://bucket/feedback/",
+        s3_endpoint_url="http://minio:9000", secrets=["s3-credentials"],
+        resources={"limits": {"nvidia.com/gpu": 1}}, model_uri="PetSegFlow/1732791234567890")
+    container = _container(rendered)
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["MODEL_URI"] == "PetSegFlow/1732791234567890"
+    assert env["FEEDBACK_URI"] == "s3://bucket/feedback/" and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert rendered["spec"]["predictors"][0]["replicas"] == 3
+
+
+def test_render_keeps_hostile_values_as_plain_strings():
+    hostile = dict(MANIFEST, code_version='1"\nkind: Secret\n# ${name} : [', dataset_fingerprint="x: {y}")
+    rendered = deploy_kubernetes.render_seldon_deployment(hostile, image="petseg:latest")
+    assert rendered["kind"] == "SeldonDeployment"
+    assert rendered["metadata"]["annotations"]["petseg/code-version"] == hostile["code_version"]
+    assert rendered["metadata"]["annotations"]["petseg/dataset-fingerprint"] == "x: {y}"
+    assert all(LABEL_VALUE.match(v) for v in rendered["metadata"]["labels"].values())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model_uri": "/home/me/release"},
+        {"namespace": "Not_A_Namespace"},
+        {"replicas": 0},
+        {"image": "has space"},
+    ],
+)
+def test_render_rejects_what_kubernetes_or_the_pod_cannot_use(options):
+    with pytest.raises(ConfigError):
+        deploy_kubernetes.render_seldon_deployment(MANIFEST, **{"image": "petseg:latest", **options})
+
+
+# -- applying ---------------------------------------------------------------------------------------
+
+
+class StandInApi:
+    """CustomObjectsApi for SeldonDeployments, with scripted states and conflicts."""
+
+    def __init__(self, states=("Available",), conflicts=0, refuse=None):
+        self.objects, self.calls = {}, []
+        self.states, self.conflicts, self.refuse = list(states), conflicts, refuse
+        self.version = 0
+
+    def _key(self, group, version, namespace, plural, name):
+        assert (group, version, plural) == ("machinelearning.seldon.io", "v1", "seldondeployments")
+        return namespace, name
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        key = self._key(group, version, namespace, plural, name)
+        if key not in self.objects:
+            raise k8s.ApiException(status=404, reason="Not Found")
+        current = self.objects[key]
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        if state:
+            current["status"] = {"state": state, "description": f"operator says {state}"}
+        return current
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.calls.append(("create", body))
+        if self.refuse:
+            raise k8s.ApiException(status=self.refuse, reason="Forbidden")
+        self._store(self._key(group, version, namespace, plural, body["metadata"]["name"]), body)
+
+    def replace_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        self.calls.append(("replace", body))
+        key = self._key(group, version, namespace, plural, name)
+        if self.conflicts:
+            self.conflicts -= 1
+            self.version += 1
+            self.objects[key]["metadata"]["resourceVersion"] = str(self.version)
+            raise k8s.ApiException(status=409, reason="Conflict")
+        assert body["metadata"]["resourceVersion"] == self.objects[key]["metadata"]["resourceVersion"]
+        self._store(key, body)
+
+    def _store(self, key, body):
+        self.version += 1
+        stored = {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.version)}}
+        self.objects[key] = stored
+
+
+@pytest.fixture
+def rendered():
+    return deploy_kubernetes.render_seldon_deployment(MANIFEST, image="petseg:latest", namespace="serving")
+
+
+def _use(monkeypatch, api: StandInApi) -> StandInApi:
+    monkeypatch.setattr(k8s, "CustomObjectsApi", lambda api_client=None: api)
+    return api
+
+
+def test_apply_creates_then_waits_until_available(monkeypatch, rendered):
+    api = _use(monkeypatch, StandInApi(states=["Creating", "Creating", "Available"]))
+    applied = deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    assert [call for call, _ in api.calls] == ["create"]
+    assert applied["status"]["state"] == "Available"
+    assert api.calls[0][1]["metadata"]["namespace"] == "serving"
+
+
+def test_apply_twice_replaces_with_the_current_resource_version(monkeypatch, rendered):
+    api = _use(monkeypatch, StandInApi())
+    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    assert [call for call, _ in api.calls] == ["create", "replace"]
+    assert api.calls[1][1]["metadata"]["resourceVersion"] == "1"
+    assert "resourceVersion" not in rendered["metadata"]  # the caller's object is left alone
+
+
+def test_apply_retries_after_a_conflict(monkeypatch, rendered):
+    api = _use(monkeypatch, StandInApi(conflicts=1))
+    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    assert [call for call, _ in api.calls] == ["create", "replace", "replace"]
+
+
+def test_apply_times_out_naming_the_deployment_and_its_last_state(monkeypatch, rendered):
+    _use(monkeypatch, StandInApi(states=["Creating"]))
+    with pytest.raises(ServingError, match=r"SeldonDeployment serving/petseg-1732791234567890 .*last state: Creating"):
+        deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), timeout=0.05,
+                                       poll_interval=0.01)
+
+
+def test_apply_reports_a_failed_deployment(monkeypatch, rendered):
+    _use(monkeypatch, StandInApi(states=["Failed"]))
+    with pytest.raises(ServingError, match="failed: operator says Failed"):
+        deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+
+
+def test_apply_reports_a_refusal(monkeypatch, rendered):
+    _use(monkeypatch, StandInApi(refuse=403))
+    with pytest.raises(ServingError, match="refused SeldonDeployment serving/petseg-1732791234567890: 403"):
+        deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+
+
+def test_deploy_kubernetes_returns_what_the_flow_records(monkeypatch):
+    _use(monkeypatch, StandInApi())
+    result = deploy_kubernetes.deploy_kubernetes(MANIFEST, namespace="serving", api_client=object(), timeout=5)
+    assert result == {
+        "kind": "kubernetes",
+        "name": "petseg-1732791234567890",
+        "namespace": "serving",
+        "state": "Available",
+        "url": "http://petseg-1732791234567890-default.serving.svc.cluster.local:8000",
+    }
+
+
+# -- local processes --------------------------------------------------------------------------------
+
+
+def test_microservice_command_serves_the_component_on_the_given_ports():
+    command = deploy_local.microservice_command(port=1, grpc_port=2, metrics_port=3)
+    assert command[1:4] == ["PetSegModel", "--service-type", "MODEL"]
+    assert command[4:] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
+    assert (deploy_local.SERVING_DIR / "PetSegModel.py").is_file()
+
+
+def test_stop_local_leaves_other_processes_alone():
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        with pytest.raises(ServingError, match=f"process {other.pid} is not a petseg deployment"):
+            deploy_local.stop_local(other.pid)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    assert deploy_local.stop_local(other.pid) is False

@@ -1,0 +1,445 @@
+"""Lineage graph (petseg.lineage), its Pachyderm mirror (petseg.pachyderm, against the pachd stand-in),
+and `petseg lineage` (petseg.commands.lineage)."""
+
+import argparse
+import ast
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from pachyderm_sdk import Client
+from pachyderm_sdk.api import pfs
+
+from harness import commit_files
+from pachd_standin import running_standin
+from petseg import lineage, pachyderm, runs
+from petseg.commands import lineage as lineage_commands
+from petseg.errors import ConfigError, LineageError, RunError
+
+RUN = "PetSegFlow/7"
+FAST = {"attempts": 3, "delay": 0.01}
+
+
+@pytest.fixture
+def pachd():
+    with running_standin() as standin:
+        yield standin
+
+
+@pytest.fixture
+def client(pachd):
+    return Client.from_pachd_address(pachd.address)
+
+
+def outputs(stage: str, run: str = RUN) -> dict[str, bytes]:
+    """Small, distinct output files for a stage of a run."""
+    return {
+        f"{stage}.json": json.dumps({"stage": stage, "run": run}).encode(),
+        f"parts/{stage}-0.bin": (stage + run).encode() * 100,
+    }
+
+
+def record(graph, stage, *, address=None, run=RUN, files=None, dataset_fingerprint=None,
+           model_fingerprint=None, **mirror_options):
+    """What a flow step does: record the stage in the graph, then mirror it (given an address)."""
+    files = files or outputs(stage, run)
+    graph = lineage.record_stage(
+        graph, stage, files=files, pathspec=f"{run}/{stage}/1",
+        dataset_fingerprint=dataset_fingerprint, model_fingerprint=model_fingerprint,
+    )
+    return pachyderm.mirror_stage(graph, stage, files=files, address=address, **mirror_options)
+
+
+def full_run(address, *, run=RUN, **kwargs) -> dict:
+    graph = lineage.new_graph(pathspec=run, code_version="0.1.0+test")
+    for stage in lineage.STAGES:
+        fingerprints = {}
+        if stage == "warehouse":
+            fingerprints["dataset_fingerprint"] = hashlib.sha256(run.encode()).hexdigest()
+        if stage == "model":
+            fingerprints["model_fingerprint"] = hashlib.sha256(b"m" + run.encode()).hexdigest()
+        graph = record(graph, stage, address=address, run=run, **fingerprints, **kwargs)
+    return graph
+
+
+def repo(stage):
+    return pfs.Repo(name=stage, project=pfs.Project(name=pachyderm.PROJECT))
+
+
+def petseg_commits(client, stage, run=RUN):
+    return [
+        info for info in client.pfs.list_commit(repo=repo(stage))
+        if f"petseg {stage} of {run}" in info.description
+    ]
+
+
+def open_commits(client, stage):
+    return [i for i in client.pfs.list_commit(repo=repo(stage)) if not pachyderm._finished(i)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- the graph, without Pachyderm ----------------------------------------------
+
+
+def test_graph_without_pachyderm(tmp_path):
+    local = tmp_path / "splits.json"
+    local.write_bytes(b'{"training": 7}')
+    graph = lineage.new_graph(pathspec=RUN, code_version="0.1.0")
+    graph = record(graph, "warehouse", dataset_fingerprint="d" * 64)
+    graph = record(graph, "transform", files={"splits.json": local, "empty": b""})
+    for stage in ("tune", "model", "calibrate", "evaluate", "release"):
+        graph = record(graph, stage)
+
+    assert json.loads(json.dumps(graph)) == graph
+    assert graph["pachyderm"] is None and graph["dataset_fingerprint"] == "d" * 64
+    assert {s: e["parents"] for s, e in graph["stages"].items()} == {
+        "warehouse": [], "transform": ["warehouse"], "tune": ["transform"],
+        "model": ["transform", "tune"], "calibrate": ["model", "transform"],
+        "evaluate": ["calibrate"], "release": ["evaluate"],
+    }
+    transform = graph["stages"]["transform"]
+    assert transform["outputs"] == {
+        "empty": {"sha256": hashlib.sha256(b"").hexdigest(), "size": 0},
+        "splits.json": {"sha256": hashlib.sha256(local.read_bytes()).hexdigest(), "size": 15},
+    }
+    assert transform["pathspec"] == f"{RUN}/transform/1" and transform["pachyderm"] is None
+
+
+def test_record_stage_leaves_its_input_alone():
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    record(graph, "warehouse")
+    assert graph["stages"] == {}
+
+
+@pytest.mark.parametrize(
+    "stage, files, pathspec",
+    [
+        ("training", {"a": b""}, RUN),
+        ("warehouse", {"../escape": b""}, RUN),
+        ("warehouse", {"": b""}, RUN),
+        ("warehouse", {"a": Path("/no/such/file")}, RUN),
+        ("warehouse", {"a": b""}, "PetSegFlow"),
+    ],
+)
+def test_bad_input_is_a_lineage_error(stage, files, pathspec):
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    with pytest.raises(LineageError):
+        lineage.record_stage(graph, stage, files=files, pathspec=pathspec)
+
+
+def test_merge_joins_branches_and_refuses_conflicts():
+    base = record(lineage.new_graph(pathspec=RUN, code_version="v"), "transform")
+    left = record(base, "tune")
+    right = record(base, "model", model_fingerprint="m" * 64)
+    merged = lineage.merge([left, right])
+    assert set(merged["stages"]) == {"transform", "tune", "model"}
+    assert merged["model_fingerprint"] == "m" * 64
+    with pytest.raises(LineageError, match="tune"):
+        lineage.merge([left, record(base, "tune", files={"other": b"x"})])
+
+
+def test_find_runs_by_model():
+    graphs = [
+        {"pathspec": "PetSegFlow/1", "model_fingerprint": "abcdef0123456789"},
+        {"pathspec": "PetSegFlow/2", "model_fingerprint": "0123456789abcdef"},
+        {"pathspec": "PetSegFlow/3", "model_fingerprint": None},
+    ]
+    assert [g["pathspec"] for g in lineage.find_runs_by_model("ABCDEF01", graphs)] == ["PetSegFlow/1"]
+    assert lineage.find_runs_by_model("ffffffff", graphs) == []
+    with pytest.raises(ConfigError):
+        lineage.find_runs_by_model("abc", graphs)
+
+
+def test_format_graph_shows_stages_outputs_and_commits(pachd):
+    graph = full_run(pachd.address)
+    text = lineage.format_graph(graph)
+    commit_set = graph["pachyderm"]["commit_set"]
+    assert f"model <- transform, tune    petseg/model@{commit_set}" in text
+    digest = graph["stages"]["tune"]["outputs"]["tune.json"]["sha256"]
+    assert digest[:12] in text and digest not in text
+    plain = lineage.format_graph(full_run(None, run="PetSegFlow/8"))
+    assert "warehouse <- (input)    (not mirrored)" in plain
+
+
+# -- the mirror ----------------------------------------------------------------
+
+
+def test_one_finished_commit_per_stage_with_files_and_metadata(pachd, client):
+    graph = full_run(pachd.address)
+    commit_set = graph["pachyderm"]["commit_set"]
+    for stage in lineage.STAGES:
+        record_ = graph["stages"][stage]["pachyderm"]
+        assert record_["mirrored"] and record_["commit"] == commit_set and not record_["reused"]
+        (info,) = petseg_commits(client, stage)
+        assert pachyderm._finished(info) and info.commit.id == commit_set
+        files = commit_files(client, info.commit)
+        assert files == {"/" + name: data for name, data in outputs(stage).items()}
+        meta = json.loads(info.description.partition("\n")[2])
+        assert meta["pathspec"] == f"{RUN}/{stage}/1" and meta["run_id"] == "7"
+        assert meta["code_version"] == "0.1.0+test"
+        assert meta["dataset_fingerprint"] == graph["dataset_fingerprint"]
+        assert meta["outputs"] == graph["stages"][stage]["outputs"]
+    meta = json.loads(petseg_commits(client, "release")[0].description.partition("\n")[2])
+    assert meta["model_fingerprint"] == graph["model_fingerprint"]
+    for stage in lineage.STAGES:
+        assert open_commits(client, stage) == []
+
+
+def test_provenance_between_repos_and_commits(pachd, client):
+    graph = full_run(pachd.address)
+    commit_set = graph["pachyderm"]["commit_set"]
+    for stage, parents in lineage.STAGES.items():
+        branch = client.pfs.inspect_branch(branch=pfs.Branch(repo=repo(stage), name="master"))
+        assert sorted(b.repo.name for b in branch.direct_provenance) == sorted(parents)
+        info = client.pfs.inspect_commit(commit=pfs.Commit(repo=repo(stage), id=commit_set))
+        assert sorted(c.repo.name for c in info.direct_provenance) == sorted(parents)
+        assert {c.id for c in info.direct_provenance} <= {commit_set}
+    release = client.pfs.inspect_branch(branch=pfs.Branch(repo=repo("release"), name="master"))
+    assert {b.repo.name for b in release.provenance} == set(lineage.STAGES) - {"release"}
+
+
+def test_rerunning_a_stage_adds_no_commit(pachd, client):
+    graph = full_run(pachd.address)
+    before = {s: len(list(client.pfs.list_commit(repo=repo(s)))) for s in lineage.STAGES}
+    # A retried warehouse step starts again from the graph it was given: no commit set yet.
+    start = lineage.new_graph(pathspec=RUN, code_version="0.1.0+test")
+    again = record(start, "warehouse", address=pachd.address)
+    assert again["stages"]["warehouse"]["pachyderm"]["reused"]
+    assert again["pachyderm"] == graph["pachyderm"]
+    again = record(graph, "model", address=pachd.address)
+    assert again["stages"]["model"]["pachyderm"]["reused"]
+    after = {s: len(list(client.pfs.list_commit(repo=repo(s)))) for s in lineage.STAGES}
+    assert after == before
+
+
+def test_a_retry_with_other_bytes_keeps_the_first_commit(pachd, client):
+    graph = full_run(pachd.address)
+    with pytest.warns(UserWarning, match="earlier attempt"):
+        again = record(graph, "model", address=pachd.address, files={"model.keras": b"resaved"})
+    assert again["stages"]["model"]["pachyderm"]["commit"] == graph["pachyderm"]["commit_set"]
+    assert len(petseg_commits(client, "model")) == 1
+
+
+def test_resumed_run_with_other_outputs_is_refused(pachd):
+    graph = full_run(pachd.address)
+    with pytest.raises(LineageError, match="already recorded by PetSegFlow/7"):
+        record(graph, "evaluate", address=pachd.address, run="PetSegFlow/9",
+               files={"metrics.json": b"{}"})
+
+
+def test_next_run_gets_its_own_commit_set_with_only_its_files(pachd, client):
+    first = full_run(pachd.address)
+    second = full_run(pachd.address, run="PetSegFlow/8")
+    assert first["pachyderm"]["commit_set"] != second["pachyderm"]["commit_set"]
+    commit = pfs.Commit(repo=repo("tune"), id=second["pachyderm"]["commit_set"])
+    assert set(commit_files(client, commit)) == {"/tune.json", "/parts/tune-0.bin"}
+    info = client.pfs.inspect_commit(commit=commit)
+    assert info.parent_commit.id == first["pachyderm"]["commit_set"]
+
+
+def test_connection_dropped_mid_commit_is_retried_without_leftovers(pachd, client):
+    pachd.drop_connection(method="ModifyFile", after_messages=3, outage_calls=4)
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse",
+                   address=pachd.address, attempts=5, delay=0.01)
+    assert graph["stages"]["warehouse"]["pachyderm"]["mirrored"]
+    (info,) = petseg_commits(client, "warehouse")
+    assert pachyderm._finished(info)
+    assert commit_files(client, info.commit) == {
+        "/" + k: v for k, v in outputs("warehouse").items()
+    }
+    assert open_commits(client, "warehouse") == []
+
+
+@pytest.mark.parametrize("stage, method", [("warehouse", "ModifyFile"), ("calibrate", "FinishCommit")])
+def test_outage_mid_commit_then_a_rerun_completes(pachd, client, stage, method):
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    for earlier in list(lineage.STAGES)[: list(lineage.STAGES).index(stage)]:
+        graph = record(graph, earlier, address=pachd.address)
+    pachd.drop_connection(method=method, after_messages=4, outage_calls=1000)
+    with pytest.raises(LineageError, match=pachd.address) as failure:
+        record(graph, stage, address=pachd.address, **FAST)
+    assert "pachd is running" in str(failure.value)
+    pachd.heal()
+    # Nothing half written: an open commit holds none or all of the stage's files.
+    names = {"/" + name for name in outputs(stage)}
+    for info in open_commits(client, stage):
+        assert set(commit_files(client, info.commit)) & names in (set(), names)
+    graph = record(graph, stage, address=pachd.address, **FAST)
+    (info,) = petseg_commits(client, stage)
+    assert pachyderm._finished(info) and info.commit.id == graph["pachyderm"]["commit_set"]
+    assert commit_files(client, info.commit) == {"/" + k: v for k, v in outputs(stage).items()}
+    assert open_commits(client, stage) == []
+
+
+def test_server_stopped_and_back(pachd, client):
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse",
+                   address=pachd.address)
+    pachd.stop()
+    with pytest.warns(UserWarning, match="cannot reach Pachyderm"):
+        missed = record(graph, "transform", address=pachd.address, required=False, **FAST)
+    assert missed["stages"]["transform"]["pachyderm"]["mirrored"] is False
+    pachd.start()
+    fresh = Client.from_pachd_address(pachd.address)
+    graph = record(missed, "transform", address=pachd.address, **FAST)
+    assert graph["stages"]["transform"]["pachyderm"]["mirrored"]
+    assert len(petseg_commits(fresh, "transform")) == 1
+
+
+def test_unreachable_and_required_raises_naming_the_address():
+    address = f"127.0.0.1:{free_port()}"
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    started = time.monotonic()
+    with pytest.raises(LineageError) as failure:
+        record(graph, "warehouse", address=address, **FAST)
+    message = str(failure.value)
+    assert address in message and "3 attempt" in message and "pachd is running" in message
+    assert time.monotonic() - started < 10
+
+
+def test_unreachable_and_best_effort_warns_and_records():
+    address = f"127.0.0.1:{free_port()}"
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    with pytest.warns(UserWarning, match=address):
+        graph = record(graph, "warehouse", address=address, required=False, **FAST)
+    missed = graph["stages"]["warehouse"]["pachyderm"]
+    assert missed["mirrored"] is False and address in missed["error"]
+    assert missed["files"] == sorted(outputs("warehouse"))
+    assert graph["pachyderm"] is None
+    with pytest.warns(UserWarning, match="warehouse stage of PetSegFlow/7 was not mirrored"):
+        graph = record(graph, "transform", address=address, required=False, **FAST)
+    assert graph["stages"]["transform"]["pachyderm"]["mirrored"] is False
+
+
+def test_bad_address_is_a_config_error():
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse")
+    with pytest.raises(ConfigError, match="bad Pachyderm address"):
+        pachyderm.mirror_stage(graph, "warehouse", files={}, address="ftp://somewhere:1")
+
+
+def test_mirror_stage_needs_the_stage_recorded_first(pachd):
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    with pytest.raises(LineageError, match="record it first"):
+        pachyderm.mirror_stage(graph, "warehouse", files=outputs("warehouse"), address=pachd.address)
+    with pytest.raises(LineageError, match="unknown stage"):
+        pachyderm.mirror_stage(graph, "training", files={}, address=pachd.address)
+
+
+def test_mirror_stage_adds_only_the_mirror_records_and_leaves_its_input_alone(pachd):
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    for stage in ("warehouse", "transform"):
+        recorded = lineage.record_stage(graph, stage, files=outputs(stage), pathspec=f"{RUN}/{stage}/1")
+        before = json.loads(json.dumps(recorded))
+        assert pachyderm.mirror_stage(recorded, stage, files=outputs(stage), address=None) == recorded
+        graph = pachyderm.mirror_stage(recorded, stage, files=outputs(stage), address=pachd.address)
+        assert recorded == before
+        mirrored = graph["stages"][stage].pop("pachyderm")
+        assert mirrored["mirrored"] and mirrored["repo"] == stage
+        assert graph["stages"][stage] == {k: v for k, v in recorded["stages"][stage].items() if k != "pachyderm"}
+        graph["stages"][stage]["pachyderm"] = mirrored
+    assert graph["pachyderm"] == {"address": pachd.address, "project": "petseg",
+                                  "commit_set": graph["stages"]["warehouse"]["pachyderm"]["commit"]}
+
+
+def imported_modules(module) -> set[str]:
+    """The modules a module imports, anywhere in it (``from petseg import x`` counts as petseg.x)."""
+    found = set()
+    for node in ast.walk(ast.parse(Path(module.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_graph_knows_nothing_of_pachyderm_and_the_mirror_builds_on_the_graph():
+    graph_imports = imported_modules(lineage)
+    assert not {name for name in graph_imports if name.startswith(("pachyderm", "grpc", "argparse", "petseg."))
+                and name not in ("petseg.errors", "petseg.errors.ConfigError", "petseg.errors.LineageError")}
+    assert "petseg.lineage" in imported_modules(pachyderm)
+
+
+# -- the stand-in's own semantics ---------------------------------------------
+
+
+def test_standin_refuses_commits_on_output_branches_and_applies_streams_whole(pachd, client):
+    full_run(pachd.address)
+    with pytest.raises(grpc.RpcError) as refused:
+        client.pfs.start_commit(branch=pfs.Branch(repo=repo("model"), name="master"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as missing:
+        client.pfs.inspect_repo(repo=repo("nothing"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    commit = client.pfs.start_commit(branch=pfs.Branch(repo=repo("warehouse"), name="master"))
+    pachd.drop_connection(method="ModifyFile", after_messages=3, outage_calls=0)
+    with pytest.raises(grpc.RpcError):
+        client.pfs.put_file_from_bytes(commit=commit, path="/late.txt", data=b"x" * 10)
+    assert "/late.txt" not in commit_files(client, commit)
+
+
+def test_standin_runs_from_the_command_line():
+    port = free_port()
+    script = Path(__file__).parents[1] / "support" / "pachd_standin.py"
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert "listening on" in process.stdout.readline()
+        version = Client.from_pachd_address(f"127.0.0.1:{port}").get_version()
+        assert (version.major, version.minor) == (2, 12)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# -- petseg lineage --------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, argv, graphs):
+    monkeypatch.setattr(runs, "run_graph", lambda run: graphs[0])
+    monkeypatch.setattr(runs, "run_graphs", lambda: iter(graphs))
+    parser = argparse.ArgumentParser(prog="petseg")
+    lineage_commands.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    code = args.handler(args)
+    return code, capsys.readouterr().out
+
+
+def test_cli_shows_a_run_as_text_or_json(monkeypatch, capsys):
+    graph = full_run(None)
+    code, out = run_cli(monkeypatch, capsys, ["lineage", "latest"], [graph])
+    assert code == 0 and out.startswith(RUN) and "calibrate <- model, transform" in out
+    code, out = run_cli(monkeypatch, capsys, ["lineage", "7", "--json"], [graph])
+    assert code == 0 and json.loads(out) == graph
+
+
+def test_cli_finds_runs_by_model(monkeypatch, capsys):
+    graphs = [full_run(None), full_run(None, run="PetSegFlow/8")]
+    wanted = graphs[1]["model_fingerprint"]
+    code, out = run_cli(monkeypatch, capsys, ["lineage", "--model", wanted[:10]], graphs)
+    assert code == 0 and out.startswith("PetSegFlow/8 ") and len(out.splitlines()) == 1
+    code, out = run_cli(monkeypatch, capsys, ["lineage", "--model", wanted, "--json"], graphs)
+    assert [g["pathspec"] for g in json.loads(out)] == ["PetSegFlow/8"]
+    code, out = run_cli(monkeypatch, capsys, ["lineage", "--model", "f" * 64], graphs)
+    assert code == 1 and "no finished PetSegFlow run" in out
+
+
+def test_cli_needs_a_run_or_a_model(monkeypatch, capsys):
+    with pytest.raises(ConfigError):
+        run_cli(monkeypatch, capsys, ["lineage"], [])
+
+
+def test_cli_refuses_runs_of_other_flows():
+    with pytest.raises(RunError, match="belongs to flow 'OtherFlow'"):
+        runs.run_graph("OtherFlow/3")
