@@ -1,3 +1,5 @@
+"""`python -m petseg`: the same command line as the `petseg` script."""
+
 import sys
 
 from petseg.cli import main

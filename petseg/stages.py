@@ -1,4 +1,4 @@
-"""The flow's step glue: the only place that reads Metaflow and the environment.
+"""The flow's step glue: the only library module that reads Metaflow's settings and the environment.
 
 The flow (flows/seg_flow.py) is the table of contents; each function here does
 the work of one step over explicit values: fetch shards from the blob store,

@@ -4,7 +4,7 @@ Every reader and writer of the project goes through here:
 
 - `Location`: a directory or ``s3://bucket/prefix`` read and written by
   relative names; a local write lands beside its target and is renamed into
-  place, so a reader never sees half a file.
+  place (`replacing`), so a reader never sees half a file.
 - `staged_directory`: a local directory that appears whole or not at all.
 - `BlobStore`: files addressed by the sha256 of their bytes (shards and logs
   that travel between flow steps, which may run in separate pods).
@@ -78,25 +78,36 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a local file beside ``path``, then rename it into place."""
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A partial file beside ``path`` that replaces it when the block succeeds, and vanishes if not.
+
+    A reader of ``path`` never sees half a file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
-    return path
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        yield Path(partial)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a local file beside ``path``, then rename it into place."""
+    with replacing(path) as partial:
+        partial.write_bytes(data)
+    return Path(path)
 
 
 def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Copy a local file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, tmp)
-    os.replace(tmp.name, path)
-    return path
+    with replacing(path) as partial:
+        shutil.copyfile(source, partial)
+    return Path(path)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petseg import oxford
+from petseg import oxford, storage
 from petseg.errors import ConfigError
 from petseg.scenes import BREEDS, Breed, render
 
@@ -66,8 +66,8 @@ def write_archives(out_dir: str | os.PathLike, *, count: int, seed: int) -> tupl
         halves["test" if int(sid.rsplit("_", 1)[1]) % 2 == 0 else "trainval"].append(oxford.list_line(sid, breed.name))
 
     images_path, annotations_path = out / "images.tar.gz", out / "annotations.tar.gz"
-    partial_images, partial_annotations = out / ".images.tar.gz.partial", out / ".annotations.tar.gz.partial"
-    with _DeterministicTar(partial_images) as images, _DeterministicTar(partial_annotations) as annotations:
+    with (storage.replacing(images_path) as partial_images, storage.replacing(annotations_path) as partial_annotations,
+          _DeterministicTar(partial_images) as images, _DeterministicTar(partial_annotations) as annotations):
         _add_dir(images, "images")
         _add_dir(annotations, "annotations")
         _add_file(annotations, oxford.LIST_FILE, (oxford.LIST_HEADER + listing).encode())
@@ -78,8 +78,6 @@ def write_archives(out_dir: str | os.PathLike, *, count: int, seed: int) -> tupl
             photo, trimap = render(np.random.default_rng([seed, index]), breed)
             _add_file(images, oxford.image_file(sample_id), photo)
             _add_file(annotations, oxford.trimap_file(sample_id), trimap)
-    os.replace(partial_images, images_path)
-    os.replace(partial_annotations, annotations_path)
     return images_path, annotations_path
 
 
