@@ -20,14 +20,16 @@ setup(
         "kubernetes>=36,<37",  # 37 needs python-dateutil>=3, botocore needs <3
         "boto3>=1.44,<1.45",
         "pachyderm-sdk>=2.12,<2.13",
-        "google-crc32c>=1.9,<2",  # TFRecord framing without importing TensorFlow (petseg.shards)
+        "google-crc32c>=1.9,<2",
+        "mlserver==1.7.1",  # the Open Inference Protocol server (Seldon Core v2, KServe)
+        "openlineage-python==1.54.0",  # TFRecord framing without importing TensorFlow (petseg.shards)
         "pillow",
         "matplotlib",
         "requests",
     ],
     extras_require={
         "gpu": ["tensorflow[and-cuda]==2.18.1"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "moto[server]"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "moto[server]", "tritonclient[http]"],
     },
     entry_points={"console_scripts": ["petseg=petseg.cli:main"]},
 )
