@@ -1,27 +1,35 @@
-"""What serving through Seldon costs: one 128x128 image over REST against in process.
+"""What serving costs, on both servers and every path, under concurrent load: one 128x128 image per request.
 
-Starts the microservice (`petseg.deploy_local.deploy_local`) on a release and
-measures, in the same run, one request at a time:
+Starts both local deployments of one release (`petseg.deploy_local.deploy_local`:
+the Seldon microservice and MLServer with the petseg runtime) and measures, in
+the same run, at concurrency 1, 4 and 16 (that many client threads, each
+sending its next request when the last is answered, over a kept-alive
+connection):
 
-- in process, array: `Predictor.predict` on a decoded image (model + calibration);
-- in process, binData: `Service.predict` on a binData message (base64 and PNG
-  decode, model, calibration, PNG encode), what the server does per request;
-- REST binData: a PNG as base64 binData, answered with a PNG mask;
-- REST ndarray: the image as a JSON ndarray of uint8, answered with a JSON ndarray;
-- REST ping: GET /health/ping, no model and no petseg code: the floor of
-  HTTP through gunicorn on this machine.
+- in process: `Predictor.predict` on the decoded image (model and
+  calibration), called from that many threads: the floor;
+- Seldon v1 binData: the JPEG as base64 binData, answered with a PNG of the
+  probabilities (``/api/v1.0/predictions``);
+- v2 binary: the JPEG as a BYTES tensor in the binary data extension,
+  answered with the UINT8 mask as raw bytes (``/v2/models/petseg/infer``);
+- v2 JSON tensor: the decoded pixels as a UINT8 [1, 128, 128, 3] JSON tensor,
+  answered with the mask as a JSON tensor;
+- v2 gRPC: the JPEG as a BYTES tensor in ``raw_input_contents``, answered with
+  the mask in ``raw_output_contents`` (MLServer's Open Inference Protocol stubs).
 
 The image is a pet photo from the embedded data set (`petseg.scenes`), scaled
-to 128x128 and sent as a JPEG, as Oxford-IIIT Pet photos are. The client is
-http.client from the standard library, so that little client time hides in
-the figures. Modes alternate block by block, so that a change in machine load
-hits all of them alike. Prints p50 and p95 latency, requests per second
-(sequential, one client), the check "REST binData p50 <= 1.5 x in-process
-p50 + 5 ms" (in process: model and calibration on the decoded image), and the
-machine.
+to 128x128 and sent as a JPEG, as Oxford-IIIT Pet photos are. Every mode at
+every concurrency takes its turn in each round, so that a change in machine
+load hits all of them alike.
+Prints p50 and p99 latency, requests per second and errors per mode and
+concurrency, the target check (issue 11) and the machine:
+
+- at concurrency 1, the best remote path's p50 <= 1.2 x the in-process p50 + 3 ms;
+- at concurrency 16, that path answers >= 1.6 x its concurrency-1 requests/s,
+  with no errors and p99 <= 4 x p50.
 
 Usage:
-    python bench/serving.py [--release DIR] [--requests 200] [--blocks 10]
+    python bench/serving.py [--release DIR] [--seconds 8] [--rounds 4] [--json FILE]
 
 Without --release, a small untrained model is saved as a release in a
 temporary directory (latency does not depend on the weights).
@@ -33,8 +41,10 @@ import http.client
 import io
 import json
 import os
+import struct
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +54,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZE = 128
-TARGET_RATIO, TARGET_SLACK_MS = 1.5, 5.0
+CONCURRENCY = (1, 4, 16)
+MODES = ("in process", "Seldon v1 binData", "v2 binary", "v2 JSON tensor", "v2 gRPC")
+REMOTE = MODES[1:]
+TARGET_RATIO, TARGET_SLACK_MS = 1.2, 3.0
+TARGET_SCALING, TARGET_TAIL = 1.6, 4.0
 
 
 def make_release(folder: Path) -> Path:
@@ -81,100 +95,197 @@ def pet_photo() -> bytes:
     return buffer.getvalue()
 
 
-class Client:
-    """One request at a time over http.client (the server closes each connection)."""
+class Http:
+    """One client thread's kept-alive connection; reconnects when the server closes it."""
 
     def __init__(self, url: str):
-        host, port = url.removeprefix("http://").split(":")
-        self.connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.connection = None
 
-    def call(self, method: str, path: str, body: str | None = None) -> bytes:
-        self.connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
-        response = self.connection.getresponse()
-        answer = response.read()
+    def post(self, path: str, body: bytes, headers: dict) -> bytes:
+        if self.connection is None:
+            self.connection = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        try:
+            self.connection.request("POST", path, body, headers)
+            response = self.connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException):
+            self.connection.close()
+            self.connection = None
+            raise
+        if response.will_close:
+            self.connection.close()
+            self.connection = None
         if response.status != 200:
-            sys.exit(f"{method} {path} answered {response.status}: {answer[:300]!r}")
+            raise RuntimeError(f"{path} answered {response.status}: {answer[:200]!r}")
         return answer
 
 
-def percentiles(seconds: list[float]) -> dict:
-    milliseconds = np.asarray(seconds) * 1000
+def request_makers(jpeg: bytes, seldon: dict, mlserver: dict, predictor) -> dict:
+    """Per mode, a function that makes one client's call (one per thread: connections are not shared)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    array = pixels[None].astype(np.float32) / 255.0
+    bin_body = json.dumps({"binData": base64.b64encode(jpeg).decode()}).encode()
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 4 + len(jpeg)}}],
+                         "outputs": [{"name": "mask", "parameters": {"binary_data": True}}]}).encode()
+    binary_body = header + struct.pack("<I", len(jpeg)) + jpeg
+    binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    json_body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 3],
+                                        "data": pixels.ravel().tolist()}]}).encode()
+    json_headers = {"Content-Type": "application/json"}
+    infer = "/v2/models/petseg/infer"
+
+    def grpc_call():
+        import grpc
+        from mlserver.grpc import dataplane_pb2 as pb
+        from mlserver.grpc import dataplane_pb2_grpc
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{mlserver['grpc_port']}")
+        stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(
+            model_name="petseg", inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES",
+                                                                               shape=[1])],
+            raw_input_contents=[struct.pack("<I", len(jpeg)) + jpeg])
+        return lambda: stub.ModelInfer(request, timeout=120)
+
+    def http_call(url, path, body, headers):
+        client = Http(url)
+        return lambda: client.post(path, body, headers)
+
     return {
-        "p50_ms": float(np.percentile(milliseconds, 50)),
-        "p95_ms": float(np.percentile(milliseconds, 95)),
-        "requests_per_s": len(seconds) / float(np.sum(seconds)),
+        "in process": lambda: (lambda: predictor.predict(array)),
+        "Seldon v1 binData": lambda: http_call(seldon["url"], "/api/v1.0/predictions", bin_body, json_headers),
+        "v2 binary": lambda: http_call(mlserver["url"], infer, binary_body, binary_headers),
+        "v2 JSON tensor": lambda: http_call(mlserver["url"], infer, json_body, json_headers),
+        "v2 gRPC": grpc_call,
     }
+
+
+def run(make_call, concurrency: int, seconds: float) -> tuple[list[float], int, float]:
+    """``concurrency`` threads calling for ``seconds``: (latencies in s, errors, wall time)."""
+    latencies, errors, lock = [], [0], threading.Lock()
+    calls = [make_call() for _ in range(concurrency)]
+    start = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def client(call):
+        start.wait()
+        mine, failed = [], 0
+        while time.perf_counter() < deadline[0]:
+            began = time.perf_counter()
+            try:
+                call()
+            except Exception:  # counted: any refusal, reset or timeout is an error of the run
+                failed += 1
+            mine.append(time.perf_counter() - began)
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=client, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.perf_counter() + seconds
+    began = time.perf_counter()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    return latencies, errors[0], time.perf_counter() - began
+
+
+def summary(latencies: list[float], errors: int, wall: float) -> dict:
+    milliseconds = np.asarray(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "requests_per_s": len(latencies) / wall,
+            "p50_ms": float(np.percentile(milliseconds, 50)), "p99_ms": float(np.percentile(milliseconds, 99))}
+
+
+def target_check(results: dict) -> tuple[str, bool, list[str]]:
+    """The best remote path at concurrency 1, whether it meets the targets, and one line per target."""
+    floor = results["in process"][1]["p50_ms"]
+    best = min(REMOTE, key=lambda mode: results[mode][1]["p50_ms"])
+    one, many = results[best][1], results[best][16]
+    budget = TARGET_RATIO * floor + TARGET_SLACK_MS
+    checks = [
+        (f"concurrency 1: p50 {one['p50_ms']:.1f} ms <= {TARGET_RATIO} x in-process p50 {floor:.1f} ms "
+         f"+ {TARGET_SLACK_MS:g} ms = {budget:.1f} ms", one["p50_ms"] <= budget),
+        (f"concurrency 16: {many['requests_per_s']:.1f} requests/s >= {TARGET_SCALING} x "
+         f"{one['requests_per_s']:.1f} = {TARGET_SCALING * one['requests_per_s']:.1f}",
+         many["requests_per_s"] >= TARGET_SCALING * one["requests_per_s"]),
+        (f"concurrency 16: {many['errors']} errors", many["errors"] == 0),
+        (f"concurrency 16: p99 {many['p99_ms']:.1f} ms <= {TARGET_TAIL:g} x p50 {many['p50_ms']:.1f} ms "
+         f"= {TARGET_TAIL * many['p50_ms']:.1f} ms", many["p99_ms"] <= TARGET_TAIL * many["p50_ms"]),
+    ]
+    return best, all(ok for _, ok in checks), [f"  {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", help="release directory (default: a small untrained model)")
-    parser.add_argument("--requests", type=int, default=200, help="timed requests per mode")
-    parser.add_argument("--blocks", type=int, default=10, help="blocks the modes alternate in")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed requests per mode first")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per mode and concurrency")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of every mode at every concurrency, in turn")
+    parser.add_argument("--warmup", type=float, default=2.0, help="untimed seconds per mode first")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
     import tensorflow as tf
-    from PIL import Image
 
-    from petseg import deploy_local, determinism, messages, release, serving
+    from petseg import deploy_local, determinism, release, serving
 
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = Path(args.release) if args.release else make_release(Path(tmp))
         jpeg = pet_photo()
-        image = np.asarray(Image.open(io.BytesIO(jpeg)))
-        bin_message = {"binData": base64.b64encode(jpeg).decode()}
-        bin_body = json.dumps(bin_message)
-        ndarray_body = json.dumps({"data": {"ndarray": image.tolist()}})
-
-        service = serving.Service(release.load_release(str(release_dir)), limits=messages.Limits())
-        array = image[None].astype(np.float32) / 255.0
-        deployment = deploy_local.deploy_local(release_dir, log_path=Path(tmp) / "serving.log", timeout=600)
-        rest = Client(deployment["url"])
-        predictions = "/api/v1.0/predictions"
-        modes = {
-            "in process, array": lambda: service.predictor.predict(array),
-            "in process, binData": lambda: service.predict(bin_message),
-            "REST binData": lambda: rest.call("POST", predictions, bin_body),
-            "REST ndarray": lambda: rest.call("POST", predictions, ndarray_body),
-            "REST ping": lambda: rest.call("GET", "/health/ping"),
-        }
+        predictor = serving.Predictor(release.load_release(str(release_dir)))
+        seldon = deploy_local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
+        try:
+            mlserver = deploy_local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
+                                                 timeout=600)
+        except BaseException:
+            deploy_local.stop_local(seldon["pid"])
+            raise
+        makers = request_makers(jpeg, seldon, mlserver, predictor)
+        raw = {mode: {c: ([], 0, 0.0) for c in CONCURRENCY} for mode in MODES}
         try:
             load_before = os.getloadavg()[0]
-            for call in modes.values():
-                for _ in range(args.warmup):
-                    call()
-            seconds = {name: [] for name in modes}
-            per_block = max(1, args.requests // args.blocks)
-            for _ in range(args.blocks):
-                for name, call in modes.items():
-                    for _ in range(per_block):
-                        started = time.perf_counter()
-                        call()
-                        seconds[name].append(time.perf_counter() - started)
+            for mode in MODES:
+                run(makers[mode], 4, args.warmup)
+            for _ in range(args.rounds):
+                for concurrency in CONCURRENCY:
+                    for mode in MODES:
+                        latencies, errors, wall = run(makers[mode], concurrency, args.seconds / args.rounds)
+                        before = raw[mode][concurrency]
+                        raw[mode][concurrency] = (before[0] + latencies, before[1] + errors, before[2] + wall)
             load_after = os.getloadavg()[0]
         finally:
-            deploy_local.stop_local(deployment["pid"])
+            deploy_local.stop_local(seldon["pid"])
+            deploy_local.stop_local(mlserver["pid"])
 
-    results = {name: percentiles(values) for name, values in seconds.items()}
+    results = {mode: {c: summary(*raw[mode][c]) for c in CONCURRENCY} for mode in MODES}
     machine = determinism.environment_record({})
+    cores = deploy_local.available_cores()
+    workers, threads = deploy_local.gunicorn_sizing(cores)
     print(f"machine: {machine['cpu']['model']}, {machine['cpu']['logical_cores']} logical cores, "
           f"{machine['platform']}, Python {machine['python']}, TensorFlow {tf.__version__}")
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
     print(f"workload: one {SIZE}x{SIZE} pet photo per request ({len(jpeg)} bytes of JPEG), "
-          f"{per_block * args.blocks} timed requests per mode "
-          f"in {args.blocks} alternating blocks, one client, gunicorn with 1 worker")
-    print(f"{'mode':22} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>8}")
-    for name, result in results.items():
-        print(f"{name:22} {result['p50_ms']:8.2f} {result['p95_ms']:8.2f} {result['requests_per_s']:8.1f}")
-    budget = TARGET_RATIO * results["in process, array"]["p50_ms"] + TARGET_SLACK_MS
-    rest_p50 = results["REST binData"]["p50_ms"]
-    verdict = "met" if rest_p50 <= budget else "NOT met"
-    print(f"target REST binData p50 <= {TARGET_RATIO} x in-process p50 + {TARGET_SLACK_MS:g} ms = {budget:.2f} ms: "
-          f"{rest_p50:.2f} ms, {verdict}")
+          f"{args.seconds:g} s per mode and concurrency in {args.rounds} rounds; clients are threads of this "
+          f"process on the same cores; Seldon: gunicorn {workers} worker(s) x {threads} threads; "
+          f"MLServer: one process, {cores} runtime threads")
+    print(f"{'mode':20} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>7}")
+    for mode in MODES:
+        for concurrency, result in results[mode].items():
+            print(f"{mode:20} {concurrency:4d} {result['p50_ms']:8.1f} {result['p99_ms']:8.1f} "
+                  f"{result['requests_per_s']:8.1f} {result['errors']:7d}")
+    best, met, lines = target_check(results)
+    print(f"target check, best remote path at concurrency 1: {best}: {'met' if met else 'NOT met'}")
+    print("\n".join(lines))
     if args.json:
-        record = {"results": results, "budget_ms": budget, "machine": machine["cpu"]["model"]}
+        record = {"results": results, "best": best, "met": met, "machine": machine["cpu"]["model"],
+                  "load": [load_before, load_after]}
         Path(args.json).write_text(json.dumps(record, indent=2))
 
 

@@ -2,20 +2,23 @@
 
 Run locally:            python flows/seg_flow.py run
 Run on Kubernetes:      python flows/seg_flow.py run --with kubernetes
-Inspect past runs:      petseg runs, petseg show latest
+Inspect past runs:      petseg runs, petseg show latest, petseg lineage latest
+Prove a run:            petseg verify latest
 """
 
+import functools
 import os
 import sys
 
 from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step, timeout
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+FLOW_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(FLOW_DIR, ".."))
 # TensorFlow's C++ start-up notices (CPU features, end of a dataset) would fill every step's log;
 # TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from petseg import release as releases  # noqa: E402
+from petseg import codeversion, hooks  # noqa: E402
 from petseg import stages  # noqa: E402
 from petseg import tune as tuning  # noqa: E402
 
@@ -25,10 +28,11 @@ compute_resources = resources(cpu=config_expr("compute.cpu"), memory=config_expr
                               gpu=config_expr("compute.gpu"))
 
 
+@hooks.openlineage_events  # every step: OpenLineage START, then COMPLETE or FAIL
 class PetSegFlow(FlowSpec):
     """Reproducible pet segmentation (Oxford-IIIT Pet trimaps, U-Net).
 
-    1. start: check the parameters and fix the run's settings (seed, mode, threads).
+    1. start: check the parameters and fix the run's settings (seed, mode, threads, code version).
     2. ingest: read and validate the source; shard it; fingerprint the data set.
     3. transform: split into training, validation, test and calibration (md5 of the sample id, or the
        release's official test list).
@@ -38,10 +42,16 @@ class PetSegFlow(FlowSpec):
     7. calibrate: isotonic calibration of pixel probabilities, per class.
     8. evaluate: the model beside baselines on validation and test data, and a report card.
     9. release: the quality gate (validation data only), then a release manifest and a deployment.
+    Every stage records what it read and wrote in the run's lineage graph (petseg lineage RUN).
     """
 
     compute = Config("compute", default_value={"cpu": 2, "memory": 4096, "gpu": 1},
                      help="Cluster resources of the compute steps (tune, train, calibrate, evaluate).")
+    # Evaluated once, where the run is launched (pods have no .git): the checkout's commit and changes.
+    code = Config("code", default_value=codeversion.AT_LAUNCH,
+                  parser=functools.partial(codeversion.at_launch, checkout=FLOW_DIR),
+                  help="Set at launch, not by hand: the git commit of the flow's checkout and whether it has "
+                       "uncommitted changes.")
 
     source = Parameter("source", default="synth:1200",
                        help="Data: synth:COUNT (embedded set generated from --seed), a directory or images.tar.gz "
@@ -74,19 +84,26 @@ class PetSegFlow(FlowSpec):
                            help="Quality gate: how far the model's validation mIoU must lead the best baseline's.")
     deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
     port = Parameter("port", default=0, type=int, help="Port of a local deployment; 0 picks a free one.")
+    server = Parameter("server", default="seldon",
+                       help="Model server of a deployment: seldon (Seldon Core v1 protocol) or mlserver "
+                            "(Open Inference Protocol, REST and gRPC).")
     pachyderm = Parameter("pachyderm", default="",
                           help="Pachyderm address (host:port) to mirror lineage into; default $PACHD_ADDRESS.")
     lineage = Parameter("lineage", default="required",
-                        help="required: a step fails when its lineage cannot be mirrored; best-effort: warn.")
+                        help="required: a step fails when its lineage cannot be mirrored into Pachyderm or its "
+                             "OpenLineage events cannot be delivered; best-effort: warn.")
+    require_clean = Parameter("require_clean", default=False, type=bool,
+                              help="Refuse a run launched from a checkout with uncommitted changes: it stops in "
+                                   "its start step, so no model is released from unrecorded code.")
 
     @step
     def start(self):
         """Check the parameters and fix the run's settings."""
         self.parameters = stages.parameters({name: getattr(self, name) for name in current.parameter_names})
-        self.settings = stages.settings(self.parameters)
+        self.settings = stages.settings(self.parameters, code=self.code)
         self.blob_root = stages.blob_root(self._datastore)
         self.lineage_target = stages.lineage_target(pachyderm=self.pachyderm, mode=self.lineage)
-        self.lineage_graph = stages.lineage_start(code_version=self.settings["code_version"])
+        self.lineage_graph = stages.lineage_start(self.settings)
         self.next(self.ingest)
 
     @retry(times=2)
@@ -96,7 +113,7 @@ class PetSegFlow(FlowSpec):
         self.ingest_report = stages.ingest(source=self.source, feedback=self.feedback, skip_bad=self.skip_bad,
                                            settings=self.settings, store=self.blob_root)
         self.dataset_fingerprint = self.ingest_report["fingerprint"]
-        stages.tag_run(dataset=self.dataset_fingerprint)
+        hooks.tag_run(dataset=self.dataset_fingerprint)
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "warehouse",
                                                    {"ingest_report.json": self.ingest_report},
                                                    target=self.lineage_target,
@@ -106,8 +123,7 @@ class PetSegFlow(FlowSpec):
     @step
     def transform(self):
         """Split samples by the --split rule and write one shard set per split."""
-        self.splits = stages.transform(shards=self.ingest_report["shards"], store=self.blob_root, rule=self.split,
-                                       official_test=self.ingest_report.get("official_test"))
+        self.splits = stages.transform(self.ingest_report, store=self.blob_root, rule=self.split)
         self.trial_configs = tuning.sample_trials(self.trials, seed=self.settings["seed"])
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "transform", {"splits.json": self.splits},
                                                    target=self.lineage_target,
@@ -127,8 +143,7 @@ class PetSegFlow(FlowSpec):
     def select(self, inputs):
         """Keep every trial's result and pick the best (lowest validation loss, ties by index)."""
         self.merge_artifacts(inputs, exclude=["trial"])
-        self.trial_results = sorted((i.trial for i in inputs), key=lambda trial: trial["index"])
-        self.best = tuning.select(self.trial_results)
+        self.trial_results, self.best = stages.select(i.trial for i in inputs)
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "tune", {"trials.json": self.trial_results,
                                                                                 "selected.json": self.best},
                                                    target=self.lineage_target,
@@ -145,10 +160,11 @@ class PetSegFlow(FlowSpec):
         self.model_keras, self.model_fingerprint = trained["model_keras"], trained["fingerprint"]
         self.history, self.tensorboard_logs = trained["history"], trained["tensorboard_logs"]
         self.environment = trained["environment"]
-        stages.tag_run(model=self.model_fingerprint)
+        hooks.tag_run(model=self.model_fingerprint)
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "model",
                                                    {"model.keras": self.model_keras,
-                                                    "fingerprint.txt": self.model_fingerprint},
+                                                    "fingerprint.txt": self.model_fingerprint,
+                                                    "history.json": self.history},
                                                    target=self.lineage_target, **self._fingerprints())
         self.next(self.calibrate)
 
@@ -180,22 +196,24 @@ class PetSegFlow(FlowSpec):
     @step
     def release(self):
         """Quality gate on validation mIoU; a passing model gets a manifest and a deployment."""
-        self.released, self.gate_message = releases.gate(self.metrics, min_miou=self.min_miou,
-                                                        min_margin=self.min_margin)
+        self.released, self.gate_message = stages.gate(self.metrics, min_miou=self.min_miou,
+                                                      min_margin=self.min_margin)
         print(self.gate_message)
         self.manifest, self.deployment = None, None
         if self.released:
             self.manifest = stages.export_release(model_keras=self.model_keras, calibration=self.calibration,
                                                   metrics=self.metrics, settings=self.settings,
                                                   store=self.blob_root, **self._fingerprints())
-            self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port)
-        stages.tag_run(release="accepted" if self.released else "rejected")
+            self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port,
+                                            server=self.server)
+        hooks.tag_run(release="accepted" if self.released else "rejected")
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "release",
                                                    {"manifest.json": self.manifest,
                                                     "decision.txt": self.gate_message},
                                                    target=self.lineage_target, **self._fingerprints())
         self.next(self.end)
 
+    @hooks.tag_when_finished  # the launcher tags the run dataset:, model:, release: from its artifacts
     @step
     def end(self):
         """Summarise the run and say where to look."""

@@ -1,16 +1,22 @@
 """Client of a served model: send an image for prediction, or a labelled sample as feedback.
 
-`predict` sends an image (binData), writes the mask PNG and a side-by-side
-picture (input | predicted | thresholded) as the original notebook displayed
-it; `feedback` sends an image with its true trimap as a new labelled sample.
-The ``petseg predict`` and ``petseg feedback`` commands (petseg.commands.serving)
-call them.
+`predict` sends an image, writes the mask PNG and a side-by-side picture
+(input | predicted | thresholded) as the original notebook displayed it,
+from either server: the Seldon Core v1 protocol (the image as binData, the
+answer a PNG of probabilities) or the Open Inference Protocol (the image as
+a BYTES tensor and the calibrated probabilities back as FP32, both in the
+binary data extension; the PNG is made as the Seldon server makes it).
+`feedback` sends an image with its true trimap as a new labelled sample
+(Seldon only). The ``petseg predict`` and ``petseg feedback`` commands
+(petseg.commands.serving) call them.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +24,12 @@ import requests
 from PIL import Image
 
 from petseg.errors import DataError, ServingError
+from petseg.messages import probability_png
 
 PREDICT_PATH = "/api/v1.0/predictions"
 FEEDBACK_PATH = "/api/v1.0/feedback"
+INFER_PATH = "/v2/models/petseg/infer"
+PROTOCOLS = ("seldon", "v2")
 TITLES = ("Input Image", "Predicted Mask", "Thresholded Mask")
 
 
@@ -30,6 +39,7 @@ def predict(
     out_path: str | Path,
     *,
     figure_path: str | Path | None = None,
+    protocol: str = "seldon",
     timeout: float = 60.0,
 ) -> dict:
     """Segments one image with a served model.
@@ -41,6 +51,7 @@ def predict(
             pet (red), background (green) and border (blue) * 255.
         figure_path: Where the side-by-side picture goes; default
             ``<out stem>.side_by_side.png`` beside the mask.
+        protocol: ``seldon`` (Seldon Core v1) or ``v2`` (Open Inference Protocol).
         timeout: Seconds to wait for the answer.
 
     Returns:
@@ -50,20 +61,28 @@ def predict(
         DataError: The image cannot be read.
         ServingError: The server cannot be reached or refused the request.
     """
+    if protocol not in PROTOCOLS:
+        raise ServingError(f"protocol {protocol!r} is unknown: expected one of {', '.join(PROTOCOLS)}")
     image_bytes = _read(image_path, "image")
-    answer = _post(url, PREDICT_PATH, {"binData": _b64(image_bytes)}, timeout=timeout)
-    try:
-        mask_png = base64.b64decode(answer["binData"], validate=True)
-        probs = np.asarray(Image.open(io.BytesIO(mask_png)).convert("RGB"), dtype=np.float32) / 255.0
-    except Exception as err:  # a server that is not petseg can answer anything
-        raise ServingError(f"{url} answered without a PNG mask in binData ({type(err).__name__}: {err})") from None
+    if protocol == "v2":
+        probs, tags = _infer_v2(url, image_bytes, timeout=timeout)
+        mask_png = probability_png(probs)  # the PNG the Seldon server answers
+        probs = np.asarray(Image.open(io.BytesIO(mask_png)), dtype=np.float32) / 255.0
+    else:
+        answer = _post(url, PREDICT_PATH, {"binData": _b64(image_bytes)}, timeout=timeout)
+        tags = answer.get("meta", {}).get("tags", {})
+        try:
+            mask_png = base64.b64decode(answer["binData"], validate=True)
+            probs = np.asarray(Image.open(io.BytesIO(mask_png)).convert("RGB"), dtype=np.float32) / 255.0
+        except Exception as err:  # a server that is not petseg can answer anything
+            raise ServingError(f"{url} answered without a PNG mask in binData ({type(err).__name__}: {err})") from None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(mask_png)
     figure_path = Path(figure_path) if figure_path else out_path.with_name(f"{out_path.stem}.side_by_side.png")
     image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
     side_by_side(image, probs, figure_path)
-    return {"mask": str(out_path), "figure": str(figure_path), "tags": answer.get("meta", {}).get("tags", {})}
+    return {"mask": str(out_path), "figure": str(figure_path), "tags": tags}
 
 
 def feedback(
@@ -138,20 +157,44 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _infer_v2(url: str, image_bytes: bytes, *, timeout: float) -> tuple[np.ndarray, dict]:
+    """Calibrated probabilities (H, W, 3) of one image from an Open Inference Protocol server, and its provenance.
+
+    The request and the answer use the binary data extension: the image's
+    bytes and the FP32 probabilities travel as they are, after a JSON header.
+    """
+    header = json.dumps({
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                    "parameters": {"binary_data_size": 4 + len(image_bytes)}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()
+    body = header + struct.pack("<I", len(image_bytes)) + image_bytes
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    response = _send(url, INFER_PATH, timeout=timeout, data=body, headers=headers)
+    endpoint = url.rstrip("/") + INFER_PATH
+    if response.status_code != 200:
+        try:
+            detail = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            detail = response.text[:200] or response.reason
+        raise ServingError(f"{endpoint} answered HTTP {response.status_code}: {detail}")
+    try:
+        length = int(response.headers.get("Inference-Header-Content-Length", len(response.content)))
+        answer = json.loads(response.content[:length])
+        (output,) = [o for o in answer["outputs"] if o["name"] == "probabilities"]
+        if "data" in output:
+            values = np.asarray(output["data"], dtype=np.float32)
+        else:
+            values = np.frombuffer(response.content[length:length + output["parameters"]["binary_data_size"]], "<f4")
+        probs = values.reshape(output["shape"])[0]
+    except Exception as err:  # a server that is not petseg can answer anything
+        raise ServingError(f"{endpoint} answered without FP32 probabilities ({type(err).__name__}: {err})") from None
+    return probs, {key: value for key, value in answer.get("parameters", {}).items() if isinstance(value, str)}
+
+
 def _post(url: str, path: str, message: dict, *, timeout: float) -> dict:
     endpoint = url.rstrip("/") + path
-    try:
-        response = requests.post(endpoint, json=message, timeout=timeout)
-    except requests.ConnectionError:
-        raise ServingError(
-            f"cannot connect to {url}: is the server running? (start one with `petseg serve RUN`)"
-        ) from None
-    except requests.Timeout:
-        raise ServingError(f"{endpoint} did not answer within {timeout:g} s") from None
-    except requests.RequestException as err:
-        raise ServingError(
-            f"cannot send a request to {url!r}: {err} (expected a URL like http://127.0.0.1:9000)"
-        ) from None
+    response = _send(url, path, timeout=timeout, json=message)
     try:
         body = response.json()
     except ValueError:
@@ -163,3 +206,19 @@ def _post(url: str, path: str, message: dict, *, timeout: float) -> dict:
     if not isinstance(body, dict):
         raise ServingError(f"{endpoint} answered with something else than a JSON object")
     return body
+
+
+def _send(url: str, path: str, *, timeout: float, **request) -> requests.Response:
+    endpoint = url.rstrip("/") + path
+    try:
+        return requests.post(endpoint, timeout=timeout, **request)
+    except requests.ConnectionError:
+        raise ServingError(
+            f"cannot connect to {url}: is the server running? (start one with `petseg serve RUN`)"
+        ) from None
+    except requests.Timeout:
+        raise ServingError(f"{endpoint} did not answer within {timeout:g} s") from None
+    except requests.RequestException as err:
+        raise ServingError(
+            f"cannot send a request to {url!r}: {err} (expected a URL like http://127.0.0.1:9000)"
+        ) from None

@@ -1,9 +1,20 @@
-"""Kubernetes deployment: a release served as a SeldonDeployment.
+"""Kubernetes deployment: a release served as a SeldonDeployment, or on the MLServer runtime.
 
-`render_seldon_deployment` fills ``k8s/seldon-deployment.yaml`` for one
-release (name ``petseg-<short version>``, provenance labels and annotations,
-probes on ``/health/status``); `apply_seldon_deployment` creates or replaces
-it and waits until Seldon reports it Available; `deploy_kubernetes` does both.
+One release, three kinds of object, each rendered from a template in ``k8s/``
+with the release's provenance in labels and annotations:
+
+- ``SeldonDeployment`` (Seldon Core v1, `render_seldon_deployment`): the
+  Seldon microservice, probes on ``/health/status``;
+- KServe ``InferenceService`` (`render_inference_service`): a predictor
+  container running petseg's MLServer launcher (``python -m petseg.mlserver_runtime``),
+  the Open Inference Protocol, readiness once the model is loaded;
+- Seldon Core v2 ``Model`` (`render_seldon_model`) on a ``Server`` of the petseg
+  image (`render_seldon_server`): MLServer loads the Model's artifact folder,
+  which holds the release and the `model_settings` naming petseg's runtime
+  (`write_model_settings` puts them there).
+
+`apply_object` creates or replaces one and waits until its controller reports
+it ready; `deploy_kubernetes` renders and applies a release for either server.
 """
 
 from __future__ import annotations
@@ -22,12 +33,27 @@ import yaml
 
 from petseg.deploy_local import default_feedback_uri
 from petseg.errors import ConfigError, ServingError
+from petseg.storage import Location
 
 if TYPE_CHECKING:  # imported where used: only applying a deployment needs it
     import kubernetes
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "k8s" / "seldon-deployment.yaml"
+K8S_DIR = Path(__file__).resolve().parent.parent / "k8s"
+TEMPLATE = K8S_DIR / "seldon-deployment.yaml"
+INFERENCE_SERVICE_TEMPLATE = K8S_DIR / "kserve-inferenceservice.yaml"
+SELDON_MODEL_TEMPLATE = K8S_DIR / "seldon-v2-model.yaml"
+SELDON_SERVER_TEMPLATE = K8S_DIR / "seldon-v2-server.yaml"
 GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
+RESOURCES = {
+    "SeldonDeployment": (GROUP, VERSION, PLURAL),
+    "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),
+    "Model": ("mlops.seldon.io", "v1alpha1", "models"),
+    "Server": ("mlops.seldon.io", "v1alpha1", "servers"),
+}
+"""(group, version, plural) of each kind this module applies."""
+RUNTIME = "petseg.mlserver_runtime.PetSegRuntime"
+CAPABILITY = "petseg"
+"""The Seldon Core v2 capability a Server of the petseg image offers and a petseg Model requires."""
 DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "1536Mi"}, "limits": {"memory": "3Gi"}}
 
 
@@ -89,18 +115,281 @@ def render_seldon_deployment(
     Raises:
         ConfigError: A value Kubernetes or the pod could not use.
     """
+    model_uri = _pod_model_uri(manifest, model_uri)
+    _check_image(image)
+    _check_namespace(namespace)
+    _check_replicas(replicas)
+    name, labels, annotations = _identity(manifest, model_uri)
+    env = [
+        {"name": "MODEL_URI", "value": model_uri},
+        {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")},
+    ]
+    feedback_uri = feedback_uri or default_feedback_uri(model_uri)
+    if feedback_uri:
+        env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
+    if s3_endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
+    values = {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels,
+        "annotations": annotations,
+        "replicas": replicas,
+        "image": image,
+        "env": env,
+        "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
+        "resources": resources or DEFAULT_RESOURCES,
+    }
+    return _fill(template, values)
+
+
+def render_inference_service(
+    manifest: dict,
+    *,
+    image: str,
+    model_uri: str | None = None,
+    namespace: str = "default",
+    replicas: int = 1,
+    s3_endpoint_url: str | None = None,
+    secrets: list[str] | tuple[str, ...] = (),
+    resources: dict | None = None,
+    template: str | os.PathLike = INFERENCE_SERVICE_TEMPLATE,
+) -> dict:
+    """The KServe InferenceService (serving.kserve.io/v1beta1) serving one release on MLServer.
+
+    Args: as `render_seldon_deployment` (no feedback: the Open Inference Protocol has no feedback call).
+
+    Returns:
+        The object, ready for the Kubernetes API.
+
+    Raises:
+        ConfigError: A value Kubernetes or the pod could not use.
+    """
+    model_uri = _pod_model_uri(manifest, model_uri)
+    _check_image(image)
+    _check_namespace(namespace)
+    _check_replicas(replicas)
+    name, labels, annotations = _identity(manifest, model_uri)
+    env = [{"name": "MODEL_URI", "value": model_uri},
+           {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")}]
+    if s3_endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
+    values = {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+              "replicas": replicas, "image": image, "env": env,
+              "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
+              "resources": resources or DEFAULT_RESOURCES}
+    return _fill(template, values)
+
+
+def render_seldon_model(
+    manifest: dict,
+    *,
+    model_uri: str | None = None,
+    namespace: str = "default",
+    replicas: int = 1,
+    memory: str = "1536Mi",
+    template: str | os.PathLike = SELDON_MODEL_TEMPLATE,
+) -> dict:
+    """The Seldon Core v2 Model (mlops.seldon.io/v1alpha1) of one release.
+
+    Its ``storageUri`` is the release, which must also hold `model_settings`
+    (`write_model_settings`); it requires the `CAPABILITY` of a Server of the
+    petseg image (`render_seldon_server`).
+
+    Raises:
+        ConfigError: A value Kubernetes or the pod could not use.
+    """
+    model_uri = _pod_model_uri(manifest, model_uri)
+    _check_namespace(namespace)
+    _check_replicas(replicas)
+    name, labels, annotations = _identity(manifest, model_uri)
+    values = {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+              "replicas": replicas, "storage_uri": model_uri.rstrip("/") + "/", "requirements": [CAPABILITY],
+              "memory": memory}
+    return _fill(template, values)
+
+
+def render_seldon_server(
+    *,
+    image: str,
+    namespace: str = "default",
+    name: str = "petseg-mlserver",
+    replicas: int = 1,
+    s3_endpoint_url: str | None = None,
+    secrets: list[str] | tuple[str, ...] = (),
+    template: str | os.PathLike = SELDON_SERVER_TEMPLATE,
+) -> dict:
+    """The Seldon Core v2 Server (mlops.seldon.io/v1alpha1) whose MLServer runs the petseg image.
+
+    Raises:
+        ConfigError: A value Kubernetes or the pod could not use.
+    """
+    _check_image(image)
+    _check_namespace(namespace)
+    _check_replicas(replicas)
+    env = [{"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url}] if s3_endpoint_url else []
+    values = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
+              "replicas": replicas, "image": image, "env": env, "capabilities": [CAPABILITY],
+              "env_from": [{"secretRef": {"name": secret}} for secret in secrets]}
+    return _fill(template, values)
+
+
+def model_settings(manifest: dict) -> dict:
+    """The model-settings.json that makes a release folder a Seldon Core v2 Model of petseg's runtime.
+
+    MLServer sets ``parameters.uri`` to the folder it is in: the runtime loads
+    the release from there and checks its weights against the fingerprint.
+    """
+    return {"name": deployment_name(manifest["version"]), "implementation": RUNTIME,
+            "parameters": {"extra": {"model_fingerprint": manifest.get("model_fingerprint", "")}}}
+
+
+def write_model_settings(manifest: dict, *, model_uri: str | None = None, s3_endpoint_url: str | None = None) -> str:
+    """Writes `model_settings` into the release (a directory or ``s3://`` prefix); its location.
+
+    Raises:
+        StorageError: It could not be written.
+    """
+    location = Location(model_uri or manifest["model_uri"], s3_endpoint_url=s3_endpoint_url, what="release")
+    return location.write_bytes("model-settings.json", json.dumps(model_settings(manifest), indent=2).encode())
+
+
+def apply_object(
+    body: dict,
+    *,
+    namespace: str,
+    api_client: kubernetes.client.ApiClient | None = None,
+    timeout: float = 600.0,
+    poll_interval: float = 2.0,
+) -> dict:
+    """Creates a custom object of one of the `RESOURCES` kinds, or replaces the one of its name, and waits.
+
+    It waits until its controller reports it ready: a SeldonDeployment's
+    ``status.state`` is ``Available``; another kind's ``Ready`` condition is ``True``.
+
+    Args:
+        body: The object, from one of the ``render_*`` functions.
+        namespace: Kubernetes namespace.
+        api_client: A ``kubernetes.client.ApiClient``; default one from the
+            kubeconfig (or the in-cluster service account).
+        timeout: Seconds to wait until it is ready.
+        poll_interval: Seconds between status reads.
+
+    Returns:
+        The object as the API server last returned it.
+
+    Raises:
+        ServingError: The API refused it, its controller reported it failed,
+            or it was not ready in time (naming it and its last state).
+    """
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(api_client or _default_api_client())
+    kind, name = body["kind"], body["metadata"]["name"]
+    resource = RESOURCES[kind]
+    body = copy.deepcopy(body)
+    body["metadata"]["namespace"] = namespace
+    where = f"{kind} {namespace}/{name}"
+    for _ in range(3):  # a concurrent writer can win a race; read again and retry
+        existing = _get(api, resource, namespace, name, where)
+        try:
+            if existing is None:
+                api.create_namespaced_custom_object(*resource[:2], namespace, resource[2], body)
+            else:
+                body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                api.replace_namespaced_custom_object(*resource[:2], namespace, resource[2], name, body)
+            break
+        except client.ApiException as err:
+            if err.status != 409:
+                raise ServingError(f"the Kubernetes API refused {where}: {err.status} {_api_reason(err)}") from None
+    else:
+        raise ServingError(f"{where} kept changing while being replaced: try again")
+    return _wait_ready(api, resource, namespace, name, where, timeout=timeout, poll_interval=poll_interval)
+
+
+def apply_seldon_deployment(manifest: dict, *, namespace: str, **options) -> dict:
+    """`apply_object` for a SeldonDeployment from `render_seldon_deployment`: it waits until it is Available."""
+    return apply_object(manifest, namespace=namespace, **options)
+
+
+def deploy_kubernetes(
+    manifest: dict,
+    *,
+    server: str = "seldon",
+    image: str = "petseg:latest",
+    namespace: str = "default",
+    api_client: kubernetes.client.ApiClient | None = None,
+    timeout: float = 600.0,
+    **render_options,
+) -> dict:
+    """Renders and applies the object serving a release and waits until it serves.
+
+    Args:
+        manifest: The release manifest.
+        server: ``seldon`` (a SeldonDeployment) or ``mlserver`` (a KServe InferenceService).
+        image: Container image (see Dockerfile).
+        namespace: Kubernetes namespace.
+        api_client: A ``kubernetes.client.ApiClient``; default from the kubeconfig.
+        timeout: Seconds to wait until it is ready.
+        **render_options: More arguments of `render_seldon_deployment` or
+            `render_inference_service` (model_uri, replicas, s3_endpoint_url, secrets, resources, ...).
+
+    Returns:
+        ``{"kind": "kubernetes", "name", "namespace", "state", "url"}``; the URL
+        is the in-cluster service: Seldon's executor on port 8000, or the
+        InferenceService's predictor (``"server": "mlserver"`` is added).
+    """
+    if server not in ("seldon", "mlserver"):
+        raise ConfigError(f"server {server!r} is unknown: expected seldon or mlserver")
+    if server == "mlserver":
+        rendered = render_inference_service(manifest, image=image, namespace=namespace, **render_options)
+        applied = apply_object(rendered, namespace=namespace, api_client=api_client, timeout=timeout)
+        name = rendered["metadata"]["name"]
+        return {"kind": "kubernetes", "server": "mlserver", "name": name, "namespace": namespace,
+                "state": "Ready", "url": (applied.get("status") or {}).get("address", {}).get("url")
+                or f"http://{name}-predictor.{namespace}.svc.cluster.local"}
+    rendered = render_seldon_deployment(manifest, image=image, namespace=namespace, **render_options)
+    applied = apply_object(rendered, namespace=namespace, api_client=api_client, timeout=timeout)
+    name = rendered["metadata"]["name"]
+    return {
+        "kind": "kubernetes",
+        "name": name,
+        "namespace": namespace,
+        "state": applied.get("status", {}).get("state"),
+        "url": f"http://{name}-default.{namespace}.svc.cluster.local:8000",
+    }
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+def _pod_model_uri(manifest: dict, model_uri: str | None) -> str:
     model_uri = model_uri or manifest.get("model_uri") or ""
     if not (model_uri.startswith("s3://") or model_uri.startswith("PetSegFlow/")):
         raise ConfigError(
             f"a pod cannot load the release from {model_uri!r}: expected an s3:// prefix or PetSegFlow/<id> "
             "(release to S3 by running with the S3 datastore, or pass model_uri)"
         )
+    return model_uri
+
+
+def _check_image(image: str) -> None:
     if not image or any(c.isspace() for c in image):
         raise ConfigError(f"image {image!r} is not an image reference: expected e.g. registry/petseg:1.0")
+
+
+def _check_namespace(namespace: str) -> None:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", namespace) or len(namespace) > 63:
         raise ConfigError(f"namespace {namespace!r} is not a Kubernetes namespace name")
+
+
+def _check_replicas(replicas: int) -> None:
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ConfigError(f"replicas {replicas!r} is invalid: expected a positive integer")
+
+
+def _identity(manifest: dict, model_uri: str) -> tuple[str, dict, dict]:
+    """The object's name, its labels and its annotations: the release's provenance."""
     version = manifest["version"]
     name = deployment_name(version)
     provenance = {
@@ -123,114 +412,16 @@ def render_seldon_deployment(
         "petseg/dataset-fingerprint": label_value(provenance["dataset-fingerprint"][:12]),
         "petseg/code-version": label_value(provenance["code-version"]),
     }
-    env = [
-        {"name": "MODEL_URI", "value": model_uri},
-        {"name": "MODEL_FINGERPRINT", "value": provenance["model-fingerprint"]},
-    ]
-    feedback_uri = feedback_uri or default_feedback_uri(model_uri)
-    if feedback_uri:
-        env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
-    if s3_endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    values = {
-        "name": name,
-        "namespace": namespace,
-        "labels": labels,
-        "annotations": {f"petseg/{key}": str(value) for key, value in provenance.items()},
-        "replicas": replicas,
-        "image": image,
-        "env": env,
-        "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
-        "resources": resources or DEFAULT_RESOURCES,
-    }
+    return name, labels, {f"petseg/{key}": str(value) for key, value in provenance.items()}
+
+
+def _fill(template: str | os.PathLike, values: dict) -> dict:
     text = string.Template(Path(template).read_text(encoding="utf-8"))
     # JSON is YAML: every value goes in quoted and escaped, whatever it holds.
     return yaml.safe_load(text.substitute({key: json.dumps(value) for key, value in values.items()}))
 
 
-def apply_seldon_deployment(
-    manifest: dict,
-    *,
-    namespace: str,
-    api_client: kubernetes.client.ApiClient | None = None,
-    timeout: float = 600.0,
-    poll_interval: float = 2.0,
-) -> dict:
-    """Creates a SeldonDeployment, or replaces the one of that name, and waits until it is Available.
-
-    Args:
-        manifest: The object from `render_seldon_deployment`.
-        namespace: Kubernetes namespace.
-        api_client: A ``kubernetes.client.ApiClient``; default one from the
-            kubeconfig (or the in-cluster service account).
-        timeout: Seconds to wait for ``status.state == "Available"``.
-        poll_interval: Seconds between status reads.
-
-    Returns:
-        The object as the API server last returned it.
-
-    Raises:
-        ServingError: The API refused it, Seldon reported it Failed, or it
-            was not Available in time (naming it and its last state).
-    """
-    from kubernetes import client
-
-    api = client.CustomObjectsApi(api_client or _default_api_client())
-    name = manifest["metadata"]["name"]
-    body = copy.deepcopy(manifest)
-    body["metadata"]["namespace"] = namespace
-    where = f"SeldonDeployment {namespace}/{name}"
-    for _ in range(3):  # a concurrent writer can win a race; read again and retry
-        existing = _get(api, namespace, name, where)
-        try:
-            if existing is None:
-                api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-            else:
-                body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                api.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
-            break
-        except client.ApiException as err:
-            if err.status != 409:
-                raise ServingError(f"the Kubernetes API refused {where}: {err.status} {_api_reason(err)}") from None
-    else:
-        raise ServingError(f"{where} kept changing while being replaced: try again")
-    return _wait_available(api, namespace, name, where, timeout=timeout, poll_interval=poll_interval)
-
-
-def deploy_kubernetes(
-    manifest: dict,
-    *,
-    image: str = "petseg:latest",
-    namespace: str = "default",
-    api_client: kubernetes.client.ApiClient | None = None,
-    timeout: float = 600.0,
-    **render_options,
-) -> dict:
-    """Renders and applies the SeldonDeployment of a release and waits until it serves.
-
-    Args:
-        manifest: The release manifest.
-        image: Container image (see Dockerfile).
-        namespace: Kubernetes namespace.
-        api_client: A ``kubernetes.client.ApiClient``; default from the kubeconfig.
-        timeout: Seconds to wait until it is Available.
-        **render_options: More arguments of `render_seldon_deployment`
-            (model_uri, replicas, feedback_uri, s3_endpoint_url, secrets, resources).
-
-    Returns:
-        ``{"kind": "kubernetes", "name", "namespace", "state", "url"}``; the URL
-        is the predictor's in-cluster service (Seldon's executor port 8000).
-    """
-    rendered = render_seldon_deployment(manifest, image=image, namespace=namespace, **render_options)
-    applied = apply_seldon_deployment(rendered, namespace=namespace, api_client=api_client, timeout=timeout)
-    name = rendered["metadata"]["name"]
-    return {
-        "kind": "kubernetes",
-        "name": name,
-        "namespace": namespace,
-        "state": applied.get("status", {}).get("state"),
-        "url": f"http://{name}-default.{namespace}.svc.cluster.local:8000",
-    }
+# -- applying ---------------------------------------------------------------------------------------
 
 
 def _default_api_client() -> kubernetes.client.ApiClient:
@@ -251,30 +442,46 @@ def _default_api_client() -> kubernetes.client.ApiClient:
         return client.ApiClient()
 
 
-def _get(api, namespace: str, name: str, where: str) -> dict | None:
+def _get(api, resource: tuple[str, str, str], namespace: str, name: str, where: str) -> dict | None:
     from kubernetes import client
 
+    group, version, plural = resource
     try:
-        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return api.get_namespaced_custom_object(group, version, namespace, plural, name)
     except client.ApiException as err:
         if err.status == 404:
             return None
         raise ServingError(f"could not read {where}: {err.status} {_api_reason(err)}") from None
 
 
-def _wait_available(api, namespace: str, name: str, where: str, *, timeout: float, poll_interval: float) -> dict:
+def _readiness(kind_plural: str, status: dict) -> tuple[str, str]:
+    """(``ready``, ``failed`` or ``pending``, a description) of an object's status."""
+    if kind_plural == PLURAL:  # Seldon Core v1 reports a state
+        state = status.get("state")
+        description = f"{state} ({status['description']})" if status.get("description") else str(state)
+        return {"Available": "ready", "Failed": "failed"}.get(state, "pending"), description
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    if not ready:
+        return "pending", "no Ready condition yet"
+    condition = ready[0]
+    description = f"Ready={condition.get('status')} {condition.get('reason') or ''} {condition.get('message') or ''}"
+    return ("ready" if condition.get("status") == "True" else "pending"), description.strip()
+
+
+def _wait_ready(api, resource: tuple[str, str, str], namespace: str, name: str, where: str, *, timeout: float,
+                poll_interval: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        current = _get(api, namespace, name, where) or {}
+        current = _get(api, resource, namespace, name, where) or {}
         status = current.get("status") or {}
-        state = status.get("state")
-        if state == "Available":
+        readiness, description = _readiness(resource[2], status)
+        if readiness == "ready":
             return current
-        if state == "Failed":
+        if readiness == "failed":
             raise ServingError(f"{where} failed: {status.get('description') or 'no description from Seldon'}")
         if time.monotonic() >= deadline:
-            detail = f"{state} ({status['description']})" if status.get("description") else str(state)
-            raise ServingError(f"{where} was not Available after {timeout:g} s; last state: {detail}")
+            wanted = "Available" if resource[2] == PLURAL else "Ready"
+            raise ServingError(f"{where} was not {wanted} after {timeout:g} s; last state: {description}")
         time.sleep(poll_interval)
 
 

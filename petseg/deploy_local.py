@@ -1,10 +1,17 @@
-"""Local deployment: run a release's Seldon microservice as a process on this machine.
+"""Local deployment: run a release's model server as a process on this machine.
 
-`deploy_local` starts ``seldon-core-microservice PetSegModel`` (the
-component in ``serving/``) detached in its own session, waits until
-``/health/status`` answers (one prediction), and returns what the flow
-records; `stop_local` ends that session; `serve_foreground` runs it in the
-terminal.
+Two servers, the same release and the same answers:
+
+- ``seldon`` (the default): ``seldon-core-microservice PetSegModel`` (the
+  component in ``serving/``), the Seldon Core v1 protocol, gunicorn workers
+  and threads sized from the cores (`gunicorn_sizing`);
+- ``mlserver``: ``python -m petseg.mlserver_runtime serving/mlserver``, MLServer
+  with the petseg runtime, the Open Inference Protocol (KServe v2) over REST and gRPC.
+
+`deploy_local` starts one detached in its own session, waits until it
+predicts (``/health/status``, or ``/v2/models/petseg/ready`` after the
+runtime's warm-up prediction), and returns what the flow records;
+`stop_local` ends that session; `serve_foreground` runs one in the terminal.
 """
 
 from __future__ import annotations
@@ -22,16 +29,24 @@ from pathlib import Path
 
 import requests
 
-from petseg.errors import ServingError
+from petseg.errors import ConfigError, ServingError
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_DIR = ROOT / "serving"
 COMPONENT = "PetSegModel"
 MICROSERVICE = "seldon-core-microservice"
+SERVERS = ("seldon", "mlserver")
+MLSERVER_SETTINGS = SERVING_DIR / "mlserver"
+"""``mlserver start`` folder: settings.json and ``petseg/model-settings.json`` (the model name and runtime)."""
+RUNTIME_MODULE = "petseg.mlserver_runtime"
+MODEL_NAME = "petseg"
+HEALTH_PATHS = {"seldon": "/health/status", "mlserver": f"/v2/models/{MODEL_NAME}/ready"}
+
 
 def deploy_local(
     release_dir: str | os.PathLike,
     *,
+    server: str = "seldon",
     port: int | None = None,
     host: str = "127.0.0.1",
     log_path: str | os.PathLike | None = None,
@@ -39,28 +54,34 @@ def deploy_local(
     fingerprint: str | None = None,
     feedback_uri: str | None = None,
 ) -> dict:
-    """Starts the Seldon microservice for a release, detached, and waits until it predicts.
+    """Starts a model server for a release, detached, and waits until it predicts.
 
     Args:
         release_dir: The release: a local directory, or any other model URI
-            the component loads (``s3://bucket/prefix``, ``PetSegFlow/<id>``).
+            the server loads (``s3://bucket/prefix``, ``PetSegFlow/<id>``).
+        server: ``seldon`` (Seldon Core v1 protocol) or ``mlserver`` (Open Inference Protocol).
         port: REST port; None picks a free one. gRPC and metrics ports are
             always picked free.
         host: Host name the returned URL uses (the server listens on all interfaces).
         log_path: File for the server's output; default ``serving.log`` in a
             local release directory, else a file in the temp directory.
-        timeout: Seconds to wait for ``/health/status``.
+        timeout: Seconds to wait until it predicts.
         fingerprint: Model fingerprint the server must find (MODEL_FINGERPRINT).
-        feedback_uri: Feedback store; default ``<release>/feedback`` (none for a run pathspec).
+        feedback_uri: Feedback store of the Seldon server; default
+            ``<release>/feedback`` (none for a run pathspec). The Open
+            Inference Protocol has no feedback call.
 
     Returns:
-        ``{"kind": "local", "url", "pid", "port", "grpc_port", "metrics_port", "log", "model_uri"}``;
-        a local release directory also gets it as ``deployment.json``.
+        ``{"kind": "local", "server", "protocol", "url", "pid", "port", "grpc_port", "metrics_port", "log",
+        "model_uri"}`` (``protocol`` is ``seldon`` or ``v2``); a local release
+        directory also gets it as ``deployment.json``.
 
     Raises:
+        ConfigError: ``server`` is not one of `SERVERS`.
         ServingError: The server exited or did not answer in time (the message
             quotes the telling line of its log).
     """
+    _check_server(server)
     local = Path(release_dir).is_dir()
     # The server runs in serving/: a relative directory would point elsewhere there.
     model_uri = str(Path(release_dir).resolve()) if local else str(release_dir)
@@ -72,20 +93,24 @@ def deploy_local(
         log_path = Path(tempfile.gettempdir(), f"petseg-serving-{port}.log")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    command, cwd, env = _server_process(server, model_uri, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                                        fingerprint=fingerprint, feedback_uri=feedback_uri)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port),
-            cwd=SERVING_DIR,
-            env=_environment(model_uri, fingerprint=fingerprint, feedback_uri=feedback_uri),
+            command,
+            cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives the caller; stop_local ends the whole session
         )
     url = f"http://{host}:{port}"
-    _wait_until_healthy(url, process, log_path=log_path, timeout=timeout)
+    _wait_until_healthy(url, HEALTH_PATHS[server], process, log_path=log_path, timeout=timeout)
     deployment = {
         "kind": "local",
+        "server": server,
+        "protocol": "seldon" if server == "seldon" else "v2",
         "url": url,
         "pid": process.pid,
         "port": port,
@@ -110,14 +135,14 @@ def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
         True when it was stopped, False when no such process was running.
 
     Raises:
-        ServingError: ``pid`` runs something else than a petseg microservice.
+        ServingError: ``pid`` runs something else than a petseg model server.
     """
     if not _session_alive(pid):
         return False
     command = _command_line(pid)
     if command is None:
         return False
-    if MICROSERVICE not in command or COMPONENT not in command:
+    if not (MICROSERVICE in command and COMPONENT in command) and RUNTIME_MODULE not in command:
         raise ServingError(f"process {pid} is not a petseg deployment (it runs {command[:120]!r}); not stopping it")
     _end_session(pid, timeout=timeout)
     return True
@@ -126,7 +151,8 @@ def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
 def _end_session(pid: int, *, timeout: float) -> None:
     """SIGTERM to every process of the session ``pid`` leads, SIGKILL to what is left after ``timeout``.
 
-    The session holds the gunicorn master and workers and the gRPC and metrics servers.
+    The session holds the gunicorn master and workers and the gRPC and metrics
+    servers (Seldon), or MLServer and any inference workers it spawned.
     """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
@@ -143,10 +169,12 @@ def serve_foreground(
     release_dir: str | os.PathLike,
     port: int = 9000,
     *,
+    server: str = "seldon",
+    grpc_port: int | None = None,
     fingerprint: str | None = None,
     feedback_uri: str | None = None,
 ) -> int:
-    """Runs the Seldon microservice for a release in the foreground until it stops.
+    """Runs a model server for a release in the foreground until it stops.
 
     The server runs in a session of its own; SIGTERM or SIGINT (Ctrl-C) to
     this process stops that whole session, workers and helpers included, and
@@ -154,18 +182,24 @@ def serve_foreground(
 
     Args:
         release_dir: The release (any model URI, as for `deploy_local`).
-        port: REST port; gRPC and metrics ports are picked free.
+        port: REST port; the metrics port is picked free.
+        server: ``seldon`` or ``mlserver``.
+        grpc_port: gRPC port; None picks a free one.
         fingerprint: Model fingerprint the server must find.
-        feedback_uri: Feedback store; default ``<release>/feedback`` (none for a run pathspec).
+        feedback_uri: Feedback store of the Seldon server; default ``<release>/feedback`` (none for a run pathspec).
 
     Returns:
         The server's exit status.
+
+    Raises:
+        ConfigError: ``server`` is not one of `SERVERS`.
     """
+    _check_server(server)
     model_uri = str(Path(release_dir).resolve()) if Path(release_dir).is_dir() else str(release_dir)
-    grpc_port, metrics_port = _free_ports(2)
-    command = microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port)
-    env = _environment(model_uri, fingerprint=fingerprint, feedback_uri=feedback_uri)
-    process = subprocess.Popen(command, cwd=SERVING_DIR, env=env, start_new_session=True)
+    free_grpc, metrics_port = _free_ports(2)
+    command, cwd, env = _server_process(server, model_uri, port=port, grpc_port=grpc_port or free_grpc,
+                                        metrics_port=metrics_port, fingerprint=fingerprint, feedback_uri=feedback_uri)
+    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
 
     def stop(signum, frame):
         with contextlib.suppress(ProcessLookupError):
@@ -187,8 +221,16 @@ def default_feedback_uri(model_uri: str) -> str | None:
     return model_uri.rstrip("/") + "/feedback"
 
 
-def microservice_command(*, port: int, grpc_port: int, metrics_port: int) -> list[str]:
-    """The command line that serves ``serving/PetSegModel.py`` on the given ports."""
+def microservice_command(*, port: int, grpc_port: int, metrics_port: int,
+                         cores: int | None = None) -> list[str]:
+    """The command line that serves ``serving/PetSegModel.py`` on the given ports.
+
+    Args:
+        port: REST port.
+        grpc_port: gRPC port.
+        metrics_port: Prometheus metrics port.
+        cores: Cores to size gunicorn for (`gunicorn_sizing`); default this machine's.
+    """
     if not (SERVING_DIR / f"{COMPONENT}.py").is_file():
         raise ServingError(
             f"{SERVING_DIR / COMPONENT}.py not found: serve from a source checkout of petseg (pip install -e .)"
@@ -196,19 +238,70 @@ def microservice_command(*, port: int, grpc_port: int, metrics_port: int) -> lis
     executable = Path(sys.executable).with_name(MICROSERVICE)
     if not executable.exists():
         raise ServingError(f"{executable} not found: install seldon-core in the Python environment running petseg")
+    workers, threads = gunicorn_sizing(cores or available_cores())
     return [
         str(executable), COMPONENT, "--service-type", "MODEL",
         "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--workers", str(workers), "--threads", str(threads),
     ]
 
 
-def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str | None) -> dict[str, str]:
-    """The server's environment: this process's, plus the component's settings."""
+def gunicorn_sizing(cores: int) -> tuple[int, int]:
+    """Gunicorn workers and threads per worker for the Seldon server on ``cores`` cores.
+
+    One worker process per two cores (each holds the model once) with four
+    threads each: TensorFlow, Pillow and numpy release the GIL while they
+    compute, so one worker's threads keep two cores busy. On 2 cores this
+    answered 110 requests/s at concurrency 16, against 79 for the wrapper's
+    default of one worker with one thread and 108 for two workers of two
+    threads (docs/PERFORMANCE.md).
+    """
+    return max(1, cores // 2), 4
+
+
+def mlserver_command() -> list[str]:
+    """The command line that serves the petseg runtime with MLServer (`petseg.mlserver_runtime`).
+
+    Ports and the rest come from the environment (`_server_process`).
+    """
+    if not (MLSERVER_SETTINGS / MODEL_NAME / "model-settings.json").is_file():
+        raise ServingError(f"{MLSERVER_SETTINGS / MODEL_NAME}/model-settings.json not found: "
+                           "serve from a source checkout of petseg (pip install -e .)")
+    return [sys.executable, "-m", RUNTIME_MODULE, str(MLSERVER_SETTINGS)]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _check_server(server: str) -> None:
+    if server not in SERVERS:
+        raise ConfigError(f"server {server!r} is unknown: expected one of {', '.join(SERVERS)}")
+
+
+def _server_process(server: str, model_uri: str, *, port: int, grpc_port: int, metrics_port: int,
+                    fingerprint: str | None, feedback_uri: str | None) -> tuple[list[str], Path, dict[str, str]]:
+    """Command, working directory and environment of a server process."""
+    env = _environment(model_uri, fingerprint=fingerprint,
+                       feedback_uri=feedback_uri if server == "seldon" else None, with_feedback=server == "seldon")
+    if server == "seldon":
+        return microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port), SERVING_DIR, env
+    env.update({"MLSERVER_HTTP_PORT": str(port), "MLSERVER_GRPC_PORT": str(grpc_port),
+                "MLSERVER_METRICS_PORT": str(metrics_port)})
+    # MLServer keeps metrics and environments under its working directory: a scratch one, not serving/.
+    return mlserver_command(), Path(tempfile.mkdtemp(prefix="petseg-mlserver-")), env
+
+
+def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str | None,
+                 with_feedback: bool = True) -> dict[str, str]:
+    """The server's environment: this process's, plus the server's settings."""
     env = dict(os.environ)
-    # The component imports this copy of petseg, installed or not.
+    # The server imports this copy of petseg, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["MODEL_URI"] = model_uri
-    feedback_uri = feedback_uri or default_feedback_uri(model_uri)
+    if with_feedback:
+        feedback_uri = feedback_uri or default_feedback_uri(model_uri)
     for name, value in (("MODEL_FINGERPRINT", fingerprint), ("FEEDBACK_URI", feedback_uri)):
         if value:
             env[name] = value
@@ -229,7 +322,7 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def _wait_until_healthy(url: str, process: subprocess.Popen, *, log_path: Path, timeout: float) -> None:
+def _wait_until_healthy(url: str, path: str, process: subprocess.Popen, *, log_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = process.poll()
@@ -238,7 +331,7 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, *, log_path: Path, 
                 f"the server for {url} exited with status {code} before answering: {_log_tail(log_path)}"
             )
         try:
-            if requests.get(f"{url}/health/status", timeout=10).status_code == 200:
+            if requests.get(url + path, timeout=10).status_code == 200:
                 return
         except requests.RequestException:
             pass  # not listening yet
@@ -246,7 +339,8 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, *, log_path: Path, 
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     raise ServingError(
-        f"the server for {url} did not answer /health/status within {timeout:g} s: {_log_tail(log_path)}"
+        f"the server for {url} did not answer {path} within {timeout:g} s: "
+        f"{_log_tail(log_path)}"
     )
 
 

@@ -10,6 +10,13 @@ Answers carry probabilities of (pet, background, border) at the size of the
 input image, in the form of the request: an ndarray or tensor (values rounded
 to 4 decimals), or a 3-channel PNG of probability * 255 as binData or strData.
 
+The 3-class mask of an answer (`class_mask`, what the Open Inference Protocol
+server of `petseg.v2_messages` answers) is, per pixel, the trimap value (1 pet,
+2 background, 3 border) of the class with the highest 8-bit probability, the
+first class on ties. Both answer forms carry those 8 bits exactly: they are the
+binData PNG's channels, and round(value * 255) of the 4-decimal ndarray values
+(the PNG is made from the rounded values, so the two never disagree).
+
 Anything else is a `BadRequest` saying what was expected and what came. The
 checks here (`describe`, `base64_bytes`, `check_image`, `nested_numbers`,
 `tensor_numbers`) also read the truth of feedback messages (`petseg.feedback`).
@@ -37,7 +44,7 @@ _IMAGE_BYTES = "base64 of JPEG or PNG bytes"
 
 
 class BadRequest(DataError):
-    """A request the service cannot use; answered with HTTP 400.
+    """A request the service cannot use; answered with HTTP 400, or 413 when it is too large.
 
     Args:
         kind: Short upper-case category, e.g. ``BAD_SHAPE``.
@@ -48,8 +55,14 @@ class BadRequest(DataError):
 
     def __init__(self, kind: str, *, where: str, expected: str, got: str):
         got = got if len(got) <= 200 else got[:197] + "..."
+        self.kind = kind
         self.reason = f"{kind}: expected {expected}; got {got}"
         super().__init__(f"{where}: expected {expected}; got {got}")
+
+    @property
+    def status(self) -> int:
+        """The HTTP status that answers it: 413 (Content Too Large) for ``TOO_LARGE``, else 400."""
+        return 413 if self.kind == "TOO_LARGE" else 400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,17 +164,36 @@ def encode_prediction(probs: np.ndarray, payload: Payload) -> dict:
     """
     if payload.form in ("binData", "strData"):
         return {payload.form: base64.b64encode(probability_png(probs[0])).decode("ascii")}
-    values = probs if payload.batched else probs[0]
-    rounded = np.round(values.astype(np.float64), DECIMALS)
+    values = rounded(probs if payload.batched else probs[0])
     if payload.form == "ndarray":
-        return {"data": {"names": list(oxford.CLASSES), "ndarray": rounded.tolist()}}
-    tensor = {"shape": list(values.shape), "values": rounded.ravel().tolist()}
+        return {"data": {"names": list(oxford.CLASSES), "ndarray": values.tolist()}}
+    tensor = {"shape": list(values.shape), "values": values.ravel().tolist()}
     return {"data": {"names": list(oxford.CLASSES), "tensor": tensor}}
 
 
+def rounded(probs: np.ndarray) -> np.ndarray:
+    """Probabilities as answers carry them: float64, clipped to [0, 1], rounded to `DECIMALS` decimals."""
+    return np.round(np.clip(probs.astype(np.float64), 0.0, 1.0), DECIMALS)
+
+
+def eight_bits(probs: np.ndarray) -> np.ndarray:
+    """Probabilities as uint8 0-255: ``round(rounded(probs) * 255)``, the values of a binData PNG."""
+    return np.round(rounded(probs) * 255.0).astype(np.uint8)
+
+
+def class_mask(probs: np.ndarray) -> np.ndarray:
+    """The 3-class mask of (..., 3) probabilities: uint8 trimap values (1 pet, 2 background, 3 border).
+
+    Each pixel gets the class of highest 8-bit probability (`eight_bits`), the
+    first of (pet, background, border) on ties: what a binData answer's PNG or
+    an ndarray answer (``round(value * 255)``) implies, to the bit.
+    """
+    return (np.argmax(eight_bits(probs), axis=-1) + oxford.TRIMAP_VALUES[0]).astype(np.uint8)
+
+
 def probability_png(probs: np.ndarray) -> bytes:
-    """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border)."""
-    pixels = np.round(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border), see `eight_bits`."""
+    pixels = eight_bits(probs)
     buffer = io.BytesIO()
     # Level 1: a tenth of the time of the default level 6 for a file 25% larger.
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)

@@ -37,25 +37,30 @@ unreachable, that cleanup cannot happen, so every attempt first looks for the
 stage's commit of this run: a finished one is reused (no duplicate), an open
 one is written again from scratch and finished. Transient failures (pachd
 unreachable or restarting) are retried with exponential backoff.
+
+Every call has a deadline (`petseg.pachd_client`): the sooner of
+``CALL_TIMEOUT`` and the stage's own deadline, ``timeout`` seconds after
+`mirror_stage` began (``LINEAGE_TIMEOUT`` in the flow). A pachd that accepts
+connections and never answers therefore costs a stage at most ``timeout``
+seconds plus ``CLEANUP_GRACE`` per clean-up call of a half-written commit;
+then the stage fails (required) or warns (best-effort).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 
-from petseg.errors import ConfigError, LineageError
+from petseg.errors import LineageError
 from petseg.lineage import FORMAT, STAGES, FileSource, check_stage, file_chunks, output_path
+from petseg.pachd_client import Connection as _Connection, Transient as _Transient
 
 PROJECT = "petseg"
 BRANCH = "master"
-
-
-class _Transient(Exception):
-    """A failure worth retrying: pachd unreachable or restarting."""
 
 
 def mirror_stage(
@@ -67,6 +72,7 @@ def mirror_stage(
     required: bool = True,
     attempts: int = 5,
     delay: float = 1.0,
+    timeout: float = 60.0,
 ) -> dict:
     """Write one recorded stage of one run as one finished commit in its Pachyderm repo.
 
@@ -92,6 +98,9 @@ def mirror_stage(
             and record that it was not (False).
         attempts: tries before giving up on an unreachable pachd.
         delay: seconds before the second try, doubled after each failure.
+        timeout: seconds after which no call and no try starts any more: the
+            stage gives up within ``timeout + 2 * CLEANUP_GRACE`` seconds
+            (CLEANUP_GRACE is 5 s).
 
     Returns:
         A new graph with the stage's mirror record.
@@ -106,14 +115,15 @@ def mirror_stage(
     check_stage(stage)
     if stage not in graph["stages"]:
         raise LineageError(f"stage {stage} is not in the lineage graph: record it first")
-    _Connection(address).close()  # a malformed address is a ConfigError, never retried
+    deadline = time.monotonic() + timeout
+    _Connection(address, deadline).close()  # a malformed address is a ConfigError, never retried
     if STAGES[stage] and not (graph.get("pachyderm") or {}).get("commit_set"):
         record, error = None, (
             f"the warehouse stage of {graph['pathspec']} was not mirrored, so there is"
             " no Pachyderm commit set to add to; rerun the flow with Pachyderm reachable"
         )
     else:
-        record, error = _mirror_with_retries(graph, stage, files, address, attempts, delay)
+        record, error = _mirror_with_retries(graph, stage, files, address, attempts, delay, deadline)
     if record is None:
         message = f"stage {stage} was not mirrored: {error}"
         if required:
@@ -132,14 +142,63 @@ def mirror_stage(
     return new
 
 
-def _mirror_with_retries(graph, stage, files, address, attempts, delay) -> tuple[dict | None, str]:
+def commit_digests(graph: dict, *, address: str, timeout: float = 60.0) -> dict[str, dict]:
+    """Read back each mirrored stage's commit of a run: whether it is finished and the sha256 of its files.
+
+    Args:
+        graph: the run's lineage graph, with its stages' mirror records.
+        address: the pachd to ask.
+        timeout: seconds for the whole read.
+
+    Returns:
+        ``{stage: {"commit": id, "finished": bool, "files": {"path": sha256}}}``
+        for every stage the graph records as mirrored (paths without the leading /).
+
+    Raises:
+        LineageError: pachd did not answer in time, or a commit is missing.
+    """
+    import grpc
+    from pachyderm_sdk.api import pfs
+
+    found = {}
+    connection = _Connection(address, time.monotonic() + timeout)
+    try:
+        for stage, entry in graph["stages"].items():
+            record = entry.get("pachyderm") or {}
+            if not record.get("mirrored"):
+                continue
+            commit = pfs.Commit(repo=_repo(stage), id=record["commit"])
+            info = connection.sdk.pfs.inspect_commit(commit=commit)
+            files, todo = {}, ["/"]
+            while todo:
+                for item in connection.sdk.pfs.list_file(file=pfs.File(commit=commit, path=todo.pop())):
+                    if item.file_type == pfs.FileType.DIR:
+                        todo.append(item.file.path)
+                    else:
+                        data = connection.sdk.pfs.pfs_file(item.file).read()
+                        files[item.file.path.lstrip("/")] = hashlib.sha256(data).hexdigest()
+            found[stage] = {"commit": record["commit"], "finished": _finished(info), "files": files}
+    except grpc.RpcError as exc:
+        raise LineageError(f"Pachyderm at {address} did not give back the commits of {graph['pathspec']}: "
+                           f"{exc.code().name}: {exc.details()}") from None
+    except (_Transient, ConnectionError) as exc:
+        raise LineageError(f"Pachyderm at {address} did not answer within {timeout:.0f} s ({exc})") from None
+    finally:
+        connection.close()
+    return found
+
+
+def _mirror_with_retries(graph, stage, files, address, attempts, delay, deadline) -> tuple[dict | None, str]:
     """The mirror record, or None and why there is none."""
     error = ""
     for attempt in range(max(1, attempts)):
         if attempt:
-            time.sleep(delay * 2 ** (attempt - 1))
+            pause = delay * 2 ** (attempt - 1)
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
         try:
-            return _mirror_once(graph, stage, files, address), ""
+            return _mirror_once(graph, stage, files, address, deadline), ""
         except _Transient as exc:
             error = (
                 f"cannot reach Pachyderm at {address} after {attempt + 1} attempt(s)"
@@ -148,30 +207,12 @@ def _mirror_with_retries(graph, stage, files, address, attempts, delay) -> tuple
             )
         except LineageError as exc:
             return None, str(exc)
+        if time.monotonic() >= deadline:
+            break
     return None, error
 
 
-class _Connection:
-    """A pachyderm-sdk Client for one attempt, closed afterwards."""
-
-    def __init__(self, address: str):
-        from pachyderm_sdk import Client
-
-        try:
-            self.sdk = Client.from_pachd_address(address)
-        except ValueError as exc:
-            raise ConfigError(
-                f"bad Pachyderm address {address!r} ({exc}): use host:port or grpc://host:port"
-            ) from None
-
-    def close(self) -> None:
-        # pachyderm-sdk 2.12 has no public close(); its channel has one.
-        channel = getattr(self.sdk, "_channel", None)
-        if channel is not None:
-            channel.close()
-
-
-def _mirror_once(graph: dict, stage: str, files: Mapping[str, FileSource], address: str) -> dict:
+def _mirror_once(graph: dict, stage: str, files: Mapping[str, FileSource], address: str, deadline: float) -> dict:
     """One attempt; transient gRPC failures come out as ``_Transient``."""
     import grpc
 
@@ -180,13 +221,13 @@ def _mirror_once(graph: dict, stage: str, files: Mapping[str, FileSource], addre
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.ABORTED,
     }
-    client = _Connection(address)
+    client = _Connection(address, deadline)
     try:
         if STAGES[stage]:
-            commit_id, reused = _mirror_downstream(client.sdk, graph, stage, files)
+            commit_id, reused = _mirror_downstream(client, graph, stage, files)
         else:
             _ensure_layout(client.sdk)
-            commit_id, reused = _mirror_input(client.sdk, graph, stage, files)
+            commit_id, reused = _mirror_input(client, graph, stage, files)
     except grpc.RpcError as exc:
         if exc.code() in transient:
             raise _Transient(f"{exc.code().name}: {exc.details()}") from None
@@ -259,8 +300,9 @@ def _seal_initial_commit(client, branch) -> None:
                 raise
 
 
-def _mirror_input(client, graph: dict, stage: str, files) -> tuple[str, bool]:
+def _mirror_input(connection: _Connection, graph: dict, stage: str, files) -> tuple[str, bool]:
     """The warehouse stage: a commit on the input branch, opening the commit set."""
+    client = connection.sdk
     description = _description(graph, stage)
     existing = _find_run_commit(client, graph, stage)
     if existing is not None and _finished(existing):
@@ -280,17 +322,19 @@ def _mirror_input(client, graph: dict, stage: str, files) -> tuple[str, bool]:
     except BaseException:
         # Drop it with the empty commits it opened downstream; if a later
         # run already built on them, at least leave it empty.
-        if not _try(lambda: client.pfs.drop_commit(commit=commit, recursive=True)):
-            _try(lambda: client.pfs.clear_commit(commit=commit))
+        with connection.grace():
+            if not _try(lambda: client.pfs.drop_commit(commit=commit, recursive=True)):
+                _try(lambda: client.pfs.clear_commit(commit=commit))
         raise
     return commit.id, False
 
 
-def _mirror_downstream(client, graph: dict, stage: str, files) -> tuple[str, bool]:
+def _mirror_downstream(connection: _Connection, graph: dict, stage: str, files) -> tuple[str, bool]:
     """A later stage: fill and finish its repo's open commit of the run's commit set."""
     import grpc
     from pachyderm_sdk.api import pfs
 
+    client = connection.sdk
     commit_set = graph["pachyderm"]["commit_set"]
     commit = pfs.Commit(repo=_repo(stage), id=commit_set)
     try:
@@ -312,7 +356,8 @@ def _mirror_downstream(client, graph: dict, stage: str, files) -> tuple[str, boo
     except BaseException:
         # This commit belongs to the commit set and cannot be dropped alone;
         # clearing it leaves it open and empty: "stage not run".
-        _try(lambda: client.pfs.clear_commit(commit=commit))
+        with connection.grace():
+            _try(lambda: client.pfs.clear_commit(commit=commit))
         raise
     return commit_set, False
 
@@ -396,6 +441,7 @@ def _description(graph: dict, stage: str) -> str:
         "run_id": graph["run_id"],
         "pathspec": entry["pathspec"],
         "code_version": graph["code_version"],
+        "code": graph.get("code"),
         "dataset_fingerprint": graph["dataset_fingerprint"],
         "model_fingerprint": graph["model_fingerprint"],
         "outputs": entry["outputs"],

@@ -6,11 +6,19 @@ has to unpickle: ``model.keras`` (Keras format, loaded with safe_mode),
 lives in a local directory or under an ``s3://`` prefix (`petseg.storage`);
 a finished Metaflow run ``PetSegFlow/<id>`` holds the same three as artifacts
 of its release step.
+
+The manifest records the sha256 of the other two files (``sha256``), the
+model fingerprint (a hash of the weights) and the code version. `load_release`
+refuses a release that does not verify against it: a file whose bytes no
+longer hash to what the manifest records, weights whose fingerprint differs,
+or a manifest that records no hashes. (The manifest itself is checked against
+the run's lineage graph by ``petseg verify``, which needs the run.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import tempfile
@@ -26,6 +34,8 @@ if TYPE_CHECKING:
 
 RELEASE_FILES = ("model.keras", "calibration.json", "manifest.json")
 """The files of a release, in the order they are written: manifest.json last, so its presence means complete."""
+HASHED_FILES = ("model.keras", "calibration.json")
+"""The files whose sha256 the manifest records (under ``sha256``)."""
 
 _RUN_PATHSPEC = re.compile(r"^PetSegFlow/[^/\s]+$")
 
@@ -79,23 +89,33 @@ def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, datas
     }
 
 
+def release_files(*, model_keras: bytes, calibration: dict, manifest: dict) -> dict[str, bytes]:
+    """The bytes of each release file; manifest.json records the sha256 of the others (``sha256``)."""
+    files = {"model.keras": model_keras, "calibration.json": calibration_bytes(calibration)}
+    sealed = {**manifest, "sha256": {name: hashlib.sha256(files[name]).hexdigest() for name in HASHED_FILES}}
+    files["manifest.json"] = json.dumps(sealed, indent=2, sort_keys=True).encode()
+    return files
+
+
+def calibration_bytes(calibration: dict) -> bytes:
+    """calibration.json as a release holds it."""
+    return json.dumps(calibration, sort_keys=True).encode()
+
+
 def export(target: str, *, model_keras: bytes, calibration: dict, manifest: dict,
            s3_endpoint_url: str | None = None) -> str:
     """Write a release directory (local path or s3:// prefix) and return its location.
 
-    On S3 the files are written in `RELEASE_FILES` order, manifest.json last:
-    its presence means the release is complete. A local release appears at
-    once or not at all (`petseg.storage.staged_directory`).
+    The manifest written records the sha256 of model.keras and calibration.json
+    (`release_files`). On S3 the files are written in `RELEASE_FILES` order,
+    manifest.json last: its presence means the release is complete. A local
+    release appears at once or not at all (`petseg.storage.staged_directory`).
 
     Raises:
         ConfigError: an S3 ``target`` without a bucket.
         StorageError: a file could not be written.
     """
-    files = {
-        "model.keras": model_keras,
-        "calibration.json": json.dumps(calibration, sort_keys=True).encode(),
-        "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode(),
-    }
+    files = release_files(model_keras=model_keras, calibration=calibration, manifest=manifest)
     if is_s3(target):
         location = Location(target, s3_endpoint_url=s3_endpoint_url, what="release location")
         for name in RELEASE_FILES:
@@ -142,6 +162,7 @@ class Release:
             "dataset_fingerprint": str(self.manifest.get("dataset_fingerprint", "")),
             "pathspec": str(self.manifest.get("pathspec", "")),
             "code_version": str(self.manifest.get("code_version", "")),
+            "code_package": str((self.manifest.get("settings") or {}).get("code", {}).get("code_package") or ""),
         }
 
 
@@ -162,8 +183,10 @@ def load_release(
         The release.
 
     Raises:
-        ModelError: The release is missing, incomplete or unreadable, or its
-            weights do not match ``expected_fingerprint`` or its manifest.
+        ModelError: The release is missing, incomplete or unreadable, or does
+            not verify: its files do not hash to what its manifest records
+            (or it records nothing), or its weights do not match
+            ``expected_fingerprint`` or its manifest.
         StorageError: A file of an ``s3://`` release could not be read.
         ConfigError: ``uri`` is none of the accepted forms.
     """
@@ -174,9 +197,9 @@ def load_release(
     if is_s3(uri):
         with tempfile.TemporaryDirectory() as tmp:
             _download_release(Location(uri, s3_endpoint_url=s3_endpoint_url, what="release"), Path(tmp))
-            model, calibration, manifest = _release_in_folder(Path(tmp))
+            model, calibration, manifest = _release_in_folder(Path(tmp), uri=uri)
     elif Path(uri).is_dir():
-        model, calibration, manifest = _release_in_folder(Path(uri))
+        model, calibration, manifest = _release_in_folder(Path(uri), uri=uri)
     elif _RUN_PATHSPEC.match(uri):
         model, calibration, manifest = _release_of_run(uri)
     else:
@@ -194,14 +217,34 @@ def _download_release(location: Location, folder: Path) -> None:
         location.download(name, folder / name)
 
 
-def _release_in_folder(folder: Path) -> tuple[keras.Model, Calibration, dict]:
+def _release_in_folder(folder: Path, *, uri: str) -> tuple[keras.Model, Calibration, dict]:
     from petseg import model as models
 
     missing = [name for name in RELEASE_FILES if not (folder / name).is_file()]
     if missing:
         raise ModelError(f"release directory {folder} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
+    manifest = _read_json(folder / "manifest.json")
+    check_files(manifest, {name: (folder / name).read_bytes() for name in HASHED_FILES}, uri=uri)
     model = models.load(folder / "model.keras")
-    return model, Calibration.load(folder / "calibration.json"), _read_json(folder / "manifest.json")
+    return model, Calibration.load(folder / "calibration.json"), manifest
+
+
+def check_files(manifest: dict, files: dict[str, bytes], *, uri: str) -> None:
+    """Check release files against the sha256 their manifest records.
+
+    Raises:
+        ModelError: the manifest records no hashes, or a file does not hash to
+            its record (naming the file, the expected and the found hash).
+    """
+    recorded = manifest.get("sha256")
+    if not isinstance(recorded, dict) or not all(recorded.get(name) for name in HASHED_FILES):
+        raise ModelError(f"release {uri} does not verify: its manifest records no sha256 of "
+                         f"{' and '.join(HASHED_FILES)}; export it again with this petseg")
+    for name in HASHED_FILES:
+        found = hashlib.sha256(files[name]).hexdigest()
+        if found != recorded[name]:
+            raise ModelError(f"release {uri} does not verify: {name} hashes to {found} but its manifest records "
+                             f"{recorded[name]}; refusing to serve it (see `petseg verify --release {uri}`)")
 
 
 def _check_fingerprint(release: Release, expected: str | None) -> None:
@@ -247,4 +290,6 @@ def _release_of_run(pathspec: str) -> tuple[keras.Model, Calibration, dict]:
         ) from None
     if not manifest:
         raise ModelError(f"run {pathspec} did not release a model: its quality gate failed")
+    check_files(manifest, {"model.keras": model_keras, "calibration.json": calibration_bytes(calibration)},
+                uri=pathspec)
     return models.from_bytes(model_keras), Calibration.from_dict(calibration), manifest

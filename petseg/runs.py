@@ -1,8 +1,9 @@
 """Run look-ups: past runs of PetSegFlow and their artifacts, through the Metaflow Client.
 
 What the run commands (`petseg runs`, `show`, `diff`, `reproduce`,
-`tensorboard`, `lineage`, `serve`, `stop`) read: a run by its name, the facts
-of a run, the differences between two runs, a run's lineage graph and its
+`tensorboard`, `lineage`, `verify`, `serve`, `stop`) read: a run by its name,
+the facts of a run, the differences between two runs, a run's lineage graph,
+its OpenLineage events kept beside its datastore, its artifacts and its
 release. RUN is a run id, ``PetSegFlow/<id>`` or ``latest``. A run that is
 unknown, of another flow or still running is a RunError, never a traceback.
 """
@@ -131,6 +132,7 @@ def describe(run) -> dict:
         "pathspec": run.pathspec,
         "tags": sorted(run.tags),
         "parameters": _data(run, "start", "parameters", {}),
+        "code_version": (_data(run, "start", "settings", {}) or {}).get("code_version"),
         "environment": _data(run, "train", "environment", {}),
         "steps": dict(reversed(list(steps.items()))),
         "ingest_report": {k: v for k, v in (_data(run, "ingest", "ingest_report", {}) or {}).items()
@@ -287,6 +289,41 @@ def run_graphs() -> Iterator[dict]:
         graph = _graph_of(run)
         if graph is not None:
             yield graph
+
+
+def artifact_reader(run):
+    """A function (step, artifact) -> the run's artifact value (None when the step or artifact is missing)."""
+    def read(step: str, name: str):
+        return _data(run, step, name)
+
+    return read
+
+
+def blob_root_of(run) -> str:
+    """Where a run's shards live (its start step's ``blob_root``).
+
+    Raises:
+        RunError: the run recorded none.
+    """
+    root = _data(run, "start", "blob_root")
+    if not root:
+        raise RunError(f"run {run.pathspec} recorded no blob store (its start step did not finish)")
+    return root
+
+
+def openlineage_location(run) -> str:
+    """Where a run's OpenLineage events are kept as JSON lines when no transport was configured."""
+    from petseg import lineage_events
+
+    return lineage_events.events_location(blob_root_of(run).rsplit("/petseg/blobs", 1)[0], run.pathspec)
+
+
+def graph_of_pathspec(pathspec: str) -> dict | None:
+    """The lineage graph of a finished run, or None when this machine's Metaflow does not know the run."""
+    try:
+        return _graph_of(resolve_run(pathspec))
+    except RunError:
+        return None
 
 
 def _graph_of(run) -> dict | None:

@@ -9,9 +9,11 @@ adapts the Seldon wrapper; the serving work happens here, over plain values:
   predictions (`petseg.messages`), feedback and health checks.
 - `prediction_metrics` and `metadata`: Seldon custom metrics and model metadata.
 - `request_guard`, `read_message` and `Rejection`: every bad request becomes
-  HTTP 400 with a JSON body saying what was expected and what came, never a
-  500. A request is JSON (Content-Type application/json), or the form field
-  ``json`` that SeldonClient sends.
+  HTTP 400 (413 when too large) with a JSON body saying what was expected and
+  what came, never a 500. A request is JSON (Content-Type application/json),
+  or the form field ``json`` that SeldonClient sends. A body over the limit is
+  read to its end (up to `DRAIN_FACTOR` times the limit) before the 413 goes
+  out, so that a client still sending it reads the answer, not a broken pipe.
 """
 
 from __future__ import annotations
@@ -178,9 +180,12 @@ def metadata() -> dict:
 PREDICT_VIEW = "Predict"
 FEEDBACK_VIEW = "SendFeedback"
 
+DRAIN_FACTOR = 4
+"""A body of up to this many times the limit is read to its end before a 413 answers it; a larger one is cut off."""
+
 
 class Rejection(SeldonMicroserviceException):
-    """A `BadRequest` as the Seldon wrapper answers it: HTTP 400 with a JSON body.
+    """A `BadRequest` as the Seldon wrapper answers it: HTTP 400 (413 when too large) with a JSON body.
 
     The body is ``{"status": {"code": 400, "reason", "info", "status": "FAILURE"}, "meta": {"tags"}}``.
 
@@ -190,7 +195,7 @@ class Rejection(SeldonMicroserviceException):
     """
 
     def __init__(self, error: BadRequest, tags: dict[str, str]):
-        super().__init__(str(error), status_code=400, reason=error.reason)
+        super().__init__(str(error), status_code=error.status, reason=error.reason)
         self.tags = tags
 
     def __str__(self) -> str:
@@ -243,9 +248,30 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
                         got=str(getattr(err, "message", err)),
                     ) from None
         except BadRequest as err:
+            if err.kind == "TOO_LARGE":
+                drain(request, limit=DRAIN_FACTOR * limits.max_bytes)
             raise Rejection(err, tags()) from None
 
     return guard
+
+
+def drain(request: flask.Request, *, limit: int) -> None:
+    """Reads and drops what is left of a request body, up to ``limit`` bytes.
+
+    The server closes the connection after an error answer; closing a socket
+    with unread bytes makes the kernel reset it, and a client still sending
+    the body sees a broken pipe instead of the answer. Reading the body first
+    lets it read the status and the JSON body.
+    """
+    stream = request.environ.get("wsgi.input")
+    if stream is None or (request.content_length or 0) > limit:
+        return
+    remaining = limit
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 2**16))
+        if not chunk:
+            return
+        remaining -= len(chunk)
 
 
 def read_message(request: flask.Request, *, max_bytes: int) -> dict:

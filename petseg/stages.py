@@ -1,14 +1,20 @@
-"""The flow's step glue: the only library module that reads Metaflow's settings and the environment.
+"""The flow's step glue: with `petseg.hooks`, the only library code that reads Metaflow's settings and the environment.
 
 The flow (flows/seg_flow.py) is the table of contents; each function here does
 the work of one step over explicit values: fetch shards from the blob store,
 call the library modules named by their job (data, pipeline, train,
 calibration, ...), and return plain, JSON-able results for Metaflow to
 version. Metaflow's settings (the S3 endpoint, the Kubernetes image and
-namespace, the run's id), the environment (``PACHD_ADDRESS``,
-``PETSEG_FAIL_AT``) and the run's tags are read and written here and nowhere
-else in the library. A `PetsegError` leaves a step as a `StepError`, which
-Metaflow prints as one message without a traceback.
+namespace, the run's id) and the environment (``PACHD_ADDRESS``,
+``PETSEG_FAIL_AT``, ``METAFLOW_CODE_SHA``) are read here; the OpenLineage
+events and run tags live in `petseg.hooks`. A `PetsegError` leaves a step as
+a `StepError`, which Metaflow prints as one message without a traceback.
+
+Each function notes what its step opens in `TASK` (a `petseg.lineage.TaskLog`):
+every blob it fetches and every artifact it is handed, and the blobs and
+release files it writes. A task's process runs one step, so the log is this
+module's own state, like Metaflow's ``current``; `lineage_record` makes it the
+stage's inputs (and so its parents), `petseg.hooks` the task's OpenLineage datasets.
 """
 
 from __future__ import annotations
@@ -17,16 +23,15 @@ import functools
 import io
 import json
 import os
-import subprocess
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from metaflow import current
 from metaflow.exception import MetaflowException
 
-from petseg import __version__
+from petseg import codeversion, lineage
 from petseg.errors import ConfigError, PetsegError
 from petseg.oxford import SPLITS
 from petseg.split import RULES
@@ -38,6 +43,8 @@ LINEAGE_MODES = ("required", "best-effort")
 SAMPLE_PREDICTIONS = 6
 BOOTSTRAP = 1000
 """Resamples of the test images for the 95 % intervals."""
+LINEAGE_TIMEOUT = 60.0
+"""Seconds a stage may spend mirroring into Pachyderm before it gives up (``PETSEG_LINEAGE_TIMEOUT``)."""
 
 
 class StepError(MetaflowException):
@@ -59,14 +66,34 @@ def _glue(function):
     return wrapper
 
 
-def _s3_endpoint() -> str | None:
+def s3_endpoint() -> str | None:
+    """The S3 endpoint of Metaflow's settings (a non-AWS S3 server), or None."""
     from metaflow.metaflow_config import S3_ENDPOINT_URL
 
     return S3_ENDPOINT_URL
 
 
+_s3_endpoint = s3_endpoint
+
+
 def _store(root: str) -> BlobStore:
     return BlobStore(root, s3_endpoint_url=_s3_endpoint())
+
+
+TASK = lineage.TaskLog()
+"""What this task opened and wrote (see the module docstring)."""
+
+
+def _fetch(store: BlobStore, records: list[dict], dest: str | os.PathLike) -> list[str]:
+    paths = get_files(store, records, dest)
+    TASK.blobs(records, url=store.url)
+    return paths
+
+
+def _put(store: BlobStore, paths: list[str]) -> list[dict]:
+    records = put_files(store, paths)
+    TASK.blobs(records, url=store.url, written=True)
+    return records
 
 
 def _configure(settings: dict) -> dict:
@@ -78,15 +105,22 @@ def _configure(settings: dict) -> dict:
 
 # -- start --------------------------------------------------------------------------------------------
 
+def code_package() -> str | None:
+    """The sha of the code package Metaflow shipped to this task's pod (None when the task runs locally)."""
+    return os.environ.get("METAFLOW_CODE_SHA") or None
+
+
 @_glue
-def settings(parameters: Mapping) -> dict:
-    """Validate the run's parameters and return its settings (seed, mode, threads, image size, code version).
+def settings(parameters: Mapping, *, code: Mapping) -> dict:
+    """Validate the run's parameters and return its settings (seed, mode, threads, image size, code).
 
     Args:
         parameters: every parameter of the run by name (see `parameters`).
+        code: the flow's ``code`` Config: the launching checkout's git facts.
 
     Raises:
-        ConfigError: a parameter is out of range, naming it and what is accepted.
+        ConfigError: a parameter is out of range, naming it and what is accepted; or
+            ``require_clean`` and the run was launched from a checkout with uncommitted changes.
     """
     for name, minimum in (("trials", 1), ("tune_epochs", 1), ("epochs", 1), ("threads", 1), ("image_size", 32)):
         if parameters[name] < minimum:
@@ -95,14 +129,17 @@ def settings(parameters: Mapping) -> dict:
         raise ConfigError(f"--batch_size {parameters['batch_size']} is negative: "
                           "expected 0 (tuned) or a positive integer")
     for name, accepted in (("deploy", DEPLOY_TARGETS), ("lineage", LINEAGE_MODES), ("split", RULES),
-                           ("arch", ARCHITECTURES)):
+                           ("arch", ARCHITECTURES), ("server", ("seldon", "mlserver"))):
         if parameters[name] not in accepted:
             raise ConfigError(f"--{name} {parameters[name]!r} is unknown: expected one of {', '.join(accepted)}")
     if parameters["image_size"] % 16:
         raise ConfigError(f"--image_size {parameters['image_size']} is not a multiple of 16: "
                           "the U-Net halves the image four times")
+    record = codeversion.record(dict(code), code_package=code_package())
+    if parameters.get("require_clean"):
+        codeversion.require_clean(record)
     return {"seed": parameters["seed"], "strict": bool(parameters["deterministic"]), "threads": parameters["threads"],
-            "image_size": parameters["image_size"], "code_version": code_version()}
+            "image_size": parameters["image_size"], "code_version": codeversion.describe(record), "code": record}
 
 
 def parameters(values: Mapping) -> dict:
@@ -113,28 +150,26 @@ def parameters(values: Mapping) -> dict:
     return {name: value for name, value in sorted(values.items()) if not isinstance(value, Mapping)}
 
 
-def code_version() -> str:
-    """The git commit of the code (with -dirty when modified), or the package version outside git."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"petseg-{__version__}"
-    return f"{commit}{'-dirty' if dirty else ''}"
+def datastore_root(datastore) -> str:
+    """The root of this run's Metaflow datastore (a directory or s3:// prefix)."""
+    return datastore._storage_impl.datastore_root.rstrip("/")  # Metaflow exposes no public accessor for it
 
 
 def blob_root(datastore) -> str:
     """Where this run's shards and logs go: beside Metaflow's datastore (a directory or s3:// prefix)."""
-    root = datastore._storage_impl.datastore_root  # Metaflow exposes no public accessor for it
-    return f"{root.rstrip('/')}/petseg/blobs"
+    return f"{datastore_root(datastore)}/petseg/blobs"
 
 
 def lineage_target(*, pachyderm: str, mode: str) -> dict:
-    """Where lineage is mirrored: the --pachyderm address, else $PACHD_ADDRESS, else none; and whether it must be."""
-    return {"address": pachyderm or os.environ.get("PACHD_ADDRESS") or None, "required": mode == "required"}
+    """Where lineage is mirrored: the --pachyderm address, else $PACHD_ADDRESS, else none; whether it must be;
+    and how many seconds a stage may spend on it ($PETSEG_LINEAGE_TIMEOUT, default `LINEAGE_TIMEOUT`)."""
+    timeout = os.environ.get("PETSEG_LINEAGE_TIMEOUT") or LINEAGE_TIMEOUT
+    try:
+        timeout = float(timeout)
+    except ValueError:
+        raise StepError(f"PETSEG_LINEAGE_TIMEOUT={timeout!r} is not a number of seconds") from None
+    return {"address": pachyderm or os.environ.get("PACHD_ADDRESS") or None, "required": mode == "required",
+            "timeout": timeout}
 
 
 # -- ingest and transform -----------------------------------------------------------------------------
@@ -148,24 +183,29 @@ def ingest(*, source: str, feedback: str, skip_bad: bool, settings: dict, store:
         report = data.ingest(source, Path(work) / "warehouse", seed=settings["seed"], skip_bad=skip_bad,
                              feedback=feedback or None, image_size=settings["image_size"],
                              s3_endpoint_url=_s3_endpoint())
-        report["shards"] = put_files(_store(store), report["shards"])
+        report["shards"] = _put(_store(store), report["shards"])
+    # The source is read from outside the run; the data set fingerprint is the hash of what was read.
+    TASK.reads.extend({"name": name, "sha256": report["fingerprint"], "source": True, "location": name}
+                      for name in (source, feedback) if name)
     return report
 
 
 @_glue
-def transform(*, shards: list[dict], store: str, rule: str, official_test: list[str] | None) -> dict:
+def transform(ingest_report: dict, *, store: str, rule: str) -> dict:
     """Split the ingested samples by ``rule`` (see petseg.split); return per-split shard records and counts."""
     from petseg import data
 
+    TASK.artifacts(**{"ingest_report.json": ingest_report})
+    shards, official_test = ingest_report["shards"], ingest_report.get("official_test")
     if rule == "official" and official_test is None:
         raise ConfigError("--split official needs the source's annotations/trainval.txt and annotations/test.txt, "
                           "and this source has neither; use --split md5 or a source with the official lists")
     blobs = _store(store)
     with tempfile.TemporaryDirectory(prefix="petseg-transform-") as work:
-        local = get_files(blobs, shards, Path(work) / "in")
+        local = _fetch(blobs, shards, Path(work) / "in")
         result = data.transform(local, Path(work) / "splits",
                                 official_test=official_test if rule == "official" else None)
-        result["splits"] = {name: put_files(blobs, paths) for name, paths in result["splits"].items()}
+        result["splits"] = {name: _put(blobs, paths) for name, paths in result["splits"].items()}
     empty = [name for name in SPLITS if not result["counts"].get(name)]
     if empty:
         raise ConfigError(f"split(s) {', '.join(empty)} got no samples: the source is too small "
@@ -176,7 +216,7 @@ def transform(*, shards: list[dict], store: str, rule: str, official_test: list[
 def _dataset(split: str, splits: dict, store: str, work: str, settings: dict, **options):
     from petseg import pipeline
 
-    local = get_files(_store(store), splits["splits"][split], Path(work) / split)
+    local = _fetch(_store(store), splits["splits"][split], Path(work) / split)
     return pipeline.dataset(local, image_size=settings["image_size"], **options)
 
 
@@ -197,16 +237,34 @@ def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, sett
 
 @_glue
 def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict) -> dict:
-    """Train one short trial and return its configuration, validation loss and IoU, and history."""
+    """Train one short trial and return its configuration, validation loss and IoU, history, and the
+    ``inputs`` it opened (`select` hands them on to the tune stage's lineage)."""
     from petseg import train
 
+    TASK.artifacts(**{"splits.json": splits})
     _configure(settings)
     with tempfile.TemporaryDirectory(prefix="petseg-tune-") as work:
         model, history, validation = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
                                           settings=settings, work=work)
         metrics = train.evaluate(model, validation)
     return {"index": config["index"], "config": config, "val_loss": metrics["loss"], "val_miou": metrics["miou"],
-            "history": history}
+            "history": history, "inputs": TASK.snapshot()["reads"]}
+
+
+def select(trials: Iterable[dict]) -> tuple[list[dict], dict]:
+    """Every trial's result by index, and the best (see petseg.tune.select).
+
+    The trials' ``inputs`` (what each tune task opened) join this task's log:
+    the tune stage is recorded here, in the join step.
+    """
+    from petseg import tune
+
+    results = []
+    for trial in sorted(trials, key=lambda trial: trial["index"]):
+        trial = dict(trial)
+        TASK.reads.extend(trial.pop("inputs", []))
+        results.append(trial)
+    return results, tune.select(results)
 
 
 @_glue
@@ -217,6 +275,7 @@ def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch
     from petseg import determinism
     from petseg import model as models
 
+    TASK.artifacts(**{"selected.json": best, "splits.json": splits})
     _fault_drill("train")
     config = dict(best["config"])
     if batch_size:
@@ -247,6 +306,7 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
     from petseg import calibration
     from petseg import model as models
 
+    TASK.artifacts(**{"model.keras": model_keras, "splits.json": splits})
     _fault_drill("calibrate")
     _configure(settings)
     model = models.from_bytes(model_keras)
@@ -272,6 +332,7 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     from petseg import baselines, calibration, train
     from petseg import model as models
 
+    TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration_table, "splits.json": splits})
     _configure(settings)
     seed = settings["seed"]
     model = models.from_bytes(model_keras)
@@ -304,31 +365,47 @@ def report_card(*, metrics: dict, history: dict, trials: list[dict], calibration
     """Fill the evaluate step's ``report`` card: metrics, curves, trials, reliability and sample predictions."""
     from petseg import report
 
+    TASK.artifacts(**{"history.json": history, "trials.json": trials, "report.json": calibration_report})
     report.fill_card(current.card["report"], metrics=metrics, history=history, trials=trials,
                      calibration_report=calibration_report, samples=samples)
 
 
 # -- release ------------------------------------------------------------------------------------------
 
+def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
+    """The quality gate on validation figures (see petseg.release.gate)."""
+    from petseg import release
+
+    TASK.artifacts(**{"metrics.json": metrics})
+    return release.gate(metrics, min_miou=min_miou, min_margin=min_margin)
+
+
 @_glue
 def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, settings: dict,
                    dataset_fingerprint: str, model_fingerprint: str, store: str) -> dict:
-    """Export this run's release (model, calibration, manifest) beside its blobs and return the manifest."""
+    """Export this run's release (model, calibration, manifest) beside its blobs and return the manifest,
+    which records the code version and the sha256 of each release file."""
     from petseg import release
 
+    TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration, "metrics.json": metrics})
     version = f"petseg-{current.run_id}"
     location = f"{store.rsplit('/blobs', 1)[0]}/releases/{version}"
     document = release.build_manifest(
         run_id=current.run_id, flow_name=current.flow_name, model_fingerprint=model_fingerprint,
         dataset_fingerprint=dataset_fingerprint, code_version=settings["code_version"], metrics=metrics,
         settings=settings, location=location, image_size=settings["image_size"])
+    files = release.release_files(model_keras=model_keras, calibration=calibration, manifest=document)
+    document = json.loads(files["manifest.json"])
     release.export(location, model_keras=model_keras, calibration=calibration, manifest=document,
                    s3_endpoint_url=_s3_endpoint())
+    where = location.rstrip("/")
+    TASK.writes.extend({"name": name, "sha256": lineage.sha256(data), "location": f"{where}/{name}",
+                        "kind": "release"} for name, data in files.items())
     return document
 
 
 @_glue
-def deploy(manifest: dict, *, target: str, port: int) -> dict | None:
+def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon") -> dict | None:
     """Hand the release to the serving deployment chosen by ``--deploy`` (Metaflow's Kubernetes settings)."""
     from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE, KUBERNETES_SECRETS
 
@@ -338,29 +415,12 @@ def deploy(manifest: dict, *, target: str, port: int) -> dict | None:
     if target == "local":
         from petseg import deploy_local
 
-        return deploy_local.deploy_local(manifest["location"], port=port or None, fingerprint=fingerprint)
+        return deploy_local.deploy_local(manifest["location"], server=server, port=port or None, fingerprint=fingerprint)
     from petseg import deploy_kubernetes
 
     return deploy_kubernetes.deploy_kubernetes(
-        manifest, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
+        manifest, server=server, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
         s3_endpoint_url=_s3_endpoint(), secrets=[s for s in (KUBERNETES_SECRETS or "").split(",") if s])
-
-
-def tag_run(**tags: str) -> None:
-    """Tag the current run (e.g. dataset:<fingerprint>) so the Client can find it.
-
-    A step in a pod with local metadata cannot see its run (the launcher syncs
-    the metadata afterwards); there it says so and goes on: the fingerprints are
-    artifacts of the run all the same.
-    """
-    from metaflow import Run
-    from metaflow.exception import MetaflowNotFound
-
-    pathspec = f"{current.flow_name}/{current.run_id}"
-    try:
-        Run(pathspec).add_tags([f"{key}:{value}" for key, value in tags.items()])
-    except MetaflowNotFound:
-        print(f"note: {pathspec} is not visible from this task's metadata; not tagged with {sorted(tags)}")
 
 
 def _fault_drill(step_name: str) -> None:
@@ -372,35 +432,25 @@ def _fault_drill(step_name: str) -> None:
 
 # -- lineage ------------------------------------------------------------------------------------------
 
-def lineage_start(*, code_version: str) -> dict:
-    """The run's lineage graph, with no stages yet."""
-    from petseg import lineage
-
-    return lineage.new_graph(pathspec=current.pathspec, code_version=code_version)
-
-
-def _as_file(value) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    return json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+def lineage_start(settings: dict) -> dict:
+    """The run's lineage graph, with its code version and no stages yet."""
+    return lineage.new_graph(pathspec=current.pathspec, code=settings["code"], code_version=settings["code_version"])
 
 
 @_glue
 def lineage_record(graph: dict, stage: str, outputs: dict, *, target: dict, dataset_fingerprint: str | None = None,
                    model_fingerprint: str | None = None) -> dict:
-    """Record a stage's outputs in the run's lineage graph, and mirror them into Pachyderm when ``target`` names one."""
-    from petseg import lineage
-
-    files = {name: _as_file(value) for name, value in outputs.items()}
-    graph = lineage.record_stage(graph, stage, files=files, pathspec=current.pathspec,
+    """Record a stage in the run's lineage graph: its outputs, and as its inputs what this task opened (the
+    task's log); then mirror it into Pachyderm when ``target`` names one."""
+    files = {name: lineage.as_file(value) for name, value in outputs.items()}
+    graph = lineage.record_stage(graph, stage, files=files, pathspec=current.pathspec, inputs=TASK.reads,
+                                 blobs=[w for w in TASK.writes if w.get("blob")], code_package=code_package(),
                                  dataset_fingerprint=dataset_fingerprint, model_fingerprint=model_fingerprint)
     if target["address"]:
         from petseg import pachyderm
 
         graph = pachyderm.mirror_stage(graph, stage, files=files, address=target["address"],
-                                       required=target["required"])
+                                       required=target["required"], timeout=target.get("timeout", LINEAGE_TIMEOUT))
     return graph
 
 
@@ -437,7 +487,7 @@ def closing_words(facts: dict, *, metrics: dict, gate_message: str) -> str:
         f"mIoU {facts['best_baseline_miou']:.3f}",
         f"  {gate_message}",
         f"  report card:  python flows/seg_flow.py card get {current.run_id}/evaluate --id report report.html",
-        f"  details:      petseg show {current.run_id}",
+        f"  details:      petseg show {current.run_id}   (prove it: petseg verify {current.run_id})",
     ]
     deployment = facts["deployment"]
     if deployment and deployment.get("url"):

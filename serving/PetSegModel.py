@@ -14,6 +14,7 @@ Environment (read here only; `petseg.serving` does the work):
 """
 
 import os
+import threading
 import time
 
 from seldon_core.proto import prediction_pb2
@@ -47,7 +48,8 @@ class PetSegModel:
         self.feedback_uri = os.environ.get("FEEDBACK_URI") or None
         self.s3_endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
         self.service = None  # set by load()
-        self._pending_metrics: list[dict] = []
+        # Per thread: gunicorn answers requests on several threads (petseg.deploy_local.gunicorn_sizing).
+        self._pending = threading.local()
         # The wrapper registers this blueprint on its Flask app (see request_guard).
         self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags)
 
@@ -70,7 +72,7 @@ class PetSegModel:
             answer, probs = self.service.predict(message)
         except messages.BadRequest as err:
             raise serving.Rejection(err, self.tags()) from None
-        self._pending_metrics = serving.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
+        self._pending.metrics = serving.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
         answer["meta"] = {"tags": self.tags(), "metrics": self.metrics()}
         return json_to_seldon_message(answer) if is_proto else answer
 
@@ -91,8 +93,8 @@ class PetSegModel:
         return self.service.release.tags() if self.service else {}
 
     def metrics(self) -> list[dict]:
-        """Metrics of the last prediction, handed over once (the wrapper also asks after health checks)."""
-        pending, self._pending_metrics = self._pending_metrics, []
+        """Metrics of this thread's last prediction, handed over once (the wrapper also asks after health checks)."""
+        pending, self._pending.metrics = getattr(self._pending, "metrics", []), []
         return pending
 
     def init_metadata(self) -> dict:

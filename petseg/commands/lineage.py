@@ -1,19 +1,24 @@
-"""``petseg lineage``: a run's lineage graph, or the runs that made a model.
+"""``petseg lineage`` and ``petseg verify``: a run's lineage, the runs that made a model, and their proof.
 
 Each PetSegFlow run carries the graph as artifact ``lineage_graph`` (the name
 ``lineage`` is taken by the flow's parameter of that name) and the model
-fingerprint as ``model_fingerprint``; this command reads them from the run's
+fingerprint as ``model_fingerprint``; these commands read them from the run's
 ``end`` step through the Metaflow Client (petseg.runs)::
 
-    petseg lineage latest            # stages, parents, outputs, Pachyderm commits
-    petseg lineage 1716 --json       # the graph itself
-    petseg lineage --model 3f2a9c1d  # runs whose model fingerprint starts so
+    petseg lineage latest                # stages, what each read, outputs, Pachyderm commits
+    petseg lineage 1716 --json           # the graph itself
+    petseg lineage latest --openlineage  # the OpenLineage events kept beside the datastore
+    petseg lineage --model 3f2a9c1d      # runs whose model fingerprint starts so
+    petseg verify latest                 # re-hash every file the run names (exit 1 at the first mismatch)
+    petseg verify --release DIR_OR_S3    # the same for a release
+    petseg verify --model 3f2a9c1d       # every run that made the model
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from petseg import lineage, runs
 from petseg.errors import ConfigError
@@ -34,7 +39,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list the runs that produced this model (fingerprint or its first 8+ characters)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--openlineage", action="store_true",
+                        help="print the run's OpenLineage events (JSON lines) kept beside its datastore")
     parser.set_defaults(handler=lineage_command)
+
+    parser = subparsers.add_parser(
+        "verify",
+        help="re-hash every stored file of a run or a release and check it against its fingerprints and lineage",
+        description="Read back every file a run or a release names (shards, model weights, calibration table, "
+                    "manifest, reports) from wherever it lives, re-hash it, and check it against the run's "
+                    "fingerprints, its lineage graph and, with --pachyderm, its Pachyderm commits. Exit 0 with a "
+                    "one-line summary when all match; exit 1 naming the first file that does not.",
+    )
+    parser.add_argument("run", nargs="?", help=f"'latest', a run id, or {runs.FLOW}/<run id>")
+    parser.add_argument("--release", metavar="DIR_OR_S3", help="a release directory or s3:// prefix")
+    parser.add_argument("--model", metavar="FINGERPRINT", help="every run that produced this model (8+ characters)")
+    parser.add_argument("--pachyderm", metavar="HOST:PORT", default=os.environ.get("PACHD_ADDRESS") or None,
+                        help="also check the run's Pachyderm commits there (default $PACHD_ADDRESS)")
+    parser.add_argument("--s3-endpoint-url", help="S3 endpoint of a non-AWS S3 server (default: Metaflow's)")
+    parser.set_defaults(handler=verify_command)
 
 
 def lineage_command(args: argparse.Namespace) -> int:
@@ -51,6 +74,8 @@ def lineage_command(args: argparse.Namespace) -> int:
         raise ConfigError(
             "give either a run (e.g. `petseg lineage latest`) or --model FINGERPRINT"
         )
+    if args.run and args.openlineage:
+        return _print_openlineage(args.run)
     if args.run:
         graph = runs.run_graph(args.run)
         print(json.dumps(graph, indent=2, sort_keys=True) if args.json else lineage.format_graph(graph))
@@ -69,3 +94,78 @@ def lineage_command(args: argparse.Namespace) -> int:
     if not graphs and not args.json:
         print(f"no finished {runs.FLOW} run produced a model with fingerprint {args.model}")
     return 0 if graphs else 1
+
+
+def _print_openlineage(spec: str) -> int:
+    """Print a run's kept OpenLineage events, one JSON document per line; 1 when there are none."""
+    from petseg import lineage_events, stages
+
+    run = runs.resolve_run(spec, finished=False)
+    location = runs.openlineage_location(run)
+    events = lineage_events.read_events(location, s3_endpoint_url=stages.s3_endpoint())
+    for event in events:
+        print(json.dumps(event, sort_keys=True))
+    if not events:
+        print(f"no OpenLineage events kept for {run.pathspec} under {location}: its steps sent them to a "
+              "configured transport (or OPENLINEAGE_DISABLED was set)")
+        return 1
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    """Run ``petseg verify``.
+
+    Returns:
+        0 when every file matches (a one-line summary), 1 at the first that does not (a one-line report).
+
+    Raises:
+        ConfigError: not exactly one of RUN, --release and --model was given.
+        RunError: the run is unknown, unfinished or has no lineage.
+    """
+    from petseg import stages, verify
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices, when weights are loaded
+    if sum(bool(value) for value in (args.run, args.release, args.model)) != 1:
+        raise ConfigError("give one of: a run (e.g. `petseg verify latest`), --release DIR_OR_S3, "
+                          "or --model FINGERPRINT")
+    endpoint = args.s3_endpoint_url or stages.s3_endpoint()
+    try:
+        if args.release:
+            tally = verify.Tally()
+            manifest_run = _release_run(args.release, endpoint)
+            graph = runs.graph_of_pathspec(manifest_run) if manifest_run else None
+            if graph is None:
+                tally.notes.append(f"run {manifest_run or '(unnamed)'} not found here: checked against the "
+                                   "manifest only")
+            verify.verify_release(args.release, s3_endpoint_url=endpoint, graph=graph, tally=tally)
+            print(tally.summary(f"release {args.release}"))
+            return 0
+        specs = [args.run] if args.run else [g["pathspec"] for g in
+                                             lineage.find_runs_by_model(args.model, runs.run_graphs())]
+        if not specs:
+            print(f"no finished {runs.FLOW} run produced a model with fingerprint {args.model}")
+            return 1
+        for spec in specs:
+            run = runs.resolve_run(spec)
+            graph = runs.run_graph(run.pathspec)
+            tally = verify.verify_run(graph, artifacts=runs.artifact_reader(run), blob_root=runs.blob_root_of(run),
+                                      s3_endpoint_url=endpoint, pachyderm_address=args.pachyderm)
+            if args.pachyderm and not graph.get("pachyderm"):
+                tally.notes.append("not mirrored into Pachyderm")
+            print(tally.summary(f"{run.pathspec} (dataset {graph['dataset_fingerprint'][:12]}, "
+                                f"model {graph['model_fingerprint'][:12]})"))
+    except verify.Mismatch as mismatch:
+        print(f"MISMATCH {mismatch}")
+        return 1
+    return 0
+
+
+def _release_run(location: str, endpoint: str | None) -> str | None:
+    """The run a release's manifest names, or None."""
+    from petseg.storage import Location
+
+    try:
+        manifest = json.loads(Location(location, s3_endpoint_url=endpoint, what="release").read_bytes("manifest.json"))
+    except (ValueError, OSError):
+        return None
+    return manifest.get("pathspec")

@@ -72,6 +72,7 @@ def show_command(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['pathspec']}  {info['status']}  started {info['start']}  ({info['duration_s']} s)")
     print(f"dataset {info['dataset_fingerprint']}\nmodel   {info['model_fingerprint']}")
+    print(f"code    {info.get('code_version') or '-'}")
     print("\nparameters:")
     for key, value in sorted(info["parameters"].items()):
         print(f"  {key} = {value}")

@@ -359,6 +359,99 @@ def test_seg_flow_steps_ran_as_jobs_with_gpu_limits(seg_runs, admin, cluster):
             assert job.status.succeeded == 1, step(job)
 
 
+def client_json(cluster: dict, workdir: Path, body: str) -> dict:
+    """Run Python through the Metaflow client with the cluster's settings; the JSON its last line prints."""
+    script = "import json\nfrom metaflow import Flow, Run, namespace\nnamespace(None)\n" + body
+    result = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=flow_env(cluster),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def petseg_cli(cluster: dict, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "petseg", *args], cwd=workdir, env=flow_env(cluster),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_seg_flow_records_the_launching_commit_from_pods_outside_any_checkout(seg_runs, cluster, workdir):
+    """The pods run in directories outside any git checkout, with petseg from a copy outside it too (as
+    an image holds it): the code version they record can only have come from the launch."""
+    failed, resumed = seg_runs
+    assert resumed["code"] == 0
+    pods, image = Path(cluster["PETSEG_PODS_DIR"]), Path(cluster["PETSEG_POD_PYTHONPATH"])
+    pod_dirs = [p for p in pods.iterdir() if p.is_dir()]
+    assert pod_dirs
+    for directory in [pods, image, *pod_dirs]:
+        probe = subprocess.run(["git", "-C", str(directory), "rev-parse", "--git-dir"], capture_output=True)
+        assert probe.returncode != 0, f"{directory} is inside a git checkout"
+    found = subprocess.run([sys.executable, "-c", "import petseg; print(petseg.__file__)"], cwd=pod_dirs[0],
+                           env={"PATH": os.environ["PATH"], "PYTHONPATH": str(image)}, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert found.startswith(str(image)), found
+    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain"))
+    facts = client_json(cluster, workdir, (
+        f"run = Run('PetSegFlow/{resumed['run_id']}')\n"
+        f"origin_start = Run('PetSegFlow/{failed['run_id']}')['start'].task\n"
+        "print(json.dumps({'settings': run['start'].task.data.settings,\n"
+        "                  'manifest': run['release'].task.data.manifest,\n"
+        "                  'graph': run['end'].task.data.lineage_graph,\n"
+        "                  'package': json.loads(origin_start.metadata_dict['code-package'])['sha']}))\n"))
+    code = facts["settings"]["code"]
+    assert (code["commit"], code["dirty"]) == (commit, dirty)
+    assert code["code_package"] == facts["package"] and len(code["code_package"]) == 40
+    version = commit + ("-dirty" if dirty else "")
+    assert facts["settings"]["code_version"] == facts["manifest"]["code_version"] == version
+    assert facts["graph"]["code"] == code and facts["graph"]["code_version"] == version
+    # Each stage records the package of the task that ran it (the resumed steps: the resume's package).
+    packages = {stage: entry["code_package"] for stage, entry in facts["graph"]["stages"].items()}
+    assert packages["warehouse"] == code["code_package"] and all(len(p or "") == 40 for p in packages.values())
+
+
+def test_cluster_runs_are_tagged_by_the_launcher_and_found_by_their_model(seg_runs, cluster, workdir):
+    failed, resumed = seg_runs
+    assert resumed["code"] == 0
+    for run in (failed, resumed):
+        assert "not visible" not in run["output"]
+        assert f"petseg: tagged PetSegFlow/{run['run_id']} with dataset:" in run["output"]
+    found = client_json(cluster, workdir, (
+        f"run = Run('PetSegFlow/{resumed['run_id']}')\n"
+        "model = run['end'].task.data.model_fingerprint\n"
+        "dataset = run['end'].task.data.dataset_fingerprint\n"
+        f"failed = Run('PetSegFlow/{failed['run_id']}')\n"
+        "print(json.dumps({'by_model': [r.id for r in Flow('PetSegFlow').runs(f'model:{model}')],\n"
+        "                  'by_dataset': [r.id for r in Flow('PetSegFlow').runs(f'dataset:{dataset}')],\n"
+        "                  'accepted': [r.id for r in Flow('PetSegFlow').runs('release:accepted')],\n"
+        "                  'failed_tags': sorted(failed.user_tags)}))\n"))
+    assert resumed["run_id"] in found["by_model"] and resumed["run_id"] in found["accepted"]
+    assert {resumed["run_id"], failed["run_id"]} <= set(found["by_dataset"])
+    assert [t.split(":")[0] for t in found["failed_tags"]] == ["dataset"]  # it never trained a model
+
+
+def test_a_cluster_run_verifies_and_keeps_its_openlineage_events_in_s3(seg_runs, cluster, workdir):
+    from lineage_schema import validate
+
+    _, resumed = seg_runs
+    assert resumed["code"] == 0
+    result = petseg_cli(cluster, workdir, "verify", resumed["run_id"])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.startswith(f"verified PetSegFlow/{resumed['run_id']} ") and "release files" in result.stdout
+    result = petseg_cli(cluster, workdir, "lineage", resumed["run_id"], "--openlineage")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    for event in events:
+        validate(event)
+    steps = {event["run"]["facets"]["metaflow"].get("step") for event in events}
+    assert {"train", "calibrate", "evaluate", "release", "end"} <= steps
+    commit = _git("rev-parse", "HEAD")
+    assert {event["run"]["facets"]["petseg"]["code"]["commit"] for event in events} == {commit}
+    assert all(event["run"]["facets"]["petseg"]["code"].get("code_package") for event in events)
+    assert any(d["namespace"] == f"s3://{cluster['PETSEG_S3_BUCKET']}" for e in events for d in e.get("inputs", []))
+
+
 def test_seg_flow_artifacts_in_s3_and_client(seg_runs, cluster, workdir):
     _, resumed = seg_runs
     assert resumed["code"] == 0
@@ -463,6 +556,68 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
     with pytest.raises(ServingError, match="image pull failed"):
         apply_seldon_deployment(rendered_again, namespace=namespace, api_client=runner, timeout=5)
     admin["custom"].delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+@pytest.fixture(scope="session")
+def mlserver_crds(cluster, admin):
+    """The InferenceService, Model and Server resource types, registered without a controller behind them."""
+    import yaml
+
+    crds = list(yaml.safe_load_all((CLUSTER / "mlserver-crds.yaml").read_text()))
+    for crd in crds:
+        admin["ext"].create_custom_resource_definition(crd)
+    for crd in crds:
+        _wait(lambda: any(c.type == "Established" and c.status == "True" for c in
+                          admin["ext"].read_custom_resource_definition(crd["metadata"]["name"]).status.conditions
+                          or []), f"the {crd['spec']['names']['kind']} CRD")
+    return crds
+
+
+def test_mlserver_objects_are_applied_with_the_release_role(cluster, admin, mlserver_crds):
+    """The InferenceService, Model and Server of the MLServer runtime, as the petseg service account applies them."""
+    import threading
+
+    from kubernetes import config
+
+    from petseg import deploy_kubernetes as k8s
+
+    namespace = cluster["PETSEG_K8S_NAMESPACE"]
+    runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
+    objects = [
+        k8s.render_inference_service(RELEASE, image="petseg:test", namespace=namespace, secrets=["petseg-s3"],
+                                     s3_endpoint_url=cluster["PETSEG_S3_ENDPOINT"]),
+        k8s.render_seldon_server(image="petseg:test", namespace=namespace, secrets=["petseg-s3"]),
+        k8s.render_seldon_model(RELEASE, namespace=namespace),
+    ]
+    for rendered in objects:
+        group, version, plural = k8s.RESOURCES[rendered["kind"]]
+        name = rendered["metadata"]["name"]
+        outcome = {}
+        waiter = threading.Thread(target=lambda: outcome.update(applied=k8s.apply_object(
+            rendered, namespace=namespace, api_client=runner, timeout=60, poll_interval=0.2)))
+        waiter.start()
+        _wait(lambda: [item for item in admin["custom"].list_namespaced_custom_object(
+            group, version, namespace, plural)["items"] if item["metadata"]["name"] == name], f"the {plural}")
+        # Report it Ready, as KServe's or Seldon's controller would (none runs here).
+        admin["custom"].patch_namespaced_custom_object_status(
+            group, version, namespace, plural, name,
+            {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Loaded"}]}})
+        waiter.join(timeout=60)
+        created = outcome["applied"]
+        assert created["spec"] == rendered["spec"], rendered["kind"]
+        assert created["metadata"]["labels"] == rendered["metadata"]["labels"]
+
+        # Applying again replaces it in place: same uid.
+        again = k8s.apply_object(rendered, namespace=namespace, api_client=runner, timeout=5)
+        assert again["metadata"]["uid"] == created["metadata"]["uid"]
+        admin["custom"].delete_namespaced_custom_object(group, version, namespace, plural, name)
+
+    # Not ready in time: an error naming the object and its last condition.
+    rendered = objects[0]
+    with pytest.raises(Exception, match=r"InferenceService .* was not Ready after 1 s; last state: no Ready"):
+        k8s.apply_object(rendered, namespace=namespace, api_client=runner, timeout=1, poll_interval=0.2)
+    group, version, plural = k8s.RESOURCES["InferenceService"]
+    admin["custom"].delete_namespaced_custom_object(group, version, namespace, plural, rendered["metadata"]["name"])
 
 
 def test_service_account_has_no_rights_beyond_its_roles(cluster):

@@ -1,11 +1,14 @@
 """The flow tier's shared runs: every flow step is a process that imports TensorFlow, so the tier
-runs the flow as few times as it can: one released run (mirrored into the pachd stand-in), one run
-big enough to learn, and one run that fails on purpose in train and is resumed.
+runs the flow as few times as it can: one released run (mirrored into the pachd stand-in, its
+OpenLineage events sent to a receiver on loopback, its file reads audited), one run big enough to
+learn, and one run that fails on purpose in train and is resumed (its events kept as JSON lines).
 """
+
+import os
 
 import pytest
 
-from harness import LEARNING, TINY, resume_flow, run_flow
+from harness import LEARNING, REPO, TINY, resume_flow, run_flow, session_root
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +21,32 @@ def flow_pachd():
 
 
 @pytest.fixture(scope="session")
-def released(flow_pachd):
-    """A tiny run that passes the gate (floor 0, any lead), with its lineage mirrored into the stand-in.
+def lineage_receiver():
+    """A real HTTP server on loopback that receives the released run's OpenLineage events."""
+    from lineage_receiver import running_receiver
+
+    with running_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def opens_log(tmp_path_factory):
+    """Where the released run's processes log the files they open (tests/support/open_audit)."""
+    return tmp_path_factory.mktemp("opens")
+
+
+@pytest.fixture(scope="session")
+def released(flow_pachd, lineage_receiver, opens_log):
+    """A tiny run that passes the gate (floor 0, any lead), with its lineage mirrored into the stand-in,
+    its OpenLineage events sent over HTTP, and every file its steps open logged.
 
     Returns (Run, its console output).
     """
-    status, run, output = run_flow(**TINY, min_miou=0.0, min_margin=-1.0, pachyderm=flow_pachd.address)
+    audit = str(REPO / "tests" / "support" / "open_audit")
+    env = {"OPENLINEAGE_URL": lineage_receiver.url, "OPENLINEAGE_NAMESPACE": "petseg-tests",
+           "PYTHONPATH": os.pathsep.join(filter(None, [audit, os.environ.get("PYTHONPATH")])),
+           "PETSEG_TEST_OPENS": str(opens_log), "PETSEG_TEST_OPENS_UNDER": str(session_root())}
+    status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0, pachyderm=flow_pachd.address)
     assert status == "successful", output[-4000:]
     return run, output
 
@@ -45,6 +68,7 @@ def learning_run():
 def resumed_run(flow_pachd, released_run):
     """The same run with min_miou 1.01, failed on purpose in train, then resumed from train.
 
+    No OpenLineage transport is configured: both keep their events as JSON lines beside the datastore.
     Returns (failed Run, resumed Run, resume output).
     """
     status, failed, output = run_flow(env={"PETSEG_FAIL_AT": "train"}, **TINY, min_miou=1.01,

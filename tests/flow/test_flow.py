@@ -236,4 +236,4 @@ def test_official_split_without_the_files_is_a_config_error():
     from petseg import stages
 
     with pytest.raises(stages.StepError, match="--split official needs the source's annotations/trainval.txt"):
-        stages.transform(shards=[], store="unused", rule="official", official_test=None)
+        stages.transform({"shards": [], "official_test": None}, store="unused", rule="official")

@@ -20,7 +20,7 @@ EXPECTED_FILES = {
     "warehouse": {"/ingest_report.json"},
     "transform": {"/splits.json"},
     "tune": {"/trials.json", "/selected.json"},
-    "model": {"/model.keras", "/fingerprint.txt"},
+    "model": {"/model.keras", "/fingerprint.txt", "/history.json"},
     "calibrate": {"/calibration.json", "/report.json"},
     "evaluate": {"/metrics.json"},
     "release": {"/manifest.json", "/decision.txt"},

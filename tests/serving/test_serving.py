@@ -1,9 +1,9 @@
 """The Seldon microservice as a real process: predictions, provenance, feedback, metrics, bad requests.
 
-One server (``seldon-core-microservice PetSegModel``, started by
-`petseg.deploy_local.deploy_local`) serves a small model trained for two steps on
-random data, saved as a release directory in this session. A second start
-with a wrong MODEL_FINGERPRINT must fail.
+One server (``seldon-core-microservice PetSegModel``, the session's ``server``
+of conftest.py) serves a small model trained for two steps on random data,
+saved as a release directory in this session. A second start with a wrong
+MODEL_FINGERPRINT must fail.
 """
 
 import base64
@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import keras
 import numpy as np
 import pytest
 import requests
@@ -23,14 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from petseg import calibration, client, data, deploy_local, feedback, release, serving
-from petseg import model as models
+from petseg import client, data, deploy_local, feedback, release, serving
 from petseg.errors import ServingError
+from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
 PREDICT = "/api/v1.0/predictions"
 FEEDBACK = "/api/v1.0/feedback"
-MAX_PIXELS = 300_000
-MAX_IMAGE_BYTES = 1_000_000
 TAG_KEYS = {"model_version", "model_fingerprint", "dataset_fingerprint", "pathspec", "code_version"}
 
 
@@ -46,64 +43,6 @@ def _b64(data_bytes: bytes) -> str:
 
 def _image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def release_dir(tmp_path_factory):
-    """A release of a small model trained for two steps on random data, with its calibration."""
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    images = rng.random((4, 128, 128, 3), dtype=np.float32)
-    masks = (rng.random((4, 128, 128, 3)) > 0.5).astype(np.float32)
-    small = models.build("small")
-    small.compile(optimizer="adam", loss="binary_crossentropy")
-    small.fit(images, masks, batch_size=2, epochs=1, verbose=0)
-    # A subsample keeps the isotonic fit quick.
-    fitted = calibration.fit(small.predict_on_batch(images)[:, ::8, ::8], masks[:, ::8, ::8])
-    target = tmp_path_factory.mktemp("release") / "petseg-test"
-    manifest = release.build_manifest(
-        run_id="1234", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
-        dataset_fingerprint="d" * 64, code_version="0.1.0+test", metrics={"raw": {}, "calibrated": {}},
-        settings={}, location=str(target), image_size=small.input_shape[1])
-    release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
-    return target
-
-
-@pytest.fixture(scope="module")
-def manifest(release_dir):
-    return json.loads((release_dir / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def server(release_dir, manifest, tmp_path_factory):
-    """The microservice, with small limits so that "too large" is cheap to send."""
-    feedback_dir = tmp_path_factory.mktemp("feedback")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MAX_PIXELS", str(MAX_PIXELS))
-        env.setenv("MAX_IMAGE_BYTES", str(MAX_IMAGE_BYTES))
-        deployment = deploy_local.deploy_local(
-            release_dir, log_path=tmp_path_factory.mktemp("logs") / "serving.log", timeout=300,
-            fingerprint=manifest["model_fingerprint"], feedback_uri=str(feedback_dir))
-    deployment["feedback_dir"] = feedback_dir
-    yield deployment
-    deploy_local.stop_local(deployment["pid"])
-
-
-@pytest.fixture(scope="module")
-def http():
-    with requests.Session() as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def tags(manifest):
-    return {
-        "model_version": manifest["version"],
-        "model_fingerprint": manifest["model_fingerprint"],
-        "dataset_fingerprint": manifest["dataset_fingerprint"],
-        "pathspec": manifest["pathspec"],
-        "code_version": manifest["code_version"],
-    }
 
 
 def _predict(http, server, message) -> dict:
@@ -239,6 +178,16 @@ def _assert_rejected(response, *, reason: str | None = None):
 def test_bad_request_gets_400_saying_what_was_expected(http, server, body, content_type, reason):
     headers = {"Content-Type": content_type} if content_type else {}
     _assert_rejected(http.post(server["url"] + PREDICT, data=body, headers=headers, timeout=60), reason=reason)
+
+
+def test_oversized_body_gets_413_after_the_server_reads_it(http, server):
+    """The client sends all of a body three times the limit and reads the answer: no broken pipe."""
+    body = b'{"binData": "' + b"A" * (3 * MAX_IMAGE_BYTES) + b'"}'
+    response = http.post(server["url"] + PREDICT, data=body, headers={"Content-Type": "application/json"},
+                         timeout=60)
+    assert response.status_code == 413
+    _assert_rejected(response, reason="TOO_LARGE")
+    _predict(http, server, {"binData": _b64(_encode(_image(), "PNG"))})
 
 
 def test_image_over_the_pixel_limit_is_rejected(http, server):
@@ -494,44 +443,54 @@ def test_feedback_store_on_s3_is_read_back_by_ingest(s3, moto_endpoint, tmp_path
     assert report["samples"] == 3 and report["species"]["cat"] >= 1
 
 
+# A path that answers without the model, and the fewest processes of a running server:
+# the Seldon microservice has a gunicorn master and workers and gRPC and metrics servers;
+# MLServer answers in one process (serving/mlserver/settings.json: no inference workers).
+LIVENESS = {"seldon": ("/health/ping", 2), "mlserver": ("/v2/health/live", 1)}
+
+
+@pytest.mark.parametrize("server_kind", sorted(LIVENESS))
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum):
+def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum, server_kind):
     """`petseg serve` sent SIGTERM or SIGINT exits, and no process of the server it started survives."""
     import psutil
 
+    path, fewest = LIVENESS[server_kind]
     port = deploy_local._free_ports(1)[0]
-    serve = subprocess.Popen([sys.executable, "-m", "petseg", "serve", str(release_dir), "--port", str(port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen([sys.executable, "-m", "petseg", "serve", str(release_dir), "--port", str(port),
+                              "--server", server_kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while True:
             assert serve.poll() is None, "petseg serve exited before the server answered"
             assert time.monotonic() < deadline, "the server did not answer within 300 s"
             try:
-                if requests.get(f"http://127.0.0.1:{port}/health/ping", timeout=2).ok:
+                if requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).ok:
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
         server = psutil.Process(serve.pid).children(recursive=True)
-        assert len(server) >= 2  # the microservice and its workers and helpers
+        assert len(server) >= fewest
         serve.send_signal(signum)
         serve.wait(timeout=60)
         gone, alive = psutil.wait_procs(server, timeout=30)
         assert not alive, [process.cmdline() for process in alive]
         with pytest.raises(requests.ConnectionError):
-            requests.get(f"http://127.0.0.1:{port}/health/ping", timeout=2)
+            requests.get(f"http://127.0.0.1:{port}{path}", timeout=2)
     finally:
         if serve.poll() is None:
             serve.kill()
 
 
-def test_petseg_stop_leaves_no_process_of_a_detached_server(release_dir, tmp_path):
+@pytest.mark.parametrize("server_kind", sorted(LIVENESS))
+def test_petseg_stop_leaves_no_process_of_a_detached_server(release_dir, tmp_path, server_kind):
     import psutil
 
-    deployment = deploy_local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300)
+    deployment = deploy_local.deploy_local(release_dir, server=server_kind, log_path=tmp_path / "serving.log",
+                                           timeout=300)
     leader = psutil.Process(deployment["pid"])
     processes = [leader, *leader.children(recursive=True)]
-    assert len(processes) >= 2
+    assert len(processes) >= LIVENESS[server_kind][1]
     assert deploy_local.stop_local(deployment["pid"]) is True
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive, [process.cmdline() for process in alive]

@@ -43,6 +43,10 @@ Faults, for tests of a client that must survive them:
   restarts. Then (or at ``heal()``) it answers again, with its state intact.
 - ``stop()`` / ``start()``: the listening socket really goes away and comes
   back on the same port, state intact.
+- ``hang(method=...)``: every call of ``method`` is accepted and never
+  answered (until ``heal()`` or ``stop()``), as a pachd stuck on a lock would;
+  other methods answer. `silent_pachd` goes further: a TCP server that accepts
+  connections and never says a word, not even the HTTP/2 greeting.
 
 What it does not implement: pipelines and jobs (PPS), auth, enterprise,
 transactions, file sets (CreateFileSet/AddFileSet), GlobFile, DiffFile,
@@ -70,6 +74,7 @@ import hashlib
 import itertools
 import posixpath
 import re
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -849,6 +854,8 @@ class PachdStandin:
         self._armed: tuple[str, int] | None = None
         self._outage = 0
         self._messages = 0
+        self._hanging: str | None = None
+        self._unhang = threading.Event()
 
     @property
     def address(self) -> str:
@@ -884,6 +891,7 @@ class PachdStandin:
 
     def stop(self) -> None:
         """Stop listening at once, cutting off calls in flight; state stays."""
+        self._unhang.set()
         if self._server is not None:
             self._server.stop(grace=None).wait()
             self._server = None
@@ -912,10 +920,18 @@ class PachdStandin:
             self._messages = after_messages
 
     def heal(self) -> None:
-        """End an outage now and disarm a fault not yet fired."""
+        """End an outage or a hang now and disarm a fault not yet fired."""
         with self._fault_lock:
             self._armed = None
             self._outage = 0
+            self._hanging = None
+            self._unhang.set()
+
+    def hang(self, *, method: str) -> None:
+        """Accept every call of ``method`` and never answer it, until ``heal()`` or ``stop()``."""
+        with self._fault_lock:
+            self._hanging = method
+            self._unhang.clear()
 
     def _trip(self) -> None:
         """Fire the armed fault: start the outage and fail this call."""
@@ -925,6 +941,10 @@ class PachdStandin:
         raise _Abort(grpc.StatusCode.UNAVAILABLE, "connection reset by peer (stand-in fault)")
 
     def _before_call(self, name: str) -> None:
+        if self._hanging == name:
+            self.calls.append(name)
+            self._unhang.wait()
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "pachd is going away (stand-in hang ended)")
         with self._fault_lock:
             self.calls.append(name)
             if self._outage > 0:
@@ -985,12 +1005,54 @@ def running_standin(*, host: str = "127.0.0.1", port: int = 0) -> Iterator[Pachd
         standin.stop()
 
 
+@contextlib.contextmanager
+def silent_pachd(*, host: str = "127.0.0.1") -> Iterator[str]:
+    """A TCP server that accepts connections and never answers (not even HTTP/2's greeting).
+
+    Yields:
+        Its ``host:port``.
+    """
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # kept open, never read, never written
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"{host}:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Serve a stand-in until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=30650, help="port (0: a free one)")
+    parser.add_argument("--silent", action="store_true",
+                        help="accept connections on a free port and never answer (prints its address)")
     args = parser.parse_args(argv)
+    if args.silent:
+        with silent_pachd(host=args.host) as address:
+            print(f"silent pachd listening on {address}", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                return
     standin = PachdStandin(host=args.host, port=args.port).start()
     print(f"pachd stand-in listening on {standin.address}", flush=True)
     try:

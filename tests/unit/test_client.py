@@ -140,7 +140,13 @@ def test_commands_parse():
     args = parser.parse_args(["feedback", "--url", "http://h:1", "img.jpg", "truth.png", "--reward", "0.5"])
     assert (args.image, args.truth, args.reward, args.breed) == ("img.jpg", "truth.png", 0.5, None)
     args = parser.parse_args(["serve", "123", "--port", "9100"])
-    assert (args.run, args.port) == ("123", 9100)
+    assert (args.run, args.port, args.server) == ("123", 9100, "seldon")
+    args = parser.parse_args(["serve", "123", "--server", "mlserver", "--grpc-port", "9101"])
+    assert (args.server, args.grpc_port) == ("mlserver", 9101)
+    args = parser.parse_args(["predict", "--url", "http://h:1", "img.jpg", "--out", "m.png", "--protocol", "v2"])
+    assert args.protocol == "v2"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "123", "--server", "triton"])
     assert parser.parse_args(["stop", "latest"]).run == "latest"
 
 

@@ -1,5 +1,6 @@
 """Deployment: SeldonDeployment rendering and applying (against a stand-in API), local process control."""
 
+import json
 import re
 import subprocess
 import sys
@@ -49,6 +50,39 @@ def test_label_values_are_valid(value):
 
 
 # -- rendering --------------------------------------------------------------------------------------
+
+
+def test_inference_service_runs_the_mlserver_launcher_with_the_release():
+    rendered = deploy_kubernetes.render_inference_service(MANIFEST, image="registry/petseg:1.0", namespace="serving",
+                                                          secrets=["petseg-s3"], s3_endpoint_url="http://minio:9000")
+    assert (rendered["apiVersion"], rendered["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert rendered["metadata"]["name"] == "petseg-1732791234567890"
+    assert rendered["metadata"]["annotations"]["petseg/model-fingerprint"] == "a" * 64
+    (container,) = rendered["spec"]["predictor"]["containers"]
+    assert container["command"] == ["python", "-m", "petseg.mlserver_runtime", "/app/serving/mlserver"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
+                   "AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/petseg/ready"
+    assert container["envFrom"] == [{"secretRef": {"name": "petseg-s3"}}]
+
+
+def test_seldon_v2_model_and_server_meet_on_the_petseg_capability():
+    model = deploy_kubernetes.render_seldon_model(MANIFEST, namespace="serving")
+    server = deploy_kubernetes.render_seldon_server(image="registry/petseg:1.0", namespace="serving")
+    assert (model["apiVersion"], model["kind"], server["kind"]) == ("mlops.seldon.io/v1alpha1", "Model", "Server")
+    assert model["spec"]["storageUri"] == MANIFEST["model_uri"] + "/"
+    assert model["spec"]["requirements"] == server["spec"]["extraCapabilities"] == ["petseg"]
+    assert server["spec"]["podSpec"]["containers"][0]["image"] == "registry/petseg:1.0"
+    settings = deploy_kubernetes.model_settings(MANIFEST)
+    assert settings["implementation"] == "petseg.mlserver_runtime.PetSegRuntime"
+    assert settings["parameters"]["extra"]["model_fingerprint"] == "a" * 64
+
+
+def test_model_settings_are_written_beside_the_release(tmp_path):
+    written = deploy_kubernetes.write_model_settings(MANIFEST, model_uri=str(tmp_path))
+    assert json.loads((tmp_path / "model-settings.json").read_text()) == deploy_kubernetes.model_settings(MANIFEST)
+    assert written.endswith("model-settings.json")
 
 
 def test_render_fills_the_template():
@@ -238,10 +272,28 @@ def test_deploy_kubernetes_returns_what_the_flow_records(monkeypatch):
 
 
 def test_microservice_command_serves_the_component_on_the_given_ports():
-    command = deploy_local.microservice_command(port=1, grpc_port=2, metrics_port=3)
+    command = deploy_local.microservice_command(port=1, grpc_port=2, metrics_port=3, cores=2)
     assert command[1:4] == ["PetSegModel", "--service-type", "MODEL"]
-    assert command[4:] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
+    assert command[4:10] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
+    assert command[10:] == ["--workers", "1", "--threads", "4"]
     assert (deploy_local.SERVING_DIR / "PetSegModel.py").is_file()
+
+
+@pytest.mark.parametrize("cores, sizing", [(1, (1, 4)), (2, (1, 4)), (3, (1, 4)), (8, (4, 4))])
+def test_gunicorn_is_sized_from_the_cores(cores, sizing):
+    assert deploy_local.gunicorn_sizing(cores) == sizing
+
+
+def test_mlserver_command_serves_the_settings_folder():
+    command = deploy_local.mlserver_command()
+    assert command[1:] == ["-m", "petseg.mlserver_runtime", str(deploy_local.MLSERVER_SETTINGS)]
+    settings = json.loads((deploy_local.MLSERVER_SETTINGS / "petseg" / "model-settings.json").read_text())
+    assert (settings["name"], settings["implementation"]) == ("petseg", "petseg.mlserver_runtime.PetSegRuntime")
+
+
+def test_an_unknown_server_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="server 'triton' is unknown"):
+        deploy_local.deploy_local(tmp_path, server="triton")
 
 
 def test_stop_local_leaves_other_processes_alone():

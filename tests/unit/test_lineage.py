@@ -17,7 +17,7 @@ from pachyderm_sdk import Client
 from pachyderm_sdk.api import pfs
 
 from harness import commit_files
-from pachd_standin import running_standin
+from pachd_standin import running_standin, silent_pachd
 from petseg import lineage, pachyderm, runs
 from petseg.commands import lineage as lineage_commands
 from petseg.errors import ConfigError, LineageError, RunError
@@ -45,12 +45,19 @@ def outputs(stage: str, run: str = RUN) -> dict[str, bytes]:
     }
 
 
-def record(graph, stage, *, address=None, run=RUN, files=None, dataset_fingerprint=None,
+def read_parents(graph, stage):
+    """What a stage of the real flow reads: every output of each of its declared parents recorded so far."""
+    return [{"name": name, "sha256": output["sha256"]} for parent in lineage.STAGES[stage]
+            for name, output in graph["stages"].get(parent, {}).get("outputs", {}).items()]
+
+
+def record(graph, stage, *, address=None, run=RUN, files=None, inputs=None, dataset_fingerprint=None,
            model_fingerprint=None, **mirror_options):
     """What a flow step does: record the stage in the graph, then mirror it (given an address)."""
     files = files or outputs(stage, run)
     graph = lineage.record_stage(
         graph, stage, files=files, pathspec=f"{run}/{stage}/1",
+        inputs=read_parents(graph, stage) if inputs is None else inputs,
         dataset_fingerprint=dataset_fingerprint, model_fingerprint=model_fingerprint,
     )
     return pachyderm.mirror_stage(graph, stage, files=files, address=address, **mirror_options)
@@ -106,7 +113,7 @@ def test_graph_without_pachyderm(tmp_path):
     assert {s: e["parents"] for s, e in graph["stages"].items()} == {
         "warehouse": [], "transform": ["warehouse"], "tune": ["transform"],
         "model": ["transform", "tune"], "calibrate": ["model", "transform"],
-        "evaluate": ["calibrate"], "release": ["evaluate"],
+        "evaluate": ["calibrate", "model", "transform", "tune"], "release": ["calibrate", "evaluate", "model"],
     }
     transform = graph["stages"]["transform"]
     assert transform["outputs"] == {
@@ -114,6 +121,34 @@ def test_graph_without_pachyderm(tmp_path):
         "splits.json": {"sha256": hashlib.sha256(local.read_bytes()).hexdigest(), "size": 15},
     }
     assert transform["pathspec"] == f"{RUN}/transform/1" and transform["pachyderm"] is None
+
+
+def test_parents_are_the_stages_that_wrote_what_a_stage_read():
+    graph = lineage.new_graph(pathspec=RUN, code={"commit": "c" * 40, "dirty": True}, code_version="c-dirty")
+    graph = lineage.record_stage(graph, "warehouse", files={"report.json": b"{}"}, pathspec=f"{RUN}/ingest/2",
+                                 inputs=[{"name": "synth:8", "sha256": "d" * 64, "source": True}],
+                                 blobs=[{"name": "samples-00000.tfrecord", "sha256": "a" * 64}])
+    graph = lineage.record_stage(graph, "transform", files={"splits.json": b"[]"}, pathspec=f"{RUN}/transform/3",
+                                 inputs=[{"name": "samples-00000.tfrecord", "sha256": "a" * 64, "blob": True},
+                                         {"name": "elsewhere.bin", "sha256": "e" * 64}])
+    entry = graph["stages"]["transform"]
+    assert entry["parents"] == ["warehouse"]
+    assert {(i["name"], i["stage"]) for i in entry["inputs"]} == {("samples-00000.tfrecord", "warehouse"),
+                                                                  ("elsewhere.bin", None)}
+    assert graph["stages"]["warehouse"]["inputs"] == [{"name": "synth:8", "sha256": "d" * 64, "stage": None,
+                                                       "source": True}]
+    assert graph["code"]["dirty"] and graph["code_version"] == "c-dirty"
+    # A blob is matched against blobs, a file against files: the same hash as a file is not the shard.
+    graph = lineage.record_stage(graph, "tune", files={"t": b"1"}, pathspec=f"{RUN}/select/6",
+                                 inputs=[{"name": "x", "sha256": "a" * 64}])
+    assert graph["stages"]["tune"]["parents"] == []
+
+
+def test_reading_from_an_undeclared_stage_is_a_lineage_error():
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse")
+    report = graph["stages"]["warehouse"]["outputs"]["warehouse.json"]["sha256"]
+    with pytest.raises(LineageError, match="stage tune read warehouse.json from stage.s. warehouse"):
+        record(graph, "tune", inputs=[{"name": "warehouse.json", "sha256": report}])
 
 
 def test_record_stage_leaves_its_input_alone():
@@ -319,6 +354,55 @@ def test_unreachable_and_best_effort_warns_and_records():
     with pytest.warns(UserWarning, match="warehouse stage of PetSegFlow/7 was not mirrored"):
         graph = record(graph, "transform", address=address, required=False, **FAST)
     assert graph["stages"]["transform"]["pachyderm"]["mirrored"] is False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("required", [True, False])
+def test_a_pachd_that_accepts_and_never_answers_costs_at_most_the_timeout(required):
+    """Every call has a deadline: the stage gives up (or warns) after its timeout, not never."""
+    with silent_pachd() as address:
+        graph = lineage.new_graph(pathspec=RUN, code_version="v")
+        if required:
+            with pytest.raises(LineageError, match=address) as failure:
+                record(graph, "warehouse", address=address, attempts=3, delay=0.2, timeout=3)
+            assert "DEADLINE_EXCEEDED" in str(failure.value) or "no time left" in str(failure.value)
+        else:
+            with pytest.warns(UserWarning, match=address):
+                graph = record(graph, "warehouse", address=address, required=False, attempts=3, delay=0.2,
+                               timeout=3)
+            assert graph["stages"]["warehouse"]["pachyderm"]["mirrored"] is False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stage, method", [("warehouse", "ModifyFile"), ("calibrate", "FinishCommit")])
+def test_a_call_that_never_returns_leaves_no_half_written_commit(pachd, client, stage, method):
+    graph = lineage.new_graph(pathspec=RUN, code_version="v")
+    for earlier in list(lineage.STAGES)[: list(lineage.STAGES).index(stage)]:
+        graph = record(graph, earlier, address=pachd.address)
+    pachd.hang(method=method)
+    with pytest.warns(UserWarning, match=f"stage {stage} was not mirrored"):
+        missed = record(graph, stage, address=pachd.address, required=False, attempts=2, delay=0.1, timeout=3)
+    assert missed["stages"][stage]["pachyderm"]["mirrored"] is False
+    assert method in pachd.calls
+    pachd.heal()
+    names = {"/" + name for name in outputs(stage)}
+    if stage == "warehouse":  # the commit it started was dropped
+        assert petseg_commits(client, stage) == [] and open_commits(client, stage) == []
+    else:  # the commit set's open commit was cleared back to empty: "stage not run"
+        for info in open_commits(client, stage):
+            assert not set(commit_files(client, info.commit)) & names
+    graph = record(graph, stage, address=pachd.address, **FAST)
+    (info,) = petseg_commits(client, stage)
+    assert pachyderm._finished(info)
+
+
+def test_commit_digests_read_every_mirrored_file_back(pachd):
+    graph = full_run(pachd.address)
+    found = pachyderm.commit_digests(graph, address=pachd.address, timeout=10)
+    assert set(found) == set(lineage.STAGES)
+    for stage, entry in graph["stages"].items():
+        assert found[stage]["finished"] and found[stage]["commit"] == graph["pachyderm"]["commit_set"]
+        assert found[stage]["files"] == {name: out["sha256"] for name, out in entry["outputs"].items()}
 
 
 def test_bad_address_is_a_config_error():

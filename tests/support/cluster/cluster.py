@@ -11,7 +11,10 @@ the kernel should this process die first):
 3. kube-controller-manager with the job, service-account, token,
    namespace, garbage-collector and ttl-after-finished controllers;
 4. ``moto_server`` (S3) with one bucket;
-5. the node agent (``tests/support/node_agent.py``) in place of kubelet and scheduler;
+5. the node agent (``tests/support/node_agent.py``) in place of kubelet and scheduler,
+   its pods running in ``DIR/pods`` with ``DIR/image`` as their PYTHONPATH: a copy of
+   ``petseg/`` taken at start, as the image installs it, so that no pod finds the
+   repository's git checkout (its working directory and its code are outside it);
 6. the project's kustomize base (``k8s/base``) applied, the S3 secret made
    from ``k8s/base/s3-secret.template.yaml`` with the test server's (dummy)
    credentials, and a Metaflow profile written by ``petseg.kubeconfig`` as
@@ -350,6 +353,10 @@ class LocalCluster:
         }
         self._create_bucket(s3_url, credentials)
 
+        # What the image holds (Dockerfile: `pip install /src` of petseg/): a copy outside any checkout.
+        image = self.dir / "image"
+        shutil.rmtree(image, ignore_errors=True)
+        shutil.copytree(REPO / "petseg", image / "petseg", ignore=shutil.ignore_patterns("__pycache__"))
         agent_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir)}
         self.spawn(
             "node-agent",
@@ -359,7 +366,7 @@ class LocalCluster:
                 f"--kubeconfig={admin}",
                 f"--workdir={self.dir / 'pods'}",
                 "--label=nvidia.com/gpu.present=true",
-                f"--pythonpath={REPO}",
+                f"--pythonpath={image}",
                 # As the Dockerfile's ENV: the packages are there already.
                 "--env=METAFLOW_SKIP_INSTALL_DEPENDENCIES=1",
             ],
@@ -379,6 +386,8 @@ class LocalCluster:
             "PETSEG_S3_BUCKET": BUCKET,
             "PETSEG_K8S_NAMESPACE": NAMESPACE,
             "PETSEG_CLUSTER_DIR": str(self.dir),
+            "PETSEG_POD_PYTHONPATH": str(image),
+            "PETSEG_PODS_DIR": str(self.dir / "pods"),
             "METAFLOW_HOME": str(self.dir / "metaflow"),
             "METAFLOW_PROFILE": "cluster",
             **credentials,

@@ -1,0 +1,226 @@
+"""The Metaflow decorators petseg puts around the flow's steps: OpenLineage events, and the launcher's run tags.
+
+Step glue, beside `petseg.stages` (which reads Metaflow's settings and the
+environment for both):
+
+- `openlineage_events` (on the flow class) wraps every step in
+  `StepEvents`: a START before the step, a COMPLETE or FAIL after it, built by
+  `petseg.lineage_events` from the step's inputs and outputs (the task's log
+  and lineage graph, see `petseg.stages`), the code record, the determinism
+  settings and the split rule. ``--lineage required`` fails the step when an
+  event cannot be delivered; ``best-effort`` warns.
+- `tag_when_finished` (on the end step) tags the run ``dataset:``, ``model:``
+  and ``release:`` from its artifacts when the run finishes, on the machine
+  that launched it. A step in a pod with local metadata cannot see its run
+  (`tag_run` there only says so); the launcher, where Metaflow syncs every
+  task's metadata, can. It uses a step decorator's runtime hooks
+  (``runtime_init``, ``runtime_finished``), which Metaflow calls in the
+  launching process for a local or ``--with kubernetes`` run; on a scheduler
+  (Argo Workflows) there is no such process, and there the metadata service
+  lets `tag_run` tag from the steps themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from metaflow import FlowMutator, UserStepDecorator, current
+from metaflow.decorators import StepDecorator, _base_step_decorator
+
+from petseg import codeversion, lineage_events, stages
+from petseg.errors import LineageError
+
+# -- tags -----------------------------------------------------------------------------------------------------
+
+
+def tag_run(**tags: str) -> None:
+    """Tag the current run (e.g. dataset:<fingerprint>) so the Client can find it while it runs.
+
+    A step in a pod with local metadata cannot see its run (the launcher syncs
+    the metadata afterwards); there `tag_when_finished` tags the run when it finishes.
+    """
+    from metaflow import Run
+    from metaflow.exception import MetaflowNotFound
+
+    pathspec = f"{current.flow_name}/{current.run_id}"
+    try:
+        Run(pathspec).add_tags([f"{key}:{value}" for key, value in tags.items()])
+    except MetaflowNotFound:
+        print(f"note: the launcher tags {pathspec} with {', '.join(sorted(tags))} when the run finishes "
+              "(this task's metadata cannot see the run)")
+
+
+def run_tags(run) -> dict[str, str]:
+    """The ``dataset``, ``model`` and ``release`` tags a run has earned, from its artifacts (a Client Run)."""
+    found = {}
+    for key, step, artifact in (("dataset", "ingest", "dataset_fingerprint"), ("model", "train", "model_fingerprint"),
+                                ("release", "release", "released")):
+        try:
+            task = run[step].task
+        except KeyError:  # the step never ran
+            continue
+        if task is None or not task.successful or artifact not in task:
+            continue
+        value = task[artifact].data
+        found[key] = ("accepted" if value else "rejected") if key == "release" else str(value)
+    return found
+
+
+def tag_finished_run(pathspec: str) -> list[str]:
+    """Tag a finished run from its artifacts; returns the tags it now carries of those."""
+    from metaflow import Run
+
+    run = Run(pathspec, _namespace_check=False)
+    tags = [f"{key}:{value}" for key, value in run_tags(run).items()]
+    if tags:
+        run.add_tags(tags)
+    return tags
+
+
+class LauncherTags(StepDecorator):
+    """Tags the run from its artifacts when it finishes, in the launching process (see the module docstring)."""
+
+    name = "petseg_launcher_tags"
+    defaults = {}
+
+    def runtime_init(self, flow, graph, package, run_id):
+        self._pathspec = f"{flow.name}/{run_id}"
+
+    def runtime_finished(self, exception):
+        pathspec = getattr(self, "_pathspec", None)
+        if pathspec is None:
+            return
+        try:
+            tags = tag_finished_run(pathspec)
+        except Exception as err:  # noqa: BLE001 - tagging must never hide how the run ended
+            print(f"petseg: could not tag {pathspec}: {type(err).__name__}: {err}", file=sys.stderr)
+            return
+        if tags:
+            print(f"petseg: tagged {pathspec} with {', '.join(tags)}", file=sys.stderr)
+
+
+tag_when_finished = functools.partial(_base_step_decorator, LauncherTags)
+"""``@tag_when_finished`` on a step: tag the run from its artifacts when it finishes (`LauncherTags`)."""
+
+
+# -- OpenLineage ---------------------------------------------------------------------------------------------
+
+
+def openlineage_delivery(*, root: str, pathspec: str, attempt: int, mode: str) -> lineage_events.Delivery | None:
+    """How this task's OpenLineage events travel: the transport configured the standard way
+    (``OPENLINEAGE_CONFIG``, ``openlineage.yml``, ``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``), or,
+    with none, JSON lines beside the run's datastore (`petseg.lineage_events.events_location`).
+    None when ``OPENLINEAGE_DISABLED`` is true."""
+    if os.environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
+        return None
+    required = mode == "required"
+    _flow, _run, step, task = pathspec.split("/")[:4]
+    name = f"{step}.{task}.{attempt}.jsonl"
+    configured = (os.environ.get("OPENLINEAGE_URL") or os.environ.get("OPENLINEAGE_CONFIG")
+                  or any(key.startswith("OPENLINEAGE__TRANSPORT") for key in os.environ)
+                  or Path("openlineage.yml").is_file() or Path("~/.openlineage/openlineage.yml").expanduser().is_file())
+    if not configured:
+        return lineage_events.Delivery(location=lineage_events.events_location(root, pathspec), name=name,
+                                       required=required, s3_endpoint_url=stages.s3_endpoint())
+    from openlineage.client import OpenLineageClient
+
+    try:
+        # The client would look for git in this task's working directory (a pod has none);
+        # the source code location comes from the launch instead.
+        client = OpenLineageClient(config={"facets": {"source_code_location": {"disabled": True}}})
+    except Exception as err:  # noqa: BLE001 - a bad configuration surfaces as anything
+        raise stages.StepError(f"the OpenLineage configuration cannot be used: {type(err).__name__}: {err}") from None
+    return lineage_events.Delivery(client=client, name=name, required=required)
+
+
+def openlineage_namespace() -> str:
+    """The OpenLineage job namespace: ``OPENLINEAGE_NAMESPACE``, as other integrations read it, else petseg."""
+    return os.environ.get("OPENLINEAGE_NAMESPACE") or "petseg"
+
+
+class StepEvents(UserStepDecorator):
+    """START before a step, COMPLETE or FAIL after it (added to every step by `openlineage_events`)."""
+
+    def pre_step(self, step_name, flow, inputs=None):
+        stages.TASK.clear()
+        self._delivery = openlineage_delivery(root=stages.datastore_root(flow._datastore), pathspec=current.pathspec,
+                                              attempt=current.retry_count, mode=flow.lineage)
+        try:
+            if step_name == "start":
+                self._send(lineage_events.flow_event("START", **self._run_facts(flow)))
+            self._send(lineage_events.task_event("START", **self._task_facts(flow)))
+        except LineageError as err:
+            raise stages.StepError(str(err)) from None
+
+    def post_step(self, step_name, flow, exception=None):
+        problem = None
+        try:
+            self._send(self._outcome(flow, exception))
+            if step_name == "end" and exception is None:
+                self._send(lineage_events.flow_event("COMPLETE", **self._run_facts(flow)))
+        except LineageError as err:
+            problem = stages.StepError(str(err))
+        if exception is not None:
+            return exception, None
+        return problem, None
+
+    def _outcome(self, flow, exception):
+        graph = _artifact(flow, "lineage_graph")
+        log = stages.TASK.snapshot()
+        inputs, outputs = lineage_events.task_datasets(graph, pathspec=current.pathspec, reads=log["reads"],
+                                                       writes=log["writes"],
+                                                       datastore_root=stages.datastore_root(flow._datastore))
+        stage = next((name for name, entry in (graph or {}).get("stages", {}).items()
+                      if entry.get("pathspec") == current.pathspec), None)
+        return lineage_events.task_event("FAIL" if exception is not None else "COMPLETE", stage=stage, inputs=inputs,
+                                         outputs=outputs, error=exception, **self._task_facts(flow))
+
+    def _send(self, event) -> None:
+        if self._delivery is None:
+            return
+        problem = self._delivery.send(event)  # raises LineageError when required
+        if problem:
+            warnings.warn(problem, stacklevel=2)
+
+    @staticmethod
+    def _run_facts(flow) -> dict:
+        code = codeversion.record(dict(flow.code), code_package=stages.code_package())
+        return {"namespace": openlineage_namespace(), "run_pathspec": f"{current.flow_name}/{current.run_id}",
+                "code": code, "code_version": codeversion.describe(code),
+                "determinism": {"seed": flow.seed, "strict": bool(flow.deterministic), "threads": flow.threads},
+                "split_rule": flow.split, "image_size": flow.image_size,
+                "dataset_fingerprint": _artifact(flow, "dataset_fingerprint"),
+                "model_fingerprint": _artifact(flow, "model_fingerprint"),
+                "origin_run_id": current.origin_run_id, "engine_version": _metaflow_version()}
+
+    @classmethod
+    def _task_facts(cls, flow) -> dict:
+        facts = cls._run_facts(flow)
+        del facts["run_pathspec"]
+        return {**facts, "pathspec": current.pathspec, "attempt": current.retry_count}
+
+
+class openlineage_events(FlowMutator):  # noqa: N801 - used like Metaflow's own decorators
+    """``@openlineage_events`` on a flow: every step emits OpenLineage events (`StepEvents`)."""
+
+    def pre_mutate(self, mutable_flow):
+        for _name, step in mutable_flow.steps:
+            step.add_decorator(StepEvents, deco_kwargs={})
+
+
+def _artifact(flow, name: str):
+    """An artifact of the step so far, or None before there is one."""
+    try:
+        return getattr(flow, name)
+    except AttributeError:
+        return None
+
+
+@functools.cache
+def _metaflow_version() -> str:
+    return importlib.metadata.version("metaflow")

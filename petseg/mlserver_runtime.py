@@ -1,0 +1,195 @@
+"""The MLServer runtime of a petseg release (Open Inference Protocol, REST and gRPC), and its launcher.
+
+`PetSegRuntime` is the model class that ``serving/mlserver/petseg/model-settings.json``
+names: it loads the release once (`petseg.release.load_release`: the same
+fingerprint check and calibration as the Seldon server) into a
+`petseg.serving.Predictor`, and answers inference requests through
+`petseg.v2_messages`, with the release's provenance
+(`petseg.release.Release.tags`) in the response parameters.
+
+Concurrency: ``serving/mlserver/settings.json`` sets ``parallel_workers: 0``,
+so MLServer answers in its own process, and the runtime answers each request
+on a pool of threads (one per core): TensorFlow, Pillow and numpy compute off
+the GIL, and MLServer's event loop stays free. On 2 cores this answered
+faster than MLServer's inference worker processes, which pickle every request
+and answer across process boundaries (12 against 14 ms at concurrency 1, 105
+against 97 requests/s at 16), and those workers do not start with the locked
+uvloop 0.23 (MLServer 1.7.1 calls ``asyncio.get_event_loop()`` in a fresh
+worker process, which uvloop >= 0.22 refuses). MLServer's adaptive batching
+stays off: an image costs TensorFlow nearly the same CPU time in a batch
+(14.3 ms alone, 13.1 in a batch of 4, measured), and MLServer's batcher fails
+every request of a batch when one of them is bad.
+
+`main` is ``mlserver start FOLDER`` with petseg's HTTP edge in front
+(`petseg.v2_http`: body limit and 413, the binary data extension, 400 error
+bodies) and MLServer's gzip off; `petseg.deploy_local` runs it as
+``python -m petseg.mlserver_runtime FOLDER``. Plain ``mlserver start FOLDER``
+serves the same runtime with MLServer's own REST behaviour (JSON tensors only,
+422 for a body that is not an inference request, no body limit).
+
+Settings (read here, as serving/PetSegModel.py reads them for the Seldon server):
+
+- the release: MODEL_URI, else ``parameters.uri`` of the model settings (MLServer
+  sets it to the folder of model-settings.json: a release directory holding one
+  serves itself, as Seldon Core v2 loads a Model's artifact folder);
+- the model fingerprint the release must have: ``parameters.extra.model_fingerprint``
+  of the model settings, else MODEL_FINGERPRINT;
+- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`);
+- PETSEG_THREADS: threads answering requests (default: the cores this process may use);
+- PETSEG_TF_THREADS: TensorFlow's intra- and inter-op threads (default: TensorFlow's own, the cores);
+- AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server;
+- MLSERVER_*: MLServer's own settings (ports, ``MLSERVER_PARALLEL_WORKERS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+
+import numpy as np
+from mlserver import MLModel
+from mlserver.errors import MLServerError
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
+
+from petseg import v2_messages
+from petseg.errors import ConfigError
+from petseg.messages import BadRequest, Limits
+
+
+class Refusal(MLServerError):
+    """A `petseg.messages.BadRequest` as MLServer answers it: 400 (413 when too large), ``{"error": ...}``."""
+
+    def __init__(self, error: BadRequest):
+        super().__init__(f"{error.kind}: {error}", status_code=error.status)
+
+
+class PetSegRuntime(MLModel):
+    """The MLServer model: one petseg release, its predictor and its request limits."""
+
+    async def load(self) -> bool:
+        """Loads the release; a fingerprint mismatch or a bad release fails the load (and the server start)."""
+        # TensorFlow and the release: only in the workers that predict, not in MLServer's main process.
+        import tensorflow as tf
+
+        from petseg import release, serving
+
+        tf_threads = _int_setting("PETSEG_TF_THREADS", 0)
+        if tf_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
+        parameters = self.settings.parameters
+        uri = os.environ.get("MODEL_URI") or (parameters.uri if parameters else None) or ""
+        extra = (parameters.extra if parameters else None) or {}
+        loaded = release.load_release(
+            uri,
+            expected_fingerprint=extra.get("model_fingerprint") or os.environ.get("MODEL_FINGERPRINT") or None,
+            s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None,
+        )
+        self._limits = limits_from_environment()
+        # Requests are answered on a pool of threads, one per core: TensorFlow, Pillow and
+        # numpy release the GIL while they compute, and MLServer's event loop stays free.
+        threads = _int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="petseg")
+        self._predictor = serving.Predictor(loaded)
+        self._tags = loaded.tags()
+        # The first call traces the model's graph: here, not in the first request.
+        size = loaded.image_size
+        self._predictor.predict(np.zeros((1, size, size, 3), np.float32))
+        inputs, outputs = v2_messages.metadata_tensors()
+        self.inputs = [MetadataTensor(**tensor) for tensor in inputs]
+        self.outputs = [MetadataTensor(**tensor) for tensor in outputs]
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        """Answers an inference request with the outputs it asks for (default: the mask)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._answer, payload)
+
+    def _answer(self, payload: InferenceRequest) -> InferenceResponse:
+        try:
+            # gRPC requests come unvalidated (MLServer constructs them): a datatype may be a plain string.
+            inputs = [v2_messages.Tensor(tensor.name, str(getattr(tensor.datatype, "value", tensor.datatype)),
+                                         tensor.shape, getattr(tensor.data, "root", tensor.data))
+                      for tensor in payload.inputs]
+            names = v2_messages.requested_outputs([output.name for output in payload.outputs or []])
+            images = v2_messages.parse_images(inputs, limits=self._limits)
+        except BadRequest as err:
+            raise Refusal(err) from None
+        probs = self._predictor.predict(images)
+        return InferenceResponse(
+            id=payload.id,
+            model_name=self.name,
+            model_version=self.version,
+            outputs=[ResponseOutput(**tensor) for tensor in v2_messages.encode_outputs(probs, names)],
+            parameters=Parameters(**self._tags),
+        )
+
+
+def limits_from_environment() -> Limits:
+    """Request limits from MAX_IMAGE_BYTES and MAX_PIXELS, else the defaults."""
+    defaults = Limits()
+    return Limits(max_bytes=_int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
+                  max_pixels=_int_setting("MAX_PIXELS", defaults.max_pixels))
+
+
+def _int_setting(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer: expected a positive number") from None
+
+
+# -- the launcher -----------------------------------------------------------------------------------
+
+
+async def serve(folder: str) -> int:
+    """Runs MLServer on the model settings under ``folder`` until it is stopped (SIGTERM, SIGINT).
+
+    Returns:
+        0 after a stop, 1 when the model did not load (the log says why).
+    """
+    import grpc
+    from mlserver.cli.serve import load_settings
+    from mlserver.grpc import utils as grpc_utils
+    from mlserver.server import MLServer
+
+    from petseg.v2_http import OpenInferenceEdge
+
+    limits = limits_from_environment()
+    settings, models_settings = await load_settings(folder)
+    settings.gzip_enabled = False  # the edge reads and rewrites bodies; on 2 cores gzip would also cost a core
+    settings.debug = False  # no access log line per request
+    if settings.grpc_max_message_length is None:
+        settings.grpc_max_message_length = limits.max_bytes + 2**16  # the body limit, plus the proto's framing
+    # MLServer maps 400, 404, 422 and 500 to gRPC codes; a 413 would be UNKNOWN.
+    grpc_utils.STATUS_CODE_MAPPING.setdefault(413, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    server = MLServer(settings)
+    # MLServer builds its REST app in the constructor and gives no hook: the edge goes on it here.
+    server._rest_server._app.add_middleware(OpenInferenceEdge, max_bytes=limits.max_bytes)
+    await server.start(models_settings)
+    # MLServer stops, and returns, when its model failed to load; that is a failed start.
+    models = list(await server._model_registry.get_models())
+    return 0 if models and all(model.ready for model in models) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m petseg.mlserver_runtime FOLDER``: serve the model settings under FOLDER."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m petseg.mlserver_runtime FOLDER  (FOLDER holds model-settings.json, "
+              "optionally settings.json)", file=sys.stderr)
+        return 2
+    from mlserver.logging import configure_logger
+    from mlserver.utils import install_uvloop_event_loop
+
+    configure_logger()
+    install_uvloop_event_loop()
+    return asyncio.run(serve(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

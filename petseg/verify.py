@@ -1,0 +1,217 @@
+"""Re-hash every stored file a run or a release names, and check it against its fingerprints and lineage.
+
+A run is proved in this order, stopping at the first file that does not match:
+
+1. every output its lineage graph records (ingest report, splits, trials,
+   model, history, calibration table and report, metrics, manifest, gate
+   decision): the run's artifact is turned into bytes again
+   (`petseg.lineage.as_file`) and hashed;
+2. every shard of the data set and of the splits, read back from the blob
+   store (a directory or ``s3://``) and hashed: its key is its sha256;
+3. the data set fingerprint, recomputed from the per-sample hashes in the
+   warehouse shards, and the model fingerprint, recomputed from the weights;
+4. the release, when the run released one (`verify_release`): its files
+   against the sha256 its manifest records, its weights against the model
+   fingerprint, and its manifest.json against the lineage graph;
+5. the Pachyderm commits of the run's stages, when a pachd is given: each
+   finished, each file hashing to what the graph records.
+
+A mismatch is a `Mismatch` naming the file, where it lives, the expected and
+the found hash. The functions take explicit values: the command line
+(``petseg verify``) finds them through the Metaflow Client (`petseg.runs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petseg import shards as shard_files
+from petseg.errors import PetsegError, StorageError
+from petseg.lineage import OUTPUTS, STAGES, as_file
+from petseg.storage import BlobStore, Location
+
+ArtifactReader = Callable[[str, str], object]
+"""(step, artifact name) -> the run's artifact value."""
+
+
+class Mismatch(PetsegError):
+    """A stored file does not hash to what the run recorded for it."""
+
+    def __init__(self, what: str, where: str, expected: str, found: str):
+        super().__init__(f"{what} does not match: expected {expected}, found {found} ({where})")
+        self.what, self.where, self.expected, self.found = what, where, expected, found
+
+
+@dataclass
+class Tally:
+    """What was checked, for the one-line summary."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+    def summary(self, subject: str) -> str:
+        parts = [f"{n} {kind}" for kind, n in self.counts.items()]
+        return f"verified {subject}: {', '.join(parts) or 'nothing'} match" + "".join(f"; {n}" for n in self.notes)
+
+
+def _same(what: str, where: str, expected: str | None, found: str | None) -> None:
+    if expected != found:
+        raise Mismatch(what, where, expected or "(none recorded)", found or "(missing)")
+
+
+def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_endpoint_url: str | None = None,
+               pachyderm_address: str | None = None, tally: Tally | None = None) -> Tally:
+    """Prove one finished run (see the module docstring).
+
+    Args:
+        graph: the run's lineage graph.
+        artifacts: reads the run's artifacts, ``artifacts("train", "model_keras")``.
+        blob_root: the run's blob store (a directory or ``s3://`` prefix).
+        s3_endpoint_url: endpoint of a non-AWS S3 server.
+        pachyderm_address: a pachd to check the run's commits in, or None.
+        tally: counts to add to (a new one by default).
+
+    Raises:
+        Mismatch: the first file that does not match.
+        LineageError: Pachyderm could not be read.
+    """
+    tally = tally or Tally()
+    pathspec = graph["pathspec"]
+    for stage in STAGES:
+        for name, recorded in graph["stages"].get(stage, {}).get("outputs", {}).items():
+            step, artifact = OUTPUTS.get(stage, {}).get(name, (None, None))
+            where = f"artifact {pathspec}/{step}/{artifact}" if step else f"lineage output {stage}/{name}"
+            found = hashlib.sha256(as_file(artifacts(step, artifact))).hexdigest() if step else None
+            _same(f"{stage} output {name}", where, recorded["sha256"], found)
+            tally.add("lineage outputs")
+    report, splits = artifacts("ingest", "ingest_report"), artifacts("transform", "splits")
+    store = BlobStore(blob_root, s3_endpoint_url=s3_endpoint_url)
+    warehouse = _check_shards(store, report["shards"], graph, "warehouse", tally)
+    for records in splits["splits"].values():
+        _check_shards(store, records, graph, "transform", tally)
+    dataset = _dataset_fingerprint(warehouse)
+    for what, expected in (("the ingest report's data set fingerprint", report.get("fingerprint")),
+                           ("the lineage graph's data set fingerprint", graph.get("dataset_fingerprint"))):
+        _same(what, f"{len(warehouse)} warehouse shards of {pathspec}", expected, dataset)
+    tally.add("fingerprints")
+    model_keras = artifacts("train", "model_keras")
+    weights = _weights_fingerprint(model_keras, f"artifact {pathspec}/train/model_keras")
+    _same("the model fingerprint", f"weights in artifact {pathspec}/train/model_keras",
+          graph.get("model_fingerprint"), weights)
+    tally.add("fingerprints")
+    manifest = artifacts("release", "manifest")
+    if manifest:
+        verify_release(manifest["location"], s3_endpoint_url=s3_endpoint_url, graph=graph, tally=tally)
+    if pachyderm_address and graph.get("pachyderm"):
+        _check_pachyderm(graph, pachyderm_address, tally)
+    return tally
+
+
+def verify_release(location: str, *, s3_endpoint_url: str | None = None, graph: dict | None = None,
+                   tally: Tally | None = None) -> Tally:
+    """Prove a release directory or ``s3://`` prefix: its files against its manifest, and the manifest against
+    the lineage graph of the run that made it (when ``graph`` is given).
+
+    Raises:
+        Mismatch: the first file that does not match.
+    """
+    tally = tally or Tally()
+    where = Location(location, s3_endpoint_url=s3_endpoint_url, what="release")
+    files = {name: _read(where, name) for name in ("manifest.json", "model.keras", "calibration.json")}
+    if files["manifest.json"] is None:
+        raise Mismatch("release manifest.json", where.url("manifest.json"), "a manifest", "(missing)")
+    manifest = json.loads(files["manifest.json"])
+    recorded = manifest.get("sha256") or {}
+    for name in ("model.keras", "calibration.json"):
+        found = hashlib.sha256(files[name]).hexdigest() if files[name] is not None else None
+        _same(f"release {name}", where.url(name), recorded.get(name), found)
+        tally.add("release files")
+    weights = _weights_fingerprint(files["model.keras"], where.url("model.keras"))
+    _same("the release's model fingerprint", f"weights in {where.url('model.keras')}",
+          manifest.get("model_fingerprint"), weights)
+    if graph is not None:
+        entry = graph["stages"].get("release", {}).get("outputs", {}).get("manifest.json")
+        _same("release manifest.json", where.url("manifest.json"), entry["sha256"] if entry else None,
+              hashlib.sha256(files["manifest.json"]).hexdigest())
+        for key in ("model_fingerprint", "dataset_fingerprint"):
+            _same(f"the release's {key.replace('_', ' ')}", where.url("manifest.json"), graph.get(key),
+                  manifest.get(key))
+    tally.add("release files")
+    return tally
+
+
+def _read(location: Location, name: str) -> bytes | None:
+    """The bytes of ``name``, or None when it is not there (any other storage failure is raised)."""
+    try:
+        return location.read_bytes(name)
+    except StorageError as err:
+        if "not found" in str(err) or "No such file" in str(err):
+            return None
+        raise
+
+
+def _check_shards(store: BlobStore, records: list[dict], graph: dict, stage: str, tally: Tally) -> list[bytes]:
+    """Re-hash shards in the blob store; their bytes, in order."""
+    written = {blob["sha256"] for blob in graph["stages"].get(stage, {}).get("blobs", [])}
+    contents = []
+    for record in records:
+        key, url = record["sha256"], store.url(record["sha256"])
+        if written and key not in written:
+            raise Mismatch(f"shard {record['name']}", url, f"a shard the lineage graph's {stage} stage wrote",
+                           f"{key}, which it does not list")
+        data = _read(store.location, f"{key[:2]}/{key}")
+        _same(f"shard {record['name']}", url, key, hashlib.sha256(data).hexdigest() if data is not None else None)
+        contents.append(data)
+        tally.add("shards")
+    return contents
+
+
+def _dataset_fingerprint(contents: list[bytes]) -> str:
+    """The data set fingerprint of warehouse shards (`petseg.shards.fingerprint` of their samples' hashes)."""
+    with tempfile.TemporaryDirectory(prefix="petseg-verify-") as work:
+        paths = []
+        for index, data in enumerate(contents):
+            paths.append(Path(work) / f"{index:05d}.tfrecord")
+            paths[-1].write_bytes(data)
+        return shard_files.fingerprint(shard_files.decode(record)["sha256"]
+                                       for record in shard_files.read_records(paths))
+
+
+def _weights_fingerprint(model_keras: bytes | None, where: str) -> str | None:
+    """The model fingerprint of ``.keras`` bytes, or None when they are missing or no model."""
+    if model_keras is None:
+        return None
+    from petseg import model as models  # Keras: only the weight check needs it
+
+    try:
+        return models.fingerprint(models.from_bytes(model_keras))
+    except PetsegError as err:
+        return f"(not a loadable model: {err})"
+
+
+def _check_pachyderm(graph: dict, address: str, tally: Tally) -> None:
+    from petseg import pachyderm
+
+    commits = pachyderm.commit_digests(graph, address=address)
+    for stage, entry in graph["stages"].items():
+        mirror = entry.get("pachyderm") or {}
+        if not mirror.get("mirrored"):
+            continue
+        got = commits.get(stage) or {"finished": False, "files": {}}
+        where = f"Pachyderm {mirror['project']}/{stage}@{mirror['commit']} at {address}"
+        if not got["finished"]:
+            raise Mismatch(f"{stage} commit", where, "a finished commit", "an open commit")
+        for name, recorded in entry["outputs"].items():
+            _same(f"{stage} file {name}", where, recorded["sha256"], got["files"].get(name))
+        extra = sorted(set(got["files"]) - set(entry["outputs"]))
+        if extra:
+            raise Mismatch(f"{stage} commit", where, "only the stage's outputs", f"also {', '.join(extra)}")
+        tally.add("Pachyderm commits")

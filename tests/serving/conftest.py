@@ -1,0 +1,92 @@
+"""What the serving tier shares: one release, and one server of each kind for the whole session.
+
+The release is a small model trained for two steps on random data, with its
+calibration. Both servers (`petseg.deploy_local.deploy_local`) serve it with
+small limits, so that "too large" is cheap to send: ``server`` is the Seldon
+microservice, ``mlserver`` the MLServer runtime (Open Inference Protocol).
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import requests
+
+from petseg import calibration, deploy_local, release
+from petseg import model as models
+from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
+
+
+@pytest.fixture(scope="session")
+def release_dir(tmp_path_factory):
+    """A release of a small model trained for two steps on random data, with its calibration."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 128, 128, 3), dtype=np.float32)
+    masks = (rng.random((4, 128, 128, 3)) > 0.5).astype(np.float32)
+    small = models.build("small")
+    small.compile(optimizer="adam", loss="binary_crossentropy")
+    small.fit(images, masks, batch_size=2, epochs=1, verbose=0)
+    # A subsample keeps the isotonic fit quick.
+    fitted = calibration.fit(small.predict_on_batch(images)[:, ::8, ::8], masks[:, ::8, ::8])
+    target = tmp_path_factory.mktemp("release") / "petseg-test"
+    manifest = release.build_manifest(
+        run_id="1234", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
+        dataset_fingerprint="d" * 64, code_version="0.1.0+test", metrics={"raw": {}, "calibrated": {}},
+        settings={}, location=str(target), image_size=small.input_shape[1])
+    release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
+    return target
+
+
+@pytest.fixture(scope="session")
+def manifest(release_dir):
+    return json.loads((release_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tags(release_dir, manifest):
+    """The provenance every answer carries: the release's tags, which name what the manifest records."""
+    recorded = {
+        "model_version": manifest["version"],
+        "model_fingerprint": manifest["model_fingerprint"],
+        "dataset_fingerprint": manifest["dataset_fingerprint"],
+        "pathspec": manifest["pathspec"],
+        "code_version": manifest["code_version"],
+    }
+    released = release.load_release(str(release_dir)).tags()
+    assert {key: released[key] for key in recorded} == recorded
+    return released
+
+
+def _deploy(release_dir, manifest, tmp_path_factory, **options) -> dict:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MAX_PIXELS", str(MAX_PIXELS))
+        env.setenv("MAX_IMAGE_BYTES", str(MAX_IMAGE_BYTES))
+        return deploy_local.deploy_local(
+            release_dir, log_path=tmp_path_factory.mktemp("logs") / "serving.log", timeout=300,
+            fingerprint=manifest["model_fingerprint"], **options)
+
+
+@pytest.fixture(scope="session")
+def server(release_dir, manifest, tmp_path_factory):
+    """The Seldon microservice, with a feedback store."""
+    feedback_dir = tmp_path_factory.mktemp("feedback")
+    deployment = _deploy(release_dir, manifest, tmp_path_factory, feedback_uri=str(feedback_dir))
+    deployment["feedback_dir"] = feedback_dir
+    yield deployment
+    deploy_local.stop_local(deployment["pid"])
+
+
+@pytest.fixture(scope="session")
+def mlserver(release_dir, manifest, tmp_path_factory):
+    """MLServer with the petseg runtime: Open Inference Protocol over REST (``url``) and gRPC (``grpc_port``)."""
+    deployment = _deploy(release_dir, manifest, tmp_path_factory, server="mlserver")
+    yield deployment
+    deploy_local.stop_local(deployment["pid"])
+
+
+@pytest.fixture(scope="session")
+def http():
+    with requests.Session() as session:
+        yield session

@@ -1,0 +1,42 @@
+"""What the serving tests share: request limits of the test servers, test images, and a gRPC v2 client.
+
+The gRPC client is the Open Inference Protocol stubs that MLServer ships
+(``mlserver.grpc.dataplane_pb2`` and ``dataplane_pb2_grpc``) over grpcio:
+tritonclient's own gRPC client needs protobuf 6, and TensorFlow 2.18 pins
+protobuf 5.29.
+"""
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+MAX_PIXELS = 300_000
+MAX_IMAGE_BYTES = 1_000_000
+
+
+def encode(pixels: np.ndarray, image_format: str, **options) -> bytes:
+    """An image file of ``pixels`` (JPEG, PNG, GIF, ...)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def random_image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
+    """uint8 (height, width, 3) noise."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def grpc_infer(port: int, request, *, timeout: float = 60.0):
+    """Sends a ``ModelInferRequest`` to an Open Inference Protocol server on localhost; its response."""
+    import grpc
+    from mlserver.grpc import dataplane_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * 2**20),
+                                                             ("grpc.max_receive_message_length", 64 * 2**20)]) as channel:
+        return dataplane_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
