@@ -68,3 +68,15 @@ def s3(moto_endpoint, monkeypatch, tmp_path):
                         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
         monkeypatch.setenv(name, value)
     return boto3.client("s3", endpoint_url=moto_endpoint)
+
+
+@pytest.fixture(autouse=True)
+def _openlineage_settings_stay_in_their_test():
+    """openlineage-python's client writes OPENLINEAGE__TRANSPORT__* into os.environ when it reads
+    OPENLINEAGE_URL; without this, a test that builds a client would configure a transport for every
+    flow run later in the session."""
+    before = {key: value for key, value in os.environ.items() if key.startswith("OPENLINEAGE")}
+    yield
+    for key in [key for key in os.environ if key.startswith("OPENLINEAGE") and key not in before]:
+        del os.environ[key]
+    os.environ.update(before)
