@@ -22,27 +22,33 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PLAIN = r'''
 import json, sys, tempfile, time
-from pathlib import Path
-from petseg import stages, tune
+from petseg import report, stages, tune
 args = json.loads(sys.argv[1])
-settings = {"seed": args["seed"], "strict": True, "threads": 2, "image_size": 128, "code_version": "bench"}
 timings = {}
 def timed(name, fn, *a, **k):
     t = time.perf_counter(); out = fn(*a, **k); timings[name] = timings.get(name, 0) + time.perf_counter() - t
     return out
 wall = time.perf_counter()
+settings = {"seed": args["seed"], "strict": True, "threads": 2, "image_size": 128, "code_version": "bench"}
 store = tempfile.mkdtemp(prefix="petseg-bench-store-")
-report = timed("ingest", stages.ingest, source=args["source"], feedback="", skip_bad=False, settings=settings,
-               store=store)
-splits = timed("transform", stages.transform, shards=report["shards"], store=store, rule="md5", official_test=None)
+ingested = timed("ingest", stages.ingest, source=args["source"], feedback="", skip_bad=False, settings=settings,
+                 store=store)
+splits = timed("transform", stages.transform, ingested, store=store, rule="md5")
 configs = tune.sample_trials(args["trials"], seed=args["seed"])
 results = [timed("tune", stages.run_trial, c, splits=splits, store=store, arch="small", epochs=args["tune_epochs"],
                  settings=settings) for c in configs]
-best = timed("select", tune.select, results)
+trials, best = timed("select", stages.select, results)
 trained = timed("train", stages.train, best, splits=splits, store=store, arch="small", epochs=args["epochs"],
                 batch_size=0, settings=settings)
-calibration, _ = timed("calibrate", stages.calibrate, trained["model_keras"], splits=splits, store=store, settings=settings)
-metrics, _ = timed("evaluate", stages.evaluate, trained["model_keras"], calibration, splits=splits, store=store, settings=settings)
+calibration, calibration_report = timed("calibrate", stages.calibrate, trained["model_keras"], splits=splits,
+                                        store=store, settings=settings)
+def evaluate():
+    metrics, samples = stages.evaluate(trained["model_keras"], calibration, splits=splits, store=store,
+                                       settings=settings)
+    # The card's components, as the flow's evaluate step makes them (Metaflow renders them after the step).
+    report.fill_card([], metrics=metrics, history=trained["history"], trials=trials,
+                     calibration_report=calibration_report, samples=samples)
+timed("evaluate", evaluate)
 print(json.dumps({"wall": time.perf_counter() - wall, "stages": timings}))
 '''
 
@@ -84,8 +90,10 @@ def run_plain(args) -> dict:
     start = time.perf_counter()
     params = {"source": args.source, "seed": args.seed, "trials": args.trials, "tune_epochs": args.tune_epochs,
               "epochs": args.epochs}
-    out = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(params)], check=True, cwd=REPO,
-                         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    out = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(params)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if out.returncode:
+        sys.exit(f"the plain script failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["process_wall"] = time.perf_counter() - start
     return result
@@ -109,7 +117,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"1-minute load {os.getloadavg()[0]:.1f}")
     print(f"work: source {args.source}, {args.trials} trials x {args.tune_epochs} epochs, {args.epochs} epochs, "
           f"flow --max-workers {args.max_workers}")
     flows, plains, computes = [], [], []
@@ -121,7 +130,8 @@ def main() -> None:
             flows.append(flow)
             plains.append(plain["process_wall"])
             computes.append(sum(plain["stages"].values()))
-            print(f"round {round_ + 1}: flow {flow:.1f} s, plain script {plain['process_wall']:.1f} s, "
+            print(f"round {round_ + 1} (1-minute load {os.getloadavg()[0]:.1f}): flow {flow:.1f} s, "
+                  f"plain script {plain['process_wall']:.1f} s, "
                   f"stage compute {computes[-1]:.1f} s  {json.dumps({k: round(v, 1) for k, v in plain['stages'].items()})}")
     flow, plain, compute = median(flows), median(plains), median(computes)
     print(f"median: flow {flow:.1f} s, plain script {plain:.1f} s, sum of stage compute {compute:.1f} s")
