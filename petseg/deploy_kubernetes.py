@@ -116,30 +116,9 @@ def render_seldon_deployment(
         ConfigError: A value Kubernetes or the pod could not use.
     """
     model_uri = _pod_model_uri(manifest, model_uri)
-    _check_image(image)
-    _check_namespace(namespace)
-    _check_replicas(replicas)
-    name, labels, annotations = _identity(manifest, model_uri)
-    env = [
-        {"name": "MODEL_URI", "value": model_uri},
-        {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")},
-    ]
-    feedback_uri = feedback_uri or default_feedback_uri(model_uri)
-    if feedback_uri:
-        env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
-    if s3_endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    values = {
-        "name": name,
-        "namespace": namespace,
-        "labels": labels,
-        "annotations": annotations,
-        "replicas": replicas,
-        "image": image,
-        "env": env,
-        "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
-        "resources": resources or DEFAULT_RESOURCES,
-    }
+    values = _pod_values(manifest, image=image, model_uri=model_uri, namespace=namespace, replicas=replicas,
+                         feedback_uri=feedback_uri or default_feedback_uri(model_uri),
+                         s3_endpoint_url=s3_endpoint_url, secrets=secrets, resources=resources)
     return _fill(template, values)
 
 
@@ -165,19 +144,9 @@ def render_inference_service(
     Raises:
         ConfigError: A value Kubernetes or the pod could not use.
     """
-    model_uri = _pod_model_uri(manifest, model_uri)
-    _check_image(image)
-    _check_namespace(namespace)
-    _check_replicas(replicas)
-    name, labels, annotations = _identity(manifest, model_uri)
-    env = [{"name": "MODEL_URI", "value": model_uri},
-           {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")}]
-    if s3_endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    values = {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
-              "replicas": replicas, "image": image, "env": env,
-              "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
-              "resources": resources or DEFAULT_RESOURCES}
+    values = _pod_values(manifest, image=image, model_uri=_pod_model_uri(manifest, model_uri), namespace=namespace,
+                         replicas=replicas, feedback_uri=None, s3_endpoint_url=s3_endpoint_url, secrets=secrets,
+                         resources=resources)
     return _fill(template, values)
 
 
@@ -371,6 +340,25 @@ def _pod_model_uri(manifest: dict, model_uri: str | None) -> str:
             "(release to S3 by running with the S3 datastore, or pass model_uri)"
         )
     return model_uri
+
+
+def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, replicas: int,
+                feedback_uri: str | None, s3_endpoint_url: str | None, secrets, resources: dict | None) -> dict:
+    """The checked values of a serving pod's template: identity, image, environment, secrets, resources."""
+    _check_image(image)
+    _check_namespace(namespace)
+    _check_replicas(replicas)
+    name, labels, annotations = _identity(manifest, model_uri)
+    env = [{"name": "MODEL_URI", "value": model_uri},
+           {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")}]
+    if feedback_uri:
+        env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
+    if s3_endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
+    return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+            "replicas": replicas, "image": image, "env": env,
+            "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
+            "resources": resources or DEFAULT_RESOURCES}
 
 
 def _check_image(image: str) -> None:

@@ -28,6 +28,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import os
 import math
 from typing import Any
 
@@ -82,6 +83,24 @@ class Limits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serving limit {name}={value!r} is invalid: expected a positive integer")
+
+
+def limits_from_environment() -> Limits:
+    """Request limits from MAX_IMAGE_BYTES and MAX_PIXELS, else the defaults (both servers read them so)."""
+    defaults = Limits()
+    return Limits(max_bytes=int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
+                  max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels))
+
+
+def int_setting(name: str, default: int) -> int:
+    """A server's integer setting from the environment variable ``name``; unset or empty, ``default``."""
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer: expected a positive number") from None
 
 
 @dataclasses.dataclass(frozen=True)

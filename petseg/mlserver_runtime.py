@@ -54,8 +54,7 @@ from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
 from petseg import v2_messages
-from petseg.errors import ConfigError
-from petseg.messages import BadRequest, Limits
+from petseg.messages import BadRequest, int_setting, limits_from_environment
 
 
 class Refusal(MLServerError):
@@ -75,7 +74,7 @@ class PetSegRuntime(MLModel):
 
         from petseg import release, serving
 
-        tf_threads = _int_setting("PETSEG_TF_THREADS", 0)
+        tf_threads = int_setting("PETSEG_TF_THREADS", 0)
         if tf_threads:
             tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
             tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
@@ -90,7 +89,7 @@ class PetSegRuntime(MLModel):
         self._limits = limits_from_environment()
         # Requests are answered on a pool of threads, one per core: TensorFlow, Pillow and
         # numpy release the GIL while they compute, and MLServer's event loop stays free.
-        threads = _int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
+        threads = int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="petseg")
         self._predictor = serving.Predictor(loaded)
         self._tags = loaded.tags()
@@ -124,23 +123,6 @@ class PetSegRuntime(MLModel):
             outputs=[ResponseOutput(**tensor) for tensor in v2_messages.encode_outputs(probs, names)],
             parameters=Parameters(**self._tags),
         )
-
-
-def limits_from_environment() -> Limits:
-    """Request limits from MAX_IMAGE_BYTES and MAX_PIXELS, else the defaults."""
-    defaults = Limits()
-    return Limits(max_bytes=_int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
-                  max_pixels=_int_setting("MAX_PIXELS", defaults.max_pixels))
-
-
-def _int_setting(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer: expected a positive number") from None
 
 
 # -- the launcher -----------------------------------------------------------------------------------

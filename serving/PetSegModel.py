@@ -21,28 +21,13 @@ from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
 from petseg import feedback, messages, release, serving
-from petseg.errors import ConfigError
-
-
-def _int_setting(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer: expected a positive number") from None
 
 
 class PetSegModel:
     """The Seldon model: predictions, feedback, health, tags, metrics and metadata."""
 
     def __init__(self) -> None:
-        defaults = messages.Limits()
-        self.limits = messages.Limits(
-            max_bytes=_int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
-            max_pixels=_int_setting("MAX_PIXELS", defaults.max_pixels),
-        )
+        self.limits = messages.limits_from_environment()
         self.model_uri = os.environ.get("MODEL_URI", "")
         self.expected_fingerprint = os.environ.get("MODEL_FINGERPRINT") or None
         self.feedback_uri = os.environ.get("FEEDBACK_URI") or None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, TINY, run_flow, session_root
+from harness import REPO, TINY, flip_one_byte, run_flow, session_root
 from lineage_schema import validate
 from petseg import lineage, lineage_events
 
@@ -74,14 +74,6 @@ def test_require_clean_refuses_a_run_from_a_checkout_with_uncommitted_changes(tm
 
 
 # -- petseg verify -------------------------------------------------------------------------------------------
-
-
-def flip_one_byte(path: Path) -> bytes:
-    original = path.read_bytes()
-    changed = bytearray(original)
-    changed[len(changed) // 2] ^= 0x01
-    path.write_bytes(bytes(changed))
-    return original
 
 
 def test_verify_proves_a_run_its_release_and_its_model(released_run, flow_pachd):

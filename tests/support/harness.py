@@ -1,4 +1,4 @@
-"""What tests of every tier share: the repository's paths, flow runs through metaflow.Runner, free ports.
+"""What tests of every tier share: the repository's paths, flow runs through metaflow.Runner, free ports, files.
 
 The root conftest.py gives each test session a private Metaflow datastore
 (``METAFLOW_DATASTORE_SYSROOT_LOCAL``) before anything imports Metaflow; flows
@@ -47,6 +47,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def flip_one_byte(path: Path) -> bytes:
+    """Flip one bit in the middle of a file; returns its original bytes (to put back)."""
+    original = path.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0x01
+    path.write_bytes(bytes(changed))
+    return original
 
 
 def commit_files(client, commit) -> dict[str, bytes]:

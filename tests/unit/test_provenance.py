@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness import flip_one_byte
 from lineage_receiver import running_receiver
 from lineage_schema import validate
 from petseg import codeversion, lineage, lineage_events, release, stages, verify
@@ -109,14 +110,6 @@ def small_release(tmp_path_factory):
         location=str(target), image_size=32)
     release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
     return target
-
-
-def flip_one_byte(path: Path) -> bytes:
-    original = path.read_bytes()
-    changed = bytearray(original)
-    changed[len(changed) // 2] ^= 0x01
-    path.write_bytes(bytes(changed))
-    return original
 
 
 def test_a_release_records_its_file_hashes_and_loads(small_release):
