@@ -28,8 +28,8 @@ import base64
 import binascii
 import dataclasses
 import io
-import os
 import math
+import os
 from typing import Any
 
 import numpy as np
