@@ -16,6 +16,9 @@ from pathlib import Path
 
 # Before Metaflow is imported anywhere: a private datastore for this session.
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = tempfile.mkdtemp(prefix="petseg-tests-")
+# The user's keys, tokens and deployments stay out of the tests, and the tests' out of the user's.
+os.environ["PETSEG_CONFIG_DIR"] = tempfile.mkdtemp(prefix="petseg-tests-config-")
+os.environ["PETSEG_STATE_DIR"] = tempfile.mkdtemp(prefix="petseg-tests-state-")
 os.environ.setdefault("METAFLOW_USER", "petseg-tests")  # Metaflow refuses to run as "root"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))

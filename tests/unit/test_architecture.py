@@ -9,7 +9,7 @@ PACKAGE = Path(petseg.__file__).parent
 
 # docs/ARCHITECTURE.md's layers, lowest first. A module may import its own layer and those below.
 LAYERS = (
-    ("foundation", {"errors", "oxford", "storage", "codeversion"}),
+    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs"}),
     ("data", {"archive", "sources", "synth", "scenes", "data", "split", "shards", "pipeline"}),
     ("model", {"model", "metrics", "baselines", "determinism", "train", "tune", "calibration"}),
     ("release", {"release", "report"}),
