@@ -23,6 +23,8 @@ setup(
         "google-crc32c>=1.9,<2",
         "mlserver==1.7.1",  # the Open Inference Protocol server (Seldon Core v2, KServe)
         "openlineage-python==1.54.0",  # TFRecord framing without importing TensorFlow (petseg.shards)
+        "model-signing==1.1.1",  # OpenSSF model signing: signed releases and provenance (offline, EC keys)
+        "pyopenssl==26.4.0",  # model-signing imports OpenSSL without declaring it
         "pillow",
         "matplotlib",
         "requests",
