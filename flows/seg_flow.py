@@ -41,7 +41,8 @@ class PetSegFlow(FlowSpec):
     6. train: the final model with the selected settings.
     7. calibrate: isotonic calibration of pixel probabilities, per class.
     8. evaluate: the model beside baselines on validation and test data, and a report card.
-    9. release: the quality gate (validation data only), then a release manifest and a deployment.
+    9. release: the quality gate (validation data only), then a signed release (manifest, SLSA provenance)
+       and a deployment.
     Every stage records what it read and wrote in the run's lineage graph (petseg lineage RUN).
     """
 
@@ -195,15 +196,16 @@ class PetSegFlow(FlowSpec):
 
     @step
     def release(self):
-        """Quality gate on validation mIoU; a passing model gets a manifest and a deployment."""
+        """Quality gate on validation mIoU; a passing model gets a signed release and a deployment."""
         self.released, self.gate_message = stages.gate(self.metrics, min_miou=self.min_miou,
                                                       min_margin=self.min_margin)
         print(self.gate_message)
-        self.manifest, self.deployment = None, None
-        if self.released:
-            self.manifest = stages.export_release(model_keras=self.model_keras, calibration=self.calibration,
-                                                  metrics=self.metrics, settings=self.settings,
-                                                  store=self.blob_root, **self._fingerprints())
+        self.manifest, self.signatures, self.deployment = None, None, None
+        if self.released:  # signed: model.sig over every file, and the run's SLSA provenance
+            self.manifest, self.signatures = stages.export_release(
+                model_keras=self.model_keras, calibration=self.calibration, metrics=self.metrics,
+                settings=self.settings, parameters=self.parameters, environment=self.environment,
+                store=self.blob_root, **self._fingerprints())
             self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port,
                                             server=self.server)
         hooks.tag_run(release="accepted" if self.released else "rejected")

@@ -34,6 +34,8 @@ Settings (read here, as serving/PetSegModel.py reads them for the Seldon server)
   serves itself, as Seldon Core v2 loads a Model's artifact folder);
 - the model fingerprint the release must have: ``parameters.extra.model_fingerprint``
   of the model settings, else MODEL_FINGERPRINT;
+- PETSEG_TRUSTED_KEYS: the public keys a release's signature must verify against (`petseg.keys`);
+  a release that does not verify fails the load, and the server exits with status 1;
 - MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`);
 - PETSEG_THREADS: threads answering requests (default: the cores this process may use);
 - PETSEG_TF_THREADS: TensorFlow's intra- and inter-op threads (default: TensorFlow's own, the cores);
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import sys
 
@@ -54,6 +57,7 @@ from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
 from petseg import v2_messages
+from petseg.errors import PetsegError
 from petseg.messages import BadRequest, int_setting, limits_from_environment
 
 
@@ -68,7 +72,8 @@ class PetSegRuntime(MLModel):
     """The MLServer model: one petseg release, its predictor and its request limits."""
 
     async def load(self) -> bool:
-        """Loads the release; a fingerprint mismatch or a bad release fails the load (and the server start)."""
+        """Loads the release; one that does not verify (signature, provenance, hashes, fingerprint) fails the
+        load, and the server start."""
         # TensorFlow and the release: only in the workers that predict, not in MLServer's main process.
         import tensorflow as tf
 
@@ -81,11 +86,15 @@ class PetSegRuntime(MLModel):
         parameters = self.settings.parameters
         uri = os.environ.get("MODEL_URI") or (parameters.uri if parameters else None) or ""
         extra = (parameters.extra if parameters else None) or {}
-        loaded = release.load_release(
-            uri,
-            expected_fingerprint=extra.get("model_fingerprint") or os.environ.get("MODEL_FINGERPRINT") or None,
-            s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None,
-        )
+        try:
+            loaded = release.load_release(
+                uri,
+                expected_fingerprint=extra.get("model_fingerprint") or os.environ.get("MODEL_FINGERPRINT") or None,
+                s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None,
+            )
+        except PetsegError as err:
+            logging.getLogger("mlserver").error("refusing to serve %s: %s", uri, err)
+            raise
         self._limits = limits_from_environment()
         # Requests are answered on a pool of threads, one per core: TensorFlow, Pillow and
         # numpy release the GIL while they compute, and MLServer's event loop stays free.

@@ -23,6 +23,7 @@ strict mode would fail on a GPU).
 """
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -222,15 +223,21 @@ def from_bytes(data: bytes) -> keras.Model:
 
 
 def fingerprint(model: keras.Model) -> str:
-    """sha256 over the model's weights (names, dtypes, shapes and values, in order).
+    """sha256 over the model's architecture (its Keras config) and weights (names, dtypes, shapes and values).
 
-    A `.keras` file records its save time, so two saves of the same weights
-    differ as bytes; this hash does not.
+    A `.keras` file records its save time, so two saves of the same model
+    differ as bytes; this hash does not. The architecture is the config the
+    file stores, without the training setup (``compile_config``), as canonical
+    JSON: a model whose layers were rewired over the same weights hashes differently.
 
     Returns:
         The hex digest.
     """
+    config = json.loads(model.to_json())
+    config.pop("compile_config", None)
     digest = hashlib.sha256()
+    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(b"\n")
     for weight in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         header = f"{weight.path}|{value.dtype.str}|{','.join(map(str, value.shape))}\n"

@@ -1,23 +1,27 @@
-"""The release format, both ways: the quality gate, the manifest, `export` (write) and `load_release` (read).
+"""The release format, both ways: the quality gate, the manifest, `export` (write, signed) and `load_release` (read, verified).
 
 A release directory holds everything the serving process needs and nothing it
 has to unpickle: ``model.keras`` (Keras format, loaded with safe_mode),
-``calibration.json`` (plain arrays) and ``manifest.json`` (provenance). It
-lives in a local directory or under an ``s3://`` prefix (`petseg.storage`);
-a finished Metaflow run ``PetSegFlow/<id>`` holds the same three as artifacts
-of its release step.
+``calibration.json`` (plain arrays), ``manifest.json`` (what was released, the
+sha256 of the other two, the model fingerprint over architecture and weights),
+``provenance.sigstore.json`` (SLSA v1 provenance, signed) and ``model.sig``
+(the OpenSSF model signature over every file). It lives in a local directory
+or under an ``s3://`` prefix (`petseg.storage`); a finished Metaflow run
+``PetSegFlow/<id>`` holds the same files as artifacts of its release step.
 
-The manifest records the sha256 of the other two files (``sha256``), the
-model fingerprint (a hash of the weights) and the code version. `load_release`
-refuses a release that does not verify against it: a file whose bytes no
-longer hash to what the manifest records, weights whose fingerprint differs,
-or a manifest that records no hashes. (The manifest itself is checked against
-the run's lineage graph by ``petseg verify``, which needs the run.)
+`load_release` reads every file once and refuses a release that does not
+verify, in this order: no signature or a signer that is not trusted
+(`petseg.keys`), a file that differs from what was signed, provenance of other
+files (`petseg.provenance`), a file whose bytes do not hash to what the
+manifest records, a model whose fingerprint differs. The bytes it checked are
+the bytes it loads. (``petseg verify`` also checks the manifest against the
+run's lineage graph.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import re
@@ -25,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from petseg import keys, provenance, signing
 from petseg.calibration import Calibration
 from petseg.errors import ConfigError, ModelError
 from petseg.storage import Location, failures, is_s3, staged_directory
@@ -33,7 +38,11 @@ if TYPE_CHECKING:
     import keras
 
 RELEASE_FILES = ("model.keras", "calibration.json", "manifest.json")
-"""The files of a release, in the order they are written: manifest.json last, so its presence means complete."""
+"""The files a release is about (the provenance statement's subjects)."""
+SIGNATURE_FILES = (signing.PROVENANCE, signing.SIGNATURE)
+"""The signed provenance and the model signature over every file."""
+ALL_FILES = RELEASE_FILES + SIGNATURE_FILES
+"""Every file of a signed release, in the order it is written: model.sig last, so its presence means complete."""
 HASHED_FILES = ("model.keras", "calibration.json")
 """The files whose sha256 the manifest records (under ``sha256``)."""
 
@@ -102,28 +111,90 @@ def calibration_bytes(calibration: dict) -> bytes:
     return json.dumps(calibration, sort_keys=True).encode()
 
 
-def export(target: str, *, model_keras: bytes, calibration: dict, manifest: dict,
-           s3_endpoint_url: str | None = None) -> str:
-    """Write a release directory (local path or s3:// prefix) and return its location.
+def signed_files(*, model_keras: bytes, calibration: dict, manifest: dict, signing_key: str,
+                 build: dict | None = None) -> tuple[dict[str, bytes], str]:
+    """Every file of a signed release, and the id of the key that signed it.
 
-    The manifest written records the sha256 of model.keras and calibration.json
-    (`release_files`). On S3 the files are written in `RELEASE_FILES` order,
-    manifest.json last: its presence means the release is complete. A local
-    release appears at once or not at all (`petseg.storage.staged_directory`).
+    The release files (`release_files`), the SLSA provenance statement about
+    them signed as ``provenance.sigstore.json``, and the model signature over
+    all of them, ``model.sig`` (`petseg.signing`).
+
+    Args:
+        signing_key: the P-256 private key: a path or PEM text (`petseg.keys.signing_key_setting`).
+        build: what the provenance records beyond the manifest: ``parameters`` (every run
+            parameter), ``environment`` (the training process's record) and ``started``
+            (the run's start, RFC 3339); missing ones are recorded empty.
 
     Raises:
-        ConfigError: an S3 ``target`` without a bucket.
+        ConfigError: the signing key is missing or not a P-256 private key.
+    """
+    build = build or {}
+    files = release_files(model_keras=model_keras, calibration=calibration, manifest=manifest)
+    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    statement = provenance.statement(files, manifest=json.loads(files["manifest.json"]),
+                                     parameters=build.get("parameters") or {}, environment=build.get("environment"),
+                                     started=build.get("started") or finished, finished=finished)
+    private_pem = keys.private_pem(signing_key)
+    with tempfile.TemporaryDirectory(prefix="petseg-sign-") as tmp:
+        folder = Path(tmp)
+        for name in RELEASE_FILES:
+            (folder / name).write_bytes(files[name])
+        signer = signing.sign_directory(folder, private_pem=private_pem, provenance=statement)
+        for name in SIGNATURE_FILES:
+            files[name] = (folder / name).read_bytes()
+    return files, signer
+
+
+def export(target: str, *, model_keras: bytes, calibration: dict, manifest: dict, signing_key: str | None = None,
+           build: dict | None = None, s3_endpoint_url: str | None = None) -> str:
+    """Write a signed release directory (local path or s3:// prefix) and return its location.
+
+    Args:
+        signing_key: a path or PEM text; default the user's key (`petseg.keys.ensure_signing_key`:
+            made and trusted on first use).
+        build: what the provenance records beyond the manifest (see `signed_files`).
+
+    Raises:
+        ConfigError: an S3 ``target`` without a bucket, or no usable signing key.
         StorageError: a file could not be written.
     """
-    files = release_files(model_keras=model_keras, calibration=calibration, manifest=manifest)
+    files, _ = signed_files(model_keras=model_keras, calibration=calibration, manifest=manifest,
+                            signing_key=signing_key or keys.ensure_signing_key()[0], build=build)
+    return write(target, files, s3_endpoint_url=s3_endpoint_url)
+
+
+def publish(root: str, *, run_id: str, flow_name: str, model_keras: bytes, calibration: dict, metrics: dict,
+            settings: dict, dataset_fingerprint: str, model_fingerprint: str, signing_key: str, build: dict,
+            s3_endpoint_url: str | None = None) -> tuple[dict[str, bytes], str, str]:
+    """Build a run's manifest, sign its release and write it to ``<root>/releases/petseg-<run id>``.
+
+    Returns:
+        (every file's bytes by name, the release's location, the id of the key that signed it).
+    """
+    location = f"{root}/releases/petseg-{run_id}"
+    document = build_manifest(run_id=run_id, flow_name=flow_name, model_fingerprint=model_fingerprint,
+                              dataset_fingerprint=dataset_fingerprint, code_version=settings["code_version"],
+                              metrics=metrics, settings=settings, location=location, image_size=settings["image_size"])
+    files, signer = signed_files(model_keras=model_keras, calibration=calibration, manifest=document,
+                                 signing_key=signing_key, build=build)
+    return files, write(location, files, s3_endpoint_url=s3_endpoint_url), signer
+
+
+def write(target: str, files: dict[str, bytes], *, s3_endpoint_url: str | None = None) -> str:
+    """Write the files of a signed release (`signed_files`) to a directory or s3:// prefix; its location.
+
+    On S3 the files are written in `ALL_FILES` order, the signature last: its
+    presence means the release is complete. A local release appears at once or
+    not at all (`petseg.storage.staged_directory`).
+    """
     if is_s3(target):
         location = Location(target, s3_endpoint_url=s3_endpoint_url, what="release location")
-        for name in RELEASE_FILES:
+        for name in ALL_FILES:
             location.write_bytes(name, files[name])
         return target.rstrip("/") + "/"
     final = Path(target)
     with failures(str(final), "write the release"), staged_directory(final) as staging:
-        for name in RELEASE_FILES:
+        for name in ALL_FILES:
             (staging / name).write_bytes(files[name])
     return str(final)
 
@@ -140,7 +211,8 @@ class Release:
         calibration: Its `petseg.calibration.Calibration`.
         manifest: The release manifest (version, pathspec, fingerprints, code version, ...).
         uri: Where it was loaded from.
-        fingerprint: sha256 of the loaded weights (`petseg.model.fingerprint`).
+        fingerprint: sha256 of the loaded architecture and weights (`petseg.model.fingerprint`).
+        signer: The id of the key that signed it (`petseg.keys.key_id`).
     """
 
     model: keras.Model
@@ -148,6 +220,7 @@ class Release:
     manifest: dict
     uri: str
     fingerprint: str
+    signer: str = ""
 
     @property
     def image_size(self) -> int:
@@ -163,70 +236,108 @@ class Release:
             "pathspec": str(self.manifest.get("pathspec", "")),
             "code_version": str(self.manifest.get("code_version", "")),
             "code_package": str((self.manifest.get("settings") or {}).get("code", {}).get("code_package") or ""),
+            "signer": self.signer,
         }
 
 
 def load_release(
-    uri: str, *, expected_fingerprint: str | None = None, s3_endpoint_url: str | None = None
+    uri: str, *, expected_fingerprint: str | None = None, s3_endpoint_url: str | None = None,
+    trusted_keys: str | None = None,
 ) -> Release:
-    """Loads a release and checks its model fingerprint.
+    """Loads a release once it verifies: its signature and provenance first, then its hashes and fingerprint.
+
+    Every file is read once into memory; those bytes are verified (`verify_files`)
+    and those bytes are loaded, so a file cannot change between check and use.
 
     Args:
-        uri: A local release directory (model.keras, calibration.json,
-            manifest.json), an ``s3://bucket/prefix`` holding the same files,
-            or a Metaflow run ``PetSegFlow/<id>`` whose release step holds
-            ``model_keras``, ``calibration`` and ``manifest``.
+        uri: A local release directory, an ``s3://bucket/prefix`` holding the
+            same files, or a Metaflow run ``PetSegFlow/<id>`` whose release step
+            holds ``model_keras``, ``calibration``, ``manifest`` and ``signatures``.
         expected_fingerprint: When given, the model's fingerprint must equal it.
         s3_endpoint_url: Endpoint of a non-AWS S3 server.
+        trusted_keys: A public key file or directory; default `petseg.keys.trusted_keys_setting`.
 
     Returns:
         The release.
 
     Raises:
         ModelError: The release is missing, incomplete or unreadable, or does
-            not verify: its files do not hash to what its manifest records
-            (or it records nothing), or its weights do not match
-            ``expected_fingerprint`` or its manifest.
+            not verify: unsigned, signed by a key that is not trusted, a file
+            that differs from what was signed, provenance of other files, files
+            that do not hash to what the manifest records, or weights and
+            architecture that do not match ``expected_fingerprint`` or the manifest.
         StorageError: A file of an ``s3://`` release could not be read.
-        ConfigError: ``uri`` is none of the accepted forms.
+        ConfigError: ``uri`` is none of the accepted forms, or a trusted key is unreadable.
     """
     from petseg import model as models  # Keras: only a loader needs it
 
-    if not uri:
-        raise ConfigError("no model to serve: expected a release directory, s3://bucket/prefix or PetSegFlow/<id>")
-    if is_s3(uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            _download_release(Location(uri, s3_endpoint_url=s3_endpoint_url, what="release"), Path(tmp))
-            model, calibration, manifest = _release_in_folder(Path(tmp), uri=uri)
-    elif Path(uri).is_dir():
-        model, calibration, manifest = _release_in_folder(Path(uri), uri=uri)
-    elif _RUN_PATHSPEC.match(uri):
-        model, calibration, manifest = _release_of_run(uri)
-    else:
-        raise ConfigError(f"model URI {uri!r} is not a directory, s3://bucket/prefix or PetSegFlow/<id>")
-    release = Release(model, calibration, manifest, str(uri), models.fingerprint(model))
+    files = release_bytes(uri, s3_endpoint_url=s3_endpoint_url)
+    verified = verify_files(files, uri=uri, trusted_keys=trusted_keys)
+    model = models.from_bytes(files["model.keras"])
+    calibration = Calibration.from_dict(_parse_json(files["calibration.json"], f"{uri} calibration.json"))
+    release = Release(model, calibration, verified.manifest, str(uri), models.fingerprint(model), verified.signer)
     _check_fingerprint(release, expected_fingerprint)
     return release
 
 
-def _download_release(location: Location, folder: Path) -> None:
-    missing = [name for name in RELEASE_FILES if not location.exists(name)]
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """What a verified release proved: its manifest, the id of the key that signed it, its provenance statement."""
+
+    manifest: dict
+    signer: str
+    provenance: dict
+
+
+def verify_files(files: dict[str, bytes], *, uri: str, trusted_keys: str | None = None) -> Verified:
+    """Verify a release's files, in order: the model signature and the signed provenance (against the trusted
+    keys), that the provenance is about these files, then the sha256 the manifest records.
+
+    The bytes are written to a private temporary directory for the model
+    signing library and checked there; the caller loads the same bytes.
+
+    Raises:
+        ModelError: the first check that failed, naming it.
+        ConfigError: a trusted key is unreadable.
+    """
+    setting = trusted_keys or keys.trusted_keys_setting()
+    trusted = keys.trusted_keys(setting)
+    with tempfile.TemporaryDirectory(prefix="petseg-verify-release-") as tmp:
+        folder = Path(tmp)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        signer, statement = signing.verify_directory(folder, trusted=trusted, where=uri, setting=setting)
+    provenance.check(statement, files, where=uri)
+    manifest = _parse_json(files["manifest.json"], f"{uri} manifest.json")
+    check_files(manifest, files, uri=uri)
+    return Verified(manifest, signer, statement)
+
+
+def release_bytes(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, bytes]:
+    """The bytes of a release's files (`ALL_FILES`, those present), read once.
+
+    Raises:
+        ModelError: the release is missing or lacks a file of `RELEASE_FILES`.
+        StorageError: an ``s3://`` file could not be read.
+        ConfigError: ``uri`` is none of the accepted forms.
+    """
+    if not uri:
+        raise ConfigError("no model to serve: expected a release directory, s3://bucket/prefix or PetSegFlow/<id>")
+    if is_s3(uri):
+        location = Location(uri, s3_endpoint_url=s3_endpoint_url, what="release")
+        files = {name: location.read_bytes(name) for name in ALL_FILES if location.exists(name)}
+    elif Path(uri).is_dir():
+        folder = Path(uri)
+        with failures(uri, "read the release"):
+            files = {name: (folder / name).read_bytes() for name in ALL_FILES if (folder / name).is_file()}
+    elif _RUN_PATHSPEC.match(uri):
+        files = _release_of_run(uri)
+    else:
+        raise ConfigError(f"model URI {uri!r} is not a directory, s3://bucket/prefix or PetSegFlow/<id>")
+    missing = [name for name in RELEASE_FILES if name not in files]
     if missing:
-        raise ModelError(f"release {location.root} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
-    for name in RELEASE_FILES:
-        location.download(name, folder / name)
-
-
-def _release_in_folder(folder: Path, *, uri: str) -> tuple[keras.Model, Calibration, dict]:
-    from petseg import model as models
-
-    missing = [name for name in RELEASE_FILES if not (folder / name).is_file()]
-    if missing:
-        raise ModelError(f"release directory {folder} lacks {', '.join(missing)}: expected {', '.join(RELEASE_FILES)}")
-    manifest = _read_json(folder / "manifest.json")
-    check_files(manifest, {name: (folder / name).read_bytes() for name in HASHED_FILES}, uri=uri)
-    model = models.load(folder / "model.keras")
-    return model, Calibration.load(folder / "calibration.json"), manifest
+        raise ModelError(f"release {uri} lacks {', '.join(missing)}: expected {', '.join(ALL_FILES)}")
+    return files
 
 
 def check_files(manifest: dict, files: dict[str, bytes], *, uri: str) -> None:
@@ -256,33 +367,32 @@ def _check_fingerprint(release: Release, expected: str | None) -> None:
     if expected and expected != release.fingerprint:
         raise ModelError(
             f"model fingerprint mismatch for {release.uri}: MODEL_FINGERPRINT is {expected} "
-            f"but the model's weights hash to {release.fingerprint}; refusing to serve another model"
+            f"but the model's architecture and weights hash to {release.fingerprint}; refusing to serve another model"
         )
     if recorded and recorded != release.fingerprint:
         raise ModelError(
             f"release {release.uri} is inconsistent: its manifest records model fingerprint {recorded} "
-            f"but the model's weights hash to {release.fingerprint}"
+            f"but the model's architecture and weights hash to {release.fingerprint}"
         )
 
 
-def _read_json(path: Path) -> dict:
+def _parse_json(data: bytes, what: str) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"release file {path} is not readable JSON: {err}") from None
+        return json.loads(data)
+    except ValueError as err:
+        raise ModelError(f"release file {what} is not readable JSON: {err}") from None
 
 
-def _release_of_run(pathspec: str) -> tuple[keras.Model, Calibration, dict]:
+def _release_of_run(pathspec: str) -> dict[str, bytes]:
     # Metaflow only here: a server of a release directory or S3 prefix never imports it.
     from metaflow import Run
     from metaflow.exception import MetaflowException
-
-    from petseg import model as models
 
     try:
         # Serve a run of any user or namespace: the pathspec names it exactly.
         data = Run(pathspec, _namespace_check=False)["release"].task.data
         model_keras, calibration, manifest = data.model_keras, data.calibration, data.manifest
+        signatures = getattr(data, "signatures", None) or {}
     except (MetaflowException, KeyError, AttributeError) as err:
         raise ModelError(
             f"run {pathspec} has no released model ({type(err).__name__}: {err}); "
@@ -290,6 +400,6 @@ def _release_of_run(pathspec: str) -> tuple[keras.Model, Calibration, dict]:
         ) from None
     if not manifest:
         raise ModelError(f"run {pathspec} did not release a model: its quality gate failed")
-    check_files(manifest, {"model.keras": model_keras, "calibration.json": calibration_bytes(calibration)},
-                uri=pathspec)
-    return models.from_bytes(model_keras), Calibration.from_dict(calibration), manifest
+    # The manifest artifact is manifest.json parsed; written again as `release_files` writes it.
+    return {"model.keras": model_keras, "calibration.json": calibration_bytes(calibration),
+            "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode(), **signatures}

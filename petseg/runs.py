@@ -76,6 +76,14 @@ def _started(run):
         return run.created_at
 
 
+def started_at(pathspec: str) -> str | None:
+    """When a run started (RFC 3339), or None when this machine's Metaflow does not know the run."""
+    try:
+        return _started(resolve_run(pathspec, finished=False)).isoformat()
+    except RunError:
+        return None
+
+
 def _seconds(start, end) -> float | None:
     return round((end - start).total_seconds(), 1) if start and end else None
 

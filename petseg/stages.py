@@ -381,27 +381,23 @@ def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, st
 
 
 @_glue
-def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, settings: dict,
-                   dataset_fingerprint: str, model_fingerprint: str, store: str) -> dict:
-    """Export this run's release (model, calibration, manifest) beside its blobs and return the manifest,
-    which records the code version and the sha256 of each release file."""
-    from petseg import release
+def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, settings: dict, parameters: dict,
+                   environment: dict, dataset_fingerprint: str, model_fingerprint: str, store: str) -> tuple[dict, dict]:
+    """Export this run's release beside its blobs, signed with the key of `petseg.keys` (`petseg.release.publish`);
+    return its manifest and its signature files (model.sig, the signed provenance)."""
+    from petseg import keys, release, runs
 
     TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration, "metrics.json": metrics})
-    version = f"petseg-{current.run_id}"
-    location = f"{store.rsplit('/blobs', 1)[0]}/releases/{version}"
-    document = release.build_manifest(
-        run_id=current.run_id, flow_name=current.flow_name, model_fingerprint=model_fingerprint,
-        dataset_fingerprint=dataset_fingerprint, code_version=settings["code_version"], metrics=metrics,
-        settings=settings, location=location, image_size=settings["image_size"])
-    files = release.release_files(model_keras=model_keras, calibration=calibration, manifest=document)
-    document = json.loads(files["manifest.json"])
-    release.export(location, model_keras=model_keras, calibration=calibration, manifest=document,
-                   s3_endpoint_url=_s3_endpoint())
-    where = location.rstrip("/")
-    TASK.writes.extend({"name": name, "sha256": lineage.sha256(data), "location": f"{where}/{name}",
+    key, made = keys.ensure_signing_key()
+    files, location, signer = release.publish(
+        store.rsplit("/blobs", 1)[0], run_id=current.run_id, flow_name=current.flow_name, model_keras=model_keras,
+        calibration=calibration, metrics=metrics, settings=settings, dataset_fingerprint=dataset_fingerprint,
+        model_fingerprint=model_fingerprint, signing_key=key, s3_endpoint_url=_s3_endpoint(),
+        build={"parameters": parameters, "environment": environment, "started": runs.started_at(current.run_id)})
+    print(f"{'Made signing key ' + key + ' and trusted it; ' if made else ''}signed {location} with key {signer[:16]}")
+    TASK.writes.extend({"name": name, "sha256": lineage.sha256(data), "location": f"{location.rstrip('/')}/{name}",
                         "kind": "release"} for name, data in files.items())
-    return document
+    return json.loads(files["manifest.json"]), {name: files[name] for name in release.SIGNATURE_FILES}
 
 
 @_glue

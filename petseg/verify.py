@@ -10,8 +10,9 @@ A run is proved in this order, stopping at the first file that does not match:
    store (a directory or ``s3://``) and hashed: its key is its sha256;
 3. the data set fingerprint, recomputed from the per-sample hashes in the
    warehouse shards, and the model fingerprint, recomputed from the weights;
-4. the release, when the run released one (`verify_release`): its files
-   against the sha256 its manifest records, its weights against the model
+4. the release, when the run released one (`verify_release`): its signature
+   and signed provenance against the trusted keys, its files against the
+   sha256 its manifest records, its architecture and weights against the model
    fingerprint, and its manifest.json against the lineage graph;
 5. the Pachyderm commits of the run's stages, when a pachd is given: each
    finished, each file hashing to what the graph records.
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petseg import shards as shard_files
-from petseg.errors import PetsegError, StorageError
+from petseg import signing
+from petseg.errors import ModelError, PetsegError, StorageError
 from petseg.lineage import OUTPUTS, STAGES, as_file
 from petseg.storage import BlobStore, Location
 
@@ -47,19 +49,30 @@ class Mismatch(PetsegError):
         self.what, self.where, self.expected, self.found = what, where, expected, found
 
 
+class Refusal(Mismatch):
+    """A release whose signature or provenance does not verify (the message says which and why)."""
+
+    def __init__(self, message: str, *, where: str):
+        PetsegError.__init__(self, message)
+        self.what, self.where, self.expected, self.found = "release signature", where, "a trusted signature", message
+
+
 @dataclass
 class Tally:
-    """What was checked, for the one-line summary."""
+    """What was checked, for the one-line summary; the key that signed the release, when one was checked."""
 
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    signer: str = ""
 
     def add(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n
 
     def summary(self, subject: str) -> str:
         parts = [f"{n} {kind}" for kind, n in self.counts.items()]
-        return f"verified {subject}: {', '.join(parts) or 'nothing'} match" + "".join(f"; {n}" for n in self.notes)
+        signed = f"; signed by key {self.signer[:16]} ({self.signer})" if self.signer else ""
+        return (f"verified {subject}: {', '.join(parts) or 'nothing'} match{signed}"
+                + "".join(f"; {n}" for n in self.notes))
 
 
 def _same(what: str, where: str, expected: str | None, found: str | None) -> None:
@@ -116,27 +129,42 @@ def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_end
 
 
 def verify_release(location: str, *, s3_endpoint_url: str | None = None, graph: dict | None = None,
-                   tally: Tally | None = None) -> Tally:
-    """Prove a release directory or ``s3://`` prefix: its files against its manifest, and the manifest against
-    the lineage graph of the run that made it (when ``graph`` is given).
+                   find_graph: Callable[[str], dict | None] | None = None, tally: Tally | None = None) -> Tally:
+    """Prove a release directory or ``s3://`` prefix: its signature and provenance first (against the trusted
+    keys, `petseg.release.verify_files`), then its files against its manifest and its weights against the
+    model fingerprint, then the manifest against the lineage graph of the run that made it.
+
+    Args:
+        graph: that run's lineage graph, when the caller has it.
+        find_graph: else, finds the graph of the run the verified manifest names (None: no such run).
 
     Raises:
-        Mismatch: the first file that does not match.
+        Mismatch: the first check that failed (`Refusal` for the signature and provenance).
     """
+    from petseg import release
+
     tally = tally or Tally()
     where = Location(location, s3_endpoint_url=s3_endpoint_url, what="release")
-    files = {name: _read(where, name) for name in ("manifest.json", "model.keras", "calibration.json")}
-    if files["manifest.json"] is None:
-        raise Mismatch("release manifest.json", where.url("manifest.json"), "a manifest", "(missing)")
-    manifest = json.loads(files["manifest.json"])
-    recorded = manifest.get("sha256") or {}
-    for name in ("model.keras", "calibration.json"):
-        found = hashlib.sha256(files[name]).hexdigest() if files[name] is not None else None
-        _same(f"release {name}", where.url(name), recorded.get(name), found)
-        tally.add("release files")
+    try:
+        files = release.release_bytes(location, s3_endpoint_url=s3_endpoint_url)
+        verified = release.verify_files(files, uri=location)
+    except ModelError as err:
+        raise Refusal(str(err), where=location) from None
+    manifest = verified.manifest
+    tally.add("signatures", 2)
+    tally.add("release files", len(release.RELEASE_FILES))
+    tally.signer = verified.signer
+    claimed = str(verified.provenance["predicate"]["runDetails"]["metadata"].get("invocationId"))
+    _same("the provenance's run", where.url(signing.PROVENANCE), manifest.get("pathspec"), claimed)
     weights = _weights_fingerprint(files["model.keras"], where.url("model.keras"))
-    _same("the release's model fingerprint", f"weights in {where.url('model.keras')}",
+    _same("the release's model fingerprint", f"architecture and weights in {where.url('model.keras')}",
           manifest.get("model_fingerprint"), weights)
+    tally.add("fingerprints")
+    if graph is None and find_graph is not None:
+        graph = find_graph(manifest["pathspec"]) if manifest.get("pathspec") else None
+        if graph is None:
+            raise Mismatch("the run the release names", where.url("manifest.json"),
+                           f"a finished run {manifest.get('pathspec')} known to this Metaflow", "no such run")
     if graph is not None:
         entry = graph["stages"].get("release", {}).get("outputs", {}).get("manifest.json")
         _same("release manifest.json", where.url("manifest.json"), entry["sha256"] if entry else None,
@@ -144,7 +172,7 @@ def verify_release(location: str, *, s3_endpoint_url: str | None = None, graph: 
         for key in ("model_fingerprint", "dataset_fingerprint"):
             _same(f"the release's {key.replace('_', ' ')}", where.url("manifest.json"), graph.get(key),
                   manifest.get(key))
-    tally.add("release files")
+        tally.add("lineage records")
     return tally
 
 

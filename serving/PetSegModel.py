@@ -8,11 +8,15 @@ Environment (read here only; `petseg.serving` does the work):
 
 - MODEL_URI: release directory, ``s3://bucket/prefix`` or ``PetSegFlow/<id>`` (required).
 - MODEL_FINGERPRINT: expected model fingerprint; on a mismatch the server does not start.
+- PETSEG_TRUSTED_KEYS: the public key file or directory a release's signature must verify against
+  (default: the trusted keys of petseg's configuration directory, `petseg.keys`); a release that is
+  unsigned, signed by another key or changed since it was signed is refused, and the server does not start.
 - FEEDBACK_URI: directory or ``s3://`` prefix for feedback samples; unset, feedback is refused.
 - MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`).
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server.
 """
 
+import logging
 import os
 import threading
 import time
@@ -21,6 +25,7 @@ from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
 from petseg import feedback, messages, release, serving
+from petseg.errors import PetsegError
 
 
 class PetSegModel:
@@ -39,10 +44,14 @@ class PetSegModel:
         self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags)
 
     def load(self) -> None:
-        """Loads the release once per server process; a fingerprint mismatch stops the server."""
-        loaded = release.load_release(
-            self.model_uri, expected_fingerprint=self.expected_fingerprint, s3_endpoint_url=self.s3_endpoint_url
-        )
+        """Loads the release once per server process; a release that does not verify stops the server."""
+        try:
+            loaded = release.load_release(
+                self.model_uri, expected_fingerprint=self.expected_fingerprint, s3_endpoint_url=self.s3_endpoint_url
+            )
+        except PetsegError as err:
+            logging.getLogger(__name__).error("refusing to serve %s: %s", self.model_uri, err)
+            raise
         store = None
         if self.feedback_uri:
             store = feedback.FeedbackStore(self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url)

@@ -10,7 +10,7 @@ fingerprint as ``model_fingerprint``; these commands read them from the run's
     petseg lineage latest --openlineage  # the OpenLineage events kept beside the datastore
     petseg lineage --model 3f2a9c1d      # runs whose model fingerprint starts so
     petseg verify latest                 # re-hash every file the run names (exit 1 at the first mismatch)
-    petseg verify --release DIR_OR_S3    # the same for a release
+    petseg verify --release DIR_OR_S3    # a release: its signature and provenance, then its files and its run
     petseg verify --model 3f2a9c1d       # every run that made the model
 """
 
@@ -48,8 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="re-hash every stored file of a run or a release and check it against its fingerprints and lineage",
         description="Read back every file a run or a release names (shards, model weights, calibration table, "
                     "manifest, reports) from wherever it lives, re-hash it, and check it against the run's "
-                    "fingerprints, its lineage graph and, with --pachyderm, its Pachyderm commits. Exit 0 with a "
-                    "one-line summary when all match; exit 1 naming the first file that does not.",
+                    "fingerprints, its lineage graph and, with --pachyderm, its Pachyderm commits. A release is "
+                    "checked first for its signature and SLSA provenance, against the public keys that "
+                    "$PETSEG_TRUSTED_KEYS names (default: the keys directory of petseg's configuration). Exit 0 "
+                    "with a one-line summary naming the signer's key when all match; exit 1 naming the first "
+                    "check that does not.",
     )
     parser.add_argument("run", nargs="?", help=f"'latest', a run id, or {runs.FLOW}/<run id>")
     parser.add_argument("--release", metavar="DIR_OR_S3", help="a release directory or s3:// prefix")
@@ -131,13 +134,7 @@ def verify_command(args: argparse.Namespace) -> int:
     endpoint = args.s3_endpoint_url or stages.s3_endpoint()
     try:
         if args.release:
-            tally = verify.Tally()
-            manifest_run = _release_run(args.release, endpoint)
-            graph = runs.graph_of_pathspec(manifest_run) if manifest_run else None
-            if graph is None:
-                tally.notes.append(f"run {manifest_run or '(unnamed)'} not found here: checked against the "
-                                   "manifest only")
-            verify.verify_release(args.release, s3_endpoint_url=endpoint, graph=graph, tally=tally)
+            tally = verify.verify_release(args.release, s3_endpoint_url=endpoint, find_graph=runs.graph_of_pathspec)
             print(tally.summary(f"release {args.release}"))
             return 0
         specs = [args.run] if args.run else [g["pathspec"] for g in
@@ -155,17 +152,7 @@ def verify_command(args: argparse.Namespace) -> int:
             print(tally.summary(f"{run.pathspec} (dataset {graph['dataset_fingerprint'][:12]}, "
                                 f"model {graph['model_fingerprint'][:12]})"))
     except verify.Mismatch as mismatch:
-        print(f"MISMATCH {mismatch}")
+        print(f"{'REFUSED' if isinstance(mismatch, verify.Refusal) else 'MISMATCH'} {mismatch}")
         return 1
     return 0
 
-
-def _release_run(location: str, endpoint: str | None) -> str | None:
-    """The run a release's manifest names, or None."""
-    from petseg.storage import Location
-
-    try:
-        manifest = json.loads(Location(location, s3_endpoint_url=endpoint, what="release").read_bytes("manifest.json"))
-    except (ValueError, OSError):
-        return None
-    return manifest.get("pathspec")

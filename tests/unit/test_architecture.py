@@ -9,10 +9,10 @@ PACKAGE = Path(petseg.__file__).parent
 
 # docs/ARCHITECTURE.md's layers, lowest first. A module may import its own layer and those below.
 LAYERS = (
-    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs"}),
+    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs", "keys"}),
     ("data", {"archive", "sources", "synth", "scenes", "data", "split", "shards", "pipeline"}),
     ("model", {"model", "metrics", "baselines", "determinism", "train", "tune", "calibration"}),
-    ("release", {"release", "report"}),
+    ("release", {"release", "report", "signing", "provenance"}),
     ("serving", {"messages", "feedback", "serving", "v2_messages", "v2_http"}),
     ("operations", {"deploy_local", "deploy_kubernetes", "kubeconfig", "client"}),
     ("runs and lineage", {"runs", "lineage", "pachyderm", "pachd_client", "lineage_events", "verify"}),

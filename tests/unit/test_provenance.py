@@ -125,18 +125,17 @@ def test_a_release_records_its_file_hashes_and_loads(small_release):
 def test_a_release_with_one_byte_changed_does_not_load_or_verify(small_release, name):
     original = flip_one_byte(small_release / name)
     try:
-        with pytest.raises(ModelError, match=f"does not verify: {name} hashes to"):
+        found = hashlib.sha256((small_release / name).read_bytes()).hexdigest()
+        with pytest.raises(ModelError, match=f"does not verify against key [0-9a-f]{{16}}: {name} hashes to {found}"):
             release.load_release(str(small_release))
-        with pytest.raises(verify.Mismatch) as mismatch:
+        with pytest.raises(verify.Refusal) as refused:
             verify.verify_release(str(small_release))
-        assert mismatch.value.what == f"release {name}" and str(small_release / name) in mismatch.value.where
-        assert mismatch.value.expected == json.loads((small_release / "manifest.json").read_text())["sha256"][name]
-        assert mismatch.value.found == hashlib.sha256((small_release / name).read_bytes()).hexdigest()
+        assert f"{name} hashes to {found} but was signed as" in str(refused.value)
     finally:
         (small_release / name).write_bytes(original)
 
 
-def test_a_release_whose_manifest_records_no_hashes_does_not_load(small_release, tmp_path):
+def test_a_manifest_without_hashes_is_refused_by_its_signature_and_by_the_hash_check(small_release, tmp_path):
     import shutil
 
     copy = tmp_path / "old"
@@ -144,22 +143,25 @@ def test_a_release_whose_manifest_records_no_hashes_does_not_load(small_release,
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["sha256"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelError, match="records no sha256"):
+    with pytest.raises(ModelError, match="manifest.json hashes to"):
         release.load_release(str(copy))
+    files = {name: (copy / name).read_bytes() for name in release.HASHED_FILES}
+    with pytest.raises(ModelError, match="records no sha256"):
+        release.check_files(manifest, files, uri=str(copy))
 
 
 def test_a_release_on_s3_verifies_and_names_a_changed_file(s3, moto_endpoint, small_release):
     s3.create_bucket(Bucket="releases")
-    for name in release.RELEASE_FILES:
+    for name in release.ALL_FILES:
         s3.upload_file(str(small_release / name), "releases", f"r/petseg-7/{name}")
     tally = verify.verify_release("s3://releases/r/petseg-7", s3_endpoint_url=moto_endpoint)
     assert tally.counts["release files"] == 3
     changed = bytearray((small_release / "calibration.json").read_bytes())
     changed[10] ^= 0x01
     s3.put_object(Bucket="releases", Key="r/petseg-7/calibration.json", Body=bytes(changed))
-    with pytest.raises(verify.Mismatch, match="release calibration.json does not match") as mismatch:
+    with pytest.raises(verify.Refusal, match="calibration.json hashes to [0-9a-f]{64} but was signed as") as refused:
         verify.verify_release("s3://releases/r/petseg-7", s3_endpoint_url=moto_endpoint)
-    assert mismatch.value.where == "s3://releases/r/petseg-7/calibration.json"
+    assert refused.value.where == "s3://releases/r/petseg-7"
     with pytest.raises(ModelError, match="calibration.json hashes to"):
         release.load_release("s3://releases/r/petseg-7/", s3_endpoint_url=moto_endpoint)
 
