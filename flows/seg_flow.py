@@ -194,6 +194,7 @@ class PetSegFlow(FlowSpec):
                                                    target=self.lineage_target, **self._fingerprints())
         self.next(self.release)
 
+    @hooks.signing_key_secret  # on Kubernetes, only this step's pod gets the signing key
     @step
     def release(self):
         """Quality gate on validation mIoU; a passing model gets a signed release and a deployment."""

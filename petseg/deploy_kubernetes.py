@@ -55,6 +55,12 @@ RUNTIME = "petseg.mlserver_runtime.PetSegRuntime"
 CAPABILITY = "petseg"
 """The Seldon Core v2 capability a Server of the petseg image offers and a petseg Model requires."""
 DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "1536Mi"}, "limits": {"memory": "3Gi"}}
+SERVING_SECRETS = ("petseg-serving-s3",)
+"""The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, write feedback,
+nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
+TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
+"""The public keys a served release must be signed by (k8s/base/trusted-keys-configmap.yaml); servers get no private key."""
+TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
 
 
 def deployment_name(version: str) -> str:
@@ -88,7 +94,7 @@ def render_seldon_deployment(
     replicas: int = 1,
     feedback_uri: str | None = None,
     s3_endpoint_url: str | None = None,
-    secrets: list[str] | tuple[str, ...] = (),
+    secrets: list[str] | tuple[str, ...] = SERVING_SECRETS,
     resources: dict | None = None,
     template: str | os.PathLike = TEMPLATE,
 ) -> dict:
@@ -102,10 +108,11 @@ def render_seldon_deployment(
             Must be an ``s3://`` prefix or a ``PetSegFlow/<id>`` pathspec.
         namespace: Kubernetes namespace.
         replicas: Number of serving pods.
-        feedback_uri: ``s3://`` prefix for feedback samples; default
-            ``<model_uri>/feedback`` for an s3 release, none for a run pathspec.
+        feedback_uri: ``s3://`` prefix for feedback samples; default outside the release
+            (`petseg.deploy_local.default_feedback_uri`), none for a run pathspec.
         s3_endpoint_url: Endpoint of a non-AWS S3 server (AWS_ENDPOINT_URL in the pod).
-        secrets: Secrets whose keys become the pod's environment (S3 credentials).
+        secrets: Secrets whose keys become the pod's environment: the serving
+            credential (`SERVING_SECRETS`), read-only on releases.
         resources: Container resources; default `DEFAULT_RESOURCES`.
         template: The YAML template.
 
@@ -130,7 +137,7 @@ def render_inference_service(
     namespace: str = "default",
     replicas: int = 1,
     s3_endpoint_url: str | None = None,
-    secrets: list[str] | tuple[str, ...] = (),
+    secrets: list[str] | tuple[str, ...] = SERVING_SECRETS,
     resources: dict | None = None,
     template: str | os.PathLike = INFERENCE_SERVICE_TEMPLATE,
 ) -> dict:
@@ -185,7 +192,7 @@ def render_seldon_server(
     name: str = "petseg-mlserver",
     replicas: int = 1,
     s3_endpoint_url: str | None = None,
-    secrets: list[str] | tuple[str, ...] = (),
+    secrets: list[str] | tuple[str, ...] = SERVING_SECRETS,
     template: str | os.PathLike = SELDON_SERVER_TEMPLATE,
 ) -> dict:
     """The Seldon Core v2 Server (mlops.seldon.io/v1alpha1) whose MLServer runs the petseg image.
@@ -198,8 +205,8 @@ def render_seldon_server(
     _check_replicas(replicas)
     env = [{"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url}] if s3_endpoint_url else []
     values = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
-              "replicas": replicas, "image": image, "env": env, "capabilities": [CAPABILITY],
-              "env_from": [{"secretRef": {"name": secret}} for secret in secrets]}
+              "replicas": replicas, "image": image, "env": env + _trusted_keys_env(), "capabilities": [CAPABILITY],
+              "env_from": [{"secretRef": {"name": secret}} for secret in secrets], **_trusted_keys_volume()}
     return _fill(template, values)
 
 
@@ -356,9 +363,19 @@ def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, r
     if s3_endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
     return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
-            "replicas": replicas, "image": image, "env": env,
+            "replicas": replicas, "image": image, "env": env + _trusted_keys_env(),
             "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
-            "resources": resources or DEFAULT_RESOURCES}
+            "resources": resources or DEFAULT_RESOURCES, **_trusted_keys_volume()}
+
+
+def _trusted_keys_env() -> list[dict]:
+    return [{"name": "PETSEG_TRUSTED_KEYS", "value": TRUSTED_KEYS_PATH}]
+
+
+def _trusted_keys_volume() -> dict:
+    """The trusted public keys, a ConfigMap mounted read-only (the servers' only key material)."""
+    return {"volumes": [{"name": "trusted-keys", "configMap": {"name": TRUSTED_KEYS_CONFIGMAP}}],
+            "volume_mounts": [{"name": "trusted-keys", "mountPath": TRUSTED_KEYS_PATH, "readOnly": True}]}
 
 
 def _check_image(image: str) -> None:

@@ -17,8 +17,10 @@ runtime's warm-up prediction), and returns what the flow records;
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +32,7 @@ from pathlib import Path
 import requests
 
 from petseg.errors import ConfigError, ServingError
+from petseg.userdirs import state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_DIR = ROOT / "serving"
@@ -63,18 +66,18 @@ def deploy_local(
         port: REST port; None picks a free one. gRPC and metrics ports are
             always picked free.
         host: Host name the returned URL uses (the server listens on all interfaces).
-        log_path: File for the server's output; default ``serving.log`` in a
-            local release directory, else a file in the temp directory.
+        log_path: File for the server's output; default ``serving.log`` in the
+            deployment's `record_dir` (outside the release, which is signed).
         timeout: Seconds to wait until it predicts.
         fingerprint: Model fingerprint the server must find (MODEL_FINGERPRINT).
         feedback_uri: Feedback store of the Seldon server; default
-            ``<release>/feedback`` (none for a run pathspec). The Open
+            `default_feedback_uri` (none for a run pathspec). The Open
             Inference Protocol has no feedback call.
 
     Returns:
         ``{"kind": "local", "server", "protocol", "url", "pid", "port", "grpc_port", "metrics_port", "log",
-        "model_uri"}`` (``protocol`` is ``seldon`` or ``v2``); a local release
-        directory also gets it as ``deployment.json``.
+        "model_uri"}`` (``protocol`` is ``seldon`` or ``v2``), also written as
+        ``deployment.json`` in the deployment's `record_dir`.
 
     Raises:
         ConfigError: ``server`` is not one of `SERVERS`.
@@ -87,11 +90,8 @@ def deploy_local(
     model_uri = str(Path(release_dir).resolve()) if local else str(release_dir)
     free = _free_ports(3)
     port, grpc_port, metrics_port = port or free[0], free[1], free[2]
-    if log_path is None and local:
-        log_path = Path(model_uri, "serving.log")
-    elif log_path is None:
-        log_path = Path(tempfile.gettempdir(), f"petseg-serving-{port}.log")
-    log_path = Path(log_path)
+    record = record_dir(model_uri)
+    log_path = Path(log_path or record / "serving.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command, cwd, env = _server_process(server, model_uri, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                                         fingerprint=fingerprint, feedback_uri=feedback_uri)
@@ -119,9 +119,17 @@ def deploy_local(
         "log": str(log_path),
         "model_uri": model_uri,
     }
-    if local:
-        (Path(model_uri) / "deployment.json").write_text(json.dumps(deployment, indent=2) + "\n", encoding="utf-8")
+    record.mkdir(parents=True, exist_ok=True)
+    (record / "deployment.json").write_text(json.dumps(deployment, indent=2) + "\n", encoding="utf-8")
     return deployment
+
+
+def record_dir(model_uri: str | os.PathLike) -> Path:
+    """Where a local deployment of a release keeps ``deployment.json`` and ``serving.log``: petseg's state
+    directory, not the release (a signed release never changes)."""
+    resolved = str(Path(model_uri).resolve()) if Path(model_uri).is_dir() else str(model_uri)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(resolved.rstrip("/")).name) or "release"
+    return state_dir() / "deployments" / f"{name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
 
 
 def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
@@ -186,7 +194,7 @@ def serve_foreground(
         server: ``seldon`` or ``mlserver``.
         grpc_port: gRPC port; None picks a free one.
         fingerprint: Model fingerprint the server must find.
-        feedback_uri: Feedback store of the Seldon server; default ``<release>/feedback`` (none for a run pathspec).
+        feedback_uri: Feedback store of the Seldon server; default `default_feedback_uri` (none for a run pathspec).
 
     Returns:
         The server's exit status.
@@ -215,10 +223,16 @@ def serve_foreground(
 
 
 def default_feedback_uri(model_uri: str) -> str | None:
-    """``<release>/feedback`` for a release directory or ``s3://`` prefix; None for a run pathspec."""
+    """Feedback of a release directory or ``s3://`` prefix, outside it (a signed release never changes):
+    ``<root>/feedback/<version>`` beside ``<root>/releases/<version>``, else ``<release>-feedback``;
+    None for a run pathspec. A separate prefix, so a store's policy can let servers write feedback and only
+    read releases."""
     if model_uri.startswith("PetSegFlow/"):
         return None
-    return model_uri.rstrip("/") + "/feedback"
+    parent, _, name = model_uri.rstrip("/").rpartition("/")
+    if parent == "releases" or parent.endswith("/releases"):
+        return f"{parent[:-len('releases')]}feedback/{name}"
+    return model_uri.rstrip("/") + "-feedback"
 
 
 def microservice_command(*, port: int, grpc_port: int, metrics_port: int,

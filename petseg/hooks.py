@@ -18,6 +18,10 @@ environment for both):
   launching process for a local or ``--with kubernetes`` run; on a scheduler
   (Argo Workflows) there is no such process, and there the metadata service
   lets `tag_run` tag from the steps themselves.
+- `signing_key_secret` (on the release step) hands the release signing key to
+  that step's pod alone when the run goes to Kubernetes: the Secret
+  ``$PETSEG_SIGNING_SECRET`` (default ``petseg-signing``, holding
+  ``PETSEG_SIGNING_KEY``) joins the step's ``@kubernetes`` secrets.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from metaflow import FlowMutator, UserStepDecorator, current
+from metaflow import FlowMutator, StepMutator, UserStepDecorator, current
 from metaflow.decorators import StepDecorator, _base_step_decorator
 
 from petseg import codeversion, lineage_events, stages
@@ -211,6 +215,19 @@ class openlineage_events(FlowMutator):  # noqa: N801 - used like Metaflow's own 
     def pre_mutate(self, mutable_flow):
         for _name, step in mutable_flow.steps:
             step.add_decorator(StepEvents, deco_kwargs={})
+
+
+class signing_key_secret(StepMutator):  # noqa: N801 - used like Metaflow's own decorators
+    """``@signing_key_secret`` on a step: on Kubernetes its pod, and no other, gets the signing key's Secret."""
+
+    def mutate(self, mutable_step):
+        # After the command line: a `--with kubernetes` decorator is there to extend; a local run has none.
+        secret = os.environ.get("PETSEG_SIGNING_SECRET") or "petseg-signing"
+        for name, _, args, kwargs in list(mutable_step.decorator_specs):
+            secrets = list(kwargs.get("secrets") or [])
+            if name == "kubernetes" and secret not in secrets:
+                mutable_step.add_decorator("kubernetes", deco_args=args, duplicates=mutable_step.OVERRIDE,
+                                           deco_kwargs={**kwargs, "secrets": secrets + [secret]})
 
 
 def _artifact(flow, name: str):

@@ -402,8 +402,9 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
 
 @_glue
 def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon") -> dict | None:
-    """Hand the release to the serving deployment chosen by ``--deploy`` (Metaflow's Kubernetes settings)."""
-    from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE, KUBERNETES_SECRETS
+    """Hand the release to the serving deployment chosen by ``--deploy`` (Metaflow's Kubernetes settings; the pods
+    get ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
+    from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE
 
     if target == "none":
         return None
@@ -416,7 +417,8 @@ def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon") ->
 
     return deploy_kubernetes.deploy_kubernetes(
         manifest, server=server, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
-        s3_endpoint_url=_s3_endpoint(), secrets=[s for s in (KUBERNETES_SECRETS or "").split(",") if s])
+        s3_endpoint_url=_s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
+                                                                            "petseg-serving-s3").split(",") if s])
 
 
 def _fault_drill(step_name: str) -> None:

@@ -86,9 +86,10 @@ def stop_command(args: argparse.Namespace) -> int:
         ServingError: nothing recorded a local deployment there, or it is served on Kubernetes.
     """
     if Path(args.run).is_dir():
-        record = Path(args.run) / "deployment.json"
+        record = deploy_local.record_dir(args.run) / "deployment.json"
         if not record.is_file():
-            raise ServingError(f"{args.run} has no deployment.json: it was not deployed with deploy_local")
+            raise ServingError(f"{args.run} has no deployment.json in {record.parent}: it was not deployed "
+                               "with deploy_local")
         deployment = json.loads(record.read_text(encoding="utf-8"))
     else:
         deployment = runs.release_artifact(args.run, "deployment")

@@ -61,7 +61,8 @@ def _mask(answer: dict, form: str) -> np.ndarray:
 def test_deployment_record(server, release_dir):
     assert server["url"] == f"http://127.0.0.1:{server['port']}"
     assert len({server["port"], server["grpc_port"], server["metrics_port"]}) == 3
-    assert json.loads((release_dir / "deployment.json").read_text())["pid"] == server["pid"]
+    assert json.loads((deploy_local.record_dir(release_dir) / "deployment.json").read_text())["pid"] == server["pid"]
+    assert not (release_dir / "deployment.json").exists()  # the signed release stays as it was signed
 
 
 def test_ndarray_uint8_answers_probabilities_with_provenance(http, server, tags):

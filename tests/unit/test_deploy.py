@@ -62,7 +62,7 @@ def test_inference_service_runs_the_mlserver_launcher_with_the_release():
     assert container["command"] == ["python", "-m", "petseg.mlserver_runtime", "/app/serving/mlserver"]
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
-                   "AWS_ENDPOINT_URL": "http://minio:9000"}
+                   "AWS_ENDPOINT_URL": "http://minio:9000", "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/petseg/ready"
     assert container["envFrom"] == [{"secretRef": {"name": "petseg-s3"}}]
 
@@ -95,11 +95,46 @@ def test_render_fills_the_template():
     assert container["name"] == rendered["spec"]["predictors"][0]["graph"]["name"]
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
-                   "FEEDBACK_URI": MANIFEST["model_uri"] + "/feedback"}
+                   "FEEDBACK_URI": "s3://bucket/metaflow/feedback/petseg-1732791234567890",
+                   "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys"}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health/status", "port": "http"}
     assert container["resources"] == deploy_kubernetes.DEFAULT_RESOURCES
-    assert container["envFrom"] == []
+    assert container["envFrom"] == [{"secretRef": {"name": "petseg-serving-s3"}}]
+
+
+def _pod(rendered: dict) -> dict:
+    if rendered["kind"] == "SeldonDeployment":
+        return rendered["spec"]["predictors"][0]["componentSpecs"][0]["spec"]
+    return rendered["spec"]["predictor"] if rendered["kind"] == "InferenceService" else rendered["spec"]["podSpec"]
+
+
+@pytest.mark.parametrize("render", ["seldon", "kserve", "seldon-v2-server"])
+def test_serving_pods_get_least_privilege(render):
+    """Read-only credentials of their own, public keys only (mounted read-only), feedback outside the release."""
+    rendered = {"seldon": lambda: deploy_kubernetes.render_seldon_deployment(MANIFEST, image="petseg:1"),
+                "kserve": lambda: deploy_kubernetes.render_inference_service(MANIFEST, image="petseg:1"),
+                "seldon-v2-server": lambda: deploy_kubernetes.render_seldon_server(image="petseg:1")}[render]()
+    pod = _pod(rendered)
+    (container,) = pod["containers"]
+    secrets = [source["secretRef"]["name"] for source in container["envFrom"]]
+    assert secrets == ["petseg-serving-s3"]  # never the flow's petseg-s3, never the signing key
+    assert not any("signing" in name for name in secrets)
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["PETSEG_TRUSTED_KEYS"] == "/etc/petseg/trusted-keys"
+    assert not any(name.startswith("PETSEG_SIGNING") or name.startswith("AWS_SECRET") for name in env)
+    (mount,) = container["volumeMounts"]
+    assert mount == {"name": "trusted-keys", "mountPath": "/etc/petseg/trusted-keys", "readOnly": True}
+    assert pod["volumes"] == [{"name": "trusted-keys", "configMap": {"name": "petseg-trusted-keys"}}]
+    if "FEEDBACK_URI" in env:
+        assert not env["FEEDBACK_URI"].startswith(MANIFEST["model_uri"])  # a separate prefix
+
+
+def test_feedback_goes_beside_the_releases_not_into_one():
+    assert deploy_local.default_feedback_uri("s3://b/m/petseg/releases/petseg-7/") == "s3://b/m/petseg/feedback/petseg-7"
+    assert deploy_local.default_feedback_uri("/data/releases/petseg-7") == "/data/feedback/petseg-7"
+    assert deploy_local.default_feedback_uri("/data/my-release") == "/data/my-release-feedback"
+    assert deploy_local.default_feedback_uri("PetSegFlow/7") is None
 
 
 def test_render_labels_provenance_shortened_and_annotates_it_in_full():

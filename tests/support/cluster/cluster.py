@@ -435,6 +435,14 @@ class LocalCluster:
                                f"expected {sorted(credentials)}")
         secret["stringData"] = credentials
         self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(secret))
+        # The release step's signing key (its pod alone gets this Secret): a fresh P-256 key per cluster.
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        signing = yaml.safe_load((REPO / "k8s" / "base" / "signing-secret.template.yaml").read_text())
+        signing["stringData"] = {"PETSEG_SIGNING_KEY": ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()}
+        self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(signing))
 
         def token() -> str:
             name = self._get(admin, "serviceaccount", SERVICE_ACCOUNT)["secrets"][0]["name"]
