@@ -85,7 +85,7 @@ def test_verify_proves_a_run_its_release_and_its_model(released_run, flow_pachd)
         assert checked in line
     manifest = released_run["release"].task.data.manifest
     result = petseg("verify", "--release", manifest["location"])
-    assert result.returncode == 0 and result.stdout.startswith(f"verified release {manifest['location']}: ")
+    assert result.returncode == 0 and result.stdout.startswith(f"verified release {manifest['location']}, signed by key ")
     result = petseg("verify", "--model", manifest["model_fingerprint"][:16])
     assert result.returncode == 0 and f"PetSegFlow/{released_run.id} " in result.stdout
 
@@ -94,8 +94,9 @@ def test_verify_names_a_shard_the_weights_or_the_calibration_table_with_one_byte
     release_dir = Path(released_run["release"].task.data.manifest["location"])
     shard = released_run["transform"].task.data.splits["splits"]["test"][0]
     blob = Path(released_run["start"].task.data.blob_root) / shard["sha256"][:2] / shard["sha256"]
-    for path, named in ((blob, f"shard {shard['name']}"), (release_dir / "model.keras", "release model.keras"),
-                        (release_dir / "calibration.json", "release calibration.json")):
+    refused = f"REFUSED release {release_dir} does not verify against key "
+    for path, named in ((blob, f"MISMATCH shard {shard['name']} does not match: expected "),
+                        (release_dir / "model.keras", refused), (release_dir / "calibration.json", refused)):
         original = flip_one_byte(path)
         try:
             result = petseg("verify", released_run.id)
@@ -104,7 +105,7 @@ def test_verify_names_a_shard_the_weights_or_the_calibration_table_with_one_byte
             path.write_bytes(original)
         assert result.returncode == 1, result.stdout + result.stderr
         (line,) = result.stdout.splitlines()
-        assert line.startswith(f"MISMATCH {named} does not match: expected ") and str(path) in line
+        assert line.startswith(named) and (str(path) in line or f"{path.name} hashes to {found}" in line)
         assert lineage.sha256(original) in line and found in line
     assert petseg("verify", released_run.id).returncode == 0
 

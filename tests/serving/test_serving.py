@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from petseg import client, data, deploy_local, feedback, release, serving
-from petseg.errors import ServingError
+from petseg.errors import ModelError, ServingError
 from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
 PREDICT = "/api/v1.0/predictions"
@@ -404,11 +404,11 @@ def test_fingerprint_mismatch_refuses_to_start(release_dir, manifest, tmp_path):
 
 def test_release_loads_from_s3(s3, moto_endpoint, release_dir, manifest):
     s3.create_bucket(Bucket="petseg")
-    for name in release.RELEASE_FILES:
+    for name in release.ALL_FILES:
         s3.upload_file(str(release_dir / name), "petseg", f"releases/v1/{name}")
     loaded = release.load_release("s3://petseg/releases/v1/", expected_fingerprint=manifest["model_fingerprint"],
                                   s3_endpoint_url=moto_endpoint)
-    assert loaded.uri == "s3://petseg/releases/v1/"
+    assert loaded.uri == "s3://petseg/releases/v1/" and loaded.signer
     assert loaded.tags()["model_fingerprint"] == manifest["model_fingerprint"]
 
 
@@ -417,7 +417,9 @@ def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
 
     artifacts = type("Data", (), {"model_keras": (release_dir / "model.keras").read_bytes(),
                                   "calibration": json.loads((release_dir / "calibration.json").read_text()),
-                                  "manifest": manifest})
+                                  "manifest": manifest,
+                                  "signatures": {name: (release_dir / name).read_bytes()
+                                                 for name in release.SIGNATURE_FILES}})
     task = type("Task", (), {"data": artifacts})
 
     def run(pathspec, _namespace_check=True):
@@ -426,7 +428,10 @@ def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
 
     monkeypatch.setattr(metaflow, "Run", run)
     loaded = release.load_release("PetSegFlow/1234")
-    assert loaded.tags()["pathspec"] == "PetSegFlow/1234"
+    assert loaded.tags()["pathspec"] == "PetSegFlow/1234" and loaded.signer
+    artifacts.signatures = {}
+    with pytest.raises(ModelError, match="release PetSegFlow/1234 is not signed"):
+        release.load_release("PetSegFlow/1234")
 
 
 def test_feedback_store_on_s3_is_read_back_by_ingest(s3, moto_endpoint, tmp_path):

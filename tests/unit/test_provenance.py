@@ -118,7 +118,7 @@ def test_a_release_records_its_file_hashes_and_loads(small_release):
         assert manifest["sha256"][name] == hashlib.sha256((small_release / name).read_bytes()).hexdigest()
     loaded = release.load_release(str(small_release))
     assert loaded.tags()["code_version"].endswith("-dirty") and loaded.tags()["code_package"] == "p" * 40
-    assert verify.verify_release(str(small_release)).summary("r").startswith("verified r: ")
+    assert verify.verify_release(str(small_release)).summary("r").startswith("verified r, signed by key ")
 
 
 @pytest.mark.parametrize("name", ["model.keras", "calibration.json"])
