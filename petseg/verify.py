@@ -70,8 +70,8 @@ class Tally:
 
     def summary(self, subject: str) -> str:
         parts = [f"{n} {kind}" for kind, n in self.counts.items()]
-        signed = f"; signed by key {self.signer[:16]} ({self.signer})" if self.signer else ""
-        return (f"verified {subject}: {', '.join(parts) or 'nothing'} match{signed}"
+        signed = f", signed by key {self.signer[:16]}" if self.signer else ""
+        return (f"verified {subject}{signed}: {', '.join(parts) or 'nothing'} match"
                 + "".join(f"; {n}" for n in self.notes))
 
 
