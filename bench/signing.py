@@ -46,7 +46,8 @@ def _parts(arch: str) -> dict:
     built = models.build(arch, image_size=128)
     rng = np.random.default_rng(0)
     probs = rng.random((4, 32, 32, 3)).astype(np.float32)
-    fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), (rng.random((4, 32, 32, 3)) > 0.5).astype(np.float32))
+    truth = (rng.random((4, 32, 32, 3)) > 0.5).astype(np.float32)
+    fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), truth)
     manifest = release.build_manifest(
         run_id="1", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(built), dataset_fingerprint="d" * 64,
         code_version="bench", metrics={}, settings={"code": {}}, location="bench", image_size=128)

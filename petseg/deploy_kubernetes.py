@@ -59,7 +59,7 @@ SERVING_SECRETS = ("petseg-serving-s3",)
 """The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, write feedback,
 nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
 TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
-"""The public keys a served release must be signed by (k8s/base/trusted-keys-configmap.yaml); servers get no private key."""
+"""The public keys a served release must be signed by (k8s/base/trusted-keys.template.yaml); no private key."""
 TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
 
 

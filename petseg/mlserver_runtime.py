@@ -86,11 +86,12 @@ class PetSegRuntime(MLModel):
         parameters = self.settings.parameters
         uri = os.environ.get("MODEL_URI") or (parameters.uri if parameters else None) or ""
         extra = (parameters.extra if parameters else None) or {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
         try:
             loaded = release.load_release(
                 uri,
                 expected_fingerprint=extra.get("model_fingerprint") or os.environ.get("MODEL_FINGERPRINT") or None,
-                s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None,
+                s3_endpoint_url=endpoint,
             )
         except PetsegError as err:
             logging.getLogger("mlserver").error("refusing to serve %s: %s", uri, err)

@@ -1,4 +1,4 @@
-"""The release format, both ways: the quality gate, the manifest, `export` (write, signed) and `load_release` (read, verified).
+"""The release format, both ways: the quality gate, the manifest, `export` (signed) and `load_release` (verified).
 
 A release directory holds everything the serving process needs and nothing it
 has to unpickle: ``model.keras`` (Keras format, loaded with safe_mode),

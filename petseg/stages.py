@@ -382,7 +382,8 @@ def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, st
 
 @_glue
 def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, settings: dict, parameters: dict,
-                   environment: dict, dataset_fingerprint: str, model_fingerprint: str, store: str) -> tuple[dict, dict]:
+                   environment: dict, dataset_fingerprint: str, model_fingerprint: str,
+                   store: str) -> tuple[dict, dict]:
     """Export this run's release beside its blobs, signed with the key of `petseg.keys` (`petseg.release.publish`);
     return its manifest and its signature files (model.sig, the signed provenance)."""
     from petseg import keys, release, runs

@@ -25,7 +25,6 @@ the found hash. The functions take explicit values: the command line
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
