@@ -16,7 +16,7 @@ ARTIFACTS = {
     "train": ["model_keras", "model_fingerprint", "history", "tensorboard_logs", "environment"],
     "calibrate": ["calibration", "calibration_report"],
     "evaluate": ["metrics"],
-    "release": ["released", "gate_message", "manifest", "deployment"],
+    "release": ["released", "gate_message", "manifest", "signatures", "deployment"],
     "end": ["summary", "lineage_graph"],
 }
 
@@ -110,7 +110,9 @@ def test_gate_passes_and_release_is_complete(released_run):
     from pathlib import Path
 
     location = Path(manifest["location"])
-    assert sorted(p.name for p in location.iterdir()) == ["calibration.json", "manifest.json", "model.keras"]
+    assert sorted(p.name for p in location.iterdir()) == ["calibration.json", "manifest.json", "model.keras",
+                                                          "model.sig", "provenance.sigstore.json"]
+    assert {name: (location / name).read_bytes() for name in data.signatures} == data.signatures
     assert json.loads((location / "manifest.json").read_text()) == manifest
     from petseg import model as models
 
