@@ -45,7 +45,7 @@ _IMAGE_BYTES = "base64 of JPEG or PNG bytes"
 
 
 class BadRequest(DataError):
-    """A request the service cannot use; answered with HTTP 400, or 413 when it is too large.
+    """A request the service cannot use; answered with HTTP 400, 413 when it is too large, 429 over a quota.
 
     Args:
         kind: Short upper-case category, e.g. ``BAD_SHAPE``.
@@ -62,8 +62,8 @@ class BadRequest(DataError):
 
     @property
     def status(self) -> int:
-        """The HTTP status that answers it: 413 (Content Too Large) for ``TOO_LARGE``, else 400."""
-        return 413 if self.kind == "TOO_LARGE" else 400
+        """The HTTP status that answers it: 413 for ``TOO_LARGE``, 429 for ``TOO_MANY`` (a quota), else 400."""
+        return {"TOO_LARGE": 413, "TOO_MANY": 429}.get(self.kind, 400)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,20 +5,24 @@ adapts the Seldon wrapper; the serving work happens here, over plain values:
 
 - `Predictor`: resize to the model input, model, calibration, resize back.
 - `Service`: what one server process holds (a `petseg.release.Release`, its
-  predictor, request limits, a `petseg.feedback.FeedbackStore`); answers
-  predictions (`petseg.messages`), feedback and health checks.
+  predictor, request limits, a `petseg.quarantine.FeedbackStore`); answers
+  predictions (`petseg.messages`), feedback (stored as pending) and health checks.
 - `prediction_metrics` and `metadata`: Seldon custom metrics and model metadata.
-- `request_guard`, `read_message` and `Rejection`: every bad request becomes
-  HTTP 400 (413 when too large) with a JSON body saying what was expected and
-  what came, never a 500. A request is JSON (Content-Type application/json),
-  or the form field ``json`` that SeldonClient sends. A body over the limit is
-  read to its end (up to `DRAIN_FACTOR` times the limit) before the 413 goes
-  out, so that a client still sending it reads the answer, not a broken pipe.
+- `request_guard`, `read_message` and `Rejection`: a prediction without a
+  valid bearer token (when the server has tokens, `petseg.tokens`) and any
+  feedback without one answer 401 (403 for a token without the role); every
+  bad request becomes HTTP 400 (413 when too large, 429 over a feedback
+  quota) with a JSON body saying what was expected and what came, never a
+  500. A request is JSON (Content-Type application/json), or the form field
+  ``json`` that SeldonClient sends. The rest of a body refused unread (413,
+  401) is read for up to `DRAIN_SECONDS` before the answer goes out, so that
+  a client still sending it reads the answer, not a broken pipe.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Callable
 
 import flask
@@ -30,9 +34,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from petseg import oxford
 from petseg.errors import ModelError
-from petseg.feedback import FeedbackStore, parse_feedback
+from petseg.feedback import parse_feedback
 from petseg.messages import BadRequest, Limits, describe, encode_prediction, parse_prediction
+from petseg.quarantine import FeedbackStore
 from petseg.release import Release
+from petseg.tokens import AccessDenied, TokenTable
 
 
 # -- prediction -------------------------------------------------------------------------------------
@@ -111,14 +117,19 @@ class Service:
         probs = self.predictor.predict(payload.images)
         return encode_prediction(probs, payload), probs
 
-    def feedback(self, message: Any) -> dict:
-        """Stores the labelled image of a Feedback message.
+    def feedback(self, message: Any, *, identity: str) -> dict:
+        """Stores the labelled image of a Feedback message as pending review.
+
+        Args:
+            message: The decoded JSON of a Seldon Feedback message.
+            identity: Who sent it (the identity of the request's token).
 
         Returns:
-            ``{"sample_id", "store"}``.
+            ``{"sample_id", "status", "store"}``; ``status`` is ``pending`` or ``duplicate``.
 
         Raises:
-            BadRequest: The message is malformed, or no feedback store is set.
+            BadRequest: The message is malformed, no feedback store is set,
+                or the sender or the store is over its quota (``TOO_MANY``).
         """
         if self.feedback_store is None:
             raise BadRequest(
@@ -126,9 +137,9 @@ class Service:
                 got="a server without one",
             )
         sample = parse_feedback(message, limits=self.limits)
-        sample_id = self.feedback_store.add(sample, model_version=self.release.tags()["model_version"],
-                                            model_fingerprint=self.release.fingerprint)
-        return {"sample_id": sample_id, "store": self.feedback_store.root}
+        stored = self.feedback_store.add(sample, identity=identity, model_version=self.release.tags()["model_version"],
+                                         model_fingerprint=self.release.fingerprint)
+        return {**stored, "store": self.feedback_store.root}
 
     def health(self) -> dict:
         """Runs one prediction on a blank image; raises if the model cannot answer."""
@@ -180,21 +191,23 @@ def metadata() -> dict:
 PREDICT_VIEW = "Predict"
 FEEDBACK_VIEW = "SendFeedback"
 
-DRAIN_FACTOR = 4
-"""A body of up to this many times the limit is read to its end before a 413 answers it; a larger one is cut off."""
+DRAIN_SECONDS = 10.0
+"""How long the rest of a refused body is read and dropped before the answer goes out (nginx's lingering close)."""
+
+PREDICT_ROLE, FEEDBACK_ROLE = "predict", "feedback"
 
 
 class Rejection(SeldonMicroserviceException):
-    """A `BadRequest` as the Seldon wrapper answers it: HTTP 400 (413 when too large) with a JSON body.
+    """A `BadRequest` or `AccessDenied` as the Seldon wrapper answers it: its HTTP status with a JSON body.
 
     The body is ``{"status": {"code": 400, "reason", "info", "status": "FAILURE"}, "meta": {"tags"}}``.
 
     Args:
-        error: The bad request.
+        error: The bad request, or the missing or wrong token.
         tags: Provenance tags of the served release.
     """
 
-    def __init__(self, error: BadRequest, tags: dict[str, str]):
+    def __init__(self, error: BadRequest | AccessDenied, tags: dict[str, str]):
         super().__init__(str(error), status_code=error.status, reason=error.reason)
         self.tags = tags
 
@@ -210,8 +223,13 @@ class Rejection(SeldonMicroserviceException):
         }
 
 
-def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flask.Blueprint:
+def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]],
+                  tokens: TokenTable | None = None) -> flask.Blueprint:
     """A Flask blueprint that vets prediction and feedback requests before the wrapper reads them.
+
+    First the token: feedback always needs one with the ``feedback`` role (no
+    tokens, no feedback), a prediction one with the ``predict`` role when the
+    server has tokens; the identity goes to ``flask.g.petseg_identity``.
 
     The Seldon wrapper parses a request before the model sees it and answers
     some bad ones with HTTP 500: a wrong Content-Type, JSON it cannot decode
@@ -224,6 +242,7 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
     Args:
         limits: Size limits; the body may hold at most ``limits.max_bytes``.
         tags: Returns the provenance tags for error answers.
+        tokens: The bearer tokens the server accepts; None: predictions are open, feedback is refused.
 
     Returns:
         The blueprint.
@@ -236,6 +255,8 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
         if request.endpoint not in (PREDICT_VIEW, FEEDBACK_VIEW):
             return
         try:
+            flask.g.petseg_identity = authorize(tokens, request.headers.get("Authorization"),
+                                                feedback=request.endpoint == FEEDBACK_VIEW)
             message = read_message(request, max_bytes=limits.max_bytes)
             if request.endpoint == FEEDBACK_VIEW:
                 parse_feedback(message, limits=limits)
@@ -247,31 +268,46 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
                         expected="a Seldon Feedback message (request, response, reward, truth)",
                         got=str(getattr(err, "message", err)),
                     ) from None
-        except BadRequest as err:
-            if err.kind == "TOO_LARGE":
-                drain(request, limit=DRAIN_FACTOR * limits.max_bytes)
+        except (BadRequest, AccessDenied) as err:
+            if isinstance(err, AccessDenied) or err.kind == "TOO_LARGE":
+                drain(request, seconds=DRAIN_SECONDS)
             raise Rejection(err, tags()) from None
 
     return guard
 
 
-def drain(request: flask.Request, *, limit: int) -> None:
-    """Reads and drops what is left of a request body, up to ``limit`` bytes.
+def authorize(tokens: TokenTable | None, authorization: str | None, *, feedback: bool) -> str | None:
+    """The identity behind a request's ``Authorization`` header, or None for an open prediction.
+
+    Raises:
+        AccessDenied: 401 or 403 (feedback on a server without tokens: 401).
+    """
+    if tokens is None:
+        if feedback:
+            raise AccessDenied(401, "feedback needs a bearer token, and this server has none "
+                                    "(start it with PETSEG_TOKENS_FILE; petseg serve makes one)")
+        return None
+    return tokens.check(authorization, FEEDBACK_ROLE if feedback else PREDICT_ROLE).identity
+
+
+def drain(request: flask.Request, *, seconds: float) -> None:
+    """Reads and drops what is left of a request body for at most ``seconds``.
 
     The server closes the connection after an error answer; closing a socket
     with unread bytes makes the kernel reset it, and a client still sending
     the body sees a broken pipe instead of the answer. Reading the body first
-    lets it read the status and the JSON body.
+    lets it read the status and the JSON body. The bound is time, not bytes
+    (as nginx's lingering close): a fast client of any size reads its answer,
+    a slow one costs the worker at most ``seconds``.
     """
     stream = request.environ.get("wsgi.input")
-    if stream is None or (request.content_length or 0) > limit:
+    if stream is None:
         return
-    remaining = limit
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 2**16))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        chunk = stream.read(2**16)
         if not chunk:
             return
-        remaining -= len(chunk)
 
 
 def read_message(request: flask.Request, *, max_bytes: int) -> dict:
