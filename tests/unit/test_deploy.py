@@ -273,9 +273,10 @@ def test_deploy_kubernetes_returns_what_the_flow_records(monkeypatch):
 
 def test_microservice_command_serves_the_component_on_the_given_ports():
     command = deploy_local.microservice_command(port=1, grpc_port=2, metrics_port=3, cores=2)
-    assert command[1:4] == ["PetSegModel", "--service-type", "MODEL"]
-    assert command[4:10] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
-    assert command[10:] == ["--workers", "1", "--threads", "4"]
+    assert command[1:3] == ["-m", "petseg.seldon_launcher"]
+    assert command[3:6] == ["PetSegModel", "--service-type", "MODEL"]
+    assert command[6:12] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
+    assert command[12:] == ["--workers", "1", "--threads", "4"]
     assert (deploy_local.SERVING_DIR / "PetSegModel.py").is_file()
 
 
