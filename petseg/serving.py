@@ -21,6 +21,7 @@ adapts the Seldon wrapper; the serving work happens here, over plain values:
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Any, Callable
@@ -269,8 +270,7 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]],
                         got=str(getattr(err, "message", err)),
                     ) from None
         except (BadRequest, AccessDenied) as err:
-            if isinstance(err, AccessDenied) or err.kind == "TOO_LARGE":
-                drain(request, seconds=DRAIN_SECONDS)
+            drain(request, seconds=DRAIN_SECONDS)  # returns at once when the body was read
             raise Rejection(err, tags()) from None
 
     return guard
@@ -331,7 +331,14 @@ def read_message(request: flask.Request, *, max_bytes: int) -> dict:
                            got=f"{size} bytes" if size is not None else f"more than {max_bytes} bytes")
     if size is not None and size > max_bytes:
         raise too_large
-    request.max_content_length = max_bytes  # also bounds bodies sent without a length
+    if size is None and request.method == "POST":
+        # A body without a length (chunked): read at most one byte over the limit here, then
+        # hand werkzeug the bytes read (it does not bound a chunked body by max_content_length).
+        body = request.environ["wsgi.input"].read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise too_large
+        request.environ["wsgi.input"], request.environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+    request.max_content_length = max_bytes
     if request.mimetype == "multipart/form-data":
         raise BadRequest(
             "BAD_CONTENT_TYPE", where="Content-Type", expected="application/json", got="multipart/form-data",

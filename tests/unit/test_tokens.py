@@ -14,7 +14,9 @@ def _write(path, entries):
     return path
 
 
-def test_local_default_is_made_once_readable_by_its_owner_only(tmp_path):
+def test_local_default_is_made_once_readable_by_its_owner_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("PETSEG_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv(tokens.TOKENS_ENV, raising=False)
     path, made = tokens.ensure_local_tokens()
     assert made and path == tokens.tokens_path() and path.parent == tokens.config_dir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -23,7 +25,6 @@ def test_local_default_is_made_once_readable_by_its_owner_only(tmp_path):
     assert token.identity == "local" and token.roles == {"predict", "feedback"}
     assert tokens.ensure_local_tokens() == (path, False)
     assert tokens.client_token() == token.secret
-    path.unlink()
 
 
 def test_tokens_file_setting_names_the_file(tmp_path, monkeypatch):
