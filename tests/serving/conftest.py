@@ -10,6 +10,7 @@ too): ``tester`` may predict and send feedback, ``viewer`` only predict,
 """
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -97,7 +98,9 @@ def server(release_dir, manifest, tmp_path_factory, tokens_file):
 def mlserver(release_dir, manifest, tmp_path_factory, tokens_file):
     """MLServer with the petseg runtime: Open Inference Protocol over REST (``url``) and gRPC (``grpc_port``)."""
     feedback_dir = tmp_path_factory.mktemp("feedback-v2")
-    deployment = _deploy(release_dir, manifest, tmp_path_factory, server="mlserver", feedback_uri=str(feedback_dir))
+    # A copy of the release: each local deployment records itself in its release directory.
+    copy = shutil.copytree(release_dir, tmp_path_factory.mktemp("release-v2") / release_dir.name)
+    deployment = _deploy(copy, manifest, tmp_path_factory, server="mlserver", feedback_uri=str(feedback_dir))
     deployment["feedback_dir"] = feedback_dir
     yield deployment
     deploy_local.stop_local(deployment["pid"])
