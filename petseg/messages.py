@@ -111,6 +111,7 @@ class Payload:
         images: float32 (N, H, W, 3) in [0, 1].
         form: ``ndarray``, ``tensor``, ``binData`` or ``strData``: how they came
             and how the answer goes back.
+        size: (H, W) of the image sent when ``images`` holds it reduced; None when not reduced.
         batched: Whether an array came with a batch axis (NxHxWx3).
         encoded: The image file bytes, for binData and strData.
         encoded_format: ``JPEG`` or ``PNG`` for binData and strData.
@@ -121,14 +122,22 @@ class Payload:
     batched: bool = False
     encoded: bytes | None = None
     encoded_format: str | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def answer_size(self) -> tuple[int, int]:
+        """(H, W) of the answer: the request's image, which ``images`` may hold reduced (`decode_image`)."""
+        return self.size or tuple(self.images.shape[1:3])
 
 
-def parse_prediction(message: Any, *, limits: Limits) -> Payload:
+def parse_prediction(message: Any, *, limits: Limits, work_side: int | None = None) -> Payload:
     """Reads the images of a prediction request.
 
     Args:
         message: The decoded JSON of a SeldonMessage.
         limits: Size limits.
+        work_side: Decode a JPEG or PNG larger than this (longer side) reduced
+            to it (`decode_image`); None keeps every pixel (feedback does).
 
     Returns:
         The images and the form they came in.
@@ -151,8 +160,9 @@ def parse_prediction(message: Any, *, limits: Limits) -> Payload:
     form = forms[0]
     if form != "data":
         encoded = base64_bytes(message[form], where=form, limits=limits)
-        image, image_format = decode_image(encoded, where=form, limits=limits)
-        return Payload(image[None].astype(np.float32) / 255.0, form, False, encoded, image_format)
+        image, image_format, size = decode_image(encoded, where=form, limits=limits, work_side=work_side)
+        reduced = size if size != image.shape[:2] else None
+        return Payload(image[None].astype(np.float32) / 255.0, form, False, encoded, image_format, reduced)
     data = message["data"]
     if not isinstance(data, dict) or len({"ndarray", "tensor"} & set(data)) != 1:
         raise BadRequest(
@@ -175,7 +185,8 @@ def encode_prediction(probs: np.ndarray, payload: Payload) -> dict:
     """A SeldonMessage (as JSON) answering ``payload`` with ``probs``.
 
     Args:
-        probs: (N, H, W, 3) probabilities from `Predictor.predict`.
+        probs: (N, H, W, 3) probabilities (`Predictor.predict`), or for binData
+            and strData their `eight_bits` as uint8 (`Predictor.predict_eight_bits`).
         payload: The parsed request.
 
     Returns:
@@ -201,29 +212,42 @@ def eight_bits(probs: np.ndarray) -> np.ndarray:
 
 
 def class_mask(probs: np.ndarray) -> np.ndarray:
-    """The 3-class mask of (..., 3) probabilities: uint8 trimap values (1 pet, 2 background, 3 border).
+    """The 3-class mask of (..., 3) probabilities (or their uint8 `eight_bits`): uint8 trimap values.
 
-    Each pixel gets the class of highest 8-bit probability (`eight_bits`), the
-    first of (pet, background, border) on ties: what a binData answer's PNG or
-    an ndarray answer (``round(value * 255)``) implies, to the bit.
+    Each pixel gets the class (1 pet, 2 background, 3 border) of highest 8-bit
+    probability (`eight_bits`), the first of (pet, background, border) on
+    ties: what a binData answer's PNG or an ndarray answer (``round(value * 255)``)
+    implies, to the bit.
     """
-    return (np.argmax(eight_bits(probs), axis=-1) + oxford.TRIMAP_VALUES[0]).astype(np.uint8)
+    bits = probs if probs.dtype == np.uint8 else eight_bits(probs)
+    return (np.argmax(bits, axis=-1) + oxford.TRIMAP_VALUES[0]).astype(np.uint8)
 
 
 def probability_png(probs: np.ndarray) -> bytes:
-    """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border), see `eight_bits`."""
-    pixels = eight_bits(probs)
+    """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border), see `eight_bits`.
+
+    ``probs`` may be the uint8 `eight_bits` already.
+    """
+    pixels = probs if probs.dtype == np.uint8 else eight_bits(probs)
     buffer = io.BytesIO()
     # Level 1: a tenth of the time of the default level 6 for a file 25% larger.
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
-def decode_image(encoded: bytes, *, where: str, limits: Limits) -> tuple[np.ndarray, str]:
-    """Decodes JPEG or PNG bytes to uint8 (H, W, 3).
+def decode_image(encoded: bytes, *, where: str, limits: Limits,
+                 work_side: int | None = None) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Decodes JPEG or PNG bytes to uint8 (h, w, 3), reduced when larger than ``work_side``.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    its longer side at least ``work_side`` (Pillow's draft mode: the full
+    image never exists), a PNG in full; either is then resized (bilinear,
+    antialiased) so that its longer side is ``work_side``. The model sees a
+    few times fewer pixels still, so nothing it could use is lost, and a
+    16-megapixel image costs megabytes, not a gigabyte of floats.
 
     Returns:
-        The pixels and the format (``JPEG`` or ``PNG``).
+        The pixels, the format (``JPEG`` or ``PNG``) and the image's own (H, W).
 
     Raises:
         BadRequest: Empty, too large, another format, or undecodable.
@@ -237,7 +261,16 @@ def decode_image(encoded: bytes, *, where: str, limits: Limits) -> tuple[np.ndar
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             check_image(image, where=where, limits=limits)
-            return np.asarray(image.convert("RGB")), image.format
+            width, height = image.size
+            image_format = image.format
+            scale = work_side / max(width, height) if work_side else 1.0
+            if scale >= 1.0:
+                return np.asarray(image.convert("RGB")), image_format, (height, width)
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
+            if image_format == "JPEG":
+                image.draft("RGB", target)
+            reduced = image.convert("RGB").resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+            return np.asarray(reduced), image_format, (height, width)
     except BadRequest:
         raise
     except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...) for bad bytes.

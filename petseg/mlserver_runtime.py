@@ -170,10 +170,13 @@ class PetSegRuntime(MLModel):
                                          tensor.shape, getattr(tensor.data, "root", tensor.data))
                       for tensor in payload.inputs]
             names = v2_messages.requested_outputs([output.name for output in payload.outputs or []])
-            images = v2_messages.parse_images(inputs, limits=self._limits)
+            images, size = v2_messages.read_images(inputs, limits=self._limits, work_side=self._predictor.work_side)
         except BadRequest as err:
             raise Refusal(err) from None
-        probs = self._predictor.predict(images)
+        if "probabilities" in names:
+            probs = self._predictor.predict(images, size)
+        else:  # the mask only: made from eight bits a band at a time, no full-size floats
+            probs = self._predictor.predict_eight_bits(images, size)
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,

@@ -3,7 +3,8 @@
 The Seldon component `serving/PetSegModel.py` only reads its environment and
 adapts the Seldon wrapper; the serving work happens here, over plain values:
 
-- `Predictor`: resize to the model input, model, calibration, resize back.
+- `Predictor`: resize to the model input, model, calibration, resize back
+  (into uint8 a band at a time where the answer is 8-bit).
 - `Service`: what one server process holds (a `petseg.release.Release`, its
   predictor, request limits, a `petseg.quarantine.FeedbackStore`); answers
   predictions (`petseg.messages`), feedback (stored as pending) and health checks.
@@ -36,7 +37,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from petseg import oxford
 from petseg.errors import ModelError
 from petseg.feedback import parse_feedback
-from petseg.messages import BadRequest, Limits, describe, encode_prediction, parse_prediction
+from petseg.messages import BadRequest, Limits, describe, eight_bits, encode_prediction, parse_prediction
 from petseg.quarantine import FeedbackStore
 from petseg.release import Release
 from petseg.tokens import AccessDenied, TokenTable
@@ -48,12 +49,18 @@ from petseg.tokens import AccessDenied, TokenTable
 class Predictor:
     """Model plus calibration, for images of any size.
 
-    Images are resized (bilinear) to the model input, the model's
-    probabilities calibrated there, then resized back to the input size.
+    Images are resized (bilinear, antialiased) to the model input and the
+    model's probabilities calibrated there; only then are they brought to the
+    size of the answer (`upsample`, bilinear), as float32 probabilities
+    (`predict`) or, a band of rows at a time, straight into their uint8
+    `petseg.messages.eight_bits` (`predict_eight_bits`: what binData answers
+    and masks are made of), so that a 16-megapixel answer never exists as floats.
 
     Args:
         release: The release to serve.
     """
+
+    BAND_ROWS = 256
 
     def __init__(self, release: Release):
         size = release.image_size
@@ -71,20 +78,60 @@ class Predictor:
         self._size = size
         self.calibration = release.calibration
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def work_side(self) -> int:
+        """The longest side worth decoding an image at: four times the model's input."""
+        return 4 * self._size
+
+    def model_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities at the model's resolution, float32 (N, S, S, 3)."""
+        return np.asarray(self.calibration.apply(self._forward(images).numpy()), dtype=np.float32)
+
+    def predict(self, images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         """Calibrated probabilities for a batch of images.
 
         Args:
             images: float32 (N, H, W, 3) in [0, 1].
+            size: (H, W) of the answer; default the images' own.
 
         Returns:
             float32 (N, H, W, 3) probabilities of (pet, background, border).
         """
-        probs = np.asarray(self.calibration.apply(self._forward(images).numpy()), dtype=np.float32)
-        height, width = images.shape[1:3]
-        if (height, width) != (self._size, self._size):
-            probs = tf.image.resize(probs, (height, width)).numpy()
-        return np.clip(probs, 0.0, 1.0)
+        probs = self.model_probabilities(images)
+        height, width = size or images.shape[1:3]
+        return np.clip(upsample(probs, height, width), 0.0, 1.0)
+
+    def predict_eight_bits(self, images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """`eight_bits` of `predict`, to the bit, made a band of rows at a time: uint8 (N, H, W, 3)."""
+        probs = self.model_probabilities(images)
+        height, width = size or images.shape[1:3]
+        out = np.empty((len(probs), height, width, 3), np.uint8)
+        for top in range(0, height, self.BAND_ROWS):
+            rows = range(top, min(top + self.BAND_ROWS, height))
+            out[:, rows.start:rows.stop] = eight_bits(np.clip(upsample(probs, height, width, rows=rows), 0.0, 1.0))
+        return out
+
+
+def upsample(probs: np.ndarray, height: int, width: int, *, rows: range | None = None) -> np.ndarray:
+    """Bilinear resize of (N, h, w, C) to (N, height, width, C) with half-pixel centres (as tf.image.resize).
+
+    Two taps per axis, element by element, so that any band of ``rows``
+    comes out bit for bit as the same rows of the whole.
+    """
+    if (height, width) == probs.shape[1:3] and rows is None:
+        return probs
+    y0, y1, wy = _taps(probs.shape[1], height, rows or range(height))
+    x0, x1, wx = _taps(probs.shape[2], width, range(width))
+    wy, wx = wy[None, :, None, None], wx[None, None, :, None]
+    vertical = probs[:, y0] * (1 - wy) + probs[:, y1] * wy
+    return vertical[:, :, x0] * (1 - wx) + vertical[:, :, x1] * wx
+
+
+def _taps(source: int, target: int, positions: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    centres = (np.arange(positions.start, positions.stop, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    centres = np.clip(centres, 0, source - 1)
+    low = np.floor(centres).astype(np.int64)
+    return low, np.minimum(low + 1, source - 1), (centres - low).astype(np.float32)
 
 
 # -- the service ------------------------------------------------------------------------------------
@@ -109,13 +156,17 @@ class Service:
         """Answers a prediction request.
 
         Returns:
-            The answer (a SeldonMessage as JSON, without meta) and the probabilities.
+            The answer (a SeldonMessage as JSON, without meta) and the probabilities
+            (their uint8 `eight_bits` for binData and strData).
 
         Raises:
             BadRequest: The request is malformed.
         """
-        payload = parse_prediction(message, limits=self.limits)
-        probs = self.predictor.predict(payload.images)
+        payload = parse_prediction(message, limits=self.limits, work_side=self.predictor.work_side)
+        if payload.form in ("binData", "strData"):  # an 8-bit PNG answers: no full-size floats
+            probs = self.predictor.predict_eight_bits(payload.images, payload.answer_size)
+        else:
+            probs = self.predictor.predict(payload.images, payload.answer_size)
         return encode_prediction(probs, payload), probs
 
     def feedback(self, message: Any, *, identity: str) -> dict:
@@ -155,7 +206,7 @@ def prediction_metrics(probs: np.ndarray, *, elapsed_ms: float) -> list[dict]:
     """Seldon custom metrics for one answered request.
 
     Args:
-        probs: The (N, H, W, 3) probabilities returned.
+        probs: The (N, H, W, 3) probabilities returned (or their uint8 eight bits).
         elapsed_ms: Time spent answering, in milliseconds.
 
     Returns:
@@ -165,8 +216,14 @@ def prediction_metrics(probs: np.ndarray, *, elapsed_ms: float) -> list[dict]:
     return [
         {"type": "COUNTER", "key": "petseg_predictions", "value": int(len(probs))},
         {"type": "TIMER", "key": "petseg_prediction_latency", "value": float(elapsed_ms)},
-        {"type": "GAUGE", "key": "petseg_pet_fraction", "value": float(np.mean(probs[..., 0] >= 0.5))},
+        {"type": "GAUGE", "key": "petseg_pet_fraction", "value": _pet_fraction(probs)},
     ]
+
+
+def _pet_fraction(probs: np.ndarray) -> float:
+    """Share of pixels whose pet probability is at least 0.5 (128 of 255 in eight bits)."""
+    pet = probs[..., 0]
+    return float(np.mean(pet >= (128 if probs.dtype == np.uint8 else 0.5)))
 
 
 def metadata() -> dict:
