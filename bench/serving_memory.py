@@ -10,10 +10,12 @@ server's session:
 - idle: resident memory (VmRSS) after one small warm-up request;
 - one worst case: the peak (VmHWM, reset through ``/proc/PID/clear_refs``
   before the request) of the process that answered one request with the
-  largest image MAX_PIXELS admits: a PNG of flat colour (a few hundred KB of
-  file for 16.7 million pixels), as Seldon binData answered with a PNG, as a
-  v2 BYTES tensor answered with the UINT8 mask, and as a v2 tensor answered
-  with the FP32 probabilities;
+  largest image MAX_PIXELS admits: a PNG of flat colour (a few tens of KB of
+  file for 16.7 million pixels), as Seldon binData answered with a PNG and as
+  a v2 BYTES tensor answered with the UINT8 mask; the largest ndarray the body
+  limit admits (zeros, answered with an ndarray of probabilities); and the
+  largest image answered with the v2 FP32 probabilities (MAX_PROBABILITY_PIXELS
+  where the checkout has that limit, else MAX_PIXELS);
 - full concurrency: the summed peaks of all the server's processes while as
   many of those requests are in flight as the server answers at once
   (gunicorn workers x threads; the runtime's threads), the pod's worst case.
@@ -39,7 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("Seldon binData", "v2 mask", "v2 probabilities")
+MODES = ("Seldon binData", "Seldon ndarray", "v2 mask", "v2 probabilities")
 
 
 def _session(pid: int) -> list[int]:
@@ -86,11 +88,17 @@ def _worst_png(max_pixels: int) -> bytes:
     return buffer.getvalue()
 
 
-def _request(mode: str, png: bytes, seldon: dict, mlserver: dict, auth: dict):
+def _request(mode: str, png: bytes, seldon: dict, mlserver: dict, auth: dict, limits):
     import requests
 
     if mode == "Seldon binData":
         url, body = seldon["url"] + "/api/v1.0/predictions", json.dumps({"binData": base64.b64encode(png).decode()})
+        headers = {"Content-Type": "application/json", **auth}
+    elif mode == "Seldon ndarray":
+        side = int((limits.max_bytes / 8.01) ** 0.5)  # "[0,0,0]," a pixel
+        row = "[" + ",".join(["[0,0,0]"] * side) + "]"
+        url = seldon["url"] + "/api/v1.0/predictions"
+        body = '{"data":{"ndarray":[' + ",".join([row] * side) + "]}}"
         headers = {"Content-Type": "application/json", **auth}
     else:
         output = "mask" if mode == "v2 mask" else "probabilities"
@@ -127,8 +135,10 @@ def worker(checkout: str) -> dict:
         auth = {"Authorization": f"Bearer {token}"}
     except ImportError:  # a checkout whose servers take no tokens
         auth = {}
-    png = _worst_png(Limits().max_pixels)
-    results = {"checkout": checkout, "png_bytes": len(png), "max_pixels": Limits().max_pixels}
+    limits = Limits()
+    png = _worst_png(limits.max_pixels)
+    probability_png = _worst_png(getattr(limits, "max_probability_pixels", limits.max_pixels))
+    results = {"checkout": checkout, "png_bytes": len(png), "max_pixels": limits.max_pixels}
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = make_release(Path(tmp))
         seldon = deploy_local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
@@ -137,12 +147,14 @@ def worker(checkout: str) -> dict:
                                                  timeout=600)
             try:
                 workers, threads = deploy_local.gunicorn_sizing(deploy_local.available_cores())
-                concurrency = {"Seldon binData": workers * threads, "v2 mask": deploy_local.available_cores(),
+                concurrency = {"Seldon binData": workers * threads, "Seldon ndarray": workers * threads,
+                               "v2 mask": deploy_local.available_cores(),
                                "v2 probabilities": deploy_local.available_cores()}
                 for mode in MODES:
                     deployment = seldon if mode.startswith("Seldon") else mlserver
                     pids = _session(deployment["pid"])
-                    send = _request(mode, png, seldon, mlserver, auth)
+                    send = _request(mode, probability_png if mode == "v2 probabilities" else png, seldon, mlserver,
+                                    auth, limits)
                     idle = sum(_status(pid, "VmRSS") for pid in pids)
                     _reset_peaks(pids)
                     one = send()

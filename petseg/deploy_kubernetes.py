@@ -54,7 +54,11 @@ RESOURCES = {
 RUNTIME = "petseg.mlserver_runtime.PetSegRuntime"
 CAPABILITY = "petseg"
 """The Seldon Core v2 capability a Server of the petseg image offers and a petseg Model requires."""
-DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "1536Mi"}, "limits": {"memory": "3Gi"}}
+DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2560Mi"}, "limits": {"memory": "3Gi"}}
+"""From bench/serving_memory.py (docs/PERFORMANCE.md): a Seldon pod's processes hold about 2.1 GiB idle and
+2.6 GiB with four worst-case requests in flight; MLServer's 0.6 GiB idle, 1.5 GiB with two."""
+TOKENS_MOUNT = "/var/run/secrets/petseg-tokens"
+"""Where a pod reads its bearer tokens (`petseg.tokens`): the Secret ``tokens_secret``, key ``tokens.json``."""
 
 
 def deployment_name(version: str) -> str:
@@ -91,6 +95,7 @@ def render_seldon_deployment(
     secrets: list[str] | tuple[str, ...] = (),
     resources: dict | None = None,
     template: str | os.PathLike = TEMPLATE,
+    tokens_secret: str | None = None,
 ) -> dict:
     """The SeldonDeployment (machinelearning.seldon.io/v1) serving one release.
 
@@ -108,6 +113,10 @@ def render_seldon_deployment(
         secrets: Secrets whose keys become the pod's environment (S3 credentials).
         resources: Container resources; default `DEFAULT_RESOURCES`.
         template: The YAML template.
+        tokens_secret: A Secret whose key ``tokens.json`` is a tokens file
+            (`petseg.tokens`), mounted read-only at `TOKENS_MOUNT`: with it,
+            predictions and feedback need a bearer token; without it,
+            predictions are open (behind the cluster's ingress) and feedback is refused.
 
     Returns:
         The object, ready for the Kubernetes API.
@@ -118,7 +127,8 @@ def render_seldon_deployment(
     model_uri = _pod_model_uri(manifest, model_uri)
     values = _pod_values(manifest, image=image, model_uri=model_uri, namespace=namespace, replicas=replicas,
                          feedback_uri=feedback_uri or default_feedback_uri(model_uri),
-                         s3_endpoint_url=s3_endpoint_url, secrets=secrets, resources=resources)
+                         s3_endpoint_url=s3_endpoint_url, secrets=secrets, resources=resources,
+                         tokens_secret=tokens_secret)
     return _fill(template, values)
 
 
@@ -133,6 +143,7 @@ def render_inference_service(
     secrets: list[str] | tuple[str, ...] = (),
     resources: dict | None = None,
     template: str | os.PathLike = INFERENCE_SERVICE_TEMPLATE,
+    tokens_secret: str | None = None,
 ) -> dict:
     """The KServe InferenceService (serving.kserve.io/v1beta1) serving one release on MLServer.
 
@@ -146,7 +157,7 @@ def render_inference_service(
     """
     values = _pod_values(manifest, image=image, model_uri=_pod_model_uri(manifest, model_uri), namespace=namespace,
                          replicas=replicas, feedback_uri=None, s3_endpoint_url=s3_endpoint_url, secrets=secrets,
-                         resources=resources)
+                         resources=resources, tokens_secret=tokens_secret)
     return _fill(template, values)
 
 
@@ -343,7 +354,8 @@ def _pod_model_uri(manifest: dict, model_uri: str | None) -> str:
 
 
 def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, replicas: int,
-                feedback_uri: str | None, s3_endpoint_url: str | None, secrets, resources: dict | None) -> dict:
+                feedback_uri: str | None, s3_endpoint_url: str | None, secrets, resources: dict | None,
+                tokens_secret: str | None = None) -> dict:
     """The checked values of a serving pod's template: identity, image, environment, secrets, resources."""
     _check_image(image)
     _check_namespace(namespace)
@@ -355,7 +367,12 @@ def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, r
         env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
     if s3_endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+    mounts, volumes = [], []
+    if tokens_secret:
+        env.append({"name": "PETSEG_TOKENS_FILE", "value": f"{TOKENS_MOUNT}/tokens.json"})
+        mounts = [{"name": "petseg-tokens", "mountPath": TOKENS_MOUNT, "readOnly": True}]
+        volumes = [{"name": "petseg-tokens", "secret": {"secretName": tokens_secret, "defaultMode": 0o400}}]
+    return {"volume_mounts": mounts, "volumes": volumes, "name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
             "replicas": replicas, "image": image, "env": env,
             "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
             "resources": resources or DEFAULT_RESOURCES}

@@ -73,23 +73,30 @@ class Limits:
     Attributes:
         max_bytes: Largest request body and largest encoded image, in bytes.
         max_pixels: Largest number of pixels in one request (all images of a batch).
+        max_probability_pixels: Largest number of pixels answered with
+            full-size FP32 probabilities (the Open Inference Protocol's
+            ``probabilities`` output, a JSON list on its way out: about 430
+            bytes a pixel, measured in docs/PERFORMANCE.md); the mask has no
+            such limit.
     """
 
     max_bytes: int = 16 * 2**20
     max_pixels: int = 4096 * 4096
+    max_probability_pixels: int = 1024 * 1024
 
     def __post_init__(self):
-        for name in ("max_bytes", "max_pixels"):
+        for name in ("max_bytes", "max_pixels", "max_probability_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serving limit {name}={value!r} is invalid: expected a positive integer")
 
 
 def limits_from_environment() -> Limits:
-    """Request limits from MAX_IMAGE_BYTES and MAX_PIXELS, else the defaults (both servers read them so)."""
+    """Request limits from MAX_IMAGE_BYTES, MAX_PIXELS and MAX_PROBABILITY_PIXELS, else the defaults."""
     defaults = Limits()
     return Limits(max_bytes=int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
-                  max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels))
+                  max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels),
+                  max_probability_pixels=int_setting("MAX_PROBABILITY_PIXELS", defaults.max_probability_pixels))
 
 
 def int_setting(name: str, default: int) -> int:

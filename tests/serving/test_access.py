@@ -18,7 +18,8 @@ from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import model_repository_pb2 as repository_pb
 from mlserver.grpc import model_repository_pb2_grpc as repository_grpc
 
-from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, b64, bearer, encode, grpc_infer, random_image
+from serving_support import (FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_PROBABILITY_PIXELS, b64, bearer, encode,
+                             grpc_infer, random_image)
 
 MODEL = "petseg"
 SELDON = {"predict": "/api/v1.0/predictions", "feedback": "/api/v1.0/feedback"}
@@ -232,3 +233,14 @@ def test_concurrent_worst_case_requests_all_get_answers(server, mlserver, protoc
     assert codes == [200] * 24
     health = "/health/status" if protocol == "seldon" else f"/v2/models/{MODEL}/ready"
     assert requests.get(deployment["url"] + health, timeout=60).status_code == 200
+
+
+def test_probabilities_of_more_pixels_than_their_limit_get_413_and_the_mask_does_not(mlserver):
+    side = math.isqrt(MAX_PROBABILITY_PIXELS) + 1
+    png = encode(np.zeros((side, side, 3), np.uint8), "PNG")
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}
+    for output, status in (("probabilities", 413), ("mask", 200)):
+        response = requests.post(mlserver["url"] + V2["predict"], json={"inputs": [tensor], "outputs": [
+            {"name": output}]}, headers=bearer(), timeout=120)
+        assert response.status_code == status, response.text[:300]
+        assert status == 200 or "ask for the mask" in _error_text(response)

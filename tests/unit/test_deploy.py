@@ -67,6 +67,21 @@ def test_inference_service_runs_the_mlserver_launcher_with_the_release():
     assert container["envFrom"] == [{"secretRef": {"name": "petseg-s3"}}]
 
 
+def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
+    for render, pod in ((deploy_kubernetes.render_seldon_deployment, lambda r: r["spec"]["predictors"][0][
+            "componentSpecs"][0]["spec"]), (deploy_kubernetes.render_inference_service, lambda r: r["spec"]["predictor"])):
+        rendered = render(MANIFEST, image="registry/petseg:1.0", tokens_secret="petseg-serving-tokens")
+        spec = pod(rendered)
+        (container,) = spec["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env["PETSEG_TOKENS_FILE"] == deploy_kubernetes.TOKENS_MOUNT + "/tokens.json"
+        assert container["volumeMounts"] == [{"name": "petseg-tokens", "mountPath": deploy_kubernetes.TOKENS_MOUNT,
+                                              "readOnly": True}]
+        assert spec["volumes"][0]["secret"]["secretName"] == "petseg-serving-tokens"
+        plain = pod(render(MANIFEST, image="registry/petseg:1.0"))
+        assert plain["volumes"] == [] and "PETSEG_TOKENS_FILE" not in str(plain["containers"][0]["env"])
+
+
 def test_seldon_v2_model_and_server_meet_on_the_petseg_capability():
     model = deploy_kubernetes.render_seldon_model(MANIFEST, namespace="serving")
     server = deploy_kubernetes.render_seldon_server(image="registry/petseg:1.0", namespace="serving")
