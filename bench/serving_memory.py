@@ -121,9 +121,12 @@ def _request(mode: str, png: bytes, seldon: dict, mlserver: dict, auth: dict, li
 def worker(checkout: str) -> dict:
     """Measures one checkout (its petseg imported from ``checkout``); the figures in MiB."""
     sys.path.insert(0, checkout)
-    sys.path.insert(0, str(ROOT / "bench"))
     import importlib
 
+    import petseg  # the checkout's, before the sibling below puts this one on the path
+
+    assert petseg.__file__.startswith(checkout), f"petseg imported from {petseg.__file__}, not {checkout}"
+    sys.path.insert(1, str(ROOT / "bench"))
     from serving import make_release  # this benchmark's sibling: a small untrained release
 
     from petseg import deploy_local

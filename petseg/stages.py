@@ -493,7 +493,8 @@ def closing_words(facts: dict, *, metrics: dict, gate_message: str) -> str:
     deployment = facts["deployment"]
     if deployment and deployment.get("url"):
         url = deployment["url"]
-        lines += [f"  serving at:   {url}",
+        tokens = f" (bearer tokens: {deployment['tokens_file']})" if deployment.get("tokens_file") else ""
+        lines += [f"  serving at:   {url}{tokens}",
                   f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png",
                   f"  stop it:      petseg stop {current.run_id}"]
     return "\n".join(lines)
