@@ -47,19 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--breed", help="the pet's Oxford breed name, e.g. Abyssinian or beagle")
     command.add_argument("--protocol", choices=client.PROTOCOLS, default="seldon",
                          help="seldon (/api/v1.0/feedback) or v2 (/v2/models/petseg/feedback). Default seldon")
-    command.set_defaults(handler=feedback_command)
+    command.set_defaults(handler=feedback_send_command)
     command = actions.add_parser("list", help="list the samples of a feedback store")
     command.add_argument("store", help="the feedback store: a directory or s3:// prefix (the server's FEEDBACK_URI)")
     command.add_argument("--status", choices=("pending", "accepted", "rejected"), default="pending",
                          help="which samples (default pending)")
     command.set_defaults(handler=feedback_list_command)
-    for action, verb in (("accept", "accept pending samples into what --feedback trains on"),
-                         ("reject", "reject pending samples (their files are deleted)")):
+    for action, verb, handler in (
+            ("accept", "accept pending samples into what --feedback trains on", feedback_accept_command),
+            ("reject", "reject pending samples (their files are deleted)", feedback_reject_command)):
         command = actions.add_parser(action, help=verb)
         command.add_argument("store", help="the feedback store: a directory or s3:// prefix")
         command.add_argument("ids", nargs="+", help="sample ids, as `petseg feedback list` shows them")
         command.add_argument("--by", default=None, help="who reviews (default: the user name)")
-        command.set_defaults(handler=feedback_review_command)
+        command.set_defaults(handler=handler)
 
     command = subparsers.add_parser("serve", help="serve a run's released model in the foreground (Ctrl-C stops it)")
     command.add_argument("run", help="run id, PetSegFlow/<id>, latest, or a release directory")
@@ -86,7 +87,7 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def feedback_command(args: argparse.Namespace) -> int:
+def feedback_send_command(args: argparse.Namespace) -> int:
     """Send a labelled sample; print where the server holds it for review."""
     result = client.feedback(args.url, args.image, args.truth, args.reward, breed=args.breed, protocol=args.protocol)
     print(f"{result.get('status', 'stored')} sample {result.get('sample_id')} in {result.get('store')}")
@@ -114,8 +115,17 @@ def feedback_list_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def feedback_review_command(args: argparse.Namespace) -> int:
-    """Accept or reject pending samples, recording who did it and when."""
+def feedback_accept_command(args: argparse.Namespace) -> int:
+    """Accept pending samples, recording who did it and when."""
+    return _review(args)
+
+
+def feedback_reject_command(args: argparse.Namespace) -> int:
+    """Reject pending samples, recording who did it and when."""
+    return _review(args)
+
+
+def _review(args: argparse.Namespace) -> int:
     store, reviewer = _store(args.store), args.by or getpass.getuser()
     review = store.accept if args.action == "accept" else store.reject
     for sample_id in args.ids:
