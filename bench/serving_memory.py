@@ -13,9 +13,9 @@ server's session:
   largest image MAX_PIXELS admits: a PNG of flat colour (a few tens of KB of
   file for 16.7 million pixels), as Seldon binData answered with a PNG and as
   a v2 BYTES tensor answered with the UINT8 mask; the largest ndarray the body
-  limit admits (zeros, answered with an ndarray of probabilities); and the
-  largest image answered with the v2 FP32 probabilities (MAX_PROBABILITY_PIXELS
-  where the checkout has that limit, else MAX_PIXELS);
+  and MAX_LIST_PIXELS admit (zeros, answered with an ndarray of
+  probabilities); and the largest image answered with the v2 FP32
+  probabilities (MAX_LIST_PIXELS where the checkout has that limit, else MAX_PIXELS);
 - full concurrency: the summed peaks of all the server's processes while as
   many of those requests are in flight as the server answers at once
   (gunicorn workers x threads; the runtime's threads), the pod's worst case.
@@ -96,6 +96,7 @@ def _request(mode: str, png: bytes, seldon: dict, mlserver: dict, auth: dict, li
         headers = {"Content-Type": "application/json", **auth}
     elif mode == "Seldon ndarray":
         side = int((limits.max_bytes / 8.01) ** 0.5)  # "[0,0,0]," a pixel
+        side = min(side, int(getattr(limits, "max_list_pixels", side * side) ** 0.5))
         row = "[" + ",".join(["[0,0,0]"] * side) + "]"
         url = seldon["url"] + "/api/v1.0/predictions"
         body = '{"data":{"ndarray":[' + ",".join([row] * side) + "]}}"
@@ -140,7 +141,7 @@ def worker(checkout: str) -> dict:
         auth = {}
     limits = Limits()
     png = _worst_png(limits.max_pixels)
-    probability_png = _worst_png(getattr(limits, "max_probability_pixels", limits.max_pixels))
+    probability_png = _worst_png(getattr(limits, "max_list_pixels", limits.max_pixels))
     results = {"checkout": checkout, "png_bytes": len(png), "max_pixels": limits.max_pixels}
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = make_release(Path(tmp))

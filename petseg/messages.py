@@ -73,30 +73,32 @@ class Limits:
     Attributes:
         max_bytes: Largest request body and largest encoded image, in bytes.
         max_pixels: Largest number of pixels in one request (all images of a batch).
-        max_probability_pixels: Largest number of pixels answered with
-            full-size FP32 probabilities (the Open Inference Protocol's
-            ``probabilities`` output, a JSON list on its way out: about 430
-            bytes a pixel, measured in docs/PERFORMANCE.md); the mask has no
-            such limit.
+        max_list_pixels: Largest number of pixels sent or answered as JSON
+            lists of numbers: Seldon ``data.ndarray`` and ``data.tensor``
+            requests (and so their answers), v2 UINT8 tensors sent as lists, and
+            the v2 ``probabilities`` output (a list on its way out of the
+            runtime). A number in a Python list costs tens of bytes, so these
+            forms cost about 400-500 bytes a pixel, measured in
+            docs/PERFORMANCE.md; images (binData, BYTES) and masks have no such limit.
     """
 
     max_bytes: int = 16 * 2**20
     max_pixels: int = 4096 * 4096
-    max_probability_pixels: int = 1024 * 1024
+    max_list_pixels: int = 512 * 512
 
     def __post_init__(self):
-        for name in ("max_bytes", "max_pixels", "max_probability_pixels"):
+        for name in ("max_bytes", "max_pixels", "max_list_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serving limit {name}={value!r} is invalid: expected a positive integer")
 
 
 def limits_from_environment() -> Limits:
-    """Request limits from MAX_IMAGE_BYTES, MAX_PIXELS and MAX_PROBABILITY_PIXELS, else the defaults."""
+    """Request limits from MAX_IMAGE_BYTES, MAX_PIXELS and MAX_LIST_PIXELS, else the defaults."""
     defaults = Limits()
     return Limits(max_bytes=int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
                   max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels),
-                  max_probability_pixels=int_setting("MAX_PROBABILITY_PIXELS", defaults.max_probability_pixels))
+                  max_list_pixels=int_setting("MAX_LIST_PIXELS", defaults.max_list_pixels))
 
 
 def int_setting(name: str, default: int) -> int:
@@ -368,9 +370,11 @@ def _images(values: np.ndarray, integers: bool, *, where: str, limits: Limits) -
     if values.size == 0:
         raise BadRequest("EMPTY", where=where, expected="at least one 1x1 RGB pixel", got=f"shape {values.shape}")
     pixels = values.size // 3
-    if pixels > limits.max_pixels:
+    if pixels > min(limits.max_pixels, limits.max_list_pixels):
         raise BadRequest(
-            "TOO_LARGE", where=where, expected=f"at most {limits.max_pixels} pixels", got=f"{pixels} pixels",
+            "TOO_LARGE", where=where, got=f"{pixels} pixels",
+            expected=f"at most {min(limits.max_pixels, limits.max_list_pixels)} pixels as numbers "
+                     "(send larger images as binData)",
         )
     if not np.isfinite(values).all():
         raise BadRequest("BAD_VALUES", where=where, expected="finite numbers", got="NaN or infinity")

@@ -35,7 +35,7 @@ Settings (read here, as serving/PetSegModel.py reads them for the Seldon server)
   serves itself, as Seldon Core v2 loads a Model's artifact folder);
 - the model fingerprint the release must have: ``parameters.extra.model_fingerprint``
   of the model settings, else MODEL_FINGERPRINT;
-- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_PROBABILITY_PIXELS: request limits (defaults in `petseg.messages.Limits`);
+- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.messages.Limits`);
 - PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); with it, inference over
   REST and gRPC needs a ``predict`` token (the edge checks REST; the runtime checks the
   ``authorization`` metadata MLServer hands it for both); feedback always needs one;
@@ -175,10 +175,10 @@ class PetSegRuntime(MLModel):
             raise Refusal(err) from None
         if "probabilities" in names:
             pixels = len(images) * size[0] * size[1]
-            if pixels > self._limits.max_probability_pixels:
+            if pixels > self._limits.max_list_pixels:
                 raise Refusal(BadRequest(
                     "TOO_LARGE", where="outputs", got=f"probabilities for {pixels} pixels",
-                    expected=f"probabilities for at most {self._limits.max_probability_pixels} pixels "
+                    expected=f"probabilities for at most {self._limits.max_list_pixels} pixels "
                              "(ask for the mask, which has no such limit)"))
             probs = self._predictor.predict(images, size)
         else:  # the mask only: made from eight bits a band at a time, no full-size floats

@@ -167,6 +167,10 @@ def _pixels(data: Any, shape: list[int], *, where: str, limits: Limits) -> np.nd
     if isinstance(data, str):  # the binary extension's bytes, or a JSON client's base64
         values = np.frombuffer(_base64(data, where=f"{where}.data", limits=limits), dtype=np.uint8)
     elif isinstance(data, list):
+        if math.prod(shape[:3]) > limits.max_list_pixels:
+            raise BadRequest("TOO_LARGE", where=where, got=f"{math.prod(shape[:3])} pixels as a list",
+                             expected=f"at most {limits.max_list_pixels} pixels as a list of numbers "
+                                      "(send base64 bytes, the binary data extension, or BYTES images)")
         values = _integers(data, where=f"{where}.data")
     else:
         raise BadRequest("BAD_DATA", where=f"{where}.data",

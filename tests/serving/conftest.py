@@ -19,7 +19,7 @@ import requests
 
 from petseg import calibration, deploy_local, release, tokens
 from petseg import model as models
-from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_PROBABILITY_PIXELS, TOKENS
+from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS, TOKENS
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +79,7 @@ def _deploy(release_dir, manifest, tmp_path_factory, **options) -> dict:
         env.setenv("MAX_PIXELS", str(MAX_PIXELS))
         env.setenv("MAX_IMAGE_BYTES", str(MAX_IMAGE_BYTES))
         env.setenv("FEEDBACK_QUOTA", str(FEEDBACK_QUOTA))
-        env.setenv("MAX_PROBABILITY_PIXELS", str(MAX_PROBABILITY_PIXELS))
+        env.setenv("MAX_LIST_PIXELS", str(MAX_LIST_PIXELS))
         return deploy_local.deploy_local(
             release_dir, log_path=tmp_path_factory.mktemp("logs") / "serving.log", timeout=300,
             fingerprint=manifest["model_fingerprint"], **options)

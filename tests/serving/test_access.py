@@ -18,7 +18,7 @@ from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import model_repository_pb2 as repository_pb
 from mlserver.grpc import model_repository_pb2_grpc as repository_grpc
 
-from serving_support import (FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_PROBABILITY_PIXELS, b64, bearer, encode,
+from serving_support import (FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS, b64, bearer, encode,
                              grpc_infer, random_image)
 
 MODEL = "petseg"
@@ -236,7 +236,7 @@ def test_concurrent_worst_case_requests_all_get_answers(server, mlserver, protoc
 
 
 def test_probabilities_of_more_pixels_than_their_limit_get_413_and_the_mask_does_not(mlserver):
-    side = math.isqrt(MAX_PROBABILITY_PIXELS) + 1
+    side = math.isqrt(MAX_LIST_PIXELS) + 1
     png = encode(np.zeros((side, side, 3), np.uint8), "PNG")
     tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}
     for output, status in (("probabilities", 413), ("mask", 200)):

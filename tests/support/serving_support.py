@@ -14,7 +14,7 @@ from PIL import Image
 
 MAX_PIXELS = 300_000
 MAX_IMAGE_BYTES = 1_000_000
-MAX_PROBABILITY_PIXELS = 100_000
+MAX_LIST_PIXELS = 100_000
 FEEDBACK_QUOTA = 40
 TOKENS = {
     "tester": ("tester-" + "t" * 40, ["predict", "feedback"]),
