@@ -44,3 +44,17 @@ def test_the_eight_bit_mask_agrees_with_the_probabilities():
     bits = messages.eight_bits(probs)
     assert messages.class_mask(bits).tobytes() == messages.class_mask(probs).tobytes()
     assert messages.probability_png(bits[0]) == messages.probability_png(probs[0])
+
+
+def test_pixels_as_lists_of_numbers_have_their_own_limit():
+    limits = messages.Limits(max_pixels=10_000, max_list_pixels=100)
+    with pytest.raises(messages.BadRequest, match="binData") as refused:
+        messages.parse_prediction({"data": {"ndarray": np.zeros((11, 10, 3), int).tolist()}}, limits=limits)
+    assert refused.value.status == 413
+    from petseg import v2_messages
+
+    listed = v2_messages.Tensor("image", "UINT8", [1, 11, 10, 3], [0] * 330)
+    with pytest.raises(messages.BadRequest, match="as a list"):
+        v2_messages.parse_images([listed], limits=limits)
+    as_bytes = v2_messages.Tensor("image", "UINT8", [1, 11, 10, 3], "AAAA" * 110)
+    assert v2_messages.parse_images([as_bytes], limits=limits).shape == (1, 11, 10, 3)
