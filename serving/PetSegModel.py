@@ -12,7 +12,7 @@ Environment (read here only; `petseg.serving` does the work):
 - FEEDBACK_QUOTA, FEEDBACK_PENDING_CAP: most pending samples per identity and in the store (429 beyond).
 - PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); unset, predictions are open
   and feedback is refused. With tokens, gRPC (which carries none to the model) is refused too.
-- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`).
+- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.messages.Limits`).
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server.
 """
 
