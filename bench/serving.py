@@ -133,10 +133,14 @@ def request_makers(jpeg: bytes, seldon: dict, mlserver: dict, predictor) -> dict
                                      "parameters": {"binary_data_size": 4 + len(jpeg)}}],
                          "outputs": [{"name": "mask", "parameters": {"binary_data": True}}]}).encode()
     binary_body = header + struct.pack("<I", len(jpeg)) + jpeg
-    binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    from petseg import tokens
+
+    auth = {"Authorization": f"Bearer {tokens.client_token()}"}  # the servers' tokens (deploy_local makes them)
+    binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header)),
+                      **auth}
     json_body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 3],
                                         "data": pixels.ravel().tolist()}]}).encode()
-    json_headers = {"Content-Type": "application/json"}
+    json_headers = {"Content-Type": "application/json", **auth}
     infer = "/v2/models/petseg/infer"
 
     def grpc_call():
@@ -150,7 +154,7 @@ def request_makers(jpeg: bytes, seldon: dict, mlserver: dict, predictor) -> dict
             model_name="petseg", inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES",
                                                                                shape=[1])],
             raw_input_contents=[struct.pack("<I", len(jpeg)) + jpeg])
-        return lambda: stub.ModelInfer(request, timeout=120)
+        return lambda: stub.ModelInfer(request, timeout=120, metadata=[("authorization", auth["Authorization"])])
 
     def http_call(url, path, body, headers):
         client = Http(url)

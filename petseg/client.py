@@ -7,8 +7,11 @@ answer a PNG of probabilities) or the Open Inference Protocol (the image as
 a BYTES tensor and the calibrated probabilities back as FP32, both in the
 binary data extension; the PNG is made as the Seldon server makes it).
 `feedback` sends an image with its true trimap as a new labelled sample
-(Seldon only). The ``petseg predict`` and ``petseg feedback`` commands
-(petseg.commands.serving) call them.
+(Seldon's ``/api/v1.0/feedback``, or ``/v2/models/petseg/feedback`` of the
+Open Inference Protocol server; the server holds it for review). Both send
+``Authorization: Bearer`` with the token of `petseg.tokens` (the first of
+the tokens file) unless given another. The ``petseg predict`` and
+``petseg feedback send`` commands (petseg.commands.serving) call them.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import numpy as np
 import requests
 from PIL import Image
 
+from petseg import tokens
 from petseg.errors import DataError, ServingError
 from petseg.messages import probability_png
 
 PREDICT_PATH = "/api/v1.0/predictions"
 FEEDBACK_PATH = "/api/v1.0/feedback"
 INFER_PATH = "/v2/models/petseg/infer"
+V2_FEEDBACK_PATH = "/v2/models/petseg/feedback"
 PROTOCOLS = ("seldon", "v2")
 TITLES = ("Input Image", "Predicted Mask", "Thresholded Mask")
 
@@ -41,6 +46,7 @@ def predict(
     figure_path: str | Path | None = None,
     protocol: str = "seldon",
     timeout: float = 60.0,
+    token: str | None = None,
 ) -> dict:
     """Segments one image with a served model.
 
@@ -53,6 +59,7 @@ def predict(
             ``<out stem>.side_by_side.png`` beside the mask.
         protocol: ``seldon`` (Seldon Core v1) or ``v2`` (Open Inference Protocol).
         timeout: Seconds to wait for the answer.
+        token: Bearer token; default the first of the tokens file (none when there is no file).
 
     Returns:
         ``{"mask", "figure", "tags"}``: the files written and the model's provenance tags.
@@ -64,12 +71,13 @@ def predict(
     if protocol not in PROTOCOLS:
         raise ServingError(f"protocol {protocol!r} is unknown: expected one of {', '.join(PROTOCOLS)}")
     image_bytes = _read(image_path, "image")
+    auth = _authorization(token)
     if protocol == "v2":
-        probs, tags = _infer_v2(url, image_bytes, timeout=timeout)
+        probs, tags = _infer_v2(url, image_bytes, timeout=timeout, auth=auth)
         mask_png = probability_png(probs)  # the PNG the Seldon server answers
         probs = np.asarray(Image.open(io.BytesIO(mask_png)), dtype=np.float32) / 255.0
     else:
-        answer = _post(url, PREDICT_PATH, {"binData": _b64(image_bytes)}, timeout=timeout)
+        answer = _post(url, PREDICT_PATH, {"binData": _b64(image_bytes)}, timeout=timeout, auth=auth)
         tags = answer.get("meta", {}).get("tags", {})
         try:
             mask_png = base64.b64decode(answer["binData"], validate=True)
@@ -93,8 +101,10 @@ def feedback(
     *,
     breed: str | None = None,
     timeout: float = 60.0,
+    protocol: str = "seldon",
+    token: str | None = None,
 ) -> dict:
-    """Sends an image and its true trimap to the server's feedback store.
+    """Sends an image and its true trimap to the server's feedback store, where it waits for review.
 
     Args:
         url: The server.
@@ -104,9 +114,11 @@ def feedback(
         reward: How good the served prediction was.
         breed: The pet's Oxford breed name, if known (lists the sample in annotations/list.txt).
         timeout: Seconds to wait for the answer.
+        protocol: ``seldon`` or ``v2``.
+        token: Bearer token; default the first of the tokens file.
 
     Returns:
-        ``{"sample_id", "store"}``.
+        ``{"sample_id", "status", "store"}``; ``status`` is ``pending`` or ``duplicate``.
 
     Raises:
         DataError: A file cannot be read.
@@ -116,7 +128,9 @@ def feedback(
     if breed:
         truth["meta"] = {"tags": {"breed": breed}}
     message = {"request": {"binData": _b64(_read(image_path, "image"))}, "truth": truth, "reward": reward}
-    return _post(url, FEEDBACK_PATH, message, timeout=timeout).get("jsonData", {})
+    if protocol == "v2":
+        return _post(url, V2_FEEDBACK_PATH, message, timeout=timeout, auth=_authorization(token))
+    return _post(url, FEEDBACK_PATH, message, timeout=timeout, auth=_authorization(token)).get("jsonData", {})
 
 
 def side_by_side(image: np.ndarray, probs: np.ndarray, path: str | Path) -> Path:
@@ -157,7 +171,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _infer_v2(url: str, image_bytes: bytes, *, timeout: float) -> tuple[np.ndarray, dict]:
+def _authorization(token: str | None) -> dict:
+    token = token or tokens.client_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _infer_v2(url: str, image_bytes: bytes, *, timeout: float, auth: dict) -> tuple[np.ndarray, dict]:
     """Calibrated probabilities (H, W, 3) of one image from an Open Inference Protocol server, and its provenance.
 
     The request and the answer use the binary data extension: the image's
@@ -169,7 +188,7 @@ def _infer_v2(url: str, image_bytes: bytes, *, timeout: float) -> tuple[np.ndarr
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
     }).encode()
     body = header + struct.pack("<I", len(image_bytes)) + image_bytes
-    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream", **auth}
     response = _send(url, INFER_PATH, timeout=timeout, data=body, headers=headers)
     endpoint = url.rstrip("/") + INFER_PATH
     if response.status_code != 200:
@@ -192,16 +211,17 @@ def _infer_v2(url: str, image_bytes: bytes, *, timeout: float) -> tuple[np.ndarr
     return probs, {key: value for key, value in answer.get("parameters", {}).items() if isinstance(value, str)}
 
 
-def _post(url: str, path: str, message: dict, *, timeout: float) -> dict:
+def _post(url: str, path: str, message: dict, *, timeout: float, auth: dict) -> dict:
     endpoint = url.rstrip("/") + path
-    response = _send(url, path, timeout=timeout, json=message)
+    response = _send(url, path, timeout=timeout, json=message, headers=auth)
     try:
         body = response.json()
     except ValueError:
         body = {}
     if response.status_code != 200:
         status = body.get("status", {}) if isinstance(body, dict) else {}
-        detail = status.get("info") or response.text[:200] or response.reason
+        detail = (status.get("info") if isinstance(status, dict) else None) \
+            or (body.get("error") if isinstance(body, dict) else None) or response.text[:200] or response.reason
         raise ServingError(f"{endpoint} answered HTTP {response.status_code}: {detail}")
     if not isinstance(body, dict):
         raise ServingError(f"{endpoint} answered with something else than a JSON object")

@@ -14,6 +14,7 @@ place only when everything succeeded, so a failure leaves no partial output.
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,15 +89,18 @@ def ingest(
         seed: seed of the embedded data set (``synth:COUNT`` only).
         skip_bad: leave bad samples out (listed under ``"skipped"``)
             instead of stopping at the first one.
-        feedback: optional directory or ``s3://`` prefix of extra samples in
-            the extracted Oxford layout, added to the source.
+        feedback: optional feedback store (directory or ``s3://`` prefix,
+            `petseg.quarantine`): only its reviewed, accepted samples
+            (``accepted/``, in the Oxford layout) are added to the source.
         image_size: side of the stored square images and trimaps.
         shard_size: records per shard file.
         s3_endpoint_url: endpoint of a non-AWS S3 server (None for AWS).
         data_dir: tensorflow-datasets data directory (``tfds:`` only).
 
     Returns:
-        The ingest report: ``source``, ``feedback``, ``samples`` (count
+        The ingest report: ``source``, ``feedback``, ``feedback_samples``
+        (the accepted samples added: id, sender, received, accepted_by,
+        accepted_at, content hash; `transform` puts them in training only), ``samples`` (count
         written), ``skipped`` (``file``, ``source``, ``reason`` of each left
         out), ``fingerprint`` (sha256 over the sorted per-sample content
         hashes), ``shards`` (sorted paths) and ``species`` (counts of cat,
@@ -120,10 +124,16 @@ def ingest(
                             f"accepted sources: {ACCEPTED_SOURCES}")
         species = read_species(root)
         official_test = read_official_test(root)
+        accepted = []
         if feedback:
-            feedback_root = stage(feedback, work / "feedback", **fetch)
-            samples = _merge(samples, find_samples(feedback_root, origin=feedback))
-            species.update(read_species(feedback_root))
+            feedback_root = _stage_accepted(feedback, work / "feedback", fetch)
+            if feedback_root is not None:
+                extra = find_samples(feedback_root, origin=feedback)
+                samples = _merge(samples, extra)
+                species.update(read_species(feedback_root))
+                reviews = storage.Location(feedback.rstrip("/") + "/" + oxford.FEEDBACK_ACCEPTED,
+                                           s3_endpoint_url=s3_endpoint_url, what="feedback store")
+                accepted = [_review_record(reviews, sample.id) for sample in extra]
 
         hashes, skipped = [], []
         counts = {"cat": 0, "dog": 0, "unlisted": 0}
@@ -147,6 +157,7 @@ def ingest(
     return {
         "source": source,
         "feedback": feedback,
+        "feedback_samples": accepted,
         "samples": len(hashes),
         "official_test": official_test,
         "skipped": skipped,
@@ -157,7 +168,7 @@ def ingest(
 
 
 def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128,
-              official_test: list[str] | None = None) -> dict:
+              official_test: list[str] | None = None, training_only: list[str] = ()) -> dict:
     """Split ingest shards into training, validation, test and calibration shards.
 
     Records are copied unchanged and in order, streaming.
@@ -166,6 +177,7 @@ def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128,
         shards: shard files written by :func:`ingest`.
         official_test: the official test ids (the ``official`` rule of
             :mod:`petseg.split`); None for the ``md5`` rule.
+        training_only: ids that go to training only (accepted feedback, see :mod:`petseg.split`).
         out_dir: directory for ``<split>/<split>-NNNNN.tfrecord``; must not
             exist or be empty.
         shard_size: records per shard file.
@@ -183,12 +195,13 @@ def transform(shards: list[str], out_dir: str | Path, *, shard_size: int = 128,
     out_dir = Path(out_dir)
     manifest = {}
     test_ids = frozenset(official_test) if official_test is not None else None
+    training_ids = frozenset(training_only)
     with _output_dir(out_dir) as (_, out):
         writers = {split: shard_files.ShardWriter(out / split, split, shard_size) for split in SPLITS}
         try:
             for record in shard_files.read_records(shards):
                 sample_id = shard_files.decode(record)["id"]
-                manifest[sample_id] = split_of(sample_id, official_test=test_ids)
+                manifest[sample_id] = split_of(sample_id, official_test=test_ids, training_only=training_ids)
                 writers[manifest[sample_id]].write(record)
         finally:
             for writer in writers.values():
@@ -248,6 +261,27 @@ def read_official_test(root: Path) -> list[str] | None:
         raise DataError(f"annotations/{present[0]}.txt is present but annotations/{missing}.txt is not: "
                         "the official split needs both files (or neither)")
     return sorted(oxford.listed_ids(files["test"].read_text()))
+
+
+def _stage_accepted(feedback: str, dest: Path, fetch: dict) -> Path | None:
+    """The accepted samples of a feedback store, staged locally; None when it has none yet."""
+    accepted = feedback.rstrip("/") + "/" + oxford.FEEDBACK_ACCEPTED
+    if not storage.is_s3(feedback):
+        return Path(accepted) if (Path(accepted) / "images").is_dir() else None
+    if not storage.Location(accepted, s3_endpoint_url=fetch["s3_endpoint_url"], what="feedback store").names():
+        return None
+    return stage(accepted + "/", dest, **fetch)
+
+
+def _review_record(accepted: storage.Location, sample_id: str) -> dict:
+    """Who sent an accepted sample and who accepted it, from ``feedback/<id>.json`` beside it."""
+    name = f"feedback/{sample_id}.json"
+    if not accepted.exists(name):
+        raise DataError(f"{accepted.url(name)}: missing: an accepted feedback sample needs its review record "
+                        "(accept samples with `petseg feedback accept STORE ID`)")
+    record = json.loads(accepted.read_bytes(name))
+    keys = ("id", "identity", "received", "model_version", "content_sha256", "accepted_by", "accepted_at")
+    return {key: record.get(key) for key in keys}
 
 
 def _merge(samples: list[Sample], extra: list[Sample]) -> list[Sample]:

@@ -3,8 +3,7 @@
 One release, three kinds of object, each rendered from a template in ``k8s/``
 with the release's provenance in labels and annotations:
 
-- ``SeldonDeployment`` (Seldon Core v1, `render_seldon_deployment`): the
-  Seldon microservice, probes on ``/health/status``;
+- ``SeldonDeployment`` (Seldon Core v1, `render_seldon_deployment`): the Seldon microservice;
 - KServe ``InferenceService`` (`render_inference_service`): a predictor
   container running petseg's MLServer launcher (``python -m petseg.mlserver_runtime``),
   the Open Inference Protocol, readiness once the model is loaded;
@@ -54,13 +53,17 @@ RESOURCES = {
 RUNTIME = "petseg.mlserver_runtime.PetSegRuntime"
 CAPABILITY = "petseg"
 """The Seldon Core v2 capability a Server of the petseg image offers and a petseg Model requires."""
-DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "1536Mi"}, "limits": {"memory": "3Gi"}}
+DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2560Mi"}, "limits": {"memory": "3Gi"}}
+"""From bench/serving_memory.py (docs/PERFORMANCE.md): a Seldon pod's processes hold about 2.1 GiB idle and
+2.6 GiB with four worst-case requests in flight; MLServer's 0.6 GiB idle, 1.5 GiB with two."""
 SERVING_SECRETS = ("petseg-serving-s3",)
 """The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, write feedback,
 nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
 TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
 """The public keys a served release must be signed by (k8s/base/trusted-keys.template.yaml); no private key."""
 TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
+TOKENS_MOUNT = "/var/run/secrets/petseg-tokens"
+"""Where a pod reads its bearer tokens (`petseg.tokens`): the Secret ``tokens_secret``, key ``tokens.json``."""
 
 
 def deployment_name(version: str) -> str:
@@ -97,6 +100,7 @@ def render_seldon_deployment(
     secrets: list[str] | tuple[str, ...] = SERVING_SECRETS,
     resources: dict | None = None,
     template: str | os.PathLike = TEMPLATE,
+    tokens_secret: str | None = None,
 ) -> dict:
     """The SeldonDeployment (machinelearning.seldon.io/v1) serving one release.
 
@@ -115,6 +119,8 @@ def render_seldon_deployment(
             credential (`SERVING_SECRETS`), read-only on releases.
         resources: Container resources; default `DEFAULT_RESOURCES`.
         template: The YAML template.
+        tokens_secret: A Secret with key ``tokens.json`` (`petseg.tokens`), mounted read-only at `TOKENS_MOUNT`;
+            without it, predictions are open (behind the cluster's ingress) and feedback is refused.
 
     Returns:
         The object, ready for the Kubernetes API.
@@ -124,8 +130,8 @@ def render_seldon_deployment(
     """
     model_uri = _pod_model_uri(manifest, model_uri)
     values = _pod_values(manifest, image=image, model_uri=model_uri, namespace=namespace, replicas=replicas,
-                         feedback_uri=feedback_uri or default_feedback_uri(model_uri),
-                         s3_endpoint_url=s3_endpoint_url, secrets=secrets, resources=resources)
+                         feedback_uri=feedback_uri or default_feedback_uri(model_uri), s3_endpoint_url=s3_endpoint_url,
+                         secrets=secrets, resources=resources, tokens_secret=tokens_secret)
     return _fill(template, values)
 
 
@@ -140,20 +146,15 @@ def render_inference_service(
     secrets: list[str] | tuple[str, ...] = SERVING_SECRETS,
     resources: dict | None = None,
     template: str | os.PathLike = INFERENCE_SERVICE_TEMPLATE,
+    tokens_secret: str | None = None,
 ) -> dict:
     """The KServe InferenceService (serving.kserve.io/v1beta1) serving one release on MLServer.
 
-    Args: as `render_seldon_deployment` (no feedback: the Open Inference Protocol has no feedback call).
-
-    Returns:
-        The object, ready for the Kubernetes API.
-
-    Raises:
-        ConfigError: A value Kubernetes or the pod could not use.
+    Arguments, result and errors as `render_seldon_deployment`, without a feedback store.
     """
     values = _pod_values(manifest, image=image, model_uri=_pod_model_uri(manifest, model_uri), namespace=namespace,
                          replicas=replicas, feedback_uri=None, s3_endpoint_url=s3_endpoint_url, secrets=secrets,
-                         resources=resources)
+                         resources=resources, tokens_secret=tokens_secret)
     return _fill(template, values)
 
 
@@ -166,14 +167,10 @@ def render_seldon_model(
     memory: str = "1536Mi",
     template: str | os.PathLike = SELDON_MODEL_TEMPLATE,
 ) -> dict:
-    """The Seldon Core v2 Model (mlops.seldon.io/v1alpha1) of one release.
+    """The Seldon Core v2 Model (mlops.seldon.io/v1alpha1) of one release (ConfigError for unusable values).
 
-    Its ``storageUri`` is the release, which must also hold `model_settings`
-    (`write_model_settings`); it requires the `CAPABILITY` of a Server of the
-    petseg image (`render_seldon_server`).
-
-    Raises:
-        ConfigError: A value Kubernetes or the pod could not use.
+    Its ``storageUri`` is the release, which must also hold `model_settings` (`write_model_settings`);
+    it requires the `CAPABILITY` of a Server of the petseg image (`render_seldon_server`).
     """
     model_uri = _pod_model_uri(manifest, model_uri)
     _check_namespace(namespace)
@@ -204,9 +201,10 @@ def render_seldon_server(
     _check_namespace(namespace)
     _check_replicas(replicas)
     env = [{"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url}] if s3_endpoint_url else []
-    values = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
-              "replicas": replicas, "image": image, "env": env + _trusted_keys_env(), "capabilities": [CAPABILITY],
-              "env_from": [{"secretRef": {"name": secret}} for secret in secrets], **_trusted_keys_volume()}
+    mounted = _mounted(None)
+    values = {**mounted, "name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
+              "replicas": replicas, "image": image, "env": env + mounted["env"], "capabilities": [CAPABILITY],
+              "env_from": [{"secretRef": {"name": secret}} for secret in secrets]}
     return _fill(template, values)
 
 
@@ -350,7 +348,8 @@ def _pod_model_uri(manifest: dict, model_uri: str | None) -> str:
 
 
 def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, replicas: int,
-                feedback_uri: str | None, s3_endpoint_url: str | None, secrets, resources: dict | None) -> dict:
+                feedback_uri: str | None, s3_endpoint_url: str | None, secrets, resources: dict | None,
+                tokens_secret: str | None = None) -> dict:
     """The checked values of a serving pod's template: identity, image, environment, secrets, resources."""
     _check_image(image)
     _check_namespace(namespace)
@@ -362,20 +361,23 @@ def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, r
         env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
     if s3_endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
-            "replicas": replicas, "image": image, "env": env + _trusted_keys_env(),
+    mounted = _mounted(tokens_secret)
+    return {**mounted, "name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+            "replicas": replicas, "image": image, "env": env + mounted["env"],
             "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
-            "resources": resources or DEFAULT_RESOURCES, **_trusted_keys_volume()}
+            "resources": resources or DEFAULT_RESOURCES}
 
 
-def _trusted_keys_env() -> list[dict]:
-    return [{"name": "PETSEG_TRUSTED_KEYS", "value": TRUSTED_KEYS_PATH}]
-
-
-def _trusted_keys_volume() -> dict:
-    """The trusted public keys, a ConfigMap mounted read-only (the servers' only key material)."""
-    return {"volumes": [{"name": "trusted-keys", "configMap": {"name": TRUSTED_KEYS_CONFIGMAP}}],
-            "volume_mounts": [{"name": "trusted-keys", "mountPath": TRUSTED_KEYS_PATH, "readOnly": True}]}
+def _mounted(tokens_secret: str | None) -> dict:
+    """Read-only mounts of a serving pod: the trusted public keys (its only key material), and tokens if named."""
+    env = [{"name": "PETSEG_TRUSTED_KEYS", "value": TRUSTED_KEYS_PATH}]
+    mounts = [{"name": "trusted-keys", "mountPath": TRUSTED_KEYS_PATH, "readOnly": True}]
+    volumes = [{"name": "trusted-keys", "configMap": {"name": TRUSTED_KEYS_CONFIGMAP}}]
+    if tokens_secret:
+        env.append({"name": "PETSEG_TOKENS_FILE", "value": f"{TOKENS_MOUNT}/tokens.json"})
+        mounts.append({"name": "petseg-tokens", "mountPath": TOKENS_MOUNT, "readOnly": True})
+        volumes.append({"name": "petseg-tokens", "secret": {"secretName": tokens_secret, "defaultMode": 0o400}})
+    return {"env": env, "volume_mounts": mounts, "volumes": volumes}
 
 
 def _check_image(image: str) -> None:

@@ -8,6 +8,10 @@ Two servers, the same release and the same answers:
 - ``mlserver``: ``python -m petseg.mlserver_runtime serving/mlserver``, MLServer
   with the petseg runtime, the Open Inference Protocol (KServe v2) over REST and gRPC.
 
+Both listen on 127.0.0.1 unless told another address, and both take the
+bearer tokens of `petseg.tokens` (made in the configuration directory when
+missing): predictions and feedback need one.
+
 `deploy_local` starts one detached in its own session, waits until it
 predicts (``/health/status``, or ``/v2/models/petseg/ready`` after the
 runtime's warm-up prediction), and returns what the flow records;
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import requests
 
+from petseg import tokens
 from petseg.errors import ConfigError, ServingError
 from petseg.userdirs import state_dir
 
@@ -38,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVING_DIR = ROOT / "serving"
 COMPONENT = "PetSegModel"
 MICROSERVICE = "seldon-core-microservice"
+LAUNCHER_MODULE = "petseg.seldon_launcher"
 SERVERS = ("seldon", "mlserver")
 MLSERVER_SETTINGS = SERVING_DIR / "mlserver"
 """``mlserver start`` folder: settings.json and ``petseg/model-settings.json`` (the model name and runtime)."""
@@ -56,6 +62,7 @@ def deploy_local(
     timeout: float = 180.0,
     fingerprint: str | None = None,
     feedback_uri: str | None = None,
+    tokens_file: str | os.PathLike | None = None,
 ) -> dict:
     """Starts a model server for a release, detached, and waits until it predicts.
 
@@ -65,18 +72,19 @@ def deploy_local(
         server: ``seldon`` (Seldon Core v1 protocol) or ``mlserver`` (Open Inference Protocol).
         port: REST port; None picks a free one. gRPC and metrics ports are
             always picked free.
-        host: Host name the returned URL uses (the server listens on all interfaces).
+        host: Address the server listens on (default ``127.0.0.1``; ``0.0.0.0``: every interface).
         log_path: File for the server's output; default ``serving.log`` in the
             deployment's `record_dir` (outside the release, which is signed).
         timeout: Seconds to wait until it predicts.
         fingerprint: Model fingerprint the server must find (MODEL_FINGERPRINT).
-        feedback_uri: Feedback store of the Seldon server; default
-            `default_feedback_uri` (none for a run pathspec). The Open
-            Inference Protocol has no feedback call.
+        feedback_uri: Feedback store (`petseg.quarantine`); default
+            `default_feedback_uri`, outside the release (none for a run pathspec).
+        tokens_file: Bearer tokens (`petseg.tokens`); default `petseg.tokens.tokens_path`,
+            made with one ``local`` identity when missing.
 
     Returns:
         ``{"kind": "local", "server", "protocol", "url", "pid", "port", "grpc_port", "metrics_port", "log",
-        "model_uri"}`` (``protocol`` is ``seldon`` or ``v2``), also written as
+        "model_uri", "tokens_file"}`` (``protocol`` is ``seldon`` or ``v2``), also written as
         ``deployment.json`` in the deployment's `record_dir`.
 
     Raises:
@@ -93,8 +101,10 @@ def deploy_local(
     record = record_dir(model_uri)
     log_path = Path(log_path or record / "serving.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    tokens_file, _ = tokens.ensure_local_tokens(tokens_file)
     command, cwd, env = _server_process(server, model_uri, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
-                                        fingerprint=fingerprint, feedback_uri=feedback_uri)
+                                        fingerprint=fingerprint, feedback_uri=feedback_uri, host=host,
+                                        tokens_file=tokens_file)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command,
@@ -105,7 +115,7 @@ def deploy_local(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives the caller; stop_local ends the whole session
         )
-    url = f"http://{host}:{port}"
+    url = f"http://{_client_host(host)}:{port}"
     _wait_until_healthy(url, HEALTH_PATHS[server], process, log_path=log_path, timeout=timeout)
     deployment = {
         "kind": "local",
@@ -118,6 +128,7 @@ def deploy_local(
         "metrics_port": metrics_port,
         "log": str(log_path),
         "model_uri": model_uri,
+        "tokens_file": str(tokens_file),
     }
     record.mkdir(parents=True, exist_ok=True)
     (record / "deployment.json").write_text(json.dumps(deployment, indent=2) + "\n", encoding="utf-8")
@@ -150,7 +161,8 @@ def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
     command = _command_line(pid)
     if command is None:
         return False
-    if not (MICROSERVICE in command and COMPONENT in command) and RUNTIME_MODULE not in command:
+    if not ((MICROSERVICE in command or LAUNCHER_MODULE in command) and COMPONENT in command) \
+            and RUNTIME_MODULE not in command:
         raise ServingError(f"process {pid} is not a petseg deployment (it runs {command[:120]!r}); not stopping it")
     _end_session(pid, timeout=timeout)
     return True
@@ -181,6 +193,8 @@ def serve_foreground(
     grpc_port: int | None = None,
     fingerprint: str | None = None,
     feedback_uri: str | None = None,
+    host: str = "127.0.0.1",
+    tokens_file: str | os.PathLike | None = None,
 ) -> int:
     """Runs a model server for a release in the foreground until it stops.
 
@@ -194,7 +208,9 @@ def serve_foreground(
         server: ``seldon`` or ``mlserver``.
         grpc_port: gRPC port; None picks a free one.
         fingerprint: Model fingerprint the server must find.
-        feedback_uri: Feedback store of the Seldon server; default `default_feedback_uri` (none for a run pathspec).
+        feedback_uri: Feedback store; default `default_feedback_uri` (none for a run pathspec).
+        host: Address the server listens on (default ``127.0.0.1``; ``0.0.0.0``: every interface).
+        tokens_file: Bearer tokens, as for `deploy_local`.
 
     Returns:
         The server's exit status.
@@ -205,8 +221,10 @@ def serve_foreground(
     _check_server(server)
     model_uri = str(Path(release_dir).resolve()) if Path(release_dir).is_dir() else str(release_dir)
     free_grpc, metrics_port = _free_ports(2)
+    tokens_file, _ = tokens.ensure_local_tokens(tokens_file)
     command, cwd, env = _server_process(server, model_uri, port=port, grpc_port=grpc_port or free_grpc,
-                                        metrics_port=metrics_port, fingerprint=fingerprint, feedback_uri=feedback_uri)
+                                        metrics_port=metrics_port, fingerprint=fingerprint, feedback_uri=feedback_uri,
+                                        host=host, tokens_file=tokens_file)
     process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
 
     def stop(signum, frame):
@@ -237,7 +255,7 @@ def default_feedback_uri(model_uri: str) -> str | None:
 
 def microservice_command(*, port: int, grpc_port: int, metrics_port: int,
                          cores: int | None = None) -> list[str]:
-    """The command line that serves ``serving/PetSegModel.py`` on the given ports.
+    """The command line that serves ``serving/PetSegModel.py`` on the given ports (on ``PETSEG_HOST``).
 
     Args:
         port: REST port.
@@ -254,7 +272,7 @@ def microservice_command(*, port: int, grpc_port: int, metrics_port: int,
         raise ServingError(f"{executable} not found: install seldon-core in the Python environment running petseg")
     workers, threads = gunicorn_sizing(cores or available_cores())
     return [
-        str(executable), COMPONENT, "--service-type", "MODEL",
+        sys.executable, "-m", LAUNCHER_MODULE, COMPONENT, "--service-type", "MODEL",
         "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--workers", str(workers), "--threads", str(threads),
     ]
@@ -295,10 +313,13 @@ def _check_server(server: str) -> None:
 
 
 def _server_process(server: str, model_uri: str, *, port: int, grpc_port: int, metrics_port: int,
-                    fingerprint: str | None, feedback_uri: str | None) -> tuple[list[str], Path, dict[str, str]]:
+                    fingerprint: str | None, feedback_uri: str | None, host: str = "127.0.0.1",
+                    tokens_file: str | os.PathLike | None = None) -> tuple[list[str], Path, dict[str, str]]:
     """Command, working directory and environment of a server process."""
-    env = _environment(model_uri, fingerprint=fingerprint,
-                       feedback_uri=feedback_uri if server == "seldon" else None, with_feedback=server == "seldon")
+    env = _environment(model_uri, fingerprint=fingerprint, feedback_uri=feedback_uri)
+    env.update({"PETSEG_HOST": host, "MLSERVER_HOST": host})
+    if tokens_file:
+        env[tokens.TOKENS_ENV] = str(tokens_file)
     if server == "seldon":
         return microservice_command(port=port, grpc_port=grpc_port, metrics_port=metrics_port), SERVING_DIR, env
     env.update({"MLSERVER_HTTP_PORT": str(port), "MLSERVER_GRPC_PORT": str(grpc_port),
@@ -322,6 +343,11 @@ def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str |
         else:
             env.pop(name, None)
     return env
+
+
+def _client_host(host: str) -> str:
+    """The address a client on this machine reaches a server listening on ``host`` by."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 def _free_ports(count: int) -> list[int]:

@@ -1,21 +1,15 @@
-"""Feedback: a labelled sample read from a Seldon Feedback message, stored in the Oxford layout.
+"""Feedback: a labelled sample read from a Seldon Feedback message.
 
 `parse_feedback` takes the request image, the ``truth`` mask and the reward
 of a Feedback message (checked like a prediction request, `petseg.messages`);
-`FeedbackStore` writes the sample where `petseg.data.ingest(feedback=...)`
-reads it, in a directory or under an ``s3://`` prefix (`petseg.storage`).
+`petseg.quarantine` stores the sample as pending until someone reviews it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import io
-import json
 import math
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +18,6 @@ from PIL import Image
 from petseg import oxford
 from petseg.messages import (BadRequest, Limits, base64_bytes, check_image, describe, nested_numbers,
                              parse_prediction, tensor_numbers)
-from petseg.storage import Location, failures
 
 JPEG_QUALITY = 95
 
@@ -195,81 +188,8 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _png(pixels: np.ndarray) -> bytes:
+def png(pixels: np.ndarray) -> bytes:
+    """A PNG of uint8 pixels (the trimap of a stored sample)."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-class FeedbackStore:
-    """Feedback samples in the Oxford layout that `petseg.data.ingest(feedback=...)` reads.
-
-    Under ``root`` (a directory or an ``s3://bucket/prefix``):
-
-    - ``images/<id>.jpg``: the request image;
-    - ``annotations/trimaps/<id>.png``: the truth, single-channel, values 1-3, same size;
-    - ``annotations/list.txt``: an Oxford line ``<id> CLASS-ID SPECIES BREED-ID``
-      for each sample whose truth named its breed (ingest counts the others
-      as unlisted);
-    - ``feedback/<id>.json``: reward, model version and fingerprint, breed, time.
-
-    Ids are ``feedback_<16 hex digits of the sha256 of image and trimap bytes>``:
-    never an Oxford id, and the same sample sent twice is stored once. On S3,
-    list.txt is read, extended and written back, so two replicas adding at
-    the same instant can lose a line (the sample's files stay).
-
-    Args:
-        root: Directory or ``s3://bucket/prefix``.
-        s3_endpoint_url: Endpoint of a non-AWS S3 server.
-    """
-
-    def __init__(self, root: str, *, s3_endpoint_url: str | None = None):
-        self.location = Location(root, s3_endpoint_url=s3_endpoint_url, what="feedback store root")
-        self.root = self.location.root
-
-    def add(self, sample: FeedbackSample, *, model_version: str, model_fingerprint: str) -> str:
-        """Stores one sample and returns its id.
-
-        Raises:
-            StorageError: a file could not be written.
-        """
-        trimap_png = _png(sample.trimap)
-        sample_id = "feedback_" + hashlib.sha256(sample.jpeg + trimap_png).hexdigest()[:16]
-        record = {
-            "id": sample_id,
-            "reward": sample.reward,
-            "breed": sample.breed,
-            "model_version": model_version,
-            "model_fingerprint": model_fingerprint,
-            "received": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.location.write_bytes(oxford.image_file(sample_id), sample.jpeg)
-        self.location.write_bytes(oxford.trimap_file(sample_id), trimap_png)
-        self.location.write_bytes(f"feedback/{sample_id}.json", (json.dumps(record, indent=2) + "\n").encode())
-        if sample.breed is not None:
-            self._list(sample_id, oxford.list_line(sample_id, sample.breed))
-        return sample_id
-
-    def _list(self, sample_id: str, line: str) -> None:
-        """Appends ``line`` to annotations/list.txt unless the id is listed already."""
-        if self.location.is_s3:
-            exists = self.location.exists(oxford.LIST_FILE)
-            text = self.location.read_bytes(oxford.LIST_FILE).decode() if exists else oxford.LIST_HEADER
-            if not _listed(text, sample_id):
-                self.location.write_bytes(oxford.LIST_FILE, (text + line).encode())
-            return
-        path = Path(self.location.url(oxford.LIST_FILE))
-        with failures(str(path), "append to"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a+", encoding="utf-8") as listing:
-                fcntl.flock(listing, fcntl.LOCK_EX)  # server workers append one at a time
-                listing.seek(0)
-                text = listing.read()
-                if not text:
-                    listing.write(oxford.LIST_HEADER)
-                if not _listed(text, sample_id):
-                    listing.write(line)
-
-
-def _listed(text: str, sample_id: str) -> bool:
-    return any(line.split(maxsplit=1)[:1] == [sample_id] for line in text.splitlines())

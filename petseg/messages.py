@@ -45,7 +45,7 @@ _IMAGE_BYTES = "base64 of JPEG or PNG bytes"
 
 
 class BadRequest(DataError):
-    """A request the service cannot use; answered with HTTP 400, or 413 when it is too large.
+    """A request the service cannot use; answered with HTTP 400, 413 when it is too large, 429 over a quota.
 
     Args:
         kind: Short upper-case category, e.g. ``BAD_SHAPE``.
@@ -62,8 +62,8 @@ class BadRequest(DataError):
 
     @property
     def status(self) -> int:
-        """The HTTP status that answers it: 413 (Content Too Large) for ``TOO_LARGE``, else 400."""
-        return 413 if self.kind == "TOO_LARGE" else 400
+        """The HTTP status that answers it: 413 for ``TOO_LARGE``, 429 for ``TOO_MANY`` (a quota), else 400."""
+        return {"TOO_LARGE": 413, "TOO_MANY": 429}.get(self.kind, 400)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,23 +73,32 @@ class Limits:
     Attributes:
         max_bytes: Largest request body and largest encoded image, in bytes.
         max_pixels: Largest number of pixels in one request (all images of a batch).
+        max_list_pixels: Largest number of pixels sent or answered as JSON
+            lists of numbers: Seldon ``data.ndarray`` and ``data.tensor``
+            requests (and so their answers), v2 UINT8 tensors sent as lists, and
+            the v2 ``probabilities`` output (a list on its way out of the
+            runtime). A number in a Python list costs tens of bytes, so these
+            forms cost about 400-500 bytes a pixel, measured in
+            docs/PERFORMANCE.md; images (binData, BYTES) and masks have no such limit.
     """
 
     max_bytes: int = 16 * 2**20
     max_pixels: int = 4096 * 4096
+    max_list_pixels: int = 512 * 512
 
     def __post_init__(self):
-        for name in ("max_bytes", "max_pixels"):
+        for name in ("max_bytes", "max_pixels", "max_list_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serving limit {name}={value!r} is invalid: expected a positive integer")
 
 
 def limits_from_environment() -> Limits:
-    """Request limits from MAX_IMAGE_BYTES and MAX_PIXELS, else the defaults (both servers read them so)."""
+    """Request limits from MAX_IMAGE_BYTES, MAX_PIXELS and MAX_LIST_PIXELS, else the defaults."""
     defaults = Limits()
     return Limits(max_bytes=int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
-                  max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels))
+                  max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels),
+                  max_list_pixels=int_setting("MAX_LIST_PIXELS", defaults.max_list_pixels))
 
 
 def int_setting(name: str, default: int) -> int:
@@ -111,6 +120,7 @@ class Payload:
         images: float32 (N, H, W, 3) in [0, 1].
         form: ``ndarray``, ``tensor``, ``binData`` or ``strData``: how they came
             and how the answer goes back.
+        size: (H, W) of the image sent when ``images`` holds it reduced; None when not reduced.
         batched: Whether an array came with a batch axis (NxHxWx3).
         encoded: The image file bytes, for binData and strData.
         encoded_format: ``JPEG`` or ``PNG`` for binData and strData.
@@ -121,14 +131,22 @@ class Payload:
     batched: bool = False
     encoded: bytes | None = None
     encoded_format: str | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def answer_size(self) -> tuple[int, int]:
+        """(H, W) of the answer: the request's image, which ``images`` may hold reduced (`decode_image`)."""
+        return self.size or tuple(self.images.shape[1:3])
 
 
-def parse_prediction(message: Any, *, limits: Limits) -> Payload:
+def parse_prediction(message: Any, *, limits: Limits, work_side: int | None = None) -> Payload:
     """Reads the images of a prediction request.
 
     Args:
         message: The decoded JSON of a SeldonMessage.
         limits: Size limits.
+        work_side: Decode a JPEG or PNG larger than this (longer side) reduced
+            to it (`decode_image`); None keeps every pixel (feedback does).
 
     Returns:
         The images and the form they came in.
@@ -151,8 +169,9 @@ def parse_prediction(message: Any, *, limits: Limits) -> Payload:
     form = forms[0]
     if form != "data":
         encoded = base64_bytes(message[form], where=form, limits=limits)
-        image, image_format = decode_image(encoded, where=form, limits=limits)
-        return Payload(image[None].astype(np.float32) / 255.0, form, False, encoded, image_format)
+        image, image_format, size = decode_image(encoded, where=form, limits=limits, work_side=work_side)
+        reduced = size if size != image.shape[:2] else None
+        return Payload(image[None].astype(np.float32) / 255.0, form, False, encoded, image_format, reduced)
     data = message["data"]
     if not isinstance(data, dict) or len({"ndarray", "tensor"} & set(data)) != 1:
         raise BadRequest(
@@ -175,7 +194,8 @@ def encode_prediction(probs: np.ndarray, payload: Payload) -> dict:
     """A SeldonMessage (as JSON) answering ``payload`` with ``probs``.
 
     Args:
-        probs: (N, H, W, 3) probabilities from `Predictor.predict`.
+        probs: (N, H, W, 3) probabilities (`Predictor.predict`), or for binData
+            and strData their `eight_bits` as uint8 (`Predictor.predict_eight_bits`).
         payload: The parsed request.
 
     Returns:
@@ -201,29 +221,42 @@ def eight_bits(probs: np.ndarray) -> np.ndarray:
 
 
 def class_mask(probs: np.ndarray) -> np.ndarray:
-    """The 3-class mask of (..., 3) probabilities: uint8 trimap values (1 pet, 2 background, 3 border).
+    """The 3-class mask of (..., 3) probabilities (or their uint8 `eight_bits`): uint8 trimap values.
 
-    Each pixel gets the class of highest 8-bit probability (`eight_bits`), the
-    first of (pet, background, border) on ties: what a binData answer's PNG or
-    an ndarray answer (``round(value * 255)``) implies, to the bit.
+    Each pixel gets the class (1 pet, 2 background, 3 border) of highest 8-bit
+    probability (`eight_bits`), the first of (pet, background, border) on
+    ties: what a binData answer's PNG or an ndarray answer (``round(value * 255)``)
+    implies, to the bit.
     """
-    return (np.argmax(eight_bits(probs), axis=-1) + oxford.TRIMAP_VALUES[0]).astype(np.uint8)
+    bits = probs if probs.dtype == np.uint8 else eight_bits(probs)
+    return (np.argmax(bits, axis=-1) + oxford.TRIMAP_VALUES[0]).astype(np.uint8)
 
 
 def probability_png(probs: np.ndarray) -> bytes:
-    """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border), see `eight_bits`."""
-    pixels = eight_bits(probs)
+    """A 3-channel PNG of (H, W, 3) probabilities * 255 (red pet, green background, blue border), see `eight_bits`.
+
+    ``probs`` may be the uint8 `eight_bits` already.
+    """
+    pixels = probs if probs.dtype == np.uint8 else eight_bits(probs)
     buffer = io.BytesIO()
     # Level 1: a tenth of the time of the default level 6 for a file 25% larger.
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
-def decode_image(encoded: bytes, *, where: str, limits: Limits) -> tuple[np.ndarray, str]:
-    """Decodes JPEG or PNG bytes to uint8 (H, W, 3).
+def decode_image(encoded: bytes, *, where: str, limits: Limits,
+                 work_side: int | None = None) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Decodes JPEG or PNG bytes to uint8 (h, w, 3), reduced when larger than ``work_side``.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    its longer side at least ``work_side`` (Pillow's draft mode: the full
+    image never exists), a PNG in full; either is then resized (bilinear,
+    antialiased) so that its longer side is ``work_side``. The model sees a
+    few times fewer pixels still, so nothing it could use is lost, and a
+    16-megapixel image costs megabytes, not a gigabyte of floats.
 
     Returns:
-        The pixels and the format (``JPEG`` or ``PNG``).
+        The pixels, the format (``JPEG`` or ``PNG``) and the image's own (H, W).
 
     Raises:
         BadRequest: Empty, too large, another format, or undecodable.
@@ -237,7 +270,16 @@ def decode_image(encoded: bytes, *, where: str, limits: Limits) -> tuple[np.ndar
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             check_image(image, where=where, limits=limits)
-            return np.asarray(image.convert("RGB")), image.format
+            width, height = image.size
+            image_format = image.format
+            scale = work_side / max(width, height) if work_side else 1.0
+            if scale >= 1.0:
+                return np.asarray(image.convert("RGB")), image_format, (height, width)
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
+            if image_format == "JPEG":
+                image.draft("RGB", target)
+            reduced = image.convert("RGB").resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+            return np.asarray(reduced), image_format, (height, width)
     except BadRequest:
         raise
     except Exception as err:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...) for bad bytes.
@@ -328,9 +370,11 @@ def _images(values: np.ndarray, integers: bool, *, where: str, limits: Limits) -
     if values.size == 0:
         raise BadRequest("EMPTY", where=where, expected="at least one 1x1 RGB pixel", got=f"shape {values.shape}")
     pixels = values.size // 3
-    if pixels > limits.max_pixels:
+    if pixels > min(limits.max_pixels, limits.max_list_pixels):
         raise BadRequest(
-            "TOO_LARGE", where=where, expected=f"at most {limits.max_pixels} pixels", got=f"{pixels} pixels",
+            "TOO_LARGE", where=where, got=f"{pixels} pixels",
+            expected=f"at most {min(limits.max_pixels, limits.max_list_pixels)} pixels as numbers "
+                     "(send larger images as binData)",
         )
     if not np.isfinite(values).all():
         raise BadRequest("BAD_VALUES", where=where, expected="finite numbers", got="NaN or infinity")

@@ -21,8 +21,9 @@ stays off: an image costs TensorFlow nearly the same CPU time in a batch
 every request of a batch when one of them is bad.
 
 `main` is ``mlserver start FOLDER`` with petseg's HTTP edge in front
-(`petseg.v2_http`: body limit and 413, the binary data extension, 400 error
-bodies) and MLServer's gzip off; `petseg.deploy_local` runs it as
+(`petseg.v2_http`: tokens, the closed repository API, feedback, body limit
+and 413, the binary data extension, 400 error bodies), the repository API of
+the gRPC port refused, and MLServer's gzip off; `petseg.deploy_local` runs it as
 ``python -m petseg.mlserver_runtime FOLDER``. Plain ``mlserver start FOLDER``
 serves the same runtime with MLServer's own REST behaviour (JSON tensors only,
 422 for a body that is not an inference request, no body limit).
@@ -36,7 +37,12 @@ Settings (read here, as serving/PetSegModel.py reads them for the Seldon server)
   of the model settings, else MODEL_FINGERPRINT;
 - PETSEG_TRUSTED_KEYS: the public keys a release's signature must verify against (`petseg.keys`);
   a release that does not verify fails the load, and the server exits with status 1;
-- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`);
+- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.messages.Limits`);
+- PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); with it, inference over
+  REST and gRPC needs a ``predict`` token (the edge checks REST; the runtime checks the
+  ``authorization`` metadata MLServer hands it for both); feedback always needs one;
+- FEEDBACK_URI, FEEDBACK_QUOTA, FEEDBACK_PENDING_CAP: the feedback store (`petseg.quarantine`)
+  behind ``POST /v2/models/petseg/feedback``; unset, feedback answers 404;
 - PETSEG_THREADS: threads answering requests (default: the cores this process may use);
 - PETSEG_TF_THREADS: TensorFlow's intra- and inter-op threads (default: TensorFlow's own, the cores);
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server;
@@ -56,7 +62,7 @@ from mlserver import MLModel
 from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
-from petseg import v2_messages
+from petseg import tokens, v2_messages
 from petseg.errors import PetsegError
 from petseg.messages import BadRequest, int_setting, limits_from_environment
 
@@ -66,6 +72,23 @@ class Refusal(MLServerError):
 
     def __init__(self, error: BadRequest):
         super().__init__(f"{error.kind}: {error}", status_code=error.status)
+
+
+class Denied(MLServerError):
+    """A `petseg.tokens.AccessDenied` as MLServer answers it (gRPC: UNAUTHENTICATED or PERMISSION_DENIED)."""
+
+    def __init__(self, error: tokens.AccessDenied):
+        super().__init__(f"{error.reason}: {error}", status_code=error.status)
+
+
+class ClosedRepository:
+    """Stands in for MLServer's model repository handlers on the gRPC port: index, load and unload are refused."""
+
+    async def _refuse(self, *args, **kwargs):
+        raise Denied(tokens.AccessDenied(403, "the model repository API is closed on the gRPC port; "
+                                              "use REST with an operator token"))
+
+    index = load = unload = _refuse
 
 
 class PetSegRuntime(MLModel):
@@ -103,6 +126,18 @@ class PetSegRuntime(MLModel):
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="petseg")
         self._predictor = serving.Predictor(loaded)
         self._tags = loaded.tags()
+        self._fingerprint = loaded.fingerprint
+        tokens_file = os.environ.get(tokens.TOKENS_ENV)
+        self._tokens = tokens.load(tokens_file) if tokens_file else None
+        self._store = None
+        if os.environ.get("FEEDBACK_URI"):
+            from petseg import quarantine
+
+            self._store = quarantine.FeedbackStore(
+                os.environ["FEEDBACK_URI"],
+                s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL"),
+                quota=int_setting("FEEDBACK_QUOTA", quarantine.DEFAULT_QUOTA),
+                pending_cap=int_setting("FEEDBACK_PENDING_CAP", quarantine.DEFAULT_PENDING_CAP))
         # The first call traces the model's graph: here, not in the first request.
         size = loaded.image_size
         self._predictor.predict(np.zeros((1, size, size, 3), np.float32))
@@ -115,17 +150,49 @@ class PetSegRuntime(MLModel):
         """Answers an inference request with the outputs it asks for (default: the mask)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._answer, payload)
 
+    async def feedback(self, message: dict, identity: str) -> dict:
+        """Stores a Seldon Feedback message's labelled image as pending (`petseg.quarantine`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._store_feedback,
+                                                                message, identity)
+
+    def _store_feedback(self, message: dict, identity: str) -> dict:
+        from petseg.feedback import parse_feedback
+
+        if self._store is None:
+            raise BadRequest("FEEDBACK_DISABLED", where="feedback",
+                             expected="a server started with a feedback store (FEEDBACK_URI)", got="a server without one")
+        sample = parse_feedback(message, limits=self._limits)
+        stored = self._store.add(sample, identity=identity, model_version=self._tags["model_version"],
+                                 model_fingerprint=self._fingerprint)
+        return {**stored, "store": self._store.root}
+
     def _answer(self, payload: InferenceRequest) -> InferenceResponse:
+        if self._tokens is not None:
+            headers = (payload.parameters.headers if payload.parameters else None) or {}
+            authorization = next((value for key, value in headers.items() if key.lower() == "authorization"), None)
+            try:
+                self._tokens.check(authorization, "predict")
+            except tokens.AccessDenied as err:
+                raise Denied(err) from None
         try:
             # gRPC requests come unvalidated (MLServer constructs them): a datatype may be a plain string.
             inputs = [v2_messages.Tensor(tensor.name, str(getattr(tensor.datatype, "value", tensor.datatype)),
                                          tensor.shape, getattr(tensor.data, "root", tensor.data))
                       for tensor in payload.inputs]
             names = v2_messages.requested_outputs([output.name for output in payload.outputs or []])
-            images = v2_messages.parse_images(inputs, limits=self._limits)
+            images, size = v2_messages.read_images(inputs, limits=self._limits, work_side=self._predictor.work_side)
         except BadRequest as err:
             raise Refusal(err) from None
-        probs = self._predictor.predict(images)
+        if "probabilities" in names:
+            pixels = len(images) * size[0] * size[1]
+            if pixels > self._limits.max_list_pixels:
+                raise Refusal(BadRequest(
+                    "TOO_LARGE", where="outputs", got=f"probabilities for {pixels} pixels",
+                    expected=f"probabilities for at most {self._limits.max_list_pixels} pixels "
+                             "(ask for the mask, which has no such limit)"))
+            probs = self._predictor.predict(images, size)
+        else:  # the mask only: made from eight bits a band at a time, no full-size floats
+            probs = self._predictor.predict_eight_bits(images, size)
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,
@@ -159,9 +226,22 @@ async def serve(folder: str) -> int:
         settings.grpc_max_message_length = limits.max_bytes + 2**16  # the body limit, plus the proto's framing
     # MLServer maps 400, 404, 422 and 500 to gRPC codes; a 413 would be UNKNOWN.
     grpc_utils.STATUS_CODE_MAPPING.setdefault(413, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    grpc_utils.STATUS_CODE_MAPPING.setdefault(429, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    grpc_utils.STATUS_CODE_MAPPING.setdefault(401, grpc.StatusCode.UNAUTHENTICATED)
+    grpc_utils.STATUS_CODE_MAPPING.setdefault(403, grpc.StatusCode.PERMISSION_DENIED)
+    tokens_file = os.environ.get(tokens.TOKENS_ENV)
     server = MLServer(settings)
+
+    async def feedback(message: dict, identity: str) -> dict:
+        model = await server._model_registry.get_model(models_settings[0].name)
+        return await model.feedback(message, identity)
+
     # MLServer builds its REST app in the constructor and gives no hook: the edge goes on it here.
-    server._rest_server._app.add_middleware(OpenInferenceEdge, max_bytes=limits.max_bytes)
+    server._rest_server._app.add_middleware(
+        OpenInferenceEdge, max_bytes=limits.max_bytes, tokens=tokens.load(tokens_file) if tokens_file else None,
+        feedback=feedback if os.environ.get("FEEDBACK_URI") else None)
+    # The gRPC port's repository service (index, load, unload) is not reachable: it is built on start.
+    server._grpc_server._model_repository_handlers = ClosedRepository()
     await server.start(models_settings)
     # MLServer stops, and returns, when its model failed to load; that is a failed start.
     models = list(await server._model_registry.get_models())

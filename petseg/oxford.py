@@ -34,6 +34,9 @@ SPLITS = ("training", "validation", "test", "calibration")
 OFFICIAL_LISTS = ("trainval", "test")
 """The release's own split files, ``annotations/<name>.txt``, in list.txt format."""
 
+FEEDBACK_ACCEPTED = "accepted"
+"""The folder of a feedback store (`petseg.quarantine`) that holds reviewed, accepted samples in this layout."""
+
 LIST_FILE = "annotations/list.txt"
 
 # The six comment lines that open the real annotations/list.txt, verbatim

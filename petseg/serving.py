@@ -3,22 +3,28 @@
 The Seldon component `serving/PetSegModel.py` only reads its environment and
 adapts the Seldon wrapper; the serving work happens here, over plain values:
 
-- `Predictor`: resize to the model input, model, calibration, resize back.
+- `Predictor`: resize to the model input, model, calibration, resize back
+  (into uint8 a band at a time where the answer is 8-bit).
 - `Service`: what one server process holds (a `petseg.release.Release`, its
-  predictor, request limits, a `petseg.feedback.FeedbackStore`); answers
-  predictions (`petseg.messages`), feedback and health checks.
+  predictor, request limits, a `petseg.quarantine.FeedbackStore`); answers
+  predictions (`petseg.messages`), feedback (stored as pending) and health checks.
 - `prediction_metrics` and `metadata`: Seldon custom metrics and model metadata.
-- `request_guard`, `read_message` and `Rejection`: every bad request becomes
-  HTTP 400 (413 when too large) with a JSON body saying what was expected and
-  what came, never a 500. A request is JSON (Content-Type application/json),
-  or the form field ``json`` that SeldonClient sends. A body over the limit is
-  read to its end (up to `DRAIN_FACTOR` times the limit) before the 413 goes
-  out, so that a client still sending it reads the answer, not a broken pipe.
+- `request_guard`, `read_message` and `Rejection`: a prediction without a
+  valid bearer token (when the server has tokens, `petseg.tokens`) and any
+  feedback without one answer 401 (403 for a token without the role); every
+  bad request becomes HTTP 400 (413 when too large, 429 over a feedback
+  quota) with a JSON body saying what was expected and what came, never a
+  500. A request is JSON (Content-Type application/json), or the form field
+  ``json`` that SeldonClient sends. The rest of a body refused unread (413,
+  401) is read for up to `DRAIN_SECONDS` before the answer goes out, so that
+  a client still sending it reads the answer, not a broken pipe.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from typing import Any, Callable
 
 import flask
@@ -30,9 +36,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from petseg import oxford
 from petseg.errors import ModelError
-from petseg.feedback import FeedbackStore, parse_feedback
-from petseg.messages import BadRequest, Limits, describe, encode_prediction, parse_prediction
+from petseg.feedback import parse_feedback
+from petseg.messages import BadRequest, Limits, describe, eight_bits, encode_prediction, parse_prediction
+from petseg.quarantine import FeedbackStore
 from petseg.release import Release
+from petseg.tokens import AccessDenied, TokenTable
 
 
 # -- prediction -------------------------------------------------------------------------------------
@@ -41,12 +49,18 @@ from petseg.release import Release
 class Predictor:
     """Model plus calibration, for images of any size.
 
-    Images are resized (bilinear) to the model input, the model's
-    probabilities calibrated there, then resized back to the input size.
+    Images are resized (bilinear, antialiased) to the model input and the
+    model's probabilities calibrated there; only then are they brought to the
+    size of the answer (`upsample`, bilinear), as float32 probabilities
+    (`predict`) or, a band of rows at a time, straight into their uint8
+    `petseg.messages.eight_bits` (`predict_eight_bits`: what binData answers
+    and masks are made of), so that a 16-megapixel answer never exists as floats.
 
     Args:
         release: The release to serve.
     """
+
+    BAND_ROWS = 256
 
     def __init__(self, release: Release):
         size = release.image_size
@@ -64,20 +78,60 @@ class Predictor:
         self._size = size
         self.calibration = release.calibration
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def work_side(self) -> int:
+        """The longest side worth decoding an image at: four times the model's input."""
+        return 4 * self._size
+
+    def model_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities at the model's resolution, float32 (N, S, S, 3)."""
+        return np.asarray(self.calibration.apply(self._forward(images).numpy()), dtype=np.float32)
+
+    def predict(self, images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         """Calibrated probabilities for a batch of images.
 
         Args:
             images: float32 (N, H, W, 3) in [0, 1].
+            size: (H, W) of the answer; default the images' own.
 
         Returns:
             float32 (N, H, W, 3) probabilities of (pet, background, border).
         """
-        probs = np.asarray(self.calibration.apply(self._forward(images).numpy()), dtype=np.float32)
-        height, width = images.shape[1:3]
-        if (height, width) != (self._size, self._size):
-            probs = tf.image.resize(probs, (height, width)).numpy()
-        return np.clip(probs, 0.0, 1.0)
+        probs = self.model_probabilities(images)
+        height, width = size or images.shape[1:3]
+        return np.clip(upsample(probs, height, width), 0.0, 1.0)
+
+    def predict_eight_bits(self, images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """`eight_bits` of `predict`, to the bit, made a band of rows at a time: uint8 (N, H, W, 3)."""
+        probs = self.model_probabilities(images)
+        height, width = size or images.shape[1:3]
+        out = np.empty((len(probs), height, width, 3), np.uint8)
+        for top in range(0, height, self.BAND_ROWS):
+            rows = range(top, min(top + self.BAND_ROWS, height))
+            out[:, rows.start:rows.stop] = eight_bits(np.clip(upsample(probs, height, width, rows=rows), 0.0, 1.0))
+        return out
+
+
+def upsample(probs: np.ndarray, height: int, width: int, *, rows: range | None = None) -> np.ndarray:
+    """Bilinear resize of (N, h, w, C) to (N, height, width, C) with half-pixel centres (as tf.image.resize).
+
+    Two taps per axis, element by element, so that any band of ``rows``
+    comes out bit for bit as the same rows of the whole.
+    """
+    if (height, width) == probs.shape[1:3] and rows is None:
+        return probs
+    y0, y1, wy = _taps(probs.shape[1], height, rows or range(height))
+    x0, x1, wx = _taps(probs.shape[2], width, range(width))
+    wy, wx = wy[None, :, None, None], wx[None, None, :, None]
+    vertical = probs[:, y0] * (1 - wy) + probs[:, y1] * wy
+    return vertical[:, :, x0] * (1 - wx) + vertical[:, :, x1] * wx
+
+
+def _taps(source: int, target: int, positions: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    centres = (np.arange(positions.start, positions.stop, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    centres = np.clip(centres, 0, source - 1)
+    low = np.floor(centres).astype(np.int64)
+    return low, np.minimum(low + 1, source - 1), (centres - low).astype(np.float32)
 
 
 # -- the service ------------------------------------------------------------------------------------
@@ -102,23 +156,32 @@ class Service:
         """Answers a prediction request.
 
         Returns:
-            The answer (a SeldonMessage as JSON, without meta) and the probabilities.
+            The answer (a SeldonMessage as JSON, without meta) and the probabilities
+            (their uint8 `eight_bits` for binData and strData).
 
         Raises:
             BadRequest: The request is malformed.
         """
-        payload = parse_prediction(message, limits=self.limits)
-        probs = self.predictor.predict(payload.images)
+        payload = parse_prediction(message, limits=self.limits, work_side=self.predictor.work_side)
+        if payload.form in ("binData", "strData"):  # an 8-bit PNG answers: no full-size floats
+            probs = self.predictor.predict_eight_bits(payload.images, payload.answer_size)
+        else:
+            probs = self.predictor.predict(payload.images, payload.answer_size)
         return encode_prediction(probs, payload), probs
 
-    def feedback(self, message: Any) -> dict:
-        """Stores the labelled image of a Feedback message.
+    def feedback(self, message: Any, *, identity: str) -> dict:
+        """Stores the labelled image of a Feedback message as pending review.
+
+        Args:
+            message: The decoded JSON of a Seldon Feedback message.
+            identity: Who sent it (the identity of the request's token).
 
         Returns:
-            ``{"sample_id", "store"}``.
+            ``{"sample_id", "status", "store"}``; ``status`` is ``pending`` or ``duplicate``.
 
         Raises:
-            BadRequest: The message is malformed, or no feedback store is set.
+            BadRequest: The message is malformed, no feedback store is set,
+                or the sender or the store is over its quota (``TOO_MANY``).
         """
         if self.feedback_store is None:
             raise BadRequest(
@@ -126,9 +189,9 @@ class Service:
                 got="a server without one",
             )
         sample = parse_feedback(message, limits=self.limits)
-        sample_id = self.feedback_store.add(sample, model_version=self.release.tags()["model_version"],
-                                            model_fingerprint=self.release.fingerprint)
-        return {"sample_id": sample_id, "store": self.feedback_store.root}
+        stored = self.feedback_store.add(sample, identity=identity, model_version=self.release.tags()["model_version"],
+                                         model_fingerprint=self.release.fingerprint)
+        return {**stored, "store": self.feedback_store.root}
 
     def health(self) -> dict:
         """Runs one prediction on a blank image; raises if the model cannot answer."""
@@ -143,7 +206,7 @@ def prediction_metrics(probs: np.ndarray, *, elapsed_ms: float) -> list[dict]:
     """Seldon custom metrics for one answered request.
 
     Args:
-        probs: The (N, H, W, 3) probabilities returned.
+        probs: The (N, H, W, 3) probabilities returned (or their uint8 eight bits).
         elapsed_ms: Time spent answering, in milliseconds.
 
     Returns:
@@ -153,8 +216,14 @@ def prediction_metrics(probs: np.ndarray, *, elapsed_ms: float) -> list[dict]:
     return [
         {"type": "COUNTER", "key": "petseg_predictions", "value": int(len(probs))},
         {"type": "TIMER", "key": "petseg_prediction_latency", "value": float(elapsed_ms)},
-        {"type": "GAUGE", "key": "petseg_pet_fraction", "value": float(np.mean(probs[..., 0] >= 0.5))},
+        {"type": "GAUGE", "key": "petseg_pet_fraction", "value": _pet_fraction(probs)},
     ]
+
+
+def _pet_fraction(probs: np.ndarray) -> float:
+    """Share of pixels whose pet probability is at least 0.5 (128 of 255 in eight bits)."""
+    pet = probs[..., 0]
+    return float(np.mean(pet >= (128 if probs.dtype == np.uint8 else 0.5)))
 
 
 def metadata() -> dict:
@@ -180,21 +249,23 @@ def metadata() -> dict:
 PREDICT_VIEW = "Predict"
 FEEDBACK_VIEW = "SendFeedback"
 
-DRAIN_FACTOR = 4
-"""A body of up to this many times the limit is read to its end before a 413 answers it; a larger one is cut off."""
+DRAIN_SECONDS = 10.0
+"""How long the rest of a refused body is read and dropped before the answer goes out (nginx's lingering close)."""
+
+PREDICT_ROLE, FEEDBACK_ROLE = "predict", "feedback"
 
 
 class Rejection(SeldonMicroserviceException):
-    """A `BadRequest` as the Seldon wrapper answers it: HTTP 400 (413 when too large) with a JSON body.
+    """A `BadRequest` or `AccessDenied` as the Seldon wrapper answers it: its HTTP status with a JSON body.
 
     The body is ``{"status": {"code": 400, "reason", "info", "status": "FAILURE"}, "meta": {"tags"}}``.
 
     Args:
-        error: The bad request.
+        error: The bad request, or the missing or wrong token.
         tags: Provenance tags of the served release.
     """
 
-    def __init__(self, error: BadRequest, tags: dict[str, str]):
+    def __init__(self, error: BadRequest | AccessDenied, tags: dict[str, str]):
         super().__init__(str(error), status_code=error.status, reason=error.reason)
         self.tags = tags
 
@@ -210,8 +281,13 @@ class Rejection(SeldonMicroserviceException):
         }
 
 
-def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flask.Blueprint:
+def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]],
+                  tokens: TokenTable | None = None) -> flask.Blueprint:
     """A Flask blueprint that vets prediction and feedback requests before the wrapper reads them.
+
+    First the token: feedback always needs one with the ``feedback`` role (no
+    tokens, no feedback), a prediction one with the ``predict`` role when the
+    server has tokens; the identity goes to ``flask.g.petseg_identity``.
 
     The Seldon wrapper parses a request before the model sees it and answers
     some bad ones with HTTP 500: a wrong Content-Type, JSON it cannot decode
@@ -224,6 +300,7 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
     Args:
         limits: Size limits; the body may hold at most ``limits.max_bytes``.
         tags: Returns the provenance tags for error answers.
+        tokens: The bearer tokens the server accepts; None: predictions are open, feedback is refused.
 
     Returns:
         The blueprint.
@@ -236,6 +313,8 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
         if request.endpoint not in (PREDICT_VIEW, FEEDBACK_VIEW):
             return
         try:
+            flask.g.petseg_identity = authorize(tokens, request.headers.get("Authorization"),
+                                                feedback=request.endpoint == FEEDBACK_VIEW)
             message = read_message(request, max_bytes=limits.max_bytes)
             if request.endpoint == FEEDBACK_VIEW:
                 parse_feedback(message, limits=limits)
@@ -247,31 +326,45 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]]) -> flas
                         expected="a Seldon Feedback message (request, response, reward, truth)",
                         got=str(getattr(err, "message", err)),
                     ) from None
-        except BadRequest as err:
-            if err.kind == "TOO_LARGE":
-                drain(request, limit=DRAIN_FACTOR * limits.max_bytes)
+        except (BadRequest, AccessDenied) as err:
+            drain(request, seconds=DRAIN_SECONDS)  # returns at once when the body was read
             raise Rejection(err, tags()) from None
 
     return guard
 
 
-def drain(request: flask.Request, *, limit: int) -> None:
-    """Reads and drops what is left of a request body, up to ``limit`` bytes.
+def authorize(tokens: TokenTable | None, authorization: str | None, *, feedback: bool) -> str | None:
+    """The identity behind a request's ``Authorization`` header, or None for an open prediction.
+
+    Raises:
+        AccessDenied: 401 or 403 (feedback on a server without tokens: 401).
+    """
+    if tokens is None:
+        if feedback:
+            raise AccessDenied(401, "feedback needs a bearer token, and this server has none "
+                                    "(start it with PETSEG_TOKENS_FILE; petseg serve makes one)")
+        return None
+    return tokens.check(authorization, FEEDBACK_ROLE if feedback else PREDICT_ROLE).identity
+
+
+def drain(request: flask.Request, *, seconds: float) -> None:
+    """Reads and drops what is left of a request body for at most ``seconds``.
 
     The server closes the connection after an error answer; closing a socket
     with unread bytes makes the kernel reset it, and a client still sending
     the body sees a broken pipe instead of the answer. Reading the body first
-    lets it read the status and the JSON body.
+    lets it read the status and the JSON body. The bound is time, not bytes
+    (as nginx's lingering close): a fast client of any size reads its answer,
+    a slow one costs the worker at most ``seconds``.
     """
     stream = request.environ.get("wsgi.input")
-    if stream is None or (request.content_length or 0) > limit:
+    if stream is None:
         return
-    remaining = limit
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 2**16))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        chunk = stream.read(2**16)
         if not chunk:
             return
-        remaining -= len(chunk)
 
 
 def read_message(request: flask.Request, *, max_bytes: int) -> dict:
@@ -295,7 +388,14 @@ def read_message(request: flask.Request, *, max_bytes: int) -> dict:
                            got=f"{size} bytes" if size is not None else f"more than {max_bytes} bytes")
     if size is not None and size > max_bytes:
         raise too_large
-    request.max_content_length = max_bytes  # also bounds bodies sent without a length
+    if size is None and request.method == "POST":
+        # A body without a length (chunked): read at most one byte over the limit here, then
+        # hand werkzeug the bytes read (it does not bound a chunked body by max_content_length).
+        body = request.environ["wsgi.input"].read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise too_large
+        request.environ["wsgi.input"], request.environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+    request.max_content_length = max_bytes
     if request.mimetype == "multipart/form-data":
         raise BadRequest(
             "BAD_CONTENT_TYPE", where="Content-Type", expected="application/json", got="multipart/form-data",

@@ -10,6 +10,11 @@ Two rules:
   so figures compare with published Oxford-IIIT Pet results; everything else
   (``annotations/trainval.txt`` and samples in neither file, such as feedback)
   is carved by the same hash: 7 validation, 9 calibration, the rest training.
+
+Under either rule, samples named in ``training_only`` (accepted feedback,
+whose ids a sender can steer into any bucket by varying the content) go to
+training. So validation, test and calibration are a function of the source
+alone: runs with and without feedback are scored on the same images.
 """
 
 import hashlib
@@ -24,17 +29,21 @@ def _bucket(sample_id: str) -> int:
     return int(hashlib.md5(sample_id.encode()).hexdigest(), 16) % 10
 
 
-def split_of(sample_id: str, *, official_test: Collection[str] | None = None) -> str:
+def split_of(sample_id: str, *, official_test: Collection[str] | None = None,
+             training_only: Collection[str] = ()) -> str:
     """Return the split a sample belongs to.
 
     Args:
         sample_id: Oxford image stem, e.g. ``"Abyssinian_12"``.
         official_test: The ids of the official test list, for the
             ``official`` rule; None for the ``md5`` rule.
+        training_only: Ids that go to training whatever their hash (accepted feedback).
 
     Returns:
         One of :data:`SPLITS`.
     """
+    if sample_id in training_only:
+        return "training"
     bucket = _bucket(sample_id)
     if official_test is not None:
         if sample_id in official_test:

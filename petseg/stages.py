@@ -204,7 +204,8 @@ def transform(ingest_report: dict, *, store: str, rule: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="petseg-transform-") as work:
         local = _fetch(blobs, shards, Path(work) / "in")
         result = data.transform(local, Path(work) / "splits",
-                                official_test=official_test if rule == "official" else None)
+                                official_test=official_test if rule == "official" else None,
+                                training_only=[sample["id"] for sample in ingest_report.get("feedback_samples", [])])
         result["splits"] = {name: _put(blobs, paths) for name, paths in result["splits"].items()}
     empty = [name for name in SPLITS if not result["counts"].get(name)]
     if empty:
@@ -491,7 +492,8 @@ def closing_words(facts: dict, *, metrics: dict, gate_message: str) -> str:
     deployment = facts["deployment"]
     if deployment and deployment.get("url"):
         url = deployment["url"]
-        lines += [f"  serving at:   {url}",
+        tokens = f" (bearer tokens: {deployment['tokens_file']})" if deployment.get("tokens_file") else ""
+        lines += [f"  serving at:   {url}{tokens}",
                   f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png",
                   f"  stop it:      petseg stop {current.run_id}"]
     return "\n".join(lines)

@@ -210,6 +210,14 @@ class Location:
                 shutil.copyfile(Path(self.root, name), dest)
         return dest
 
+    def delete(self, name: str) -> None:
+        """Remove ``name``; nothing happens when it is not there."""
+        with failures(self.url(name), "delete"):
+            if self.is_s3:
+                self._client.delete_object(Bucket=self.bucket, Key=self._key(name))
+            else:
+                Path(self.root, name).unlink(missing_ok=True)
+
     def names(self) -> list[str]:
         """Every file under the location, relative to it, sorted."""
         with failures(self.root, "list"):

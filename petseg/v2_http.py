@@ -1,13 +1,22 @@
 """The HTTP edge of the Open Inference Protocol server: body limits, the binary data extension, error bodies.
 
 `OpenInferenceEdge` is an ASGI middleware in front of MLServer's REST app
-(`petseg.mlserver_runtime.main` installs it). MLServer 1.7 leaves three things
+(`petseg.mlserver_runtime.main` installs it). MLServer 1.7 leaves these things
 undone that petseg's server must do:
 
+- **Access** (`petseg.tokens`): the model repository API (``/v2/repository/...``:
+  index, load, unload) answers 403 unless the request's bearer token has the
+  ``operator`` role; with tokens, every other POST (inference) needs one with
+  the ``predict`` role (401 without); feedback always needs one with the
+  ``feedback`` role. Health and metadata stay open (probes read them).
+- **Feedback**: ``POST /v2/models/<name>/feedback`` takes the body of a Seldon
+  Feedback message (request, truth, reward; `petseg.feedback`) and hands it,
+  with the token's identity, to the ``feedback`` callback (the runtime's store).
 - **Size**: a body over ``max_bytes`` answers 413 with the protocol's
-  ``{"error": ...}`` body. The body is read to its end first (up to
-  ``drain_factor`` times the limit), so that a client still sending it reads
-  the answer rather than a reset connection.
+  ``{"error": ...}`` body. The rest of the body is read and dropped first, for
+  up to ``drain_seconds`` (a bound in time, not bytes, as nginx's lingering
+  close), so that a client still sending it reads the answer rather than a
+  reset connection.
 - **Binary data extension** (``Inference-Header-Content-Length``): an
   inference request made of a JSON header and the raw bytes of its inputs is
   handed to MLServer as plain JSON (a BYTES input's elements become base64
@@ -27,16 +36,19 @@ The server is petseg's own, so MLServer's gzip middleware is off
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import struct
+import time
 from typing import Awaitable, Callable
 
 import numpy as np
 import orjson
 
 from petseg.messages import BadRequest, describe
+from petseg.tokens import AccessDenied, TokenTable
 
 HEADER_LENGTH = b"inference-header-content-length"
 DTYPES = {"BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "i1",
@@ -52,29 +64,48 @@ Send = Callable[[dict], Awaitable[None]]
 
 
 class OpenInferenceEdge:
-    """ASGI middleware: body limit, binary data extension and 400 error bodies for ``.../infer``.
+    """ASGI middleware: tokens, feedback, body limit, binary data extension and 400 error bodies.
 
     Args:
         app: The ASGI app behind it (MLServer's FastAPI app).
         max_bytes: Largest request body.
-        drain_factor: A body of up to this many times ``max_bytes`` is read
-            to its end before the 413; a larger one is cut off.
+        tokens: The bearer tokens the server accepts; None: inference is open, feedback refused.
+        feedback: ``async (message, identity) -> dict`` storing a feedback
+            message; None answers feedback with 404.
+        drain_seconds: How long the rest of a refused body is read before the answer.
     """
 
-    def __init__(self, app, *, max_bytes: int, drain_factor: int = 4):
+    def __init__(self, app, *, max_bytes: int, tokens: TokenTable | None = None,
+                 feedback: Callable[[dict, str], Awaitable[dict]] | None = None, drain_seconds: float = 10.0):
         self.app = app
         self.max_bytes = max_bytes
-        self.drain_limit = drain_factor * max_bytes
+        self.tokens = tokens
+        self.feedback = feedback
+        self.drain_seconds = drain_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        parts = [part for part in scope["path"].split("/") if part]
         headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        try:
+            identity = self._authorize(parts, scope["method"], authorization)
+        except AccessDenied as err:
+            await _drain(receive, seconds=self.drain_seconds)
+            await _send_json(send, err.status, _error_body(f"{err.reason}: {err}"))
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
         try:
             body = await self._read(headers, receive)
         except BadRequest as err:
             await _answer(send, err.status, err)
+            return
+        if parts[-1:] == ["feedback"] and parts[:2] == ["v2", "models"]:
+            await self._feedback(body, identity, send)
             return
         if not scope["path"].endswith("/infer"):
             await self.app(_with_body_headers(scope, len(body)), _replay(body, receive), send)
@@ -88,6 +119,43 @@ class OpenInferenceEdge:
         await self.app(_with_body_headers(scope, len(body), json_body=True), _replay(body, receive), response.send)
         await response.forward(send, binary_outputs)
 
+    def _authorize(self, parts: list[str], method: str, authorization: str) -> str | None:
+        """The identity a request needs and has (None where none is needed).
+
+        Raises:
+            AccessDenied: 403 for the repository API without an operator token, 401 or 403 otherwise.
+        """
+        if "repository" in parts:
+            token = self.tokens.identify(authorization) if self.tokens else None
+            if token is None or "operator" not in token.roles:
+                raise AccessDenied(403, "the model repository API (index, load, unload) needs a bearer token "
+                                        "with role 'operator'")
+            return token.identity
+        if parts[-1:] == ["feedback"]:
+            if self.tokens is None:
+                raise AccessDenied(401, "feedback needs a bearer token, and this server has none "
+                                        "(start it with PETSEG_TOKENS_FILE; petseg serve makes one)")
+            return self.tokens.check(authorization, "feedback").identity
+        if method in ("POST", "PUT", "PATCH") and self.tokens is not None:
+            return self.tokens.check(authorization, "predict").identity
+        return None
+
+    async def _feedback(self, body: bytes, identity: str, send: Send) -> None:
+        if self.feedback is None:
+            await _send_json(send, 404, _error_body("NOT_FOUND: this server stores no feedback (FEEDBACK_URI)"))
+            return
+        try:
+            try:
+                message = orjson.loads(body)
+            except orjson.JSONDecodeError as err:
+                raise BadRequest("BAD_JSON", where="request body", expected="a JSON Feedback message",
+                                 got=f"invalid JSON ({err})") from None
+            stored = await self.feedback(message, identity)
+        except BadRequest as err:
+            await _answer(send, err.status, err)
+            return
+        await _send_json(send, 200, orjson.dumps(stored))
+
     async def _read(self, headers: dict, receive: Receive) -> bytes:
         """The whole body; `BadRequest` ``TOO_LARGE`` after draining one over the limit."""
         declared = headers.get(b"content-length")
@@ -97,8 +165,7 @@ class OpenInferenceEdge:
             raise BadRequest("BAD_REQUEST", where="Content-Length", expected="a number of bytes",
                              got=repr(declared.decode("latin-1")[:40])) from None
         if declared is not None and declared > self.max_bytes:
-            if declared <= self.drain_limit:
-                await _drain(receive, limit=self.drain_limit)
+            await _drain(receive, seconds=self.drain_seconds)
             raise _too_large(self.max_bytes, f"{declared} bytes")
         chunks, size = [], 0
         while True:
@@ -108,7 +175,7 @@ class OpenInferenceEdge:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _drain(receive, limit=self.drain_limit - size)
+                await _drain(receive, seconds=self.drain_seconds)
                 raise _too_large(self.max_bytes, f"more than {self.max_bytes} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -297,20 +364,24 @@ def _too_large(max_bytes: int, got: str) -> BadRequest:
 
 
 async def _answer(send: Send, status: int, error: BadRequest) -> None:
-    body = _error_body(f"{error.kind}: {error}")
+    await _send_json(send, status, _error_body(f"{error.kind}: {error}"))
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _drain(receive: Receive, *, limit: int) -> None:
-    """Reads and drops the rest of a request body, up to ``limit`` bytes."""
-    while limit > 0:
-        message = await receive()
-        if message["type"] != "http.request":
+async def _drain(receive: Receive, *, seconds: float) -> None:
+    """Reads and drops the rest of a request body for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), timeout=left)
+        except asyncio.TimeoutError:
             return
-        limit -= len(message.get("body", b""))
-        if not message.get("more_body", False):
+        if message["type"] != "http.request" or not message.get("more_body", False):
             return
 
 

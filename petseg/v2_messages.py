@@ -56,14 +56,23 @@ class Tensor:
 
 
 def parse_images(inputs: list[Tensor], *, limits: Limits) -> np.ndarray:
+    """Reads the images of an inference request, every pixel (`read_images` without reduction)."""
+    return read_images(inputs, limits=limits)[0]
+
+
+def read_images(inputs: list[Tensor], *, limits: Limits,
+                work_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Reads the images of an inference request.
 
     Args:
         inputs: The request's input tensors.
         limits: Size limits.
+        work_side: JPEG and PNG files larger than this are decoded reduced
+            (`petseg.messages.decode_image`); pixel tensors are kept as sent.
 
     Returns:
-        float32 (N, H, W, 3) in [0, 1], as `petseg.messages.parse_prediction` reads the same pixels.
+        float32 (N, h, w, 3) in [0, 1], as `petseg.messages.parse_prediction`
+        reads the same pixels, and (H, W) of the images sent (the answer's size).
 
     Raises:
         BadRequest: Not exactly one input, another datatype or shape, wrong
@@ -76,13 +85,14 @@ def parse_images(inputs: list[Tensor], *, limits: Limits) -> np.ndarray:
     where = f"inputs[{tensor.name!r}]"
     shape = _shape(tensor.shape, where=where)
     if tensor.datatype == "BYTES":
-        pixels = _encoded_images(tensor.data, shape, where=where, limits=limits)
+        pixels, size = _encoded_images(tensor.data, shape, where=where, limits=limits, work_side=work_side)
     elif tensor.datatype == "UINT8":
         pixels = _pixels(tensor.data, shape, where=where, limits=limits)
+        size = tuple(pixels.shape[1:3])
     else:
         raise BadRequest("BAD_DTYPE", where=f"{where}.datatype", expected=_PIXELS, got=repr(str(tensor.datatype)))
     # As petseg.messages reads binData: float32 pixels / 255, the same bits.
-    return pixels.astype(np.float32) / 255.0
+    return pixels.astype(np.float32) / 255.0, size
 
 
 def requested_outputs(names: list[str] | None) -> tuple[str, ...]:
@@ -104,7 +114,8 @@ def encode_outputs(probs: np.ndarray, names: tuple[str, ...]) -> list[dict]:
     """The output tensors answering a request.
 
     Args:
-        probs: (N, H, W, 3) probabilities from `petseg.serving.Predictor.predict`.
+        probs: (N, H, W, 3) probabilities from `petseg.serving.Predictor.predict`; when only
+            the mask is asked for, their uint8 `petseg.messages.eight_bits` will do.
         names: Outputs to answer, from `requested_outputs`.
 
     Returns:
@@ -156,6 +167,10 @@ def _pixels(data: Any, shape: list[int], *, where: str, limits: Limits) -> np.nd
     if isinstance(data, str):  # the binary extension's bytes, or a JSON client's base64
         values = np.frombuffer(_base64(data, where=f"{where}.data", limits=limits), dtype=np.uint8)
     elif isinstance(data, list):
+        if math.prod(shape[:3]) > limits.max_list_pixels:
+            raise BadRequest("TOO_LARGE", where=where, got=f"{math.prod(shape[:3])} pixels as a list",
+                             expected=f"at most {limits.max_list_pixels} pixels as a list of numbers "
+                                      "(send base64 bytes, the binary data extension, or BYTES images)")
         values = _integers(data, where=f"{where}.data")
     else:
         raise BadRequest("BAD_DATA", where=f"{where}.data",
@@ -193,8 +208,9 @@ def _has_bool(data: list) -> bool:
     return bool in set(map(type, data))
 
 
-def _encoded_images(data: Any, shape: list[int], *, where: str, limits: Limits) -> np.ndarray:
-    """BYTES data of N JPEG or PNG files of one size -> uint8 (N, H, W, 3)."""
+def _encoded_images(data: Any, shape: list[int], *, where: str, limits: Limits,
+                    work_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """BYTES data of N JPEG or PNG files of one size -> uint8 (N, h, w, 3) and their (H, W)."""
     count = math.prod(shape)
     if not isinstance(data, list) or len(data) != count or count == 0:
         raise BadRequest(
@@ -209,13 +225,14 @@ def _encoded_images(data: Any, shape: list[int], *, where: str, limits: Limits) 
         elif not isinstance(element, bytes):
             raise BadRequest("BAD_DATA", where=here, expected="JPEG or PNG bytes, or base64 of them",
                              got=describe(element))
-        image, _ = decode_image(element, where=here, limits=limits)
-        if images and image.shape != images[0].shape:
-            raise BadRequest("BAD_SHAPE", where=here, expected=f"images of one size, {images[0].shape[:2]}",
-                             got=f"an image of {image.shape[:2]}")
+        image, _, size = decode_image(element, where=here, limits=limits, work_side=work_side)
+        if images and (size, image.shape) != sizes[0]:
+            raise BadRequest("BAD_SHAPE", where=here, expected=f"images of one size, {sizes[0][0]}",
+                             got=f"an image of {size}")
         images.append(image)
-        _check_pixels(len(images) * image.shape[0] * image.shape[1], where=where, limits=limits)
-    return np.stack(images)
+        sizes = sizes if len(images) > 1 else [(size, image.shape)]
+        _check_pixels(len(images) * size[0] * size[1], where=where, limits=limits)
+    return np.stack(images), sizes[0][0]
 
 
 def _check_pixels(pixels: int, *, where: str, limits: Limits) -> None:

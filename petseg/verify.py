@@ -10,6 +10,8 @@ A run is proved in this order, stopping at the first file that does not match:
    store (a directory or ``s3://``) and hashed: its key is its sha256;
 3. the data set fingerprint, recomputed from the per-sample hashes in the
    warehouse shards, and the model fingerprint, recomputed from the weights;
+   shards are streamed one at a time through a temporary file (`check_data`),
+   so memory holds one record and the per-sample hashes, not the data set;
 4. the release, when the run released one (`verify_release`): its signature
    and signed provenance against the trusted keys, its files against the
    sha256 its manifest records, its architecture and weights against the model
@@ -34,7 +36,7 @@ from petseg import shards as shard_files
 from petseg import signing
 from petseg.errors import ModelError, PetsegError, StorageError
 from petseg.lineage import OUTPUTS, STAGES, as_file
-from petseg.storage import BlobStore, Location
+from petseg.storage import BlobStore, Location, file_sha256
 
 ArtifactReader = Callable[[str, str], object]
 """(step, artifact name) -> the run's artifact value."""
@@ -105,15 +107,7 @@ def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_end
             _same(f"{stage} output {name}", where, recorded["sha256"], found)
             tally.add("lineage outputs")
     report, splits = artifacts("ingest", "ingest_report"), artifacts("transform", "splits")
-    store = BlobStore(blob_root, s3_endpoint_url=s3_endpoint_url)
-    warehouse = _check_shards(store, report["shards"], graph, "warehouse", tally)
-    for records in splits["splits"].values():
-        _check_shards(store, records, graph, "transform", tally)
-    dataset = _dataset_fingerprint(warehouse)
-    for what, expected in (("the ingest report's data set fingerprint", report.get("fingerprint")),
-                           ("the lineage graph's data set fingerprint", graph.get("dataset_fingerprint"))):
-        _same(what, f"{len(warehouse)} warehouse shards of {pathspec}", expected, dataset)
-    tally.add("fingerprints")
+    check_data(BlobStore(blob_root, s3_endpoint_url=s3_endpoint_url), report, splits, graph, tally)
     model_keras = artifacts("train", "model_keras")
     weights = _weights_fingerprint(model_keras, f"artifact {pathspec}/train/model_keras")
     _same("the model fingerprint", f"weights in artifact {pathspec}/train/model_keras",
@@ -185,31 +179,67 @@ def _read(location: Location, name: str) -> bytes | None:
         raise
 
 
-def _check_shards(store: BlobStore, records: list[dict], graph: dict, stage: str, tally: Tally) -> list[bytes]:
-    """Re-hash shards in the blob store; their bytes, in order."""
+def check_data(store: BlobStore, report: dict, splits: dict, graph: dict, tally: Tally) -> str:
+    """Re-hash the warehouse and split shards and recompute the data set fingerprint, in constant memory.
+
+    Each shard is downloaded to one temporary file, hashed in chunks, and
+    (for the warehouse) read record by record for its samples' hashes; only
+    those hashes (one line per sample) stay in memory.
+
+    Args:
+        store: The run's blob store.
+        report: The ingest report (``shards``, ``fingerprint``).
+        splits: The transform's result (``splits``: per split, shard records).
+        graph: The run's lineage graph.
+        tally: Counts to add to.
+
+    Returns:
+        The recomputed data set fingerprint.
+
+    Raises:
+        Mismatch: the first shard or fingerprint that does not match.
+    """
+    pathspec = graph.get("pathspec", "the run")
+    with tempfile.TemporaryDirectory(prefix="petseg-verify-") as work:
+        scratch = Path(work) / "shard.tfrecord"
+        hashes: list[str] = []
+        _check_shards(store, report["shards"], graph, "warehouse", tally, scratch, hashes)
+        for records in splits["splits"].values():
+            _check_shards(store, records, graph, "transform", tally, scratch, None)
+    dataset = shard_files.fingerprint(hashes)
+    for what, expected in (("the ingest report's data set fingerprint", report.get("fingerprint")),
+                           ("the lineage graph's data set fingerprint", graph.get("dataset_fingerprint"))):
+        _same(what, f"{len(report['shards'])} warehouse shards of {pathspec}", expected, dataset)
+    tally.add("fingerprints")
+    return dataset
+
+
+def _check_shards(store: BlobStore, records: list[dict], graph: dict, stage: str, tally: Tally, scratch: Path,
+                  hashes: list[str] | None) -> None:
+    """Re-hash shards in the blob store one at a time through ``scratch``; their samples' hashes into ``hashes``."""
     written = {blob["sha256"] for blob in graph["stages"].get(stage, {}).get("blobs", [])}
-    contents = []
     for record in records:
         key, url = record["sha256"], store.url(record["sha256"])
         if written and key not in written:
             raise Mismatch(f"shard {record['name']}", url, f"a shard the lineage graph's {stage} stage wrote",
                            f"{key}, which it does not list")
-        data = _read(store.location, f"{key[:2]}/{key}")
-        _same(f"shard {record['name']}", url, key, hashlib.sha256(data).hexdigest() if data is not None else None)
-        contents.append(data)
+        found = _download(store.location, f"{key[:2]}/{key}", scratch)
+        _same(f"shard {record['name']}", url, key, file_sha256(scratch) if found else None)
+        if hashes is not None:
+            hashes.extend(shard_files.decode(sample)["sha256"] for sample in shard_files.read_records([scratch]))
+        scratch.unlink()
         tally.add("shards")
-    return contents
 
 
-def _dataset_fingerprint(contents: list[bytes]) -> str:
-    """The data set fingerprint of warehouse shards (`petseg.shards.fingerprint` of their samples' hashes)."""
-    with tempfile.TemporaryDirectory(prefix="petseg-verify-") as work:
-        paths = []
-        for index, data in enumerate(contents):
-            paths.append(Path(work) / f"{index:05d}.tfrecord")
-            paths[-1].write_bytes(data)
-        return shard_files.fingerprint(shard_files.decode(record)["sha256"]
-                                       for record in shard_files.read_records(paths))
+def _download(location: Location, name: str, dest: Path) -> bool:
+    """Copies ``name`` to ``dest``, streaming; False when it is not there (any other failure is raised)."""
+    try:
+        location.download(name, dest)
+    except StorageError as err:
+        if "not found" in str(err) or "No such file" in str(err):
+            return False
+        raise
+    return True
 
 
 def _weights_fingerprint(model_keras: bytes | None, where: str) -> str | None:

@@ -11,8 +11,11 @@ Environment (read here only; `petseg.serving` does the work):
 - PETSEG_TRUSTED_KEYS: the public key file or directory a release's signature must verify against
   (default: the trusted keys of petseg's configuration directory, `petseg.keys`); a release that is
   unsigned, signed by another key or changed since it was signed is refused, and the server does not start.
-- FEEDBACK_URI: directory or ``s3://`` prefix for feedback samples; unset, feedback is refused.
-- MAX_IMAGE_BYTES, MAX_PIXELS: request limits (defaults in `petseg.messages.Limits`).
+- FEEDBACK_URI: directory or ``s3://`` prefix of the feedback store (`petseg.quarantine`); unset, feedback is refused.
+- FEEDBACK_QUOTA, FEEDBACK_PENDING_CAP: most pending samples per identity and in the store (429 beyond).
+- PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); unset, predictions are open
+  and feedback is refused. With tokens, gRPC (which carries none to the model) is refused too.
+- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.messages.Limits`).
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server.
 """
 
@@ -21,10 +24,11 @@ import os
 import threading
 import time
 
+import flask
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
-from petseg import feedback, messages, release, serving
+from petseg import messages, quarantine, release, serving, tokens
 from petseg.errors import PetsegError
 
 
@@ -37,11 +41,13 @@ class PetSegModel:
         self.expected_fingerprint = os.environ.get("MODEL_FINGERPRINT") or None
         self.feedback_uri = os.environ.get("FEEDBACK_URI") or None
         self.s3_endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
+        tokens_file = os.environ.get(tokens.TOKENS_ENV)
+        self.tokens = tokens.load(tokens_file) if tokens_file else None
         self.service = None  # set by load()
         # Per thread: gunicorn answers requests on several threads (petseg.deploy_local.gunicorn_sizing).
         self._pending = threading.local()
         # The wrapper registers this blueprint on its Flask app (see request_guard).
-        self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags)
+        self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags, tokens=self.tokens)
 
     def load(self) -> None:
         """Loads the release once per server process; a release that does not verify stops the server."""
@@ -54,12 +60,16 @@ class PetSegModel:
             raise
         store = None
         if self.feedback_uri:
-            store = feedback.FeedbackStore(self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url)
+            store = quarantine.FeedbackStore(
+                self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url,
+                quota=messages.int_setting("FEEDBACK_QUOTA", quarantine.DEFAULT_QUOTA),
+                pending_cap=messages.int_setting("FEEDBACK_PENDING_CAP", quarantine.DEFAULT_PENDING_CAP))
         self.service = serving.Service(loaded, limits=self.limits, feedback=store)
 
     def predict_raw(self, request: dict | prediction_pb2.SeldonMessage) -> dict | prediction_pb2.SeldonMessage:
         """Answers a SeldonMessage (JSON for REST, proto for gRPC) in the form it came."""
         is_proto = isinstance(request, prediction_pb2.SeldonMessage)
+        self._refuse_grpc_with_tokens()
         message = seldon_message_to_json(request) if is_proto else request
         started = time.perf_counter()
         try:
@@ -72,11 +82,20 @@ class PetSegModel:
 
     def send_feedback_raw(self, feedback: prediction_pb2.Feedback) -> prediction_pb2.SeldonMessage:
         """Stores the request image and its truth mask as a labelled sample."""
+        self._refuse_grpc_with_tokens(feedback=True)
         try:
-            stored = self.service.feedback(seldon_message_to_json(feedback))
+            stored = self.service.feedback(seldon_message_to_json(feedback), identity=flask.g.petseg_identity)
         except messages.BadRequest as err:
             raise serving.Rejection(err, self.tags()) from None
         return json_to_seldon_message({"jsonData": stored, "meta": {"tags": self.tags()}})
+
+    def _refuse_grpc_with_tokens(self, *, feedback: bool = False) -> None:
+        """gRPC calls reach the model without their metadata: with tokens (or for feedback) they are refused."""
+        if flask.has_request_context() or (self.tokens is None and not feedback):
+            return
+        denied = tokens.AccessDenied(401, "this server needs a bearer token, which its gRPC port cannot check: "
+                                          "use the REST port with Authorization: Bearer TOKEN")
+        raise serving.Rejection(denied, self.tags())
 
     def health_status(self) -> dict:
         """One prediction on a blank image (raises, so the probe fails, when the model cannot answer)."""

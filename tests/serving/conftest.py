@@ -4,18 +4,33 @@ The release is a small model trained for two steps on random data, with its
 calibration. Both servers (`petseg.deploy_local.deploy_local`) serve it with
 small limits, so that "too large" is cheap to send: ``server`` is the Seldon
 microservice, ``mlserver`` the MLServer runtime (Open Inference Protocol).
+Both take the session's tokens file (`petseg.tokens`, where clients read it
+too): ``tester`` may predict and send feedback, ``viewer`` only predict,
+``ops`` is an operator; ``http`` sends the tester's token.
 """
 
 import json
+import shutil
 
 import keras
 import numpy as np
 import pytest
 import requests
 
-from petseg import calibration, deploy_local, release
+from petseg import calibration, deploy_local, release, tokens
 from petseg import model as models
-from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
+from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS, TOKENS
+
+
+@pytest.fixture(scope="session")
+def tokens_file():
+    """The session's tokens file, where servers and clients find it by default."""
+    path = tokens.tokens_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"identity": name, "token": secret, "roles": roles} for name, (secret, roles) in TOKENS.items()]
+    path.write_text(json.dumps({"tokens": entries}))
+    yield path
+    path.unlink()
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +78,15 @@ def _deploy(release_dir, manifest, tmp_path_factory, **options) -> dict:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MAX_PIXELS", str(MAX_PIXELS))
         env.setenv("MAX_IMAGE_BYTES", str(MAX_IMAGE_BYTES))
+        env.setenv("FEEDBACK_QUOTA", str(FEEDBACK_QUOTA))
+        env.setenv("MAX_LIST_PIXELS", str(MAX_LIST_PIXELS))
         return deploy_local.deploy_local(
             release_dir, log_path=tmp_path_factory.mktemp("logs") / "serving.log", timeout=300,
             fingerprint=manifest["model_fingerprint"], **options)
 
 
 @pytest.fixture(scope="session")
-def server(release_dir, manifest, tmp_path_factory):
+def server(release_dir, manifest, tmp_path_factory, tokens_file):
     """The Seldon microservice, with a feedback store."""
     feedback_dir = tmp_path_factory.mktemp("feedback")
     deployment = _deploy(release_dir, manifest, tmp_path_factory, feedback_uri=str(feedback_dir))
@@ -79,14 +96,20 @@ def server(release_dir, manifest, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlserver(release_dir, manifest, tmp_path_factory):
+def mlserver(release_dir, manifest, tmp_path_factory, tokens_file):
     """MLServer with the petseg runtime: Open Inference Protocol over REST (``url``) and gRPC (``grpc_port``)."""
-    deployment = _deploy(release_dir, manifest, tmp_path_factory, server="mlserver")
+    feedback_dir = tmp_path_factory.mktemp("feedback-v2")
+    # A copy of the release: each local deployment records itself in its release directory.
+    copy = shutil.copytree(release_dir, tmp_path_factory.mktemp("release-v2") / release_dir.name)
+    deployment = _deploy(copy, manifest, tmp_path_factory, server="mlserver", feedback_uri=str(feedback_dir))
+    deployment["feedback_dir"] = feedback_dir
     yield deployment
     deploy_local.stop_local(deployment["pid"])
 
 
 @pytest.fixture(scope="session")
-def http():
+def http(tokens_file):
+    """A session that sends the ``tester`` token."""
     with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {TOKENS['tester'][0]}"
         yield session

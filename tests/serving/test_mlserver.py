@@ -1,8 +1,7 @@
 """MLServer with the petseg runtime as a real process: the Open Inference Protocol over REST and gRPC.
 
 The session's ``mlserver`` (conftest.py) serves the same release as the Seldon
-microservice ``server``. Clients are the real ones: ``SeldonClient`` for the
-Seldon server; ``tritonclient.http`` (JSON tensors and the binary data
+microservice ``server``. Clients are the real ones: ``tritonclient.http`` (JSON tensors and the binary data
 extension) and, for gRPC, the Open Inference Protocol stubs that MLServer
 ships (``mlserver.grpc.dataplane_pb2``) over grpcio, because tritonclient's
 gRPC client needs protobuf 6 and TensorFlow 2.18 pins protobuf 5.29.
@@ -23,12 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlserver.grpc import dataplane_pb2 as pb
 from PIL import Image
-from seldon_core.seldon_client import SeldonClient
-from seldon_core.utils import seldon_message_to_json
 
 from petseg import client, deploy_local, messages, release, serving
 from petseg.errors import ServingError
-from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS, b64, encode, grpc_infer, random_image
+from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS, b64, bearer, encode, grpc_infer, random_image
 
 MODEL = "petseg"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -119,28 +116,31 @@ def test_the_same_mask_from_both_servers_and_every_client(server, mlserver):
     pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
     masks = {}
 
-    seldon = SeldonClient(microservice_endpoint=server["url"].removeprefix("http://"), transport="rest")
-    answer = seldon.microservice(method="predict", bin_data=jpeg)
-    assert answer.success, answer.msg
-    png = np.asarray(Image.open(io.BytesIO(answer.response.binData)))
+    # SeldonClient sends no Authorization header: the messages it sends, with one.
+    answer = requests.post(server["url"] + "/api/v1.0/predictions", json={"binData": b64(jpeg)}, headers=bearer(),
+                           timeout=60).json()
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["binData"]))))
     masks["seldon binData"] = np.argmax(png, axis=-1) + 1  # the PNG holds probability * 255
-    answer = seldon.microservice(method="predict", data=pixels, payload_type="ndarray")
-    assert answer.success, answer.msg
-    values = np.asarray(seldon_message_to_json(answer.response)["data"]["ndarray"])
+    answer = requests.post(server["url"] + "/api/v1.0/predictions", json={"data": {"ndarray": pixels.tolist()}},
+                           headers=bearer(), timeout=60).json()
+    values = np.asarray(answer["data"]["ndarray"])
     masks["seldon ndarray"] = np.argmax(np.round(values * 255), axis=-1) + 1
 
     v2 = triton.InferenceServerClient(mlserver["url"].removeprefix("http://"))
     tensor = triton.InferInput("image", [1, *pixels.shape], "UINT8")
     tensor.set_data_from_numpy(pixels[None], binary_data=False)
-    result = v2.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("mask", binary_data=False)])
+    result = v2.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("mask", binary_data=False)],
+                      headers=bearer())
     masks["v2 JSON tensor"] = result.as_numpy("mask")[0]
     tensor = triton.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([jpeg], dtype=np.object_), binary_data=True)
-    result = v2.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("mask", binary_data=True)])
+    result = v2.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("mask", binary_data=True)],
+                      headers=bearer())
     masks["v2 binary extension, JPEG"] = result.as_numpy("mask")[0]
     tensor = triton.InferInput("image", [1, *pixels.shape], "UINT8")
     tensor.set_data_from_numpy(pixels[None], binary_data=True)
-    result = v2.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("mask", binary_data=True)])
+    result = v2.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("mask", binary_data=True)],
+                      headers=bearer())
     masks["v2 binary extension, UINT8"] = result.as_numpy("mask")[0]
 
     for name, request in {
@@ -435,8 +435,8 @@ def test_base64_uint8_data_is_the_tensor_bytes(http, mlserver):
 
 
 def test_requests_that_are_not_inference_pass_through(http, mlserver):
-    response = http.post(mlserver["url"] + "/v2/repository/index", json={}, timeout=10)
+    response = requests.post(mlserver["url"] + "/v2/repository/index", json={}, headers=bearer("ops"), timeout=10)
     assert response.status_code == 200 and any(m["name"] == MODEL for m in response.json())
     assert http.get(mlserver["url"] + "/v2/models/nope", timeout=10).status_code == 404
-    response = requests.post(mlserver["url"] + "/v2/models/nope/infer", json={"inputs": []}, timeout=10)
+    response = http.post(mlserver["url"] + "/v2/models/nope/infer", json={"inputs": []}, timeout=10)
     assert response.status_code == 404 and "nope" in response.json()["error"]

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from petseg import client, data, deploy_local, feedback, release, serving
+from petseg import client, data, deploy_local, release, serving
 from petseg.errors import ModelError, ServingError
 from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
@@ -347,7 +347,7 @@ def test_malformed_requests_get_4xx_and_the_server_stays_up(http, server):
 # -- feedback ---------------------------------------------------------------------------------------
 
 
-def test_feedback_sample_is_read_back_by_ingest(server, tmp_path, tags):
+def test_feedback_sample_is_pending_until_accepted_then_read_back_by_ingest(server, tmp_path, tags):
     image_path, truth_path = tmp_path / "pet.jpg", tmp_path / "truth.png"
     image_path.write_bytes(_encode(_image(70, 90), "JPEG"))
     trimap = np.full((70, 90), 2, np.uint8)
@@ -356,16 +356,27 @@ def test_feedback_sample_is_read_back_by_ingest(server, tmp_path, tags):
     stored = client.feedback(server["url"], image_path, truth_path, reward=0.5, breed="beagle")
     store = server["feedback_dir"]
     sample_id = stored["sample_id"]
-    assert (store / "images" / f"{sample_id}.jpg").read_bytes() == image_path.read_bytes()
-    stored = np.asarray(Image.open(store / "annotations" / "trimaps" / f"{sample_id}.png"))
-    np.testing.assert_array_equal(stored, trimap)
-    assert f"{sample_id} 5 2 4" in (store / "annotations" / "list.txt").read_text()
-    record = json.loads((store / "feedback" / f"{sample_id}.json").read_text())
+    assert stored["status"] == "pending"
+    pending = store / "pending" / "tester"
+    assert (pending / f"{sample_id}.jpg").read_bytes() == image_path.read_bytes()
+    np.testing.assert_array_equal(np.asarray(Image.open(pending / f"{sample_id}.png")), trimap)
+    record = json.loads((pending / f"{sample_id}.json").read_text())
     assert record["reward"] == 0.5 and record["model_version"] == tags["model_version"]
+    assert record["identity"] == "tester" and record["model_fingerprint"] == tags["model_fingerprint"]
+    assert client.feedback(server["url"], image_path, truth_path)["status"] == "duplicate"
+    before = data.ingest("synth:2", tmp_path / "before", feedback=str(store))
+    assert sample_id not in [sample["id"] for sample in before["feedback_samples"]]
 
+    review = subprocess.run([sys.executable, "-m", "petseg", "feedback", "accept", str(store), sample_id, "--by", "rev"],
+                            capture_output=True, text=True, timeout=120)
+    assert review.returncode == 0 and f"accepted {sample_id}" in review.stdout, review.stderr
+    listing = subprocess.run([sys.executable, "-m", "petseg", "feedback", "list", str(store), "--status", "accepted"],
+                             capture_output=True, text=True, timeout=120)
+    assert sample_id in listing.stdout and "accepted by rev" in listing.stdout, listing.stderr
+    assert f"{sample_id} 5 2 4" in (store / "accepted" / "annotations" / "list.txt").read_text()
     report = data.ingest("synth:2", tmp_path / "ingested", feedback=str(store))
-    assert report["samples"] == 2 + len(list((store / "images").glob("*.jpg")))
-    assert report["skipped"] == []
+    assert sample_id in [sample["id"] for sample in report["feedback_samples"]]
+    assert report["samples"] == 2 + len(report["feedback_samples"]) and report["skipped"] == []
 
 
 def test_feedback_truth_as_one_hot_ndarray(http, server):
@@ -378,7 +389,7 @@ def test_feedback_truth_as_one_hot_ndarray(http, server):
     response = http.post(server["url"] + FEEDBACK, json=message, timeout=60)
     assert response.status_code == 200, response.text[:300]
     sample_id = response.json()["jsonData"]["sample_id"]
-    stored = np.asarray(Image.open(server["feedback_dir"] / "annotations" / "trimaps" / f"{sample_id}.png"))
+    stored = np.asarray(Image.open(server["feedback_dir"] / "pending" / "tester" / f"{sample_id}.png"))
     assert stored.tolist() == (np.argmax(truth, axis=-1) + 1).tolist()
 
 
@@ -432,21 +443,6 @@ def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
     artifacts.signatures = {}
     with pytest.raises(ModelError, match="release PetSegFlow/1234 is not signed"):
         release.load_release("PetSegFlow/1234")
-
-
-def test_feedback_store_on_s3_is_read_back_by_ingest(s3, moto_endpoint, tmp_path):
-    s3.create_bucket(Bucket="petseg-feedback")
-    store = feedback.FeedbackStore("s3://petseg-feedback/feedback", s3_endpoint_url=moto_endpoint)
-    trimap = np.full((12, 16), 2, np.uint8)
-    trimap[3:9, 4:12] = 1
-    sample = feedback.FeedbackSample(_encode(_image(12, 16), "JPEG"), trimap, 1.0, "Bengal")
-    sample_id = store.add(sample, model_version="petseg-1234", model_fingerprint="f" * 64)
-    assert store.add(sample, model_version="petseg-1234", model_fingerprint="f" * 64) == sample_id
-    listing = s3.get_object(Bucket="petseg-feedback", Key="feedback/annotations/list.txt")["Body"].read().decode()
-    assert listing.count(sample_id) == 1
-    report = data.ingest("synth:2", tmp_path / "ingested", feedback="s3://petseg-feedback/feedback/",
-                         s3_endpoint_url=moto_endpoint)
-    assert report["samples"] == 3 and report["species"]["cat"] >= 1
 
 
 # A path that answers without the model, and the fewest processes of a running server:

@@ -14,6 +14,20 @@ from PIL import Image
 
 MAX_PIXELS = 300_000
 MAX_IMAGE_BYTES = 1_000_000
+MAX_LIST_PIXELS = 100_000
+FEEDBACK_QUOTA = 40
+TOKENS = {
+    "tester": ("tester-" + "t" * 40, ["predict", "feedback"]),
+    "viewer": ("viewer-" + "v" * 40, ["predict"]),
+    "ops": ("ops-" + "o" * 40, ["predict", "operator"]),
+    "quota": ("quota-" + "q" * 40, ["feedback"]),
+}
+"""The session's tokens: identity -> (token, roles)."""
+
+
+def bearer(identity: str = "tester") -> dict:
+    """The Authorization header of a session identity."""
+    return {"Authorization": f"Bearer {TOKENS[identity][0]}"}
 
 
 def encode(pixels: np.ndarray, image_format: str, **options) -> bytes:
@@ -32,11 +46,14 @@ def random_image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def grpc_infer(port: int, request, *, timeout: float = 60.0):
-    """Sends a ``ModelInferRequest`` to an Open Inference Protocol server on localhost; its response."""
+def grpc_infer(port: int, request, *, timeout: float = 60.0, identity: str | None = "tester"):
+    """Sends a ``ModelInferRequest`` to an Open Inference Protocol server on localhost (with the
+    identity's token as ``authorization`` metadata; None: without); its response."""
     import grpc
     from mlserver.grpc import dataplane_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * 2**20),
                                                              ("grpc.max_receive_message_length", 64 * 2**20)]) as channel:
-        return dataplane_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+        metadata = [("authorization", bearer(identity)["Authorization"])] if identity else []
+        return dataplane_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout,
+                                                                               metadata=metadata)

@@ -9,15 +9,15 @@ PACKAGE = Path(petseg.__file__).parent
 
 # docs/ARCHITECTURE.md's layers, lowest first. A module may import its own layer and those below.
 LAYERS = (
-    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs", "keys"}),
+    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs", "keys", "tokens"}),
     ("data", {"archive", "sources", "synth", "scenes", "data", "split", "shards", "pipeline"}),
     ("model", {"model", "metrics", "baselines", "determinism", "train", "tune", "calibration"}),
     ("release", {"release", "report", "signing", "provenance"}),
-    ("serving", {"messages", "feedback", "serving", "v2_messages", "v2_http"}),
+    ("serving", {"messages", "feedback", "quarantine", "serving", "v2_messages", "v2_http"}),
     ("operations", {"deploy_local", "deploy_kubernetes", "kubeconfig", "client"}),
     ("runs and lineage", {"runs", "lineage", "pachyderm", "pachd_client", "lineage_events", "verify"}),
     ("step glue", {"stages", "hooks"}),
-    ("edges", {"cli", "__main__", "commands", "mlserver_runtime"}),
+    ("edges", {"cli", "__main__", "commands", "mlserver_runtime", "seldon_launcher"}),
 )
 MAX_LINES = 500
 

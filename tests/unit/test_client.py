@@ -33,10 +33,12 @@ class StandIn(BaseHTTPRequestHandler):
     """Answers like the petseg server; a request whose image is b"bad" gets a 400."""
 
     received: list = []
+    authorizations: list = []
 
     def do_POST(self):
         message = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.received.append((self.path, message))
+        self.authorizations.append(self.headers.get("Authorization"))
         image = message.get("binData") or message.get("request", {}).get("binData")
         if base64.b64decode(image) == b"bad":
             status = {"code": 400, "reason": "BAD_IMAGE: expected JPEG or PNG bytes; got 3 bytes",
@@ -137,8 +139,13 @@ def test_predict_command(url, image_path, tmp_path, capsys):
 
 def test_commands_parse():
     parser = _cli()
-    args = parser.parse_args(["feedback", "--url", "http://h:1", "img.jpg", "truth.png", "--reward", "0.5"])
-    assert (args.image, args.truth, args.reward, args.breed) == ("img.jpg", "truth.png", 0.5, None)
+    args = parser.parse_args(["feedback", "send", "--url", "http://h:1", "img.jpg", "truth.png", "--reward", "0.5"])
+    assert (args.image, args.truth, args.reward, args.breed, args.protocol) == ("img.jpg", "truth.png", 0.5, None,
+                                                                              "seldon")
+    args = parser.parse_args(["feedback", "accept", "/store", "feedback_1", "feedback_2", "--by", "ana"])
+    assert (args.store, args.ids, args.by) == ("/store", ["feedback_1", "feedback_2"], "ana")
+    assert parser.parse_args(["feedback", "list", "/store", "--status", "accepted"]).status == "accepted"
+    assert parser.parse_args(["serve", "123"]).host == "127.0.0.1"
     args = parser.parse_args(["serve", "123", "--port", "9100"])
     assert (args.run, args.port, args.server) == ("123", 9100, "seldon")
     args = parser.parse_args(["serve", "123", "--server", "mlserver", "--grpc-port", "9101"])

@@ -4,6 +4,8 @@ import functools
 import hashlib
 import http.server
 import io
+import itertools
+import json
 import shutil
 import tarfile
 import threading
@@ -280,12 +282,17 @@ def test_output_directory_must_be_new_or_empty(archives, tmp_path):
 
 
 def make_feedback(root, ids, extracted):
-    """Copy samples of ``extracted`` under new ids, as the serving feedback store does."""
-    (root / "images").mkdir(parents=True)
-    (root / "annotations" / "trimaps").mkdir(parents=True)
+    """Copy samples of ``extracted`` under new ids into a feedback store's accepted folder, with review records."""
+    accepted = root / "accepted"
+    (accepted / "images").mkdir(parents=True)
+    (accepted / "annotations" / "trimaps").mkdir(parents=True)
+    (accepted / "feedback").mkdir(parents=True)
     for old, new in ids.items():
         for folder, suffix in (("images", ".jpg"), ("annotations/trimaps", ".png")):
-            shutil.copy(extracted / folder / f"{old}{suffix}", root / folder / f"{new}{suffix}")
+            shutil.copy(extracted / folder / f"{old}{suffix}", accepted / folder / f"{new}{suffix}")
+        record = {"id": new, "identity": "ana", "received": "2026-01-01T00:00:00+00:00", "model_version": "petseg-1",
+                  "content_sha256": "0" * 64, "accepted_by": "bo", "accepted_at": "2026-01-02T00:00:00+00:00"}
+        (accepted / "feedback" / f"{new}.json").write_text(json.dumps(record))
     return root
 
 
@@ -299,6 +306,16 @@ def test_feedback_adds_samples(archives, extracted, reference, tmp_path):
     assert report["species"]["unlisted"] == 2
     ids = [shards.decode(r)["id"] for r in shards.read_records(report["shards"])]
     assert ids == sorted(ids) and "feedback_2" in ids
+    assert [(sample["id"], sample["identity"], sample["accepted_by"]) for sample in report["feedback_samples"]] == \
+        sorted((new, "ana", "bo") for new in renames.values())
+
+
+def test_feedback_store_without_accepted_samples_adds_none(archives, reference, tmp_path):
+    pending = tmp_path / "feedback" / "pending" / "ana"
+    pending.mkdir(parents=True)
+    (pending / "feedback_1.json").write_text("{}")
+    report = data.ingest(str(archives), tmp_path / "out", feedback=str(tmp_path / "feedback"))
+    assert report["feedback_samples"] == [] and report["fingerprint"] == reference["fingerprint"]
 
 
 def test_feedback_with_a_known_id_is_refused(archives, extracted, tmp_path):
@@ -481,3 +498,25 @@ def test_a_damaged_shard_is_named(reference, tmp_path, damage):
     shard.write_bytes(bytes(content))
     with pytest.raises(DataError, match=r"damaged.tfrecord: cannot read shard \(record \d+: corrupt or truncated data\)"):
         list(shards.read_records([shard]))
+
+
+def _crafted_id(split: str) -> str:
+    """A feedback id whose md5 bucket names ``split``, as a sender varying the content could find one."""
+    return next(f"feedback_{n:016x}" for n in itertools.count() if split_of(f"feedback_{n:016x}") == split)
+
+
+def test_accepted_feedback_goes_to_training_only_and_held_out_splits_stay_the_sources(
+        archives, extracted, reference, tmp_path):
+    crafted = {split: _crafted_id(split) for split in ("validation", "test", "calibration")}
+    source_ids = sample_ids(extracted)
+    feedback = make_feedback(tmp_path / "feedback", dict(zip(source_ids, crafted.values())), extracted)
+    report = data.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
+    assert sorted(sample["id"] for sample in report["feedback_samples"]) == sorted(crafted.values())
+    with_feedback = data.transform(report["shards"], tmp_path / "with", official_test=None,
+                                   training_only=[sample["id"] for sample in report["feedback_samples"]])
+    without = data.transform(reference["shards"], tmp_path / "without")
+    assert all(with_feedback["manifest"][sample_id] == "training" for sample_id in crafted.values())
+    for split in ("validation", "test", "calibration"):
+        held_out = sorted(i for i, s in with_feedback["manifest"].items() if s == split)
+        assert held_out == sorted(i for i, s in without["manifest"].items() if s == split)
+    assert with_feedback["counts"]["training"] == without["counts"]["training"] + len(crafted)

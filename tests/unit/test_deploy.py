@@ -67,6 +67,23 @@ def test_inference_service_runs_the_mlserver_launcher_with_the_release():
     assert container["envFrom"] == [{"secretRef": {"name": "petseg-s3"}}]
 
 
+def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
+    for render, pod in ((deploy_kubernetes.render_seldon_deployment, lambda r: r["spec"]["predictors"][0][
+            "componentSpecs"][0]["spec"]), (deploy_kubernetes.render_inference_service, lambda r: r["spec"]["predictor"])):
+        rendered = render(MANIFEST, image="registry/petseg:1.0", tokens_secret="petseg-serving-tokens")
+        spec = pod(rendered)
+        (container,) = spec["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env["PETSEG_TOKENS_FILE"] == deploy_kubernetes.TOKENS_MOUNT + "/tokens.json"
+        assert {"name": "petseg-tokens", "mountPath": deploy_kubernetes.TOKENS_MOUNT,
+                "readOnly": True} in container["volumeMounts"]
+        assert all(mount["readOnly"] for mount in container["volumeMounts"])
+        assert {"name": "petseg-tokens", "secret": {"secretName": "petseg-serving-tokens",
+                                                    "defaultMode": 0o400}} in spec["volumes"]
+        plain = pod(render(MANIFEST, image="registry/petseg:1.0"))
+        assert "petseg-tokens" not in str(plain["volumes"]) and "PETSEG_TOKENS_FILE" not in str(plain["containers"][0]["env"])
+
+
 def test_seldon_v2_model_and_server_meet_on_the_petseg_capability():
     model = deploy_kubernetes.render_seldon_model(MANIFEST, namespace="serving")
     server = deploy_kubernetes.render_seldon_server(image="registry/petseg:1.0", namespace="serving")
@@ -308,9 +325,10 @@ def test_deploy_kubernetes_returns_what_the_flow_records(monkeypatch):
 
 def test_microservice_command_serves_the_component_on_the_given_ports():
     command = deploy_local.microservice_command(port=1, grpc_port=2, metrics_port=3, cores=2)
-    assert command[1:4] == ["PetSegModel", "--service-type", "MODEL"]
-    assert command[4:10] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
-    assert command[10:] == ["--workers", "1", "--threads", "4"]
+    assert command[1:3] == ["-m", "petseg.seldon_launcher"]
+    assert command[3:6] == ["PetSegModel", "--service-type", "MODEL"]
+    assert command[6:12] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
+    assert command[12:] == ["--workers", "1", "--threads", "4"]
     assert (deploy_local.SERVING_DIR / "PetSegModel.py").is_file()
 
 

@@ -42,6 +42,9 @@ def test_every_command_is_registered_once_with_a_handler_named_after_it():
     handlers = {name: parser.get_default("handler") for name, parser in commands.items()}
     handlers["configure kubernetes"] = _subcommands(commands.pop("configure"))["kubernetes"].get_default("handler")
     del handlers["configure"]
+    for action, parser in _subcommands(commands.pop("feedback")).items():
+        handlers[f"feedback {action}"] = parser.get_default("handler")
+    del handlers["feedback"]
     for name, handler in handlers.items():
         assert handler.__name__ == name.replace(" ", "_") + "_command", name
         assert handler.__module__.startswith("petseg.commands."), name

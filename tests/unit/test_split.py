@@ -35,3 +35,11 @@ def test_proportions_are_about_70_10_10_10():
     assert shares["training"] == pytest.approx(0.7, abs=0.02)
     for split in SPLITS[1:]:
         assert shares[split] == pytest.approx(0.1, abs=0.015)
+
+
+def test_training_only_ids_go_to_training_whatever_their_hash():
+    # A feedback id a sender could steer into the test split by varying the content.
+    crafted = next(f"feedback_{n:016x}" for n in range(10_000) if split_of(f"feedback_{n:016x}") == "test")
+    assert split_of(crafted, training_only={crafted}) == "training"
+    assert split_of(crafted, official_test={crafted}, training_only={crafted}) == "training"
+    assert split_of("Abyssinian_1", training_only={crafted}) == "test"
