@@ -222,6 +222,10 @@ class signing_key_secret(StepMutator):  # noqa: N801 - used like Metaflow's own 
 
     def mutate(self, mutable_step):
         # After the command line: a `--with kubernetes` decorator is there to extend; a local run has none.
+        # Inside the pod the Secret is already mounted, and a replaced decorator would not hand the
+        # task's metadata back to the launcher.
+        if "METAFLOW_KUBERNETES_WORKLOAD" in os.environ:
+            return
         secret = os.environ.get("PETSEG_SIGNING_SECRET") or "petseg-signing"
         for name, _, args, kwargs in list(mutable_step.decorator_specs):
             secrets = list(kwargs.get("secrets") or [])
