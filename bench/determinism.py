@@ -1,18 +1,23 @@
-"""What bitwise reproducibility costs: strict against fast against one thread.
+"""What bitwise reproducibility costs: portable against native strict mode, strict against fast, one thread.
 
-Trains the small model on generated data in three settings of
+Trains the small model on generated data in four settings of
 `petseg.determinism.configure`:
 
-- strict: seeds, op determinism, 2 intra/inter-op threads (the default);
+- portable: seeds, op determinism, 2 intra/inter-op threads, CPU kernels pinned
+  to the AVX2 + FMA baseline (the default strict mode: the same bits on any CPU
+  at or above it);
+- native: the same without the CPU pins (the bits hold on this CPU type only);
 - fast: seeds only, threads chosen by TensorFlow;
-- single-thread: the original project's recipe, op determinism and 1 thread.
+- single-thread: the original project's recipe, op determinism and 1 thread
+  (portable).
 
 Thread counts can be set once per process, so every run is its own
 subprocess. Variants alternate round by round so that a change in machine
 load hits all of them alike. Prints the median training time of each variant
 (epochs after the first; the first one also traces the graph), the ratios
-strict/fast and single-thread/fast, whether the strict runs produced
-identical weight fingerprints, and the machine.
+portable/native, portable/fast, native/fast and single-thread/fast, whether
+the runs of each strict variant produced identical weight fingerprints, and
+the machine.
 
 Usage:
     python bench/determinism.py [--rounds 3] [--epochs 3] [--images 96]
@@ -29,9 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "strict": {"strict": True, "threads": 2},
+    "portable": {"strict": True, "threads": 2, "portable": True},
+    "native": {"strict": True, "threads": 2, "portable": False},
     "fast": {"strict": False},
-    "single-thread": {"strict": True, "threads": 1},
+    "single-thread": {"strict": True, "threads": 1, "portable": True},
 }
 SEED = 7
 BATCH_SIZE = 16
@@ -39,14 +45,20 @@ BATCH_SIZE = 16
 
 def worker(variant: str, epochs: int, images: int) -> dict:
     """Trains once in this process and returns its timings and fingerprint."""
-    # Imported here: the parent process only starts workers and needs no TensorFlow.
+    # Imported here: the parent process only starts workers and needs no TensorFlow. numpy reads its CPU
+    # pins when it loads, so a portable worker sets them first.
+    from petseg import determinism
+
+    if VARIANTS[variant].get("portable"):
+        determinism.pin_numpy(os.environ)
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from petseg import determinism, model, train
-
     settings = determinism.configure(seed=SEED, **VARIANTS[variant])
+
+    from petseg import model, train
+
     rng = np.random.default_rng(0)
     pixels = rng.random((images, 128, 128, 3), dtype=np.float32)
     pet = pixels[..., 0] > 0.5
@@ -84,11 +96,13 @@ def worker(variant: str, epochs: int, images: int) -> dict:
 
 
 def run_variant(variant: str, epochs: int, images: int) -> dict:
-    """Runs `worker` in a fresh Python process."""
+    """Runs `worker` in a fresh Python process, without the pins in its environment (native runs this CPU's kernels)."""
+    from petseg.determinism import PORTABLE_PINS
+
     completed = subprocess.run(
         [sys.executable, __file__, "--worker", variant, "--epochs", str(epochs), "--images", str(images)],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**{k: v for k, v in os.environ.items() if k not in PORTABLE_PINS}, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         check=False,
@@ -120,8 +134,7 @@ def main() -> None:
             print(f"round {round_number} {variant:13} {result['seconds']:7.2f} s  {result['fingerprint'][:12]}", flush=True)
 
     medians = {variant: statistics.median(r["seconds"] for r in results) for variant, results in runs.items()}
-    first = runs["strict"][0]
-    strict_prints = {r["fingerprint"] for r in runs["strict"]}
+    first = runs["portable"][0]
     print()
     print(f"machine: {first['cpu']}, {first['cores']} logical cores, TensorFlow {first['tensorflow']}")
     print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
@@ -132,11 +145,12 @@ def main() -> None:
     for variant, results in runs.items():
         threads = results[0]["settings"]["intra_op_threads"]
         print(f"{variant:13} median {medians[variant]:7.2f} s  (intra/inter-op threads: {threads or 'machine default'})")
-    print(f"strict/fast          {medians['strict'] / medians['fast']:.3f}")
-    print(f"single-thread/fast   {medians['single-thread'] / medians['fast']:.3f}")
-    print(f"strict runs identical: {len(strict_prints) == 1} ({len(runs['strict'])} runs)")
-    single_prints = {r["fingerprint"] for r in runs["single-thread"]}
-    print(f"single-thread runs identical: {len(single_prints) == 1}; same weights as strict: {single_prints == strict_prints}")
+    for top, bottom in (("portable", "native"), ("portable", "fast"), ("native", "fast"), ("single-thread", "fast")):
+        print(f"{top}/{bottom:8} {medians[top] / medians[bottom]:.3f}")
+    prints = {variant: {r["fingerprint"] for r in runs[variant]} for variant in ("portable", "native", "single-thread")}
+    for variant, found in prints.items():
+        print(f"{variant} runs identical: {len(found) == 1} ({len(runs[variant])} runs)")
+    print(f"portable and native weights equal: {prints['portable'] == prints['native']}")
 
 
 if __name__ == "__main__":

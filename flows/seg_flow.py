@@ -10,10 +10,15 @@ import functools
 import os
 import sys
 
-from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step, timeout
-
 FLOW_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FLOW_DIR, ".."))
+from petseg import determinism  # noqa: E402
+
+# numpy reads its CPU pins once, when it loads (Metaflow loads it): pinned first, in every run and pod, so
+# that calibration, metrics and baselines run the same kernels on any CPU (petseg.determinism).
+determinism.pin_numpy(os.environ)
+
+from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step, timeout  # noqa: E402,I001
 # TensorFlow's C++ start-up notices (CPU features, end of a dataset) would fill every step's log;
 # TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,6 +72,10 @@ class PetSegFlow(FlowSpec):
     seed = Parameter("seed", default=42, type=int, help="Seed for data generation, sampling, shuffling and weights.")
     deterministic = Parameter("deterministic", default=True, type=bool,
                               help="Strict mode: bitwise reproducible training (op determinism, fixed threads).")
+    portable = Parameter("portable", default=True, type=bool,
+                         help="Portable strict mode: the same bits on any x86-64 CPU with AVX2 and FMA, not only on "
+                              "this CPU type (CPU kernels pinned to that baseline; costs measured in "
+                              "docs/PERFORMANCE.md).")
     threads = Parameter("threads", default=2, type=int,
                         help="Intra- and inter-op threads in strict mode; they change the weight bits, so they are "
                              "fixed here and recorded, not taken from the machine.")

@@ -196,7 +196,8 @@ class StepEvents(UserStepDecorator):
         code = codeversion.record(dict(flow.code), code_package=stages.code_package())
         return {"namespace": openlineage_namespace(), "run_pathspec": f"{current.flow_name}/{current.run_id}",
                 "code": code, "code_version": codeversion.describe(code),
-                "determinism": {"seed": flow.seed, "strict": bool(flow.deterministic), "threads": flow.threads},
+                "determinism": {"seed": flow.seed, "strict": bool(flow.deterministic), "threads": flow.threads,
+                                "portable": bool(flow.deterministic and flow.portable)},
                 "split_rule": flow.split, "image_size": flow.image_size,
                 "dataset_fingerprint": _artifact(flow, "dataset_fingerprint"),
                 "model_fingerprint": _artifact(flow, "model_fingerprint"),

@@ -202,6 +202,9 @@ def cpu_flag_changes(old: dict, new: dict) -> str | None:
     after = set((new.get("cpu") or {}).get("flags") or [])
     if before == after:
         return None
+    if ((old.get("settings") or {}).get("portable")):
+        return (f"CPU instruction sets differ ({' '.join(sorted(before ^ after))}); the run was portable, so its "
+                "bits hold on any CPU at or above its baseline (AVX2 with FMA) with the same software and threads")
     return (f"CPU instruction sets differ (only in the original: {' '.join(sorted(before - after)) or '-'}; "
             f"only here: {' '.join(sorted(after - before)) or '-'}): bitwise equality is guaranteed only on "
             "the same CPU instruction set, software and thread count")
@@ -219,6 +222,7 @@ def reproduce(run, *, echo=print, show_output: bool = True) -> dict:
     if not params:
         raise RunError(f"run {run.pathspec} recorded no parameters: it cannot be reproduced")
     params["deploy"] = "none"  # reproducing a run checks it; it does not deploy it again
+    params.setdefault("portable", False)  # recorded before the parameter existed: native strict mode
     echo(f"re-running {run.pathspec} with {params}")
     with Runner(str(FLOW_FILE), show_output=show_output, env=flow_environment()).run(**params) as result:
         if result.status != "successful":

@@ -97,10 +97,14 @@ def _put(store: BlobStore, paths: list[str]) -> list[dict]:
 
 
 def _configure(settings: dict) -> dict:
-    """Seeds, threads and op determinism for this task: the one place a task sets its seed."""
+    """Seeds, threads, op determinism and CPU pins for this task: the one place a task sets its seed.
+
+    Called before the task imports TensorFlow: portable mode pins what TensorFlow reads when it loads.
+    """
     from petseg import determinism
 
-    return determinism.configure(seed=settings["seed"], strict=settings["strict"], threads=settings["threads"])
+    return determinism.configure(seed=settings["seed"], strict=settings["strict"], threads=settings["threads"],
+                                 portable=settings.get("portable", False))
 
 
 # -- start --------------------------------------------------------------------------------------------
@@ -135,10 +139,14 @@ def settings(parameters: Mapping, *, code: Mapping) -> dict:
     if parameters["image_size"] % 16:
         raise ConfigError(f"--image_size {parameters['image_size']} is not a multiple of 16: "
                           "the U-Net halves the image four times")
+    from petseg import determinism
+
     record = codeversion.record(dict(code), code_package=code_package())
     if parameters.get("require_clean"):
         codeversion.require_clean(record)
+    portable = bool(parameters["deterministic"] and parameters["portable"])
     return {"seed": parameters["seed"], "strict": bool(parameters["deterministic"]), "threads": parameters["threads"],
+            "portable": portable, "pins": dict(determinism.PORTABLE_PINS) if portable else {},
             "image_size": parameters["image_size"], "code_version": codeversion.describe(record), "code": record}
 
 
@@ -240,10 +248,10 @@ def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, sett
 def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict) -> dict:
     """Train one short trial and return its configuration, validation loss and IoU, history, and the
     ``inputs`` it opened (`select` hands them on to the tune stage's lineage)."""
+    _configure(settings)
     from petseg import train
 
     TASK.artifacts(**{"splits.json": splits})
-    _configure(settings)
     with tempfile.TemporaryDirectory(prefix="petseg-tune-") as work:
         model, history, validation = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
                                           settings=settings, work=work)
@@ -273,15 +281,16 @@ def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch
           settings: dict) -> dict:
     """Train the final model; return its bytes, fingerprint, history, TensorBoard logs and the
     environment record of the process that trained it (software, CPU, devices, settings)."""
+    TASK.artifacts(**{"selected.json": best, "splits.json": splits})
+    _fault_drill("train")
+    configured = _configure(settings)
     from petseg import determinism
     from petseg import model as models
 
-    TASK.artifacts(**{"selected.json": best, "splits.json": splits})
-    _fault_drill("train")
     config = dict(best["config"])
     if batch_size:
         config["batch_size"] = batch_size
-    environment = determinism.environment_record(_configure(settings))
+    environment = determinism.environment_record(configured)
     with tempfile.TemporaryDirectory(prefix="petseg-train-") as work:
         log_dir = os.path.join(work, "logs")
         model, history, _ = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
@@ -304,12 +313,12 @@ def _tar_directory(path: str) -> bytes:
 @_glue
 def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -> tuple[dict, dict]:
     """Fit isotonic calibration on the calibration split; return it and the ECE report."""
-    from petseg import calibration
-    from petseg import model as models
-
     TASK.artifacts(**{"model.keras": model_keras, "splits.json": splits})
     _fault_drill("calibrate")
     _configure(settings)
+    from petseg import calibration
+    from petseg import model as models
+
     model = models.from_bytes(model_keras)
     with tempfile.TemporaryDirectory(prefix="petseg-calibrate-") as work:
         dataset = _dataset("calibration", splits, store, work, settings, batch_size=16)
@@ -328,13 +337,13 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     Baselines are fitted on the training split. Validation figures are for the
     release gate; test figures (with 95 % bootstrap intervals) are the report.
     """
+    TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration_table, "splits.json": splits})
+    _configure(settings)
     import numpy as np
 
     from petseg import baselines, calibration, train
     from petseg import model as models
 
-    TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration_table, "splits.json": splits})
-    _configure(settings)
     seed = settings["seed"]
     model = models.from_bytes(model_keras)
     fitted = calibration.Calibration.from_dict(calibration_table)

@@ -8,6 +8,8 @@ import pytest
 
 from harness import FLOW_FILE, REPO, TINY, run_flow, session_root
 
+from petseg import determinism
+
 ARTIFACTS = {
     "start": ["settings", "parameters", "blob_root", "lineage_target"],
     "ingest": ["ingest_report", "dataset_fingerprint"],
@@ -96,7 +98,11 @@ def test_fingerprints_and_tags(released_run):
     parameters = released_run["start"].task.data.parameters
     env = released_run["train"].task.data.environment
     assert env["settings"] == {"seed": parameters["seed"], "mode": "strict" if parameters["deterministic"] else "fast",
-                               "intra_op_threads": parameters["threads"], "inter_op_threads": parameters["threads"]}
+                               "intra_op_threads": parameters["threads"], "inter_op_threads": parameters["threads"],
+                               "portable": True, "pins": determinism.PORTABLE_PINS}
+    assert env["cpu_kernels"] == {"openblas_core": "Haswell", "numpy_avx512": False, "onednn_rewrites": True,
+                                  "onednn_max_isa": "AVX2"}
+    assert released_run["start"].task.data.settings["pins"] == determinism.PORTABLE_PINS
     assert env["packages"]["tensorflow-cpu"] or env["packages"]["tensorflow"]
 
 
@@ -239,3 +245,20 @@ def test_official_split_without_the_files_is_a_config_error():
 
     with pytest.raises(stages.StepError, match="--split official needs the source's annotations/trainval.txt"):
         stages.transform({"shards": [], "official_test": None}, store="unused", rule="official")
+
+
+@pytest.fixture(scope="module")
+def baseline_run():
+    """The released run's flow again, in processes that present a CPU at the portable baseline: oneDNN capped
+    at AVX2, TensorFlow's oneDNN rewrites off (its default on such a CPU), OpenBLAS on its Haswell kernels."""
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "TF_ENABLE_ONEDNN_OPTS": "0", "OPENBLAS_CORETYPE": "Haswell"}
+    status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0)
+    assert status == "successful", output[-4000:]
+    return run
+
+
+def test_a_run_at_the_portable_baseline_gives_the_same_model_and_calibration(released_run, baseline_run):
+    assert baseline_run["start"].task.data.settings["portable"] is True
+    for step, artifact in (("ingest", "dataset_fingerprint"), ("train", "model_fingerprint"), ("calibrate", "calibration")):
+        assert getattr(baseline_run[step].task.data, artifact) == getattr(released_run[step].task.data, artifact), step
+    assert baseline_run["train"].task.data.environment["cpu_kernels"]["onednn_max_isa"] == "AVX2"

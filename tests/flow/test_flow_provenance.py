@@ -130,7 +130,7 @@ def test_every_step_sends_valid_openlineage_events_over_http(released_run, linea
         facets = event["run"]["facets"]
         assert facets.get("parent", {}).get("run", {}).get("runId", parent) == parent
         assert facets["petseg"]["split_rule"] == "md5"
-        assert facets["petseg"]["determinism"] == {"seed": 42, "strict": True, "threads": 2}
+        assert facets["petseg"]["determinism"] == {"seed": 42, "strict": True, "threads": 2, "portable": True}
     evaluate = next(e for e in events if e["job"]["name"] == "PetSegFlow.evaluate" and e["eventType"] == "COMPLETE")
     inputs = {d["facets"]["petseg_file"]["file"]: d["facets"]["petseg_file"] for d in evaluate["inputs"]}
     graph = released_run["end"].task.data.lineage_graph

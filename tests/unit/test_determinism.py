@@ -18,11 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 # to change the thread count, which TensorFlow no longer allows.
 TRAINING = """
 import json
+import os
 
+from petseg import determinism
+
+determinism.pin_numpy(os.environ)  # before numpy loads, as flows/seg_flow.py does
 import numpy as np
 import tensorflow as tf
 
-from petseg import determinism, model, train
+from petseg import model, train
 from petseg.errors import ConfigError
 
 settings = determinism.configure(seed=11, strict=True, threads=2)
@@ -73,7 +77,8 @@ def test_strict_training_is_bitwise_identical_across_processes(two_runs):
 
 
 def test_strict_settings_are_recorded(two_runs):
-    assert two_runs[0]["settings"] == {"seed": 11, "mode": "strict", "intra_op_threads": 2, "inter_op_threads": 2}
+    assert two_runs[0]["settings"] == {"seed": 11, "mode": "strict", "intra_op_threads": 2, "inter_op_threads": 2,
+                                       "portable": True, "pins": determinism.PORTABLE_PINS}
 
 
 def test_configuring_threads_too_late_is_a_config_error(two_runs):
@@ -85,6 +90,7 @@ def test_configuring_threads_too_late_is_a_config_error(two_runs):
 def test_fast_mode_sets_seeds_only():
     settings = determinism.configure(seed=3, strict=False)
     assert settings["mode"] == "fast"
+    assert settings["portable"] is False and settings["pins"] == {}
     assert settings["seed"] == 3
     assert isinstance(settings["intra_op_threads"], int)  # 0: TensorFlow's machine default
 
