@@ -51,11 +51,10 @@ def worker(variant: str, epochs: int, images: int) -> dict:
 
     if VARIANTS[variant].get("portable"):
         determinism.pin_numpy(os.environ)
+    settings = determinism.configure(seed=SEED, **VARIANTS[variant])  # before TensorFlow loads
     import keras
     import numpy as np
     import tensorflow as tf
-
-    settings = determinism.configure(seed=SEED, **VARIANTS[variant])
 
     from petseg import model, train
 

@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXPECTED_PORTABLE=__EXPECTED__
+EXPECTED_PORTABLE=0f0789341a633a151cbc7284b0eef78270b9bfe801aa1bce0f750ca5c04d1b52
 EPOCHS=2
 IMAGES=96
 OUT="${OUT:-device-check}"

@@ -127,19 +127,21 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
         ConfigError: `threads` is not a positive integer; TensorFlow has
             already started with other thread counts; or, when portable, the
             CPU is below `BASELINE`, or numpy or TensorFlow loaded before their
-            pins were set.
+            pins were set (TensorFlow counts as pinned only when
+            TF_ENABLE_ONEDNN_OPTS=1 was in the environment before it loaded).
     """
+    if strict and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     portable = bool(strict and portable)
     if portable:
         _require_baseline(_cpu_info(Path("/proc/cpuinfo"))[1])
+        _require_tensorflow_unloaded_or_pinned()
         os.environ.update(TENSORFLOW_PINS)
     # Imported here, after the pins: TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it loads.
     import keras
     import tensorflow as tf
 
     if strict:
-        if not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads must be a positive integer, got {threads!r}")
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -152,7 +154,7 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
             ) from None
         tf.config.experimental.enable_op_determinism()
     if portable:
-        _require_pinned(cpu_kernels())
+        _require_numpy_pinned(cpu_kernels())
     # Seeds Python random, NumPy, TensorFlow and Keras' global seed generator.
     keras.utils.set_random_seed(seed)
     return {
@@ -211,20 +213,28 @@ def _require_baseline(flags: list[str]) -> None:
         )
 
 
-def _require_pinned(kernels: dict) -> None:
-    """Refuses a process whose numpy or TensorFlow loaded before their pins were set."""
+def _require_tensorflow_unloaded_or_pinned() -> None:
+    """Refuses a process where TensorFlow loaded before its pins were set.
+
+    Part of TensorFlow settles its oneDNN rewrites when it loads and part when it
+    first runs: a process that loaded it with other settings would mix the two.
+    """
+    if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != TENSORFLOW_PINS["TF_ENABLE_ONEDNN_OPTS"]:
+        raise ConfigError(
+            "TensorFlow loaded before its CPU pins: call petseg.determinism.configure() before anything imports "
+            "TensorFlow, or set " + " ".join(f"{name}={value}" for name, value in TENSORFLOW_PINS.items())
+            + " in the environment before the process starts."
+        )
+
+
+def _require_numpy_pinned(kernels: dict) -> None:
+    """Refuses a process whose numpy loaded before its pins were set."""
     if kernels["openblas_core"] not in (None, NUMPY_PINS["OPENBLAS_CORETYPE"]) or kernels["numpy_avx512"]:
         raise ConfigError(
             f"numpy loaded before its CPU pins (OpenBLAS kernels {kernels['openblas_core']}, AVX-512 loops "
             f"{'on' if kernels['numpy_avx512'] else 'off'}): call petseg.determinism.pin_numpy(os.environ) "
             "before anything imports numpy (flows/seg_flow.py does it first), or set "
             + " ".join(f"{name}='{value}'" for name, value in NUMPY_PINS.items()) + " in the environment."
-        )
-    if kernels["onednn_rewrites"] is not True:
-        raise ConfigError(
-            "TensorFlow loaded before its CPU pins (oneDNN rewrites off): call "
-            "petseg.determinism.configure() before anything imports TensorFlow, or set "
-            "TF_ENABLE_ONEDNN_OPTS=1 in the environment."
         )
 
 

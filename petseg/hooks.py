@@ -223,12 +223,16 @@ class signing_key_secret(StepMutator):  # noqa: N801 - used like Metaflow's own 
 
     def mutate(self, mutable_step):
         # After the command line: a `--with kubernetes` decorator is there to extend; a local run has none.
-        # Inside the pod the Secret is already mounted, and a replaced decorator would not hand the
-        # task's metadata back to the launcher.
-        if "METAFLOW_KUBERNETES_WORKLOAD" in os.environ:
-            return
         secret = os.environ.get("PETSEG_SIGNING_SECRET") or "petseg-signing"
-        for name, _, args, kwargs in list(mutable_step.decorator_specs):
+        specs = list(mutable_step.decorator_specs)
+        if "METAFLOW_KUBERNETES_WORKLOAD" in os.environ:
+            # Inside the pod. Metaflow hands a decorator that a mutator inserted to the pod as options of
+            # `kubernetes step`, not as `--with`, so the pod's step has none: without one the task never
+            # writes its local metadata back for the launcher, and the launcher fails. Re-create it.
+            if not any(name == "kubernetes" for name, *_ in specs):
+                mutable_step.add_decorator("kubernetes", deco_kwargs={"secrets": [secret]})
+            return
+        for name, _, args, kwargs in specs:
             secrets = list(kwargs.get("secrets") or [])
             if name == "kubernetes" and secret not in secrets:
                 mutable_step.add_decorator("kubernetes", deco_args=args, duplicates=mutable_step.OVERRIDE,

@@ -23,13 +23,13 @@ import os
 from petseg import determinism
 
 determinism.pin_numpy(os.environ)  # before numpy loads, as flows/seg_flow.py does
+settings = determinism.configure(seed=11, strict=True, threads=2)  # before TensorFlow loads
 import numpy as np
 import tensorflow as tf
 
 from petseg import model, train
 from petseg.errors import ConfigError
 
-settings = determinism.configure(seed=11, strict=True, threads=2)
 rng = np.random.default_rng(0)
 images = rng.random((16, 64, 64, 3), dtype=np.float32)
 pet = images[..., 0] > 0.5

@@ -137,15 +137,26 @@ def test_jpeg_coding_and_resizing_need_no_pin(level):
     assert run({level: "1"}) == run({})
 
 
-def test_numpy_loaded_before_its_pins_is_refused():
-    script = ("import numpy, sys\nfrom petseg import determinism\nfrom petseg.errors import ConfigError\n"
+def _configure_after(module: str, env: dict) -> str:
+    """What `configure` says in a fresh process that imported `module` first."""
+    script = (f"import {module}\nfrom petseg import determinism\nfrom petseg.errors import ConfigError\n"
               "try:\n    determinism.configure(seed=1)\nexcept ConfigError as err:\n    print(err)\n")
     clean = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_PINS}
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT),
-                         "OPENBLAS_CORETYPE": "Zen"}, capture_output=True, text=True, check=True, timeout=300).stdout
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**clean, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env},
+                          timeout=300).stdout
+
+
+def test_numpy_loaded_before_its_pins_is_refused():
+    out = _configure_after("numpy", {"OPENBLAS_CORETYPE": "Zen"})
     assert "numpy loaded before its CPU pins" in out and "pin_numpy" in out
 
 
 def test_a_cpu_below_the_baseline_is_refused():
     with pytest.raises(determinism.ConfigError, match="lacks avx2"):
         determinism._require_baseline(["sse2", "sse4_1", "fma"])
+
+
+def test_tensorflow_loaded_before_its_pins_is_refused():
+    out = _configure_after("tensorflow", {})
+    assert "TensorFlow loaded before its CPU pins" in out and "TF_ENABLE_ONEDNN_OPTS=1" in out

@@ -388,6 +388,7 @@ class LocalCluster:
             "PETSEG_CLUSTER_DIR": str(self.dir),
             "PETSEG_POD_PYTHONPATH": str(image),
             "PETSEG_PODS_DIR": str(self.dir / "pods"),
+            "PETSEG_TRUSTED_KEYS": str(self.dir / "trusted-keys"),
             "METAFLOW_HOME": str(self.dir / "metaflow"),
             "METAFLOW_PROFILE": "cluster",
             **credentials,
@@ -439,10 +440,15 @@ class LocalCluster:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
+        key = ec.generate_private_key(ec.SECP256R1())
         signing = yaml.safe_load((REPO / "k8s" / "base" / "signing-secret.template.yaml").read_text())
-        signing["stringData"] = {"PETSEG_SIGNING_KEY": ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        signing["stringData"] = {"PETSEG_SIGNING_KEY": key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()}
         self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(signing))
+        # Its public key is what the operator trusts (PETSEG_TRUSTED_KEYS in the cluster's environment).
+        (self.dir / "trusted-keys").mkdir(exist_ok=True)
+        (self.dir / "trusted-keys" / "cluster-signing.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
         def token() -> str:
             name = self._get(admin, "serviceaccount", SERVICE_ACCOUNT)["secrets"][0]["name"]
