@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(FLOW_DIR, ".."))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from petseg import codeversion, hooks  # noqa: E402
+from petseg import gate as gates  # noqa: E402
 from petseg import stages  # noqa: E402
 from petseg import tune as tuning  # noqa: E402
 
@@ -40,9 +41,10 @@ class PetSegFlow(FlowSpec):
     5. select: keep every trial's result and pick the best.
     6. train: the final model with the selected settings.
     7. calibrate: isotonic calibration of pixel probabilities, per class.
-    8. evaluate: the model beside baselines on validation and test data, and a report card.
-    9. release: the quality gate (validation data only), then a signed release (manifest, SLSA provenance)
-       and a deployment.
+    8. evaluate: the model beside baselines (and the serving champion) on validation and test data; the
+       served mask (calibrated or raw, chosen on validation); a report card.
+    9. release: the quality gate (validation data only: baselines and champion), then a signed release
+       (manifest, SLSA provenance) and a deployment.
     Every stage records what it read and wrote in the run's lineage graph (petseg lineage RUN).
     """
 
@@ -83,6 +85,15 @@ class PetSegFlow(FlowSpec):
                          help="Quality gate floor: the validation mIoU a model must reach to be released.")
     min_margin = Parameter("min_margin", default=0.1, type=float,
                            help="Quality gate: how far the model's validation mIoU must lead the best baseline's.")
+    tolerance = Parameter("tolerance", default=gates.DEFAULT_TOLERANCE, type=float,
+                          help="Quality gate: how much validation mIoU the model may lose against the serving "
+                               "champion, scored on the same images, and still replace it.")
+    endpoint = Parameter("endpoint", default="petseg",
+                         help="The endpoint a release is for: the stable name it serves under, and whose serving "
+                              "(else last accepted) release is the champion it is compared with.")
+    champion = Parameter("champion", default="auto",
+                         help="The release the model is compared with: auto (the endpoint's, on this machine), "
+                              "none (judge against the baselines alone), or a release location.")
     deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
     port = Parameter("port", default=0, type=int, help="Port of a local deployment; 0 picks a free one.")
     server = Parameter("server", default="seldon",
@@ -185,9 +196,11 @@ class PetSegFlow(FlowSpec):
     @compute_resources
     @step
     def evaluate(self):
-        """The model beside the baselines on validation and test data, and the report card."""
+        """The model beside the baselines and the champion on validation and test data, and the report card."""
+        self.champion_release = stages.champion(endpoint=self.endpoint, choice=self.champion)
         self.metrics, samples = stages.evaluate(self.model_keras, self.calibration, splits=self.splits,
-                                                store=self.blob_root, settings=self.settings)
+                                                store=self.blob_root, settings=self.settings,
+                                                champion=self.champion_release)
         stages.report_card(metrics=self.metrics, history=self.history, trials=self.trial_results,
                            calibration_report=self.calibration_report, samples=samples)
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "evaluate", {"metrics.json": self.metrics},
@@ -197,9 +210,10 @@ class PetSegFlow(FlowSpec):
     @hooks.signing_key_secret  # on Kubernetes, only this step's pod gets the signing key
     @step
     def release(self):
-        """Quality gate on validation mIoU; a passing model gets a signed release and a deployment."""
+        """Quality gate on validation mIoU (baselines, champion); a passing model gets a signed release and a
+        deployment."""
         self.released, self.gate_message = stages.gate(self.metrics, min_miou=self.min_miou,
-                                                      min_margin=self.min_margin)
+                                                      min_margin=self.min_margin, tolerance=self.tolerance)
         print(self.gate_message)
         self.manifest, self.signatures, self.deployment = None, None, None
         if self.released:  # signed: model.sig over every file, and the run's SLSA provenance
