@@ -258,7 +258,7 @@ def apply_object(
     """
     from kubernetes import client
 
-    api = client.CustomObjectsApi(api_client or _default_api_client())
+    api = client.CustomObjectsApi(api_client or default_api_client())
     kind, name = body["kind"], body["metadata"]["name"]
     resource = RESOURCES[kind]
     body = copy.deepcopy(body)
@@ -431,7 +431,7 @@ def _fill(template: str | os.PathLike, values: dict) -> dict:
 # -- applying ---------------------------------------------------------------------------------------
 
 
-def _default_api_client() -> kubernetes.client.ApiClient:
+def default_api_client() -> kubernetes.client.ApiClient:
     from kubernetes import config
 
     try:

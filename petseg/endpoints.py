@@ -5,7 +5,8 @@ An endpoint is a stable name for clients (default ``petseg``). Its record,
 
 - ``releases``: every release the gate accepted for the name, oldest first;
 - ``serving``: the release serving now (with ``since`` and its ``deployment``), or None;
-- ``history``: what served before, most recent last (``petseg rollback`` goes back to it).
+- ``history``: what served before, most recent last (``petseg rollback`` goes back to it);
+- ``front``: the endpoint's proxy on its stable port (`petseg.endpoint_proxy`), or None.
 
 A release step reads the champion here (`champion`: what serves, else the
 latest accepted release) and records an accepted release (`accept`); the local
@@ -28,6 +29,8 @@ from petseg.storage import write_atomic
 from petseg.userdirs import state_dir
 
 DEFAULT_NAME = "petseg"
+STATUS_PATH = "/petseg/endpoint"
+"""Where an endpoint's front answers what serves behind it (`petseg.endpoint_proxy`)."""
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 ENTRY_FIELDS = ("version", "location", "run", "model_fingerprint", "dataset_fingerprint", "mask_source")
 """What a record says of a release (from its manifest)."""
@@ -73,7 +76,7 @@ def read(name: str) -> dict:
     """
     file = path(name)
     if not file.is_file():
-        return {"name": name, "releases": [], "serving": None, "history": []}
+        return {"name": name, "releases": [], "serving": None, "history": [], "front": None}
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -116,11 +119,15 @@ def accept(name: str, manifest: dict) -> dict:
     return record
 
 
-def switch(name: str, serving: dict, *, history: bool = True) -> dict:
-    """Record that ``serving`` (an `entry` with ``since`` and ``deployment``) serves ``name`` now; what served
-    before goes onto the history unless ``history`` is False (a rollback takes it off instead). The record."""
+def switch(name: str, serving: dict | None, *, front: dict | None, rollback: bool = False) -> dict:
+    """Record that ``serving`` (an `entry` with ``since`` and ``deployment``; None: nothing) serves ``name`` now,
+    behind ``front`` (the endpoint's proxy: pid, port, url). What served before goes onto the history; for a
+    ``rollback`` the release rolled back to comes off it instead. The record."""
     with changing(name) as record:
-        if history and record["serving"]:
+        if rollback:
+            record["history"].pop()
+        elif record["serving"]:
             record["history"].append(record["serving"])
         record["serving"] = serving
+        record["front"] = front
     return record

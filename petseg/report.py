@@ -159,9 +159,11 @@ def closing_words(facts: dict, *, metrics: dict, gate_message: str, flow_name: s
     if deployment and deployment.get("url"):
         url = deployment["url"]
         tokens = f" (bearer tokens: {deployment['tokens_file']})" if deployment.get("tokens_file") else ""
-        lines += [f"  serving at:   {url}{tokens}",
-                  f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png",
-                  f"  stop it:      petseg stop {run_id}"]
+        name = deployment.get("endpoint")
+        lines += [f"  serving at:   {url}{tokens}" + (f", endpoint {name}" if name else ""),
+                  f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png"]
+        lines += ([f"  watch it:     petseg status {name}   (back: petseg rollback {name}; stop: petseg stop {name})"]
+                  if name else [f"  stop it:      petseg stop {run_id}"])
     return "\n".join(lines)
 
 

@@ -410,18 +410,18 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
 
 
 @_glue
-def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon") -> dict | None:
-    """Hand the release to the serving deployment chosen by ``--deploy`` (Metaflow's Kubernetes settings; the pods
-    get ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
+def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", endpoint: str) -> dict | None:
+    """Hand the release to the serving deployment chosen by ``--deploy``: locally, the endpoint switches to it
+    without downtime (`petseg.local_endpoint.roll_out`); on Kubernetes, Metaflow's settings (the pods get
+    ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
     from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE
 
     if target == "none":
         return None
-    fingerprint = manifest["model_fingerprint"]
     if target == "local":
-        from petseg import deploy_local
+        from petseg import local_endpoint
 
-        return deploy_local.deploy_local(manifest["location"], server=server, port=port or None, fingerprint=fingerprint)
+        return local_endpoint.roll_out(endpoint, endpoints.entry(manifest), server=server, port=port or None)
     from petseg import deploy_kubernetes
 
     return deploy_kubernetes.deploy_kubernetes(
