@@ -95,6 +95,9 @@ class PetSegFlow(FlowSpec):
                          help="The release the model is compared with: auto (the endpoint's, on this machine), "
                               "none (judge against the baselines alone), or a release location.")
     deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
+    canary = Parameter("canary", default=0, type=int,
+                       help="On Kubernetes, the percent of the endpoint's traffic a released model takes beside the "
+                            "serving one until `petseg promote`; 0 replaces it outright after the gate.")
     port = Parameter("port", default=0, type=int,
                      help="Port of a local endpoint when it is not running yet; 0 picks a free one (a running "
                           "endpoint keeps its port).")
@@ -224,7 +227,7 @@ class PetSegFlow(FlowSpec):
                 settings=self.settings, parameters=self.parameters, environment=self.environment,
                 store=self.blob_root, **self._fingerprints())
             self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port,
-                                            server=self.server, endpoint=self.endpoint)
+                                            server=self.server, endpoint=self.endpoint, canary=self.canary)
         hooks.tag_run(release="accepted" if self.released else "rejected")
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "release",
                                                    {"manifest.json": self.manifest,

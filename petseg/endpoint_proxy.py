@@ -1,7 +1,7 @@
 """The front of a local endpoint: a reverse proxy on the endpoint's stable port that hands every request to the
 release serving under its name (`petseg.endpoints`), so that switching releases never drops a request.
 
-    python -m petseg.endpoint_proxy NAME --port PORT [--host ADDRESS]
+    python -m petseg.endpoint_proxy NAME PORT [ADDRESS]      (default address 127.0.0.1)
 
 The backend is read from the endpoint record whenever the record file changes.
 A request goes to the backend serving when it arrives and finishes there, so
@@ -15,16 +15,17 @@ a request body must come with a Content-Length (411 otherwise).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import http.server
 import json
 import signal
+import sys
 import threading
 import urllib.parse
 
 from petseg import endpoints
 from petseg.endpoints import STATUS_PATH
+from petseg.errors import ConfigError
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host"}
@@ -176,14 +177,14 @@ class Front(http.server.ThreadingHTTPServer):
                 "backend": (serving.get("deployment") or {}).get("url"), "in_flight": dict(self.backends.in_flight)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve an endpoint's front until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(prog="python -m petseg.endpoint_proxy", description=__doc__.splitlines()[0])
-    parser.add_argument("name", type=endpoints.check_name)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    args = parser.parse_args(argv)
-    front = Front(args.name, (args.host, args.port))
+def main(argv: list[str]) -> int:
+    """Serve an endpoint's front until SIGTERM or SIGINT; 2 for arguments it cannot use."""
+    try:
+        name, port, host = endpoints.check_name(argv[0]), int(argv[1]), (argv[2:] or ["127.0.0.1"])[0]
+    except (IndexError, ValueError, ConfigError) as err:
+        print(f"usage: python -m petseg.endpoint_proxy NAME PORT [ADDRESS] ({err})", file=sys.stderr)
+        return 2
+    front = Front(name, (host, port))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: threading.Thread(target=front.shutdown).start())
     front.serve_forever()
@@ -192,4 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -123,7 +123,7 @@ def _ensure_front(name: str, front: dict | None, *, port: int | None, host: str)
     log = endpoints.path(name).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as output:
-        process = subprocess.Popen([sys.executable, "-m", FRONT_MODULE, name, "--port", str(port), "--host", host],
+        process = subprocess.Popen([sys.executable, "-m", FRONT_MODULE, name, str(port), host],
                                    env=deploy_local.child_environment(), stdin=subprocess.DEVNULL, stdout=output,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{deploy_local.client_host(host)}:{port}"

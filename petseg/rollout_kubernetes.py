@@ -23,7 +23,8 @@ import copy
 import datetime
 import json
 
-from petseg.deploy_kubernetes import RESOURCES, apply_object, default_api_client, deployment_name
+from petseg.deploy_kubernetes import (RESOURCES, apply_object, default_api_client, deployment_name,
+                                      render_inference_service, render_seldon_deployment)
 from petseg.endpoints import check_name
 from petseg.errors import ConfigError, ServingError
 
@@ -207,3 +208,34 @@ def apply(endpoint: str, change, *, namespace: str, kind: str = "SeldonDeploymen
         current = None
     return apply_object(change(current), namespace=namespace, api_client=api_client, timeout=timeout,
                         poll_interval=poll_interval)
+
+
+def roll_out(manifest: dict, *, endpoint: str, who: str, canary: int = 0, server: str = "seldon",
+             image: str = "petseg:latest", namespace: str = "default", api_client=None, timeout: float = 600.0,
+             **render_options) -> dict:
+    """Roll a release out to the endpoint's object (`rollout`) and wait until it serves; what the flow records.
+
+    Args:
+        manifest: The release manifest.
+        endpoint: The endpoint: the object's name.
+        who: Who rolls it out (the annotations record it).
+        canary: Percent of the traffic the release takes beside the serving one (0: all of it).
+        server: ``seldon`` (a SeldonDeployment) or ``mlserver`` (a KServe InferenceService).
+        image: Container image (see Dockerfile).
+        namespace: Kubernetes namespace.
+        **render_options: More arguments of `petseg.deploy_kubernetes.render_seldon_deployment` or
+            ``render_inference_service`` (model_uri, replicas, s3_endpoint_url, secrets, ...).
+
+    Returns:
+        ``{"kind": "kubernetes", "server", "endpoint", "name", "namespace", "traffic", "url"}``: ``traffic``
+        maps release versions to percent; ``url`` is KServe's address, or Seldon's route through the ingress.
+    """
+    if server not in ("seldon", "mlserver"):
+        raise ConfigError(f"server {server!r} is unknown: expected seldon or mlserver")
+    render = render_seldon_deployment if server == "seldon" else render_inference_service
+    candidate = render(manifest, image=image, namespace=namespace, **render_options)
+    applied = apply(endpoint, lambda current: rollout(current, candidate, endpoint=endpoint, canary=canary, who=who),
+                    namespace=namespace, kind=candidate["kind"], api_client=api_client, timeout=timeout)
+    url = ((applied.get("status") or {}).get("address") or {}).get("url") if server == "mlserver" else None
+    return {"kind": "kubernetes", "server": server, "endpoint": endpoint, "name": endpoint, "namespace": namespace,
+            "traffic": traffic(applied), "url": url or f"/seldon/{namespace}/{endpoint}/api/v1.0/predictions"}

@@ -132,6 +132,9 @@ def settings(parameters: Mapping, *, code: Mapping) -> dict:
                            ("arch", ARCHITECTURES), ("server", ("seldon", "mlserver"))):
         if parameters[name] not in accepted:
             raise ConfigError(f"--{name} {parameters[name]!r} is unknown: expected one of {', '.join(accepted)}")
+    if not 0 <= parameters["canary"] < 100:
+        raise ConfigError(f"--canary {parameters['canary']} is not a share of traffic: expected 0 (straight "
+                          "replacement) to 99")
     if parameters["champion"] != "auto" and not parameters["champion"]:
         raise ConfigError("--champion is empty: expected auto, none or a release location")
     endpoints.check_name(parameters["endpoint"])
@@ -410,9 +413,11 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
 
 
 @_glue
-def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", endpoint: str) -> dict | None:
+def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", endpoint: str,
+           canary: int = 0) -> dict | None:
     """Hand the release to the serving deployment chosen by ``--deploy``: locally, the endpoint switches to it
-    without downtime (`petseg.local_endpoint.roll_out`); on Kubernetes, Metaflow's settings (the pods get
+    without downtime (`petseg.local_endpoint.roll_out`); on Kubernetes, the endpoint's object takes it, as a
+    ``canary`` or outright (`petseg.rollout_kubernetes.roll_out`, with Metaflow's settings; the pods get
     ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
     from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE
 
@@ -422,10 +427,11 @@ def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", en
         from petseg import local_endpoint
 
         return local_endpoint.roll_out(endpoint, endpoints.entry(manifest), server=server, port=port or None)
-    from petseg import deploy_kubernetes
+    from petseg import rollout_kubernetes
 
-    return deploy_kubernetes.deploy_kubernetes(
-        manifest, server=server, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
+    return rollout_kubernetes.roll_out(
+        manifest, endpoint=endpoint, who=current.username, canary=canary, server=server,
+        image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
         s3_endpoint_url=_s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
                                                                             "petseg-serving-s3").split(",") if s])
 
