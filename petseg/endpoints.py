@@ -80,7 +80,8 @@ def read(name: str) -> dict:
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"endpoint record {file} is not readable JSON ({err}); move it away to start afresh") from None
+        raise ConfigError(f"endpoint record {file} is not readable JSON ({err}); "
+                          "move it away to start afresh") from None
     if not isinstance(record, dict) or not isinstance(record.get("releases"), list) \
             or not isinstance(record.get("history"), list):
         raise ConfigError(f"endpoint record {file} lacks the lists 'releases' and 'history'; "

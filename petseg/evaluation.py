@@ -132,9 +132,9 @@ def champion_figures(champion: Champion, runs: dict, *, source: str, why_not: st
 
     Returns:
         ``version``, ``location``, ``model_fingerprint``, ``image_size``, ``mask_source``, ``comparable``
-        and ``note`` (why not, or how it was scored); when comparable, per split its figures and ``difference``: candidate minus
-        champion per headline figure, with a paired bootstrap interval over the same images
-        (`petseg.metrics.paired_bootstrap`).
+        and ``note`` (why not, or how it was scored); when comparable, per split its figures and
+        ``difference``: candidate minus champion per headline figure, with a paired bootstrap interval
+        over the same images (`petseg.metrics.paired_bootstrap`).
     """
     note = why_not or ""
     if why_not is None and champion.image_size != image_size:

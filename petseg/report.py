@@ -51,8 +51,8 @@ def metrics_rows(metrics: dict) -> list[list[str]]:
 def metrics_headers(metrics: dict) -> list[str]:
     """The columns of `metrics_rows`; the served mask's is marked."""
     source = metrics.get("mask", {}).get("source", "calibrated")
-    return ["metric (test)", *(f"model, {name}{' (served)' if name == source else ''}" for name in ("raw", "calibrated")),
-            *metrics["baselines"]]
+    models = [f"model, {name}{' (served)' if name == source else ''}" for name in ("raw", "calibrated")]
+    return ["metric (test)", *models, *metrics["baselines"]]
 
 
 def confusion_rows(metrics: dict) -> list[list[str]]:
@@ -68,7 +68,8 @@ def validation_rows(metrics: dict) -> list[list[str]]:
     """What the served-mask choice and the release gate saw: validation mIoU of the model (raw and calibrated),
     of each baseline and of the champion."""
     validation = metrics["validation"]
-    rows = [[f"model, {name}", f"{validation[name]['miou']:.4f}"] for name in ("raw", "calibrated") if name in validation]
+    rows = [[f"model, {name}", f"{validation[name]['miou']:.4f}"] for name in ("raw", "calibrated")
+            if name in validation]
     rows += [[name, f"{scored['miou']:.4f}"] for name, scored in validation["baselines"].items()]
     champion = metrics.get("champion")
     if champion and champion["comparable"]:
@@ -101,7 +102,8 @@ def champion_text(metrics: dict) -> str:
     if champion is None:
         return "No release serves this endpoint yet: this is a first release, judged against the baselines alone."
     if not champion["comparable"]:
-        return f"The serving release was not compared: {champion['note']}. The gate judged against the baselines alone."
+        return (f"The serving release was not compared: {champion['note'].rstrip('.')}. The gate judged against "
+                "the baselines alone.")
     return (f"The serving release {champion['version']} ({champion['mask_source']} mask), scored on the same images "
             "as this model's served mask; differences are this model minus the champion, with 95 % intervals from "
             "a paired bootstrap over the images. The gate reads the validation difference only."

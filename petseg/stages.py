@@ -355,10 +355,10 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     with tempfile.TemporaryDirectory(prefix="petseg-evaluate-") as work:
         batches = {split: _dataset(split, splits, store, work, settings, batch_size=16)
                    for split in ("training", "validation", "test")}
-        held = champion and gate.load_champion(champion["location"], version=champion["version"],
-                                               s3_endpoint_url=_s3_endpoint())
+        held = gate.load_champion(champion["location"], version=champion["version"],
+                                  s3_endpoint_url=_s3_endpoint()) if champion else None
         metrics = evaluation.figures(model, fitted, **batches, image_size=settings["image_size"],
-                                     seed=settings["seed"], bootstrap=BOOTSTRAP, champion=held or None)
+                                     seed=settings["seed"], bootstrap=BOOTSTRAP, champion=held)
         metrics["test_samples"] = int(splits["counts"]["test"])
         images, truths = next(iter(batches["test"].unbatch().batch(SAMPLE_PREDICTIONS)))
     probs = model.predict_on_batch(images)
@@ -402,7 +402,8 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
     files, location, signer = release.publish(
         store.rsplit("/blobs", 1)[0], run_id=current.run_id, flow_name=current.flow_name, model_keras=model_keras,
         calibration=calibration, metrics=metrics, settings=settings, dataset_fingerprint=dataset_fingerprint,
-        model_fingerprint=model_fingerprint, signing_key=key, s3_endpoint_url=_s3_endpoint(), replaces=gate.replaced(metrics),
+        model_fingerprint=model_fingerprint, signing_key=key, s3_endpoint_url=_s3_endpoint(),
+        replaces=gate.replaced(metrics),
         build={"parameters": parameters, "environment": environment, "started": runs.started_at(current.run_id)})
     print(f"{'Made signing key ' + key + ' and trusted it; ' if made else ''}signed {location} with key {signer[:16]}")
     TASK.writes.extend({"name": name, "sha256": lineage.sha256(data), "location": f"{location.rstrip('/')}/{name}",

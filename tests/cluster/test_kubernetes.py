@@ -719,7 +719,8 @@ def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollba
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == f"{name}: promoted by cy; traffic petseg-2 100 %"
         body = stored()
-        assert rollout.traffic(body) == {"petseg-2": 100} and body["metadata"]["annotations"]["petseg/promoted-by"] == "cy"
+        assert rollout.traffic(body) == {"petseg-2": 100}
+        assert body["metadata"]["annotations"]["petseg/promoted-by"] == "cy"
         assert "canaryTrafficPercent" not in body["spec"].get("predictor", {})
 
         rollout.roll_out(_release(3), who="dee", **options)

@@ -1,6 +1,7 @@
 """One stable local endpoint: a release switched in, and rolled back, while clients keep sending requests."""
 
 import json
+import shutil
 import threading
 import time
 
@@ -17,7 +18,9 @@ REQUEST = {"data": {"ndarray": np.full((24, 24, 3), 0.5).tolist()}}
 
 @pytest.fixture(scope="module")
 def releases(release_dir, manifest, tmp_path_factory):
-    """Two releases for the endpoint: the session's, and the same model released again by run 5678."""
+    """Two releases for the endpoint: a copy of the session's (each local deployment keeps a record per release
+    directory), and the same model released again by run 5678."""
+    copy = shutil.copytree(release_dir, tmp_path_factory.mktemp("first") / release_dir.name)
     target = tmp_path_factory.mktemp("second") / "petseg-5678"
     second = release.build_manifest(
         run_id="5678", flow_name="PetSegFlow", model_fingerprint=manifest["model_fingerprint"],
@@ -25,7 +28,8 @@ def releases(release_dir, manifest, tmp_path_factory):
         image_size=manifest["image_size"])
     release.export(str(target), model_keras=(release_dir / "model.keras").read_bytes(),
                    calibration=json.loads((release_dir / "calibration.json").read_text()), manifest=second)
-    return [endpoints.entry(manifest), endpoints.entry(json.loads((target / "manifest.json").read_text()))]
+    return [{**endpoints.entry(manifest), "location": str(copy)},
+            endpoints.entry(json.loads((target / "manifest.json").read_text()))]
 
 
 class Clients:

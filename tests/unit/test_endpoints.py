@@ -38,7 +38,8 @@ def test_the_champion_is_what_serves_else_the_last_accepted():
     endpoints.accept("petseg", _manifest(1))
     endpoints.accept("petseg", _manifest(2))
     assert endpoints.champion("petseg")["version"] == "petseg-2"
-    assert endpoints.champion("petseg")["run"] == "PetSegFlow/2" and endpoints.champion("petseg")["mask_source"] == "raw"
+    champion = endpoints.champion("petseg")
+    assert champion["run"] == "PetSegFlow/2" and champion["mask_source"] == "raw"
     endpoints.switch("petseg", _serving(1), front=None)
     assert endpoints.champion("petseg")["version"] == "petseg-1"
     assert endpoints.champion("other") is None and endpoints.names() == ["petseg"]
