@@ -10,7 +10,7 @@ own. ``GET /petseg/endpoint`` answers JSON: the name, the release serving and
 its backend, and the requests in flight per backend (a switch waits for the
 old backend's to reach 0 before stopping it). A request with no release
 serving, or whose backend does not answer, gets a JSON error (503, 502), and
-a request body must come with a Content-Length (411 otherwise).
+a request body must come with a Content-Length that is a number (411, 400 otherwise).
 """
 
 from __future__ import annotations
@@ -106,13 +106,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         backends = self.server.backends
         serving = backends.serving()
         if not serving:
-            return self._reply(503, _error("NO_RELEASE", f"nothing serves under endpoint {backends.name} now "
-                                                         "(petseg status shows it)"))
+            return self._refuse(503, "NO_RELEASE", f"nothing serves under endpoint {backends.name} now "
+                                                   "(petseg status shows it)")
         if self.headers.get("Transfer-Encoding"):
-            return self._reply(411, _error("LENGTH_REQUIRED", "a request body needs a Content-Length header"))
+            return self._refuse(411, "LENGTH_REQUIRED", "a request body needs a Content-Length header")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            return self._refuse(400, "BAD_LENGTH", f"Content-Length {self.headers.get('Content-Length')!r} is not "
+                                                   "a number of bytes")
         url = serving["deployment"]["url"]
         target = urllib.parse.urlsplit(url)
-        length = int(self.headers.get("Content-Length") or 0)
         headers = {key: value for key, value in self.headers.items() if key.lower() not in HOP_BY_HOP}
         backends.count(url, 1)
         connection = http.client.HTTPConnection(target.hostname, target.port, timeout=BACKEND_TIMEOUT)
@@ -122,9 +128,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                    headers=headers)
                 answer = connection.getresponse()
             except OSError as err:
-                self.close_connection = True
-                return self._reply(502, _error("BACKEND_DOWN", f"release {serving.get('version')} at {url} did "
-                                                               f"not answer ({type(err).__name__}: {err})"))
+                return self._refuse(502, "BACKEND_DOWN", f"release {serving.get('version')} at {url} did not "
+                                                         f"answer ({type(err).__name__}: {err})")
             self._relay(answer)
         finally:
             connection.close()
@@ -147,6 +152,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         while chunk := answer.read(CHUNK):
             self.wfile.write(chunk)
 
+    def _refuse(self, status: int, kind: str, message: str) -> None:
+        """A JSON error, then the connection closes (a body it did not read cannot be taken for a request)."""
+        self.close_connection = True
+        self._reply(status, {"status": {"status": "FAILURE", "reason": kind, "info": message}})
+
     def _reply(self, status: int, document: dict) -> None:
         data = json.dumps(document).encode()
         self.send_response(status)
@@ -155,10 +165,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-
-
-def _error(kind: str, message: str) -> dict:
-    return {"status": {"status": "FAILURE", "reason": kind, "info": message}}
 
 
 class Front(http.server.ThreadingHTTPServer):

@@ -57,12 +57,13 @@ def roll_out(name: str, release: dict, *, server: str = "seldon", port: int | No
                                         fingerprint=release.get("model_fingerprint"))
     try:
         front = _ensure_front(name, record.get("front"), port=port, host=host)
-        endpoints.switch(name, {**release, "since": endpoints.now(), "deployment": backend}, rollback=rollback,
-                         front=front)
-        _wait_for(front["url"], lambda status: status["backend"] == backend["url"], what="switch to the new server")
     except BaseException:
         deploy_local.stop_local(backend["pid"])
         raise
+    endpoints.switch(name, {**release, "since": endpoints.now(), "deployment": backend}, rollback=rollback,
+                     front=front)
+    # The front reads the record before each request: this waits until it has.
+    _wait_for(front["url"], lambda status: status["backend"] == backend["url"], what="switch to the new server")
     if old:
         _drain(front["url"], old["deployment"]["url"])
         deploy_local.stop_local(old["deployment"]["pid"])

@@ -107,10 +107,12 @@ def test_a_stopped_endpoint_answers_that_nothing_serves(releases, tokens_file):
     thread = threading.Thread(target=front.serve_forever)
     thread.start()
     try:
-        answer = requests.post(f"http://127.0.0.1:{front.server_address[1]}/api/v1.0/predictions", json=REQUEST,
-                               timeout=10)
+        url = f"http://127.0.0.1:{front.server_address[1]}"
+        answer = requests.post(url + "/api/v1.0/predictions", json=REQUEST, timeout=10)
         assert answer.status_code == 503 and answer.json()["status"]["reason"] == "NO_RELEASE"
         assert "nothing serves under endpoint nothing-here" in answer.json()["status"]["info"]
+        status = requests.get(url + endpoints.STATUS_PATH, timeout=10).json()
+        assert status == {"name": "nothing-here", "version": None, "backend": None, "in_flight": {}}
     finally:
         front.shutdown()
         thread.join()
