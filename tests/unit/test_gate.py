@@ -181,3 +181,17 @@ def test_paired_intervals_hold_the_difference_and_follow_the_seed():
 def test_paired_comparison_needs_the_same_images():
     with pytest.raises(ModelError, match="same images"):
         paired_bootstrap(_confusions([1, 2], [1, 1]), _confusions([1], [1]))
+
+
+def test_a_release_records_the_champion_it_replaces():
+    from petseg import release
+
+    assert gate.replaced(_metrics(0.7)) is None
+    champion = {**_champion(0.01), "location": "/releases/petseg-17", "model_fingerprint": "f" * 64}
+    replaced = gate.replaced(_metrics(0.7, champion=champion))
+    assert replaced == {"version": "petseg-17", "location": "/releases/petseg-17", "model_fingerprint": "f" * 64,
+                        "comparable": True}
+    manifest = release.build_manifest(run_id="18", flow_name="PetSegFlow", model_fingerprint="a" * 64,
+                                      dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
+                                      location="/releases/petseg-18", image_size=128, replaces=replaced)
+    assert manifest["replaces"] == replaced
