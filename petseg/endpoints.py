@@ -32,8 +32,6 @@ DEFAULT_NAME = "petseg"
 STATUS_PATH = "/petseg/endpoint"
 """Where an endpoint's front answers what serves behind it (`petseg.endpoint_proxy`)."""
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
-ENTRY_FIELDS = ("version", "location", "run", "model_fingerprint", "dataset_fingerprint", "mask_source")
-"""What a record says of a release (from its manifest)."""
 
 
 def check_name(name: str) -> str:
@@ -55,7 +53,8 @@ def path(name: str) -> Path:
 
 
 def entry(manifest: dict) -> dict:
-    """What a record keeps of a release: `ENTRY_FIELDS` from its manifest, and when it was recorded."""
+    """What a record keeps of a release, from its manifest (version, location, run, model and data set
+    fingerprints, the probabilities its mask comes from), and when it was recorded."""
     found = {"version": manifest.get("version"), "location": manifest.get("location"),
              "run": manifest.get("pathspec"), "model_fingerprint": manifest.get("model_fingerprint"),
              "dataset_fingerprint": manifest.get("dataset_fingerprint"),
