@@ -240,7 +240,7 @@ def test_serve_the_released_run_and_predict(released_run, tmp_path):
             try:
                 if requests.get(f"{url}/health/status", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading the model
                 pass
             assert server.poll() is None, "petseg serve exited"
             time.sleep(0.5)

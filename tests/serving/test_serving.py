@@ -469,7 +469,7 @@ def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum, se
             try:
                 if requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading the model
                 time.sleep(0.5)
         server = psutil.Process(serve.pid).children(recursive=True)
         assert len(server) >= fewest
