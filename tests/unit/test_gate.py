@@ -195,3 +195,10 @@ def test_a_release_records_the_champion_it_replaces():
                                       dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
                                       location="/releases/petseg-18", image_size=128, replaces=replaced)
     assert manifest["replaces"] == replaced
+
+
+def test_a_champion_that_no_longer_loads_travels_with_the_reason(tmp_path):
+    (tmp_path / "petseg-17").mkdir()
+    lost = gate.load_champion(str(tmp_path / "petseg-17"), version="petseg-17")
+    assert lost.model is None and lost.version == "petseg-17"
+    assert lost.problem.startswith("champion petseg-17 did not load: release ") and "lacks model.keras" in lost.problem
