@@ -1,8 +1,8 @@
 """Model quality against the baselines, over several seeds, with the flow's wall time.
 
-For each profile and seed, runs the whole flow (`--deploy none`, strict mode,
+For each profile and seed, runs the whole flow (`--deploy none`, `--champion none`, strict mode,
 `--max-workers` = cores / 2 as `make run`) in a private datastore, then reads
-the evaluate step's test metrics through the Metaflow Client. Prints one line
+the evaluate step's test metrics of the served mask through the Metaflow Client. Prints one line
 per run, then per profile the mean and spread (min-max) of each figure and the
 targets:
 
@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # petseg.report imports Keras: no start-up notices
 
+from petseg.gate import served  # noqa: E402
 from petseg.report import QUALITY_TARGETS  # noqa: E402
 from petseg.runs import flow_environment  # noqa: E402
 
@@ -60,15 +61,16 @@ print(json.dumps({"run": run.pathspec, "metrics": metrics}))
 
 def run_once(profile: str, seed: int, datastore: str, workers: int) -> dict:
     env = {**flow_environment(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}
+    # Each run measured alone: no champion (the seeds draw different data sets), no deployment.
     command = [sys.executable, str(REPO / "flows" / "seg_flow.py"), "run", "--seed", str(seed), "--deploy", "none",
-               "--max-workers", str(workers), *PROFILES[profile]]
+               "--champion", "none", "--max-workers", str(workers), *PROFILES[profile]]
     start = time.perf_counter()
     subprocess.run(command, env=env, cwd=datastore, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - start
     out = subprocess.run([sys.executable, "-c", READ_METRICS], env=env, cwd=datastore, check=True,
                          capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    model = result["metrics"]["calibrated"]
+    model = served(result["metrics"])  # the mask the release serves
     name, best = max(result["metrics"]["baselines"].items(), key=lambda item: item[1]["pet_iou"])
     return {"profile": profile, "seed": seed, "run": result["run"], "wall_s": wall,
             **{key: model[key] for key in FIGURES[1:6]}, "pet_interval": model["intervals"]["pet_iou"],

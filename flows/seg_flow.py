@@ -24,6 +24,7 @@ from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, re
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from petseg import codeversion, hooks  # noqa: E402
+from petseg import gate as gates  # noqa: E402
 from petseg import stages  # noqa: E402
 from petseg import tune as tuning  # noqa: E402
 
@@ -45,9 +46,10 @@ class PetSegFlow(FlowSpec):
     5. select: keep every trial's result and pick the best.
     6. train: the final model with the selected settings.
     7. calibrate: isotonic calibration of pixel probabilities, per class.
-    8. evaluate: the model beside baselines on validation and test data, and a report card.
-    9. release: the quality gate (validation data only), then a signed release (manifest, SLSA provenance)
-       and a deployment.
+    8. evaluate: the model beside baselines (and the serving champion) on validation and test data; the
+       served mask (calibrated or raw, chosen on validation); a report card.
+    9. release: the quality gate (validation data only: baselines and champion), then a signed release
+       (manifest, SLSA provenance) and a deployment.
     Every stage records what it read and wrote in the run's lineage graph (petseg lineage RUN).
     """
 
@@ -92,8 +94,22 @@ class PetSegFlow(FlowSpec):
                          help="Quality gate floor: the validation mIoU a model must reach to be released.")
     min_margin = Parameter("min_margin", default=0.1, type=float,
                            help="Quality gate: how far the model's validation mIoU must lead the best baseline's.")
+    tolerance = Parameter("tolerance", default=gates.DEFAULT_TOLERANCE, type=float,
+                          help="Quality gate: how much validation mIoU the model may lose against the serving "
+                               "champion, scored on the same images, and still replace it.")
+    endpoint = Parameter("endpoint", default="petseg",
+                         help="The endpoint a release is for: the stable name it serves under, and whose serving "
+                              "(else last accepted) release is the champion it is compared with.")
+    champion = Parameter("champion", default="auto",
+                         help="The release the model is compared with: auto (the endpoint's, on this machine), "
+                              "none (judge against the baselines alone), or a release location.")
     deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
-    port = Parameter("port", default=0, type=int, help="Port of a local deployment; 0 picks a free one.")
+    canary = Parameter("canary", default=0, type=int,
+                       help="On Kubernetes, the percent of the endpoint's traffic a released model takes beside the "
+                            "serving one until `petseg promote`; 0 replaces it outright after the gate.")
+    port = Parameter("port", default=0, type=int,
+                     help="Port of a local endpoint when it is not running yet; 0 picks a free one (a running "
+                          "endpoint keeps its port).")
     server = Parameter("server", default="seldon",
                        help="Model server of a deployment: seldon (Seldon Core v1 protocol) or mlserver "
                             "(Open Inference Protocol, REST and gRPC).")
@@ -194,9 +210,11 @@ class PetSegFlow(FlowSpec):
     @compute_resources
     @step
     def evaluate(self):
-        """The model beside the baselines on validation and test data, and the report card."""
+        """The model beside the baselines and the champion on validation and test data, and the report card."""
+        self.champion_release = stages.champion(endpoint=self.endpoint, choice=self.champion)
         self.metrics, samples = stages.evaluate(self.model_keras, self.calibration, splits=self.splits,
-                                                store=self.blob_root, settings=self.settings)
+                                                store=self.blob_root, settings=self.settings,
+                                                champion=self.champion_release)
         stages.report_card(metrics=self.metrics, history=self.history, trials=self.trial_results,
                            calibration_report=self.calibration_report, samples=samples)
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "evaluate", {"metrics.json": self.metrics},
@@ -206,9 +224,10 @@ class PetSegFlow(FlowSpec):
     @hooks.signing_key_secret  # on Kubernetes, only this step's pod gets the signing key
     @step
     def release(self):
-        """Quality gate on validation mIoU; a passing model gets a signed release and a deployment."""
+        """Quality gate on validation mIoU (baselines, champion); a passing model gets a signed release and a
+        deployment."""
         self.released, self.gate_message = stages.gate(self.metrics, min_miou=self.min_miou,
-                                                      min_margin=self.min_margin)
+                                                      min_margin=self.min_margin, tolerance=self.tolerance)
         print(self.gate_message)
         self.manifest, self.signatures, self.deployment = None, None, None
         if self.released:  # signed: model.sig over every file, and the run's SLSA provenance
@@ -217,7 +236,7 @@ class PetSegFlow(FlowSpec):
                 settings=self.settings, parameters=self.parameters, environment=self.environment,
                 store=self.blob_root, **self._fingerprints())
             self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port,
-                                            server=self.server)
+                                            server=self.server, endpoint=self.endpoint, canary=self.canary)
         hooks.tag_run(release="accepted" if self.released else "rejected")
         self.lineage_graph = stages.lineage_record(self.lineage_graph, "release",
                                                    {"manifest.json": self.manifest,

@@ -20,6 +20,8 @@ from petseg.errors import ModelError
 
 FORMAT = "petseg-isotonic-v2"
 """v2: per class, renormalised to sum to one (v1 calibrated independent sigmoid channels)."""
+MASK_SOURCES = ("calibrated", "raw")
+"""The probabilities a served mask can come from."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,36 @@ def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             thresholds.append(unique_x[i])
             values.append(mean)
     return np.asarray(thresholds), np.clip(np.asarray(values), 0.0, 1.0)
+
+
+def mask_source(validation: dict) -> tuple[str, str]:
+    """Which probabilities the served mask comes from, decided on validation figures only.
+
+    Calibration per class, renormalised, can move a pixel's argmax, so the
+    calibrated mask may be worse than the raw model's. The rule: the calibrated
+    mask is served when its validation mIoU is at least the raw model's, the raw
+    mask otherwise; so the served mask never scores below the raw model on
+    validation. The calibrated probabilities are still there for whoever asks.
+
+    Args:
+        validation: ``{"raw": {"miou": ...}, "calibrated": {"miou": ...}}`` on the validation split.
+
+    Returns:
+        (one of `MASK_SOURCES`, a sentence with the figures).
+
+    Raises:
+        ModelError: a figure is missing.
+    """
+    try:
+        raw, calibrated = float(validation["raw"]["miou"]), float(validation["calibrated"]["miou"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError("choosing the served mask needs the validation mIoU of the raw and the calibrated "
+                         f"model, got {sorted(validation) if isinstance(validation, dict) else validation!r}") from None
+    figures = f"validation mIoU {calibrated:.4f} calibrated, {raw:.4f} raw"
+    if calibrated >= raw:
+        return "calibrated", f"served mask: calibrated ({figures}; calibration does not lower it)"
+    return "raw", (f"served mask: raw ({figures}; calibration moves the argmax and lowers it, so the mask comes "
+                   "from the raw probabilities and the calibrated ones are served on request)")
 
 
 def _bin_stats(probs, labels, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from petseg.commands import cluster, data, keys, lineage, runs, serving
+from petseg.commands import cluster, data, endpoint, keys, lineage, runs, serving
 from petseg.errors import PetsegError
 
 # Each group registers its commands; this order is the order of `petseg --help`.
-COMMAND_GROUPS = (data, runs, serving, lineage, keys, cluster)
+COMMAND_GROUPS = (data, runs, serving, endpoint, lineage, keys, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ with the release's provenance in labels and annotations:
   (`write_model_settings` puts them there).
 
 `apply_object` creates or replaces one and waits until its controller reports
-it ready; `deploy_kubernetes` renders and applies a release for either server.
+it ready; `petseg.rollout_kubernetes` makes them one object per endpoint, with canaries.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def apply_object(
     """
     from kubernetes import client
 
-    api = client.CustomObjectsApi(api_client or _default_api_client())
+    api = client.CustomObjectsApi(api_client or default_api_client())
     kind, name = body["kind"], body["metadata"]["name"]
     resource = RESOURCES[kind]
     body = copy.deepcopy(body)
@@ -284,54 +284,6 @@ def apply_object(
 def apply_seldon_deployment(manifest: dict, *, namespace: str, **options) -> dict:
     """`apply_object` for a SeldonDeployment from `render_seldon_deployment`: it waits until it is Available."""
     return apply_object(manifest, namespace=namespace, **options)
-
-
-def deploy_kubernetes(
-    manifest: dict,
-    *,
-    server: str = "seldon",
-    image: str = "petseg:latest",
-    namespace: str = "default",
-    api_client: kubernetes.client.ApiClient | None = None,
-    timeout: float = 600.0,
-    **render_options,
-) -> dict:
-    """Renders and applies the object serving a release and waits until it serves.
-
-    Args:
-        manifest: The release manifest.
-        server: ``seldon`` (a SeldonDeployment) or ``mlserver`` (a KServe InferenceService).
-        image: Container image (see Dockerfile).
-        namespace: Kubernetes namespace.
-        api_client: A ``kubernetes.client.ApiClient``; default from the kubeconfig.
-        timeout: Seconds to wait until it is ready.
-        **render_options: More arguments of `render_seldon_deployment` or
-            `render_inference_service` (model_uri, replicas, s3_endpoint_url, secrets, resources, ...).
-
-    Returns:
-        ``{"kind": "kubernetes", "name", "namespace", "state", "url"}``; the URL
-        is the in-cluster service: Seldon's executor on port 8000, or the
-        InferenceService's predictor (``"server": "mlserver"`` is added).
-    """
-    if server not in ("seldon", "mlserver"):
-        raise ConfigError(f"server {server!r} is unknown: expected seldon or mlserver")
-    if server == "mlserver":
-        rendered = render_inference_service(manifest, image=image, namespace=namespace, **render_options)
-        applied = apply_object(rendered, namespace=namespace, api_client=api_client, timeout=timeout)
-        name = rendered["metadata"]["name"]
-        return {"kind": "kubernetes", "server": "mlserver", "name": name, "namespace": namespace,
-                "state": "Ready", "url": (applied.get("status") or {}).get("address", {}).get("url")
-                or f"http://{name}-predictor.{namespace}.svc.cluster.local"}
-    rendered = render_seldon_deployment(manifest, image=image, namespace=namespace, **render_options)
-    applied = apply_object(rendered, namespace=namespace, api_client=api_client, timeout=timeout)
-    name = rendered["metadata"]["name"]
-    return {
-        "kind": "kubernetes",
-        "name": name,
-        "namespace": namespace,
-        "state": applied.get("status", {}).get("state"),
-        "url": f"http://{name}-default.{namespace}.svc.cluster.local:8000",
-    }
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -431,7 +383,8 @@ def _fill(template: str | os.PathLike, values: dict) -> dict:
 # -- applying ---------------------------------------------------------------------------------------
 
 
-def _default_api_client() -> kubernetes.client.ApiClient:
+def default_api_client() -> kubernetes.client.ApiClient:
+    """A client from the kubeconfig, else the pod's service account (ServingError when there is neither)."""
     from kubernetes import config
 
     try:

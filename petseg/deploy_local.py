@@ -96,7 +96,7 @@ def deploy_local(
     local = Path(release_dir).is_dir()
     # The server runs in serving/: a relative directory would point elsewhere there.
     model_uri = str(Path(release_dir).resolve()) if local else str(release_dir)
-    free = _free_ports(3)
+    free = free_ports(3)
     port, grpc_port, metrics_port = port or free[0], free[1], free[2]
     record = record_dir(model_uri)
     log_path = Path(log_path or record / "serving.log")
@@ -115,7 +115,7 @@ def deploy_local(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives the caller; stop_local ends the whole session
         )
-    url = f"http://{_client_host(host)}:{port}"
+    url = f"http://{client_host(host)}:{port}"
     _wait_until_healthy(url, HEALTH_PATHS[server], process, log_path=log_path, timeout=timeout)
     deployment = {
         "kind": "local",
@@ -156,14 +156,27 @@ def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
     Raises:
         ServingError: ``pid`` runs something else than a petseg model server.
     """
+    return _stop(pid, lambda command: ((MICROSERVICE in command or LAUNCHER_MODULE in command) and COMPONENT in command)
+                 or RUNTIME_MODULE in command, what="a petseg deployment", timeout=timeout)
+
+
+def stop_process(pid: int, module: str, *, timeout: float = 30.0) -> bool:
+    """Stops a detached petseg process that runs ``python -m <module>`` (its whole session), as `stop_local`.
+
+    Raises:
+        ServingError: ``pid`` runs something else.
+    """
+    return _stop(pid, lambda command: f"-m {module}" in command, what=f"a {module} process", timeout=timeout)
+
+
+def _stop(pid: int, ours, *, what: str, timeout: float) -> bool:
     if not _session_alive(pid):
         return False
     command = _command_line(pid)
     if command is None:
         return False
-    if not ((MICROSERVICE in command or LAUNCHER_MODULE in command) and COMPONENT in command) \
-            and RUNTIME_MODULE not in command:
-        raise ServingError(f"process {pid} is not a petseg deployment (it runs {command[:120]!r}); not stopping it")
+    if not ours(command):
+        raise ServingError(f"process {pid} is not {what} (it runs {command[:120]!r}); not stopping it")
     _end_session(pid, timeout=timeout)
     return True
 
@@ -220,7 +233,7 @@ def serve_foreground(
     """
     _check_server(server)
     model_uri = str(Path(release_dir).resolve()) if Path(release_dir).is_dir() else str(release_dir)
-    free_grpc, metrics_port = _free_ports(2)
+    free_grpc, metrics_port = free_ports(2)
     tokens_file, _ = tokens.ensure_local_tokens(tokens_file)
     command, cwd, env = _server_process(server, model_uri, port=port, grpc_port=grpc_port or free_grpc,
                                         metrics_port=metrics_port, fingerprint=fingerprint, feedback_uri=feedback_uri,
@@ -328,12 +341,18 @@ def _server_process(server: str, model_uri: str, *, port: int, grpc_port: int, m
     return mlserver_command(), Path(tempfile.mkdtemp(prefix="petseg-mlserver-")), env
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment, for a petseg process it starts: that process imports this copy of petseg,
+    installed or not."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str | None,
                  with_feedback: bool = True) -> dict[str, str]:
     """The server's environment: this process's, plus the server's settings."""
-    env = dict(os.environ)
-    # The server imports this copy of petseg, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env = child_environment()
     env["MODEL_URI"] = model_uri
     if with_feedback:
         feedback_uri = feedback_uri or default_feedback_uri(model_uri)
@@ -345,12 +364,12 @@ def _environment(model_uri: str, *, fingerprint: str | None, feedback_uri: str |
     return env
 
 
-def _client_host(host: str) -> str:
+def client_host(host: str) -> str:
     """The address a client on this machine reaches a server listening on ``host`` by."""
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct ports free now (all probes stay bound until every port is picked)."""
     probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:

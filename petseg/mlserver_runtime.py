@@ -190,14 +190,18 @@ class PetSegRuntime(MLModel):
                     "TOO_LARGE", where="outputs", got=f"probabilities for {pixels} pixels",
                     expected=f"probabilities for at most {self._limits.max_list_pixels} pixels "
                              "(ask for the mask, which has no such limit)"))
-            probs = self._predictor.predict(images, size)
+            probs = self._predictor.predict(images, size, calibrated=True)
+            mask_probs = None
+            if "mask" in names and self._predictor.mask_source != "calibrated":
+                mask_probs = self._predictor.predict_eight_bits(images, size)
         else:  # the mask only: made from eight bits a band at a time, no full-size floats
-            probs = self._predictor.predict_eight_bits(images, size)
+            probs = mask_probs = self._predictor.predict_eight_bits(images, size)
         return InferenceResponse(
             id=payload.id,
             model_name=self.name,
             model_version=self.version,
-            outputs=[ResponseOutput(**tensor) for tensor in v2_messages.encode_outputs(probs, names)],
+            outputs=[ResponseOutput(**tensor)
+                     for tensor in v2_messages.encode_outputs(probs, names, mask_probs=mask_probs)],
             parameters=Parameters(**self._tags),
         )
 

@@ -1,4 +1,4 @@
-"""The release format, both ways: the quality gate, the manifest, `export` (signed) and `load_release` (verified).
+"""The release format, both ways: the manifest, `export` (signed) and `load_release` (verified).
 
 A release directory holds everything the serving process needs and nothing it
 has to unpickle: ``model.keras`` (Keras format, loaded with safe_mode),
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from petseg import keys, provenance, signing
-from petseg.calibration import Calibration
+from petseg.calibration import MASK_SOURCES, Calibration
 from petseg.errors import ConfigError, ModelError
 from petseg.storage import Location, failures, is_s3, staged_directory
 
@@ -49,39 +49,11 @@ HASHED_FILES = ("model.keras", "calibration.json")
 _RUN_PATHSPEC = re.compile(r"^PetSegFlow/[^/\s]+$")
 
 
-def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
-    """Decide whether a model is released, from validation figures only.
-
-    The rule: on the validation split, the calibrated model's mIoU must reach
-    the absolute floor ``min_miou`` and beat the best baseline's mIoU (see
-    `petseg.baselines`) by at least ``min_margin``. The test split is not
-    consulted: it stays an unbiased estimate of the released model.
-
-    Args:
-        metrics: the evaluate step's metrics, with ``metrics["validation"]["calibrated"]["miou"]``
-            and ``metrics["validation"]["baselines"]``.
-        min_miou: the floor.
-        min_margin: the lead over the best baseline.
-
-    Returns:
-        (passed, a one-line message with the figures and the thresholds).
-    """
-    validation = metrics["validation"]
-    miou = float(validation["calibrated"]["miou"])
-    name, scored = max(validation["baselines"].items(), key=lambda item: item[1]["miou"])
-    baseline = float(scored["miou"])
-    figures = (f"validation mIoU {miou:.4f} (floor {min_miou:.2f}), best baseline {name} {baseline:.4f} "
-               f"(required lead {min_margin:.2f}, got {miou - baseline:+.4f})")
-    if miou >= min_miou and miou - baseline >= min_margin:
-        return True, f"Release gate passed: {figures}."
-    return False, (f"Release gate failed: {figures}; the model is not deployed "
-                   "(train longer, or change --min_miou / --min_margin).")
-
-
 def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, dataset_fingerprint: str,
                    code_version: str, metrics: dict, settings: dict, location: str,
-                   image_size: int) -> dict:
-    """Return the release manifest: what was released, from where, and how good it is."""
+                   image_size: int, replaces: dict | None = None) -> dict:
+    """Return the release manifest: what was released, from where, how good it is, which mask it serves
+    (``mask_source``) and the champion it replaces (``replaces``: None for a first release)."""
     return {
         "version": f"petseg-{run_id}",
         "pathspec": f"{flow_name}/{run_id}",
@@ -94,7 +66,10 @@ def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, datas
         "files": list(RELEASE_FILES),
         "image_size": image_size,
         "settings": settings,
-        "metrics": {key: metrics[key] for key in ("raw", "calibrated", "baselines", "validation") if key in metrics},
+        "mask_source": metrics.get("mask", {}).get("source", "calibrated"),
+        "replaces": replaces,
+        "metrics": {key: metrics[key] for key in ("raw", "calibrated", "baselines", "validation", "mask")
+                    if key in metrics},
     }
 
 
@@ -165,7 +140,7 @@ def export(target: str, *, model_keras: bytes, calibration: dict, manifest: dict
 
 def publish(root: str, *, run_id: str, flow_name: str, model_keras: bytes, calibration: dict, metrics: dict,
             settings: dict, dataset_fingerprint: str, model_fingerprint: str, signing_key: str, build: dict,
-            s3_endpoint_url: str | None = None) -> tuple[dict[str, bytes], str, str]:
+            replaces: dict | None = None, s3_endpoint_url: str | None = None) -> tuple[dict[str, bytes], str, str]:
     """Build a run's manifest, sign its release and write it to ``<root>/releases/petseg-<run id>``.
 
     Returns:
@@ -174,7 +149,8 @@ def publish(root: str, *, run_id: str, flow_name: str, model_keras: bytes, calib
     location = f"{root}/releases/petseg-{run_id}"
     document = build_manifest(run_id=run_id, flow_name=flow_name, model_fingerprint=model_fingerprint,
                               dataset_fingerprint=dataset_fingerprint, code_version=settings["code_version"],
-                              metrics=metrics, settings=settings, location=location, image_size=settings["image_size"])
+                              metrics=metrics, settings=settings, location=location, image_size=settings["image_size"],
+                              replaces=replaces)
     files, signer = signed_files(model_keras=model_keras, calibration=calibration, manifest=document,
                                  signing_key=signing_key, build=build)
     return files, write(location, files, s3_endpoint_url=s3_endpoint_url), signer
@@ -223,6 +199,12 @@ class Release:
     signer: str = ""
 
     @property
+    def mask_source(self) -> str:
+        """The probabilities its served mask comes from: ``calibrated`` or ``raw``, chosen on validation data
+        (`petseg.calibration.mask_source`); releases from before the choice serve the calibrated mask."""
+        return str(self.manifest.get("mask_source", "calibrated"))
+
+    @property
     def image_size(self) -> int:
         """Height and width of the model input, as the run recorded it in the manifest."""
         return int(self.manifest["image_size"])
@@ -237,6 +219,7 @@ class Release:
             "code_version": str(self.manifest.get("code_version", "")),
             "code_package": str((self.manifest.get("settings") or {}).get("code", {}).get("code_package") or ""),
             "signer": self.signer,
+            "mask_source": self.mask_source,
         }
 
 
@@ -359,6 +342,9 @@ def check_files(manifest: dict, files: dict[str, bytes], *, uri: str) -> None:
 
 
 def _check_fingerprint(release: Release, expected: str | None) -> None:
+    if release.mask_source not in MASK_SOURCES:
+        raise ModelError(f"release {release.uri} is inconsistent: its manifest field 'mask_source' is "
+                         f"{release.manifest.get('mask_source')!r}, expected one of {', '.join(MASK_SOURCES)}")
     size, model_size = release.manifest.get("image_size"), release.model.input_shape[1]
     if size != model_size:
         raise ModelError(f"release {release.uri} is inconsistent: its manifest records image_size {size!r} "

@@ -1,10 +1,12 @@
-"""The evaluate step's report card: metrics, training curves, tuning trials,
-the reliability diagram and a grid of sample predictions."""
+"""The evaluate step's report card: metrics beside the baselines and the serving champion, the served mask
+and why, training curves, tuning trials, the reliability diagram and a grid of sample predictions; and the
+run's summary and closing words."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from petseg.gate import served
 from petseg.metrics import HEADLINE
 from petseg.oxford import CLASSES
 
@@ -20,8 +22,8 @@ pet IoU over the best baseline's (bench/quality.py checks them over several seed
 
 
 def target_rows(metrics: dict) -> list[list[str]]:
-    """Each quality target, this run's figure, and whether it is met."""
-    model = metrics["calibrated"]
+    """Each quality target, this run's figure (the served mask), and whether it is met."""
+    model = served(metrics)
     best_pet = max(scored["pet_iou"] for scored in metrics["baselines"].values())
     figures = {"pet_iou": model["pet_iou"], "miou": model["miou"], "pet_lead": model["pet_iou"] - best_pet}
     names = {"pet_iou": "pet IoU", "miou": "mIoU", "pet_lead": "pet IoU lead over the best baseline"}
@@ -47,29 +49,124 @@ def metrics_rows(metrics: dict) -> list[list[str]]:
 
 
 def metrics_headers(metrics: dict) -> list[str]:
-    return ["metric (test)", "model", "model, calibrated", *metrics["baselines"]]
+    """The columns of `metrics_rows`; the served mask's is marked."""
+    source = metrics.get("mask", {}).get("source", "calibrated")
+    models = [f"model, {name}{' (served)' if name == source else ''}" for name in ("raw", "calibrated")]
+    return ["metric (test)", *models, *metrics["baselines"]]
 
 
 def confusion_rows(metrics: dict) -> list[list[str]]:
-    """The calibrated model's test confusion matrix, as shares of each true class."""
+    """The served mask's test confusion matrix, as shares of each true class."""
     rows = []
-    for name, counts in zip(CLASSES, metrics["calibrated"]["confusion"]):
+    for name, counts in zip(CLASSES, served(metrics)["confusion"]):
         total = sum(counts) or 1
         rows.append([f"true {name}", *(f"{count / total:.3f}" for count in counts)])
     return rows
 
 
 def validation_rows(metrics: dict) -> list[list[str]]:
-    """What the release gate saw: validation mIoU of the model and of each baseline."""
+    """What the served-mask choice and the release gate saw: validation mIoU of the model (raw and calibrated),
+    of each baseline and of the champion."""
     validation = metrics["validation"]
-    return [["model, calibrated", f"{validation['calibrated']['miou']:.4f}"],
-            *([name, f"{scored['miou']:.4f}"] for name, scored in validation["baselines"].items())]
+    rows = [[f"model, {name}", f"{validation[name]['miou']:.4f}"] for name in ("raw", "calibrated")
+            if name in validation]
+    rows += [[name, f"{scored['miou']:.4f}"] for name, scored in validation["baselines"].items()]
+    champion = metrics.get("champion")
+    if champion and champion["comparable"]:
+        rows.append([f"champion {champion['version']}", f"{champion['validation']['miou']:.4f}"])
+    return rows
+
+
+def champion_rows(metrics: dict) -> list[list[str]]:
+    """The served mask minus the champion's, per headline figure and split, with 95 % paired intervals."""
+    champion = metrics["champion"]
+    rows = []
+    for name in HEADLINE:
+        cells = [LABELS[name]]
+        for split in ("validation", "test"):
+            ours, theirs = served(metrics, split)[name], champion[split][name]
+            difference = champion[split]["difference"][name]
+            low, high = difference["interval"]
+            cells += [f"{ours:.4f}", f"{theirs:.4f}", f"{difference['difference']:+.4f} [{low:+.3f}, {high:+.3f}]"]
+        rows.append(cells)
+    return rows
+
+
+CHAMPION_HEADERS = ["metric", "validation: candidate", "champion", "difference [95 %]", "test: candidate",
+                    "champion", "difference [95 %]"]
+
+
+def champion_text(metrics: dict) -> str:
+    """A paragraph on the champion: none, not comparable (and why), or how it was scored."""
+    champion = metrics.get("champion")
+    if champion is None:
+        return "No release serves this endpoint yet: this is a first release, judged against the baselines alone."
+    if not champion["comparable"]:
+        return (f"The serving release was not compared: {champion['note'].rstrip('.')}. The gate judged against "
+                "the baselines alone.")
+    return (f"The serving release {champion['version']} ({champion['mask_source']} mask), scored on the same images "
+            "as this model's served mask; differences are this model minus the champion, with 95 % intervals from "
+            "a paired bootstrap over the images. The gate reads the validation difference only."
+            + (f" Note: {champion['note']}." if champion["note"] else ""))
+
+
+def served_text(metrics: dict) -> str:
+    """Which probabilities the served mask comes from, and why (decided on validation data only)."""
+    mask = metrics.get("mask")
+    if mask is None:
+        return "The served mask comes from the calibrated probabilities."
+    return f"The {mask['reason']}; decided on the validation split only."
 
 
 def trial_rows(trials: list[dict]) -> list[list[str]]:
     """One row per tuning trial: its configuration and validation results."""
     return [[str(t["index"]), f"{t['config']['learning_rate']:.2e}", str(t["config"]["batch_size"]),
              f"{t['val_loss']:.4f}", f"{t['val_miou']:.4f}"] for t in trials]
+
+
+def run_summary(*, metrics: dict, dataset_fingerprint: str, model_fingerprint: str, released: bool,
+            manifest: dict | None, deployment: dict | None) -> dict:
+    """The one-line-per-run facts `petseg runs` lists (test split, the served mask)."""
+    figures = served(metrics)
+    name, best = max(metrics["baselines"].items(), key=lambda item: item[1]["miou"])
+    return {
+        "dataset_fingerprint": dataset_fingerprint,
+        "model_fingerprint": model_fingerprint,
+        "test_pet_iou": figures["pet_iou"],
+        "test_miou": figures["miou"],
+        "best_baseline": name,
+        "best_baseline_pet_iou": best["pet_iou"],
+        "best_baseline_miou": best["miou"],
+        "released": bool(released),
+        "version": manifest["version"] if manifest else None,
+        "deployment": deployment,
+    }
+
+
+def closing_words(facts: dict, *, metrics: dict, gate_message: str, flow_name: str, run_id: str) -> str:
+    """The run's quality and where to look next, printed at the end of a run."""
+    figures = served(metrics)
+    lines = [
+        f"Run {flow_name}/{run_id} finished.",
+        f"  test IoU:     pet {figures['pet_iou']:.3f}  background {figures['background_iou']:.3f}  "
+        f"border {figures['border_iou']:.3f}  mIoU {figures['miou']:.3f}  "
+        f"(pixel accuracy {figures['pixel_accuracy']:.3f}, {figures['images']} images)",
+        f"  best baseline: {facts['best_baseline']}: pet {facts['best_baseline_pet_iou']:.3f}  "
+        f"mIoU {facts['best_baseline_miou']:.3f}",
+        f"  {gate_message}",
+        f"  report card:  python flows/seg_flow.py card get {run_id}/evaluate --id report report.html",
+        f"  details:      petseg show {run_id}   (prove it: petseg verify {run_id})",
+    ]
+    deployment = facts["deployment"]
+    if deployment and deployment.get("url"):
+        url = deployment["url"]
+        tokens = f" (bearer tokens: {deployment['tokens_file']})" if deployment.get("tokens_file") else ""
+        name = deployment.get("endpoint")
+        lines += [f"  serving at:   {url}{tokens}" + (f", endpoint {name}" if name else ""),
+                  f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png"]
+        lines += ([f"  watch it:     petseg status {name}   (back: petseg rollback {name}; stop: petseg stop {name})"]
+                  if name else [f"  stop it:      petseg stop {run_id}"])
+    return "\n".join(lines)
 
 
 def _pyplot():
@@ -151,19 +248,25 @@ def fill_card(card, *, metrics: dict, history: dict, trials: list[dict], calibra
                          "learn nothing about shape: all-background, the mean training mask, and a lookup from "
                          "colour and position."))
     card.append(Table(metrics_rows(metrics), headers=metrics_headers(metrics)))
-    card.append(Markdown("## Quality targets (test, calibrated)"))
+    card.append(Markdown("## Quality targets (test, served mask)"))
     card.append(Table(target_rows(metrics), headers=["figure", "target", "this run", ""]))
-    card.append(Markdown("## Confusion (test, calibrated; rows: true class, shares of it)"))
+    card.append(Markdown("## Confusion (test, served mask; rows: true class, shares of it)"))
     card.append(Table(confusion_rows(metrics), headers=["", *(f"predicted {name}" for name in CLASSES)]))
-    card.append(Markdown("## What the release gate saw (validation mIoU)"))
+    card.append(Markdown("## Champion"))
+    card.append(Markdown(champion_text(metrics)))
+    if metrics.get("champion", {}).get("comparable"):
+        card.append(Table(champion_rows(metrics), headers=CHAMPION_HEADERS))
+    card.append(Markdown("## What the served-mask choice and the release gate saw (validation mIoU)"))
     card.append(Table(validation_rows(metrics), headers=["predictor", "validation mIoU"]))
-    card.append(Markdown(f"## Calibration\n\nExpected calibration error on held-out test pixels: "
-                         f"{metrics['ece']['raw']:.4f} raw, {metrics['ece']['calibrated']:.4f} calibrated. "
+    card.append(Markdown(f"## Served mask and calibration\n\n{served_text(metrics)}\n\n"
+                         f"Expected calibration error on held-out test pixels: "
+                         f"{metrics['ece']['raw']:.4f} raw, {metrics['ece']['calibrated']:.4f} calibrated; the "
+                         "calibrated probabilities are served on request whichever mask is served. "
                          "The diagram: the calibration split, before and after."))
     card.append(Image.from_matplotlib(reliability_figure(calibration_report)))
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(curves_figure(history)))
     card.append(Markdown("## Tuning trials"))
     card.append(Table(trial_rows(trials), headers=["trial", "learning rate", "batch", "val loss", "val mIoU"]))
-    card.append(Markdown("## Sample predictions (calibrated; red pet, blue background, yellow border)"))
+    card.append(Markdown("## Sample predictions (served mask; red pet, blue background, yellow border)"))
     card.append(Image.from_matplotlib(predictions_figure(samples)))

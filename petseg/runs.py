@@ -180,8 +180,17 @@ def diff_runs(run_a, run_b) -> dict:
         "fingerprints": ({"model": da["model_fingerprint"]}, {"model": db["model_fingerprint"]}),
         "environment": (da["environment"], db["environment"]),
         "metrics": (da["metrics"] or {}, db["metrics"] or {}),
+        "champion": (_champion(da), _champion(db)),
     }
     return {name: differences(a, b) for name, (a, b) in sections.items()}
+
+
+def _champion(described: dict) -> dict:
+    """The champion a run was compared with, the mask it serves, and the release it replaced."""
+    metrics = described["metrics"] or {}
+    champion = metrics.get("champion") or {}
+    return {"compared_with": champion.get("version"), "served_mask": (metrics.get("mask") or {}).get("source"),
+            "replaced": ((described["manifest"] or {}).get("replaces") or {}).get("version")}
 
 
 def flow_environment() -> dict:

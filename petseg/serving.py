@@ -4,7 +4,10 @@ The Seldon component `serving/PetSegModel.py` only reads its environment and
 adapts the Seldon wrapper; the serving work happens here, over plain values:
 
 - `Predictor`: resize to the model input, model, calibration, resize back
-  (into uint8 a band at a time where the answer is 8-bit).
+  (into uint8 a band at a time where the answer is 8-bit). Its answers are
+  the probabilities the release's mask comes from (`Release.mask_source`:
+  calibrated, or raw where calibration lowered the validation mIoU); the
+  calibrated ones whenever asked for.
 - `Service`: what one server process holds (a `petseg.release.Release`, its
   predictor, request limits, a `petseg.quarantine.FeedbackStore`); answers
   predictions (`petseg.messages`), feedback (stored as pending) and health checks.
@@ -77,27 +80,34 @@ class Predictor:
         self._forward = forward
         self._size = size
         self.calibration = release.calibration
+        self.mask_source = release.mask_source
 
     @property
     def work_side(self) -> int:
         """The longest side worth decoding an image at: four times the model's input."""
         return 4 * self._size
 
-    def model_probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities at the model's resolution, float32 (N, S, S, 3)."""
-        return np.asarray(self.calibration.apply(self._forward(images).numpy()), dtype=np.float32)
+    def model_probabilities(self, images: np.ndarray, *, calibrated: bool = False) -> np.ndarray:
+        """Probabilities at the model's resolution, float32 (N, S, S, 3): those the served mask comes from
+        (the release's ``mask_source``), or with ``calibrated`` the calibrated ones."""
+        probs = self._forward(images).numpy()
+        if calibrated or self.mask_source == "calibrated":
+            probs = self.calibration.apply(probs)
+        return np.asarray(probs, dtype=np.float32)
 
-    def predict(self, images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-        """Calibrated probabilities for a batch of images.
+    def predict(self, images: np.ndarray, size: tuple[int, int] | None = None, *,
+                calibrated: bool = False) -> np.ndarray:
+        """Probabilities for a batch of images: the served mask's, or with ``calibrated`` the calibrated ones.
 
         Args:
             images: float32 (N, H, W, 3) in [0, 1].
             size: (H, W) of the answer; default the images' own.
+            calibrated: Answer the calibrated probabilities whatever the mask comes from.
 
         Returns:
             float32 (N, H, W, 3) probabilities of (pet, background, border).
         """
-        probs = self.model_probabilities(images)
+        probs = self.model_probabilities(images, calibrated=calibrated)
         height, width = size or images.shape[1:3]
         return np.clip(upsample(probs, height, width), 0.0, 1.0)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from metaflow import current
 from metaflow.exception import MetaflowException
 
-from petseg import codeversion, lineage
+from petseg import codeversion, endpoints, lineage
 from petseg.errors import ConfigError, PetsegError
 from petseg.oxford import SPLITS
 from petseg.split import RULES
@@ -136,6 +136,12 @@ def settings(parameters: Mapping, *, code: Mapping) -> dict:
                            ("arch", ARCHITECTURES), ("server", ("seldon", "mlserver"))):
         if parameters[name] not in accepted:
             raise ConfigError(f"--{name} {parameters[name]!r} is unknown: expected one of {', '.join(accepted)}")
+    if not 0 <= parameters["canary"] < 100:
+        raise ConfigError(f"--canary {parameters['canary']} is not a share of traffic: expected 0 (straight "
+                          "replacement) to 99")
+    if parameters["champion"] != "auto" and not parameters["champion"]:
+        raise ConfigError("--champion is empty: expected auto, none or a release location")
+    endpoints.check_name(parameters["endpoint"])
     if parameters["image_size"] % 16:
         raise ConfigError(f"--image_size {parameters['image_size']} is not a multiple of 16: "
                           "the U-Net halves the image four times")
@@ -330,42 +336,43 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
 
 
 @_glue
-def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store: str,
-             settings: dict) -> tuple[dict, dict]:
-    """The model and the baselines on the validation and test splits, and sample predictions for the card.
+def champion(*, endpoint: str, choice: str) -> dict | None:
+    """The release a candidate is compared with: for ``choice`` ``auto`` the endpoint's on this machine (what
+    serves, else the latest accepted: `petseg.endpoints.champion`), ``none`` none, else a release location."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return {"version": "", "location": choice}
+    return endpoints.champion(endpoints.check_name(endpoint))
 
-    Baselines are fitted on the training split. Validation figures are for the
-    release gate; test figures (with 95 % bootstrap intervals) are the report.
-    """
+
+@_glue
+def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store: str, settings: dict,
+             champion: dict | None = None) -> tuple[dict, dict]:
+    """The model, the baselines and the ``champion`` (`champion`) on the validation and test splits
+    (`petseg.evaluation.figures`: validation decides the served mask and the gate, test is the report),
+    and sample predictions for the card."""
     TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration_table, "splits.json": splits})
     _configure(settings)
     import numpy as np
 
-    from petseg import baselines, calibration, train
+    from petseg import calibration, evaluation, gate
     from petseg import model as models
 
-    seed = settings["seed"]
     model = models.from_bytes(model_keras)
     fitted = calibration.Calibration.from_dict(calibration_table)
     with tempfile.TemporaryDirectory(prefix="petseg-evaluate-") as work:
         batches = {split: _dataset(split, splits, store, work, settings, batch_size=16)
                    for split in ("training", "validation", "test")}
-        lookup = baselines.fit(batches["training"].as_numpy_iterator())
-        test = batches["test"]
-        held_out = calibration.summary(fitted, *calibration.collect(model, test, seed=seed))
-        metrics = {
-            "raw": train.evaluate(model, test, bootstrap=BOOTSTRAP, seed=seed),
-            "calibrated": train.evaluate(model, test, calibration=fitted, bootstrap=BOOTSTRAP, seed=seed),
-            "baselines": baselines.score(lookup, test.as_numpy_iterator(), bootstrap=BOOTSTRAP, seed=seed),
-            "validation": {
-                "calibrated": train.evaluate(model, batches["validation"], calibration=fitted),
-                "baselines": baselines.score(lookup, batches["validation"].as_numpy_iterator()),
-            },
-            "ece": {"raw": held_out["ece_before"], "calibrated": held_out["ece_after"]},
-            "test_samples": int(splits["counts"]["test"]),
-        }
-        images, truths = next(iter(test.unbatch().batch(SAMPLE_PREDICTIONS)))
-    probs = fitted.apply(model.predict_on_batch(images))
+        held = gate.load_champion(champion["location"], version=champion["version"],
+                                  s3_endpoint_url=_s3_endpoint()) if champion else None
+        metrics = evaluation.figures(model, fitted, **batches, image_size=settings["image_size"],
+                                     seed=settings["seed"], bootstrap=BOOTSTRAP, champion=held)
+        metrics["test_samples"] = int(splits["counts"]["test"])
+        images, truths = next(iter(batches["test"].unbatch().batch(SAMPLE_PREDICTIONS)))
+    probs = model.predict_on_batch(images)
+    if metrics["mask"]["source"] == "calibrated":
+        probs = fitted.apply(probs)
     samples = {"images": np.asarray(images), "truths": np.asarray(truths), "probs": np.asarray(probs)}
     return metrics, samples
 
@@ -382,21 +389,22 @@ def report_card(*, metrics: dict, history: dict, trials: list[dict], calibration
 
 # -- release ------------------------------------------------------------------------------------------
 
-def gate(metrics: dict, *, min_miou: float, min_margin: float) -> tuple[bool, str]:
-    """The quality gate on validation figures (see petseg.release.gate)."""
-    from petseg import release
+def gate(metrics: dict, *, min_miou: float, min_margin: float, tolerance: float) -> tuple[bool, str]:
+    """The quality gate on validation figures (see petseg.gate)."""
+    from petseg import gate as gates
 
     TASK.artifacts(**{"metrics.json": metrics})
-    return release.gate(metrics, min_miou=min_miou, min_margin=min_margin)
+    return gates.decide(metrics, min_miou=min_miou, min_margin=min_margin, tolerance=tolerance)
 
 
 @_glue
 def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, settings: dict, parameters: dict,
                    environment: dict, dataset_fingerprint: str, model_fingerprint: str,
                    store: str) -> tuple[dict, dict]:
-    """Export this run's release beside its blobs, signed with the key of `petseg.keys` (`petseg.release.publish`);
-    return its manifest and its signature files (model.sig, the signed provenance)."""
-    from petseg import keys, release, runs
+    """Export this run's release beside its blobs, signed with the key of `petseg.keys` (`petseg.release.publish`),
+    recording the champion it replaces; return its manifest and its signature files (model.sig, the signed
+    provenance), and record it as accepted for its endpoint (`petseg.endpoints`)."""
+    from petseg import gate, keys, release, runs
 
     TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration, "metrics.json": metrics})
     key, made = keys.ensure_signing_key()
@@ -404,30 +412,36 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
         store.rsplit("/blobs", 1)[0], run_id=current.run_id, flow_name=current.flow_name, model_keras=model_keras,
         calibration=calibration, metrics=metrics, settings=settings, dataset_fingerprint=dataset_fingerprint,
         model_fingerprint=model_fingerprint, signing_key=key, s3_endpoint_url=_s3_endpoint(),
+        replaces=gate.replaced(metrics),
         build={"parameters": parameters, "environment": environment, "started": runs.started_at(current.run_id)})
     print(f"{'Made signing key ' + key + ' and trusted it; ' if made else ''}signed {location} with key {signer[:16]}")
     TASK.writes.extend({"name": name, "sha256": lineage.sha256(data), "location": f"{location.rstrip('/')}/{name}",
                         "kind": "release"} for name, data in files.items())
-    return json.loads(files["manifest.json"]), {name: files[name] for name in release.SIGNATURE_FILES}
+    manifest = json.loads(files["manifest.json"])
+    endpoints.accept(parameters["endpoint"], manifest)
+    return manifest, {name: files[name] for name in release.SIGNATURE_FILES}
 
 
 @_glue
-def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon") -> dict | None:
-    """Hand the release to the serving deployment chosen by ``--deploy`` (Metaflow's Kubernetes settings; the pods
-    get ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
+def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", endpoint: str,
+           canary: int = 0) -> dict | None:
+    """Hand the release to the serving deployment chosen by ``--deploy``: locally, the endpoint switches to it
+    without downtime (`petseg.local_endpoint.roll_out`); on Kubernetes, the endpoint's object takes it, as a
+    ``canary`` or outright (`petseg.rollout_kubernetes.roll_out`, with Metaflow's settings; the pods get
+    ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
     from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE
 
     if target == "none":
         return None
-    fingerprint = manifest["model_fingerprint"]
     if target == "local":
-        from petseg import deploy_local
+        from petseg import local_endpoint
 
-        return deploy_local.deploy_local(manifest["location"], server=server, port=port or None, fingerprint=fingerprint)
-    from petseg import deploy_kubernetes
+        return local_endpoint.roll_out(endpoint, endpoints.entry(manifest), server=server, port=port or None)
+    from petseg import rollout_kubernetes
 
-    return deploy_kubernetes.deploy_kubernetes(
-        manifest, server=server, image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
+    return rollout_kubernetes.roll_out(
+        manifest, endpoint=endpoint, who=current.username, canary=canary, server=server,
+        image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
         s3_endpoint_url=_s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
                                                                             "petseg-serving-s3").split(",") if s])
 
@@ -465,44 +479,16 @@ def lineage_record(graph: dict, stage: str, outputs: dict, *, target: dict, data
 
 # -- end ----------------------------------------------------------------------------------------------
 
-def summary(*, metrics: dict, dataset_fingerprint: str, model_fingerprint: str, released: bool,
-            manifest: dict | None, deployment: dict | None) -> dict:
-    """The one-line-per-run facts `petseg runs` lists (test split, calibrated model)."""
-    calibrated = metrics["calibrated"]
-    name, best = max(metrics["baselines"].items(), key=lambda item: item[1]["miou"])
-    return {
-        "dataset_fingerprint": dataset_fingerprint,
-        "model_fingerprint": model_fingerprint,
-        "test_pet_iou": calibrated["pet_iou"],
-        "test_miou": calibrated["miou"],
-        "best_baseline": name,
-        "best_baseline_pet_iou": best["pet_iou"],
-        "best_baseline_miou": best["miou"],
-        "released": bool(released),
-        "version": manifest["version"] if manifest else None,
-        "deployment": deployment,
-    }
+def summary(**facts) -> dict:
+    """The one-line-per-run facts `petseg runs` lists (`petseg.report.run_summary`)."""
+    from petseg import report
+
+    return report.run_summary(**facts)
 
 
 def closing_words(facts: dict, *, metrics: dict, gate_message: str) -> str:
-    """The run's quality and where to look next, printed at the end of a run."""
-    calibrated = metrics["calibrated"]
-    lines = [
-        f"Run {current.flow_name}/{current.run_id} finished.",
-        f"  test IoU:     pet {calibrated['pet_iou']:.3f}  background {calibrated['background_iou']:.3f}  "
-        f"border {calibrated['border_iou']:.3f}  mIoU {calibrated['miou']:.3f}  "
-        f"(pixel accuracy {calibrated['pixel_accuracy']:.3f}, {calibrated['images']} images)",
-        f"  best baseline: {facts['best_baseline']}: pet {facts['best_baseline_pet_iou']:.3f}  "
-        f"mIoU {facts['best_baseline_miou']:.3f}",
-        f"  {gate_message}",
-        f"  report card:  python flows/seg_flow.py card get {current.run_id}/evaluate --id report report.html",
-        f"  details:      petseg show {current.run_id}   (prove it: petseg verify {current.run_id})",
-    ]
-    deployment = facts["deployment"]
-    if deployment and deployment.get("url"):
-        url = deployment["url"]
-        tokens = f" (bearer tokens: {deployment['tokens_file']})" if deployment.get("tokens_file") else ""
-        lines += [f"  serving at:   {url}{tokens}",
-                  f"  query it:     petseg predict --url {url} IMAGE.jpg --out mask.png",
-                  f"  stop it:      petseg stop {current.run_id}"]
-    return "\n".join(lines)
+    """The run's quality and where to look next, printed at the end of a run (`petseg.report.closing_words`)."""
+    from petseg import report
+
+    return report.closing_words(facts, metrics=metrics, gate_message=gate_message, flow_name=current.flow_name,
+                                run_id=current.run_id)

@@ -110,13 +110,15 @@ def requested_outputs(names: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def encode_outputs(probs: np.ndarray, names: tuple[str, ...]) -> list[dict]:
+def encode_outputs(probs: np.ndarray, names: tuple[str, ...], *, mask_probs: np.ndarray | None = None) -> list[dict]:
     """The output tensors answering a request.
 
     Args:
         probs: (N, H, W, 3) probabilities from `petseg.serving.Predictor.predict`; when only
             the mask is asked for, their uint8 `petseg.messages.eight_bits` will do.
         names: Outputs to answer, from `requested_outputs`.
+        mask_probs: The probabilities the mask comes from, where they are not ``probs`` (a release
+            whose mask comes from the raw probabilities answers the calibrated ones).
 
     Returns:
         ``{"name", "datatype", "shape", "data"}`` per output, ``data`` a flat list.
@@ -124,7 +126,7 @@ def encode_outputs(probs: np.ndarray, names: tuple[str, ...]) -> list[dict]:
     tensors = []
     for name in names:
         if name == "mask":
-            mask = class_mask(probs)
+            mask = class_mask(probs if mask_probs is None else mask_probs)
             tensors.append({"name": name, "datatype": "UINT8", "shape": list(mask.shape),
                             "data": mask.ravel().tolist()})
         else:

@@ -60,7 +60,7 @@ def runs_command(args: argparse.Namespace) -> int:
         print(f"{r['id']:<18} {r['status']:<10} {r['start'] or '-':<19} {r['duration_s'] or '-':>7} "
               f"{(r['dataset_fingerprint'] or '-')[:12]:<12} {(r['model_fingerprint'] or '-')[:12]:<12} "
               f"{figures[0]:>5} {figures[1]:>5} {figures[2]:>5} {r['release'] or '-'}")
-    print("pet, mIoU: the calibrated model on the test split; base: the best baseline's test mIoU")
+    print("pet, mIoU: the served mask on the test split; base: the best baseline's test mIoU")
     return 0
 
 
@@ -91,6 +91,8 @@ def show_command(args: argparse.Namespace) -> int:
     print(f"\nrelease: {info['release_decision']}")
     if info["manifest"]:
         print(f"  version {info['manifest']['version']} at {info['manifest']['location']}")
+        replaced = info["manifest"].get("replaces")
+        print(f"  replaces {replaced['version']}" if replaced else "  replaces no release (a first release)")
     if info["deployment"]:
         print(f"  deployment {info['deployment']}")
     return 0
@@ -146,13 +148,35 @@ def _print_json(value) -> None:
 
 
 def _print_metrics(metrics: dict) -> None:
-    """The test figures of the model (raw, calibrated) beside every baseline."""
+    """The test figures of the model (raw, calibrated) beside every baseline, the served mask and the champion."""
+    source = metrics.get("mask", {}).get("source", "calibrated")
     columns = {"raw": metrics["raw"], "calibrated": metrics["calibrated"], **metrics["baselines"]}
     print(f"\ntest metrics ({metrics['test_samples']} images): model beside baselines fitted on training")
-    print(f"  {'':<16}" + "".join(f"{name:>17}" for name in columns))
+    print(f"  {'':<16}" + "".join(f"{name + ('*' if name == source else ''):>17}" for name in columns))
     for name in ("pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "soft_iou", "soft_f1"):
         print(f"  {name:<16}" + "".join(f"{column[name]:17.4f}" for column in columns.values()))
     for name in ("pet_iou", "miou"):
-        low, high = metrics["calibrated"]["intervals"][name]
-        print(f"  calibrated {name} 95 % interval: [{low:.4f}, {high:.4f}]")
+        low, high = metrics[source]["intervals"][name]
+        print(f"  {source} {name} 95 % interval: [{low:.4f}, {high:.4f}]")
     print(f"  ECE raw {metrics['ece']['raw']:.4f}, calibrated {metrics['ece']['calibrated']:.4f}")
+    print(f"  * {metrics['mask']['reason'] if 'mask' in metrics else 'served mask: calibrated'}")
+    _print_champion(metrics.get("champion"))
+
+
+def _print_champion(champion: dict | None) -> None:
+    """The champion the run was compared with: the served mask minus the champion's, per split."""
+    if champion is None:
+        print("\nchampion: none (a first release, judged against the baselines alone)")
+        return
+    print(f"\nchampion: {champion['version']} ({champion['mask_source']} mask)")
+    if not champion["comparable"]:
+        print(f"  not compared: {champion['note']}")
+        return
+    if champion["note"]:
+        print(f"  {champion['note']}")
+    for split in ("validation", "test"):
+        for name in ("pet_iou", "miou"):
+            difference = champion[split]["difference"][name]
+            low, high = difference["interval"]
+            print(f"  {split} {name}: champion {champion[split][name]:.4f}, this run minus champion "
+                  f"{difference['difference']:+.4f} (paired 95 % interval [{low:+.4f}, {high:+.4f}])")

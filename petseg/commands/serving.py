@@ -5,7 +5,7 @@
     petseg feedback list STORE [--status pending|accepted|rejected]
     petseg feedback accept|reject STORE ID... [--by NAME]
     petseg serve RUN [--port P] [--host ADDRESS] [--server seldon|mlserver]   # foreground, Ctrl-C stops it
-    petseg stop RUN
+    petseg stop NAME|RUN                    # an endpoint (petseg status lists them), or a run's own server
 
 RUN is a run id, ``PetSegFlow/<id>``, ``latest``, or a release directory;
 STORE is a feedback store (a directory or ``s3://`` prefix, `petseg.quarantine`).
@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from petseg import client, deploy_local, runs, tokens
+from petseg import client, deploy_local, endpoints, local_endpoint, runs, tokens
 from petseg.errors import ServingError
 
 
@@ -73,8 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--grpc-port", type=int, help="gRPC port (default: a free one)")
     command.set_defaults(handler=serve_command)
 
-    command = subparsers.add_parser("stop", help="stop the local deployment of a run")
-    command.add_argument("run", help="run id, PetSegFlow/<id>, latest, or a release directory")
+    command = subparsers.add_parser("stop", help="stop a local endpoint, or the local deployment of a run")
+    command.add_argument("run", help="an endpoint name, run id, PetSegFlow/<id>, latest, or a release directory")
     command.set_defaults(handler=stop_command)
 
 
@@ -147,11 +147,16 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def stop_command(args: argparse.Namespace) -> int:
-    """Stop the local deployment of a release directory or a run.
+    """Stop a local endpoint (its front and server), or the local deployment of a release directory or a run.
 
     Raises:
-        ServingError: nothing recorded a local deployment there, or it is served on Kubernetes.
+        ServingError: nothing recorded a local deployment there, it serves under an endpoint, or it is
+            served on Kubernetes.
     """
+    if args.run in endpoints.names():
+        stopped = local_endpoint.stop(args.run)
+        print(f"{'stopped' if stopped else 'was not running:'} endpoint {args.run}")
+        return 0
     if Path(args.run).is_dir():
         record = deploy_local.record_dir(args.run) / "deployment.json"
         if not record.is_file():
@@ -160,6 +165,9 @@ def stop_command(args: argparse.Namespace) -> int:
         deployment = json.loads(record.read_text(encoding="utf-8"))
     else:
         deployment = runs.release_artifact(args.run, "deployment")
+    if deployment.get("endpoint"):
+        raise ServingError(f"{args.run} was served under endpoint {deployment['endpoint']}: `petseg stop "
+                           f"{deployment['endpoint']}` stops the endpoint, `petseg rollback` serves the one before")
     if deployment.get("kind") == "kubernetes":
         kind = "inferenceservice" if deployment.get("server") == "mlserver" else "seldondeployment"
         raise ServingError(

@@ -32,6 +32,7 @@ import node_agent
 from harness import REPO
 
 CLUSTER = REPO / "tests" / "support" / "cluster"
+KSERVE_CRD = REPO / "tests" / "support" / "kserve" / "inferenceservices.serving.kserve.io.json"
 SMOKE_FLOW = REPO / "tests" / "support" / "flows" / "k8s_smoke_flow.py"
 SEG_FLOW = REPO / "flows" / "seg_flow.py"
 
@@ -558,12 +559,27 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
     admin["custom"].delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
 
+def without_empty_defaults(schema):
+    """A published CRD as the test cluster's API server (1.20) can take it: that version reads an empty-string
+    ``default`` as null and refuses it (fixed in 1.21). KServe's CRD has such defaults only on the ``name`` of
+    references (secrets, config maps), a probe's gRPC ``service`` and the status's ``targetModelState``,
+    none of which petseg renders; every other constraint of the schema stays."""
+    if isinstance(schema, dict):
+        return {key: without_empty_defaults(value) for key, value in schema.items()
+                if not (key == "default" and value == "")}
+    if isinstance(schema, list):
+        return [without_empty_defaults(value) for value in schema]
+    return schema
+
+
 @pytest.fixture(scope="session")
 def mlserver_crds(cluster, admin):
-    """The InferenceService, Model and Server resource types, registered without a controller behind them."""
+    """The InferenceService (KServe's published definition and schema), Model and Server resource types,
+    registered without a controller behind them."""
     import yaml
 
-    crds = list(yaml.safe_load_all((CLUSTER / "mlserver-crds.yaml").read_text()))
+    crds = [without_empty_defaults(json.loads(KSERVE_CRD.read_text())),
+            *yaml.safe_load_all((CLUSTER / "mlserver-crds.yaml").read_text())]
     for crd in crds:
         admin["ext"].create_custom_resource_definition(crd)
     for crd in crds:
@@ -618,6 +634,110 @@ def test_mlserver_objects_are_applied_with_the_release_role(cluster, admin, mlse
         k8s.apply_object(rendered, namespace=namespace, api_client=runner, timeout=1, poll_interval=0.2)
     group, version, plural = k8s.RESOURCES["InferenceService"]
     admin["custom"].delete_namespaced_custom_object(group, version, namespace, plural, rendered["metadata"]["name"])
+
+
+def _release(run: int) -> dict:
+    return {**RELEASE, "version": f"petseg-{run}", "pathspec": f"PetSegFlow/{run}", "run_id": str(run),
+            "model_fingerprint": f"{run}" * 64, "model_uri": f"s3://petseg/metaflow/releases/petseg-{run}/"}
+
+
+@contextlib.contextmanager
+def ready_controller(admin, namespace: str, kind: str, name: str):
+    """Report the endpoint's object ready whenever it exists, as its controller would (none runs here)."""
+    import threading
+
+    from kubernetes import client
+
+    from petseg import deploy_kubernetes as k8s
+
+    group, version, plural = k8s.RESOURCES[kind]
+    status = ({"status": {"state": "Available"}} if kind == "SeldonDeployment"
+              else {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Loaded"}]}})
+    stopped = threading.Event()
+
+    def report():
+        while not stopped.wait(0.2):
+            with contextlib.suppress(client.ApiException):
+                admin["custom"].patch_namespaced_custom_object_status(group, version, namespace, plural, name, status)
+
+    thread = threading.Thread(target=report)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
+        with contextlib.suppress(client.ApiException):
+            admin["custom"].delete_namespaced_custom_object(group, version, namespace, plural, name)
+
+
+@pytest.mark.parametrize("kind", ["SeldonDeployment", "InferenceService"])
+def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollbacks(cluster, admin, workdir,
+                                                                                     seldon_crd, mlserver_crds, kind):
+    """Each change as the API server stores it, field by field; KServe's object under KServe's own schema."""
+    from kubernetes import config
+
+    from petseg import deploy_kubernetes as k8s
+    from petseg import rollout_kubernetes as rollout
+
+    namespace, name = cluster["PETSEG_K8S_NAMESPACE"], f"pets-{kind.lower()}"
+    runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
+    group, version, plural = k8s.RESOURCES[kind]
+    server = "seldon" if kind == "SeldonDeployment" else "mlserver"
+    options = {"endpoint": name, "server": server, "image": "petseg:test", "namespace": namespace,
+               "secrets": ["petseg-s3"], "api_client": runner, "timeout": 30}
+
+    def stored() -> dict:  # one object for the endpoint, whatever the release
+        [item] = admin["custom"].list_namespaced_custom_object(group, version, namespace, plural,
+                                                               label_selector=f"petseg/endpoint={name}")["items"]
+        assert item["metadata"]["name"] == name
+        return item
+
+    def change(step, who: str) -> dict:
+        return rollout.apply(name, lambda current: step(current, who=who), namespace=namespace, kind=kind,
+                             api_client=runner, timeout=30, poll_interval=0.2)
+
+    with ready_controller(admin, namespace, kind, name):
+        first = rollout.roll_out(_release(1), who="ana", **options)
+        assert first["traffic"] == {"petseg-1": 100} and first["name"] == name
+        uid = stored()["metadata"]["uid"]
+        assert rollout.roll_out(_release(2), who="bo", canary=10, **options)["traffic"] == \
+            {"petseg-1": 90, "petseg-2": 10}
+        body = stored()
+        if kind == "SeldonDeployment":
+            assert [(p["name"], p["traffic"]) for p in body["spec"]["predictors"]] == [("petseg-1", 90),
+                                                                                      ("petseg-2", 10)]
+        else:  # nothing the published schema does not know was pruned
+            assert body["spec"]["predictor"]["canaryTrafficPercent"] == 10
+            env = {item["name"]: item["value"] for item in body["spec"]["predictor"]["containers"][0]["env"]}
+            assert env["MODEL_URI"] == _release(2)["model_uri"] and env["MODEL_FINGERPRINT"] == "2" * 64
+            assert body["spec"]["predictor"]["annotations"]["petseg/version"] == "petseg-2"
+        assert body["metadata"]["annotations"]["petseg/rolled-out-by"] == "bo"
+
+        result = petseg_cli(cluster, workdir, "promote", name, "--namespace", namespace, "--by", "cy",
+                            "--kind", "seldon" if kind == "SeldonDeployment" else "kserve")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{name}: promoted by cy; traffic petseg-2 100 %"
+        body = stored()
+        assert rollout.traffic(body) == {"petseg-2": 100}
+        assert body["metadata"]["annotations"]["petseg/promoted-by"] == "cy"
+        assert "canaryTrafficPercent" not in body["spec"].get("predictor", {})
+
+        rollout.roll_out(_release(3), who="dee", **options)
+        for expected in ("petseg-2", "petseg-1"):  # consecutive rollbacks, one release back each
+            change(rollout.rollback, "eve")
+            body = stored()
+            assert rollout.traffic(body) == {expected: 100} and rollout.serving_of(body) == expected
+            assert body["metadata"]["annotations"]["petseg/rolled-back-by"] == "eve"
+            assert body["metadata"]["annotations"]["petseg/rolled-back-at"]
+        if kind == "SeldonDeployment":
+            assert [p["name"] for p in body["spec"]["predictors"]] == ["petseg-1"]
+        else:
+            assert "canaryTrafficPercent" not in body["spec"]["predictor"]
+        assert body["metadata"]["uid"] == uid
+        result = petseg_cli(cluster, workdir, "rollback", name, "--kubernetes", "--namespace", namespace,
+                            "--kind", "seldon" if kind == "SeldonDeployment" else "kserve")
+        assert result.returncode == 2 and "no earlier release to roll back to (serving: petseg-1)" in result.stderr
 
 
 def test_service_account_has_no_rights_beyond_its_roles(cluster):

@@ -37,8 +37,9 @@ def opens_log(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def released(flow_pachd, lineage_receiver, opens_log):
-    """A tiny run that passes the gate (floor 0, any lead), with its lineage mirrored into the stand-in,
-    its OpenLineage events sent over HTTP, and every file its steps open logged.
+    """A tiny run that passes the gate (floor 0, any lead), the first release of its endpoint, with its
+    lineage mirrored into the stand-in, its OpenLineage events sent over HTTP, and every file its steps
+    open logged.
 
     Returns (Run, its console output).
     """
@@ -46,7 +47,8 @@ def released(flow_pachd, lineage_receiver, opens_log):
     env = {"OPENLINEAGE_URL": lineage_receiver.url, "OPENLINEAGE_NAMESPACE": "petseg-tests",
            "PYTHONPATH": os.pathsep.join(filter(None, [audit, os.environ.get("PYTHONPATH")])),
            "PETSEG_TEST_OPENS": str(opens_log), "PETSEG_TEST_OPENS_UNDER": str(session_root())}
-    status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0, pachyderm=flow_pachd.address)
+    status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0, pachyderm=flow_pachd.address,
+                                   endpoint="released")
     assert status == "successful", output[-4000:]
     return run, output
 
@@ -59,7 +61,7 @@ def released_run(released):
 @pytest.fixture(scope="session")
 def learning_run():
     """A run big enough to learn, with every gate setting at its default."""
-    status, run, output = run_flow(**LEARNING)
+    status, run, output = run_flow(**LEARNING, endpoint="learning")
     assert status == "successful", output[-4000:]
     return run
 
@@ -68,11 +70,13 @@ def learning_run():
 def resumed_run(flow_pachd, released_run):
     """The same run with min_miou 1.01, failed on purpose in train, then resumed from train.
 
-    No OpenLineage transport is configured: both keep their events as JSON lines beside the datastore.
+    It is for the released run's endpoint, so the released run is its champion: the same model (strict
+    mode), scored on the same images. No OpenLineage transport is configured: both keep their events as
+    JSON lines beside the datastore.
     Returns (failed Run, resumed Run, resume output).
     """
     status, failed, output = run_flow(env={"PETSEG_FAIL_AT": "train"}, **TINY, min_miou=1.01,
-                                      pachyderm=flow_pachd.address)
+                                      pachyderm=flow_pachd.address, endpoint="released")
     assert status == "failed", output[-4000:]
     status, resumed, output = resume_flow(failed.id, "train")
     assert status == "successful", output[-4000:]

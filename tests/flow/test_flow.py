@@ -49,9 +49,12 @@ def test_report_card(released_run, monkeypatch):
     html = get_cards(released_run["evaluate"].task, id="report")[0].get()
     # A Metaflow card carries its components as base64 JSON inside the page.
     data = base64.b64decode(re.search(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html).group(1)).decode()
-    for section in ("beside the baselines", "Quality targets", "Confusion", "What the release gate saw", "Calibration",
-                    "Training curves", "Tuning trials", "Sample predictions"):
+    for section in ("beside the baselines", "Quality targets", "Confusion", "the release gate saw", "Champion",
+                    "Served mask and calibration", "Training curves", "Tuning trials", "Sample predictions"):
         assert section in data
+    metrics = released_run["evaluate"].task.data.metrics
+    assert metrics["mask"]["reason"] in data and "decided on the validation split only" in data
+    assert "this is a first release" in data
     for figure in ("pet IoU", "border IoU", "mIoU", "all-background", "mean-mask", "colour-position"):
         assert figure in data
     assert data.count("data:image/png;base64") >= 3
@@ -66,6 +69,7 @@ def test_metrics_are_within_unit_interval(released_run):
         for name in ("pet_iou", "background_iou", "border_iou", "miou", "pixel_accuracy", "soft_iou", "soft_f1"):
             assert 0.0 <= figures[name] <= 1.0, (name, figures[name])
         assert figures["loss"] >= 0.0
+    assert 0.0 <= metrics["validation"]["raw"]["miou"] <= 1.0
     for name, (low, high) in metrics["calibrated"]["intervals"].items():
         assert low <= metrics["calibrated"][name] <= high, name
     assert metrics["calibrated"]["images"] == metrics["test_samples"]
@@ -106,6 +110,22 @@ def test_fingerprints_and_tags(released_run):
     assert env["packages"]["tensorflow-cpu"] or env["packages"]["tensorflow"]
 
 
+def test_the_served_mask_is_chosen_on_validation_and_never_below_the_raw_one(released_run, learning_run):
+    for run in (released_run, learning_run):
+        metrics = run["evaluate"].task.data.metrics
+        validation, source = metrics["validation"], metrics["mask"]["source"]
+        assert source == ("calibrated" if validation["calibrated"]["miou"] >= validation["raw"]["miou"] else "raw")
+        assert validation[source]["miou"] >= validation["raw"]["miou"]
+        assert f"{validation['raw']['miou']:.4f} raw" in metrics["mask"]["reason"]
+        manifest = run["release"].task.data.manifest
+        assert manifest["mask_source"] == source and manifest["metrics"]["mask"] == metrics["mask"]
+        assert f"({source} mask;" in run["release"].task.data.gate_message
+    from petseg import release
+
+    assert release.load_release(released_run["release"].task.data.manifest["location"]).mask_source == \
+        released_run["evaluate"].task.data.metrics["mask"]["source"]
+
+
 def test_gate_passes_and_release_is_complete(released_run):
     data = released_run["release"].task.data
     assert data.released is True
@@ -120,6 +140,7 @@ def test_gate_passes_and_release_is_complete(released_run):
                                                           "model.sig", "provenance.sigstore.json"]
     assert {name: (location / name).read_bytes() for name in data.signatures} == data.signatures
     assert json.loads((location / "manifest.json").read_text()) == manifest
+    assert manifest["replaces"] is None and "no champion (first release)" in data.gate_message
     from petseg import model as models
 
     assert models.fingerprint(models.load(location / "model.keras")) == manifest["model_fingerprint"]
@@ -132,6 +153,13 @@ def test_gate_rejects_and_resume_reproduces_the_model(released_run, resumed_run)
     assert data.released is False and data.manifest is None and data.deployment is None
     assert "floor 1.01" in data.gate_message and "failed" in data.gate_message
     assert "release:rejected" in resumed.tags
+    # For the released run's endpoint: the released run is its champion, the same model on the same images.
+    champion = resumed["evaluate"].task.data.metrics["champion"]
+    assert champion["version"] == f"petseg-{released_run.id}" and champion["comparable"]
+    assert champion["model_fingerprint"] == released_run["train"].task.data.model_fingerprint
+    for split in ("validation", "test"):
+        assert champion[split]["difference"]["miou"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+    assert f"against champion petseg-{released_run.id}" in data.gate_message
     # Strict mode: the resumed train step gives the same weights as the uninterrupted run.
     assert resumed["train"].task.data.model_fingerprint == released_run["train"].task.data.model_fingerprint
     assert resumed["ingest"].task.data.dataset_fingerprint == released_run["ingest"].task.data.dataset_fingerprint
@@ -155,6 +183,10 @@ def test_show_and_diff(released_run, resumed_run):
     _, resumed, _ = resumed_run
     diff = petseg("diff", released_run.id, f"PetSegFlow/{resumed.id}").stdout
     assert "min_miou" in diff and "pachyderm" not in diff.split("metrics")[0].replace("pachyderm_address", "")
+    assert f"compared_with: None -> 'petseg-{released_run.id}'" in diff.split("champion:")[1]
+    shown = petseg("show", f"PetSegFlow/{resumed.id}").stdout
+    assert f"champion: petseg-{released_run.id}" in shown and "this run minus champion +0.0000" in shown
+    assert "champion: none (a first release" in petseg("show", released_run.id).stdout
 
 
 def test_step_output_is_one_line_per_epoch_without_tensorflow_noise(released):
@@ -214,7 +246,7 @@ def test_serve_the_released_run_and_predict(released_run, tmp_path):
             try:
                 if requests.get(f"{url}/health/status", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading the model
                 pass
             assert server.poll() is None, "petseg serve exited"
             time.sleep(0.5)
@@ -232,7 +264,8 @@ def test_serve_the_released_run_and_predict(released_run, tmp_path):
 
 def test_official_split_flow():
     """`--split official` on a synthetic release with both split files: test.txt is the test split."""
-    status, run, output = run_flow(**{**TINY, "trials": 1}, split="official", min_miou=0.0, min_margin=-1.0)
+    status, run, output = run_flow(**{**TINY, "trials": 1}, split="official", min_miou=0.0, min_margin=-1.0,
+                                   endpoint="official")
     assert status == "successful", output[-4000:]
     official_test = set(run["ingest"].task.data.ingest_report["official_test"])
     manifest = run["transform"].task.data.splits["manifest"]

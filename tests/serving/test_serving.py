@@ -458,7 +458,7 @@ def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum, se
     import psutil
 
     path, fewest = LIVENESS[server_kind]
-    port = deploy_local._free_ports(1)[0]
+    port = deploy_local.free_ports(1)[0]
     serve = subprocess.Popen([sys.executable, "-m", "petseg", "serve", str(release_dir), "--port", str(port),
                               "--server", server_kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -469,7 +469,7 @@ def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum, se
             try:
                 if requests.get(f"http://127.0.0.1:{port}{path}", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading the model
                 time.sleep(0.5)
         server = psutil.Process(serve.pid).children(recursive=True)
         assert len(server) >= fewest

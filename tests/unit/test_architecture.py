@@ -11,13 +11,14 @@ PACKAGE = Path(petseg.__file__).parent
 LAYERS = (
     ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs", "keys", "tokens"}),
     ("data", {"archive", "sources", "synth", "scenes", "data", "split", "shards", "pipeline"}),
-    ("model", {"model", "metrics", "baselines", "determinism", "train", "tune", "calibration"}),
-    ("release", {"release", "report", "signing", "provenance"}),
+    ("model", {"model", "metrics", "baselines", "determinism", "train", "tune", "calibration", "evaluation"}),
+    ("release", {"release", "gate", "report", "signing", "provenance"}),
     ("serving", {"messages", "feedback", "quarantine", "serving", "v2_messages", "v2_http"}),
-    ("operations", {"deploy_local", "deploy_kubernetes", "kubeconfig", "client"}),
+    ("operations", {"deploy_local", "deploy_kubernetes", "kubeconfig", "client", "endpoints", "local_endpoint",
+                    "rollout_kubernetes"}),
     ("runs and lineage", {"runs", "lineage", "pachyderm", "pachd_client", "lineage_events", "verify"}),
     ("step glue", {"stages", "hooks"}),
-    ("edges", {"cli", "__main__", "commands", "mlserver_runtime", "seldon_launcher"}),
+    ("edges", {"cli", "__main__", "commands", "mlserver_runtime", "seldon_launcher", "endpoint_proxy"}),
 )
 MAX_LINES = 500
 

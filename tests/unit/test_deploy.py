@@ -308,16 +308,17 @@ def test_apply_reports_a_refusal(monkeypatch, rendered):
         deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
 
 
-def test_deploy_kubernetes_returns_what_the_flow_records(monkeypatch):
-    _use(monkeypatch, StandInApi())
-    result = deploy_kubernetes.deploy_kubernetes(MANIFEST, namespace="serving", api_client=object(), timeout=5)
-    assert result == {
-        "kind": "kubernetes",
-        "name": "petseg-1732791234567890",
-        "namespace": "serving",
-        "state": "Available",
-        "url": "http://petseg-1732791234567890-default.serving.svc.cluster.local:8000",
-    }
+def test_a_rollout_returns_what_the_flow_records(monkeypatch):
+    from petseg import rollout_kubernetes
+
+    api = _use(monkeypatch, StandInApi())
+    result = rollout_kubernetes.roll_out(MANIFEST, endpoint="pets", who="ana", namespace="serving",
+                                         api_client=object(), timeout=5)
+    assert result == {"kind": "kubernetes", "server": "seldon", "endpoint": "pets", "name": "pets",
+                      "namespace": "serving", "traffic": {"petseg-1732791234567890": 100},
+                      "url": "/seldon/serving/pets/api/v1.0/predictions"}
+    [(call, body)] = api.calls
+    assert call == "create" and body["metadata"]["annotations"]["petseg/rolled-out-by"] == "ana"
 
 
 # -- local processes --------------------------------------------------------------------------------

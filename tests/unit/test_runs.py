@@ -28,7 +28,7 @@ def test_flow_environment_gives_root_a_user_name(monkeypatch):
 # -- the command line ------------------------------------------------------------------------------
 
 COMMANDS = ["synth", "runs", "show", "diff", "reproduce", "tensorboard", "predict", "feedback", "serve", "stop",
-            "lineage", "verify", "keys", "configure"]
+            "status", "rollback", "promote", "lineage", "verify", "keys", "configure"]
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

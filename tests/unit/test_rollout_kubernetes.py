@@ -1,0 +1,167 @@
+"""One Kubernetes object per endpoint: rollouts, canaries, promotions and rollbacks, field by field; KServe objects
+checked against KServe's published InferenceService schema (tests/support/kserve)."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from petseg import deploy_kubernetes as k8s
+from petseg import rollout_kubernetes as rollout
+from petseg.errors import ConfigError
+
+KSERVE_CRD = Path(__file__).resolve().parents[1] / "support" / "kserve" / "inferenceservices.serving.kserve.io.json"
+WHEN = "2026-01-02T03:04:05+00:00"
+
+
+def _release(run: int) -> dict:
+    return {"version": f"petseg-{run}", "pathspec": f"PetSegFlow/{run}", "run_id": str(run),
+            "model_fingerprint": f"{run % 10}" * 64, "dataset_fingerprint": "b" * 64, "code_version": "0.1.0",
+            "model_uri": f"s3://petseg/releases/petseg-{run}/"}
+
+
+def _render(kind: str, run: int) -> dict:
+    render = k8s.render_seldon_deployment if kind == "SeldonDeployment" else k8s.render_inference_service
+    return render(_release(run), image="petseg:test", namespace="serving")
+
+
+@pytest.fixture(scope="module")
+def kserve_schema():
+    """The v1beta1 schema, its validator made once (checking a schema this size takes a while)."""
+    crd = json.loads(KSERVE_CRD.read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    return schema, jsonschema.Draft4Validator(schema)
+
+
+def unknown_fields(value, schema: dict, where: str = "") -> list[str]:
+    """Fields the schema does not declare (what the API server's strict field validation refuses)."""
+    found = []
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{where}.{key}")
+            else:
+                found += unknown_fields(item, schema["properties"][key], f"{where}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{where}[{index}]")
+    return found
+
+
+def check_kserve(body: dict, kserve_schema: tuple) -> None:
+    schema, validator = kserve_schema
+    validator.validate(body)
+    assert unknown_fields(body, schema) == []
+
+
+def _versions(body: dict) -> dict:
+    return rollout.traffic(body)
+
+
+def test_a_first_rollout_is_one_object_named_after_the_endpoint():
+    body = rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="pets", canary=10, who="ana", when=WHEN)
+    assert body["metadata"]["name"] == body["spec"]["name"] == "pets"
+    assert body["metadata"]["labels"] == {"app.kubernetes.io/name": "petseg", "petseg/endpoint": "pets"}
+    [predictor] = body["spec"]["predictors"]
+    assert predictor["name"] == "petseg-1" and predictor["traffic"] == 100  # nothing to be a canary beside
+    annotations = body["metadata"]["annotations"]
+    assert annotations["petseg/serving"] == "petseg-1" and annotations["petseg/candidate"] == ""
+    assert (annotations["petseg/changed-by"], annotations["petseg/changed-at"]) == ("ana", WHEN)
+    assert (annotations["petseg/rolled-out-by"], annotations["petseg/rolled-out-at"]) == ("ana", WHEN)
+    assert annotations["petseg/change"] == "rollout of petseg-1" and json.loads(annotations["petseg/history"]) == []
+
+
+def test_seldon_canary_then_promote_retires_the_old_predictor():
+    first = rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="pets", who="ana", when=WHEN)
+    canary = rollout.rollout(first, _render("SeldonDeployment", 2), endpoint="pets", canary=10, who="bo", when=WHEN)
+    assert [(p["name"], p["traffic"]) for p in canary["spec"]["predictors"]] == [("petseg-1", 90), ("petseg-2", 10)]
+    assert canary["spec"]["predictors"][1]["annotations"]["petseg/model-fingerprint"] == "2" * 64
+    assert rollout.candidate_of(canary) == "petseg-2" and rollout.serving_of(canary) == "petseg-1"
+    assert canary["metadata"]["annotations"]["petseg/change"] == "rollout of petseg-2, 10 % canary"
+    with pytest.raises(ConfigError, match="canary of petseg-2 in progress: `petseg promote pets`"):
+        rollout.rollout(canary, _render("SeldonDeployment", 3), endpoint="pets", who="bo")
+
+    promoted = rollout.promote(canary, who="cy", when="2026-01-03T00:00:00+00:00")
+    assert [(p["name"], p["traffic"]) for p in promoted["spec"]["predictors"]] == [("petseg-2", 100)]
+    annotations = promoted["metadata"]["annotations"]
+    assert (annotations["petseg/promoted-by"], annotations["petseg/promoted-at"]) == ("cy", "2026-01-03T00:00:00+00:00")
+    assert annotations["petseg/rolled-out-by"] == "bo"  # the earlier change keeps its signature
+    assert [p["name"] for p in json.loads(annotations["petseg/history"])] == ["petseg-1"]
+    with pytest.raises(ConfigError, match="no canary to promote \\(serving: petseg-2\\)"):
+        rollout.promote(promoted, who="cy")
+
+
+def test_seldon_rollback_of_a_canary_leaves_the_serving_release_alone():
+    first = rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="pets", who="ana")
+    canary = rollout.rollout(first, _render("SeldonDeployment", 2), endpoint="pets", canary=25, who="ana")
+    back = rollout.rollback(canary, who="dee", when=WHEN)
+    assert _versions(back) == {"petseg-1": 100} and rollout.candidate_of(back) == ""
+    assert back["spec"]["predictors"] == [{**first["spec"]["predictors"][0], "traffic": 100}]
+    assert (back["metadata"]["annotations"]["petseg/rolled-back-by"], back["metadata"]["annotations"]
+            ["petseg/rolled-back-at"]) == ("dee", WHEN)
+
+
+@pytest.mark.parametrize("kind", rollout.KINDS)
+def test_consecutive_rollbacks_walk_back_one_release_each_and_leave_no_route_behind(kind, kserve_schema):
+    body = None
+    for run in (1, 2, 3):
+        body = rollout.rollout(body, _render(kind, run), endpoint="pets", who="ana")
+    assert _versions(body) == {"petseg-3": 100}
+    body = rollout.rollback(body, who="bo")
+    assert _versions(body) == {"petseg-2": 100} and rollout.serving_of(body) == "petseg-2"
+    body = rollout.rollback(body, who="bo")
+    assert _versions(body) == {"petseg-1": 100} and rollout.serving_of(body) == "petseg-1"
+    assert json.loads(body["metadata"]["annotations"]["petseg/history"]) == []
+    if kind == "SeldonDeployment":
+        assert [p["name"] for p in body["spec"]["predictors"]] == ["petseg-1"]
+    else:
+        assert "canaryTrafficPercent" not in body["spec"]["predictor"]
+        assert body["spec"]["predictor"]["annotations"]["petseg/version"] == "petseg-1"
+        check_kserve(body, kserve_schema)
+    with pytest.raises(ConfigError, match="no earlier release to roll back to \\(serving: petseg-1\\)"):
+        rollout.rollback(body, who="bo")
+
+
+def test_kserve_canary_promote_and_rollback_match_the_published_schema(kserve_schema):
+    first = rollout.rollout(None, _render("InferenceService", 1), endpoint="pets", who="ana", when=WHEN)
+    check_kserve(first, kserve_schema)
+    assert first["metadata"]["name"] == "pets" and "canaryTrafficPercent" not in first["spec"]["predictor"]
+    canary = rollout.rollout(first, _render("InferenceService", 2), endpoint="pets", canary=10, who="bo", when=WHEN)
+    check_kserve(canary, kserve_schema)
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert _versions(canary) == {"petseg-1": 90, "petseg-2": 10}
+    env = {item["name"]: item["value"] for item in canary["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["MODEL_URI"] == "s3://petseg/releases/petseg-2/" and env["MODEL_FINGERPRINT"] == "2" * 64
+
+    promoted = rollout.promote(canary, who="cy", when=WHEN)
+    check_kserve(promoted, kserve_schema)
+    assert "canaryTrafficPercent" not in promoted["spec"]["predictor"] and _versions(promoted) == {"petseg-2": 100}
+
+    back = rollout.rollback(canary, who="dee", when=WHEN)
+    check_kserve(back, kserve_schema)
+    assert back["spec"]["predictor"] == first["spec"]["predictor"] and _versions(back) == {"petseg-1": 100}
+
+
+def test_the_schema_check_is_not_a_stand_in(kserve_schema):
+    body = rollout.rollout(None, _render("InferenceService", 1), endpoint="pets", who="ana")
+    body["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
+    with pytest.raises(jsonschema.ValidationError, match="'ten' is not of type 'integer'"):
+        check_kserve(body, kserve_schema)
+    body["spec"]["predictor"]["canaryTraficPercent"] = 10
+    assert unknown_fields(body, kserve_schema[0]) == [".spec.predictor.canaryTraficPercent"]
+
+
+@pytest.mark.parametrize("canary", [100, -1, True, 12.5])
+def test_a_canary_is_a_percentage(canary):
+    with pytest.raises(ConfigError, match=f"canary {canary!r} is not a share of traffic"):
+        rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="pets", canary=canary, who="ana")
+
+
+def test_an_endpoint_keeps_its_kind_and_its_name_rules():
+    seldon = rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="pets", who="ana")
+    with pytest.raises(ConfigError, match="endpoint pets is a SeldonDeployment; a InferenceService cannot"):
+        rollout.rollout(seldon, _render("InferenceService", 2), endpoint="pets", who="ana")
+    with pytest.raises(ConfigError, match="endpoint name 'Pets' is not accepted"):
+        rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="Pets", who="ana")
