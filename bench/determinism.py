@@ -4,9 +4,10 @@ Trains the small model on generated data in four settings of
 `petseg.determinism.configure`:
 
 - portable: seeds, op determinism, 2 intra/inter-op threads, CPU kernels pinned
-  to the AVX2 + FMA baseline (the default strict mode: the same bits on any CPU
-  at or above it);
-- native: the same without the CPU pins (the bits hold on this CPU type only);
+  to the AVX2 + FMA baseline (`--portable true`: the same bits on any CPU at or
+  above it);
+- native: the same without the CPU pins (the default strict mode; the bits
+  hold on this CPU type only);
 - fast: seeds only, threads chosen by TensorFlow;
 - single-thread: the original project's recipe, op determinism and 1 thread
   (portable).

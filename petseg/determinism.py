@@ -14,7 +14,8 @@ kernels, and the matrix product inside Eigen's contractions), TensorFlow's
 choice of oneDNN graph rewrites, numpy's OpenBLAS and numpy's own SIMD loops
 all pick code by the instruction set of the CPU they find, and different code
 sums in a different order. Portable strict mode pins each of them to one
-baseline, `BASELINE`, so that every CPU at or above it runs the same kernels:
+baseline, `BASELINE`, so that every CPU at or above it runs the same kernels
+(at a cost: bench/determinism.py, docs/PERFORMANCE.md):
 `pin_numpy` before numpy loads (it reads its pins once, at import), and
 `configure` for TensorFlow and oneDNN. JPEG decoding (libjpeg-turbo's SIMD
 paths) and Pillow's resizing give the same bytes at every level and need no
@@ -93,7 +94,7 @@ def pin_numpy(environ: MutableMapping[str, str]) -> dict:
     return dict(NUMPY_PINS)
 
 
-def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: bool = True) -> dict:
+def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: bool = False) -> dict:
     """Seeds every random generator and, when strict, makes TensorFlow deterministic.
 
     Strict mode: seeds for Python `random`, NumPy, TensorFlow and Keras, op

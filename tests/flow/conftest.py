@@ -37,7 +37,7 @@ def opens_log(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def released(flow_pachd, lineage_receiver, opens_log):
-    """A tiny run that passes the gate (floor 0, any lead), the first release of its endpoint, with its
+    """A tiny portable run that passes the gate (floor 0, any lead), the first release of its endpoint, with its
     lineage mirrored into the stand-in, its OpenLineage events sent over HTTP, and every file its steps
     open logged.
 
@@ -48,7 +48,7 @@ def released(flow_pachd, lineage_receiver, opens_log):
            "PYTHONPATH": os.pathsep.join(filter(None, [audit, os.environ.get("PYTHONPATH")])),
            "PETSEG_TEST_OPENS": str(opens_log), "PETSEG_TEST_OPENS_UNDER": str(session_root())}
     status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0, pachyderm=flow_pachd.address,
-                                   endpoint="released")
+                                   endpoint="released", portable=True)
     assert status == "successful", output[-4000:]
     return run, output
 
@@ -76,7 +76,7 @@ def resumed_run(flow_pachd, released_run):
     Returns (failed Run, resumed Run, resume output).
     """
     status, failed, output = run_flow(env={"PETSEG_FAIL_AT": "train"}, **TINY, min_miou=1.01,
-                                      pachyderm=flow_pachd.address, endpoint="released")
+                                      pachyderm=flow_pachd.address, endpoint="released", portable=True)
     assert status == "failed", output[-4000:]
     status, resumed, output = resume_flow(failed.id, "train")
     assert status == "successful", output[-4000:]

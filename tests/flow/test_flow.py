@@ -285,7 +285,8 @@ def baseline_run():
     """The released run's flow again, in processes that present a CPU at the portable baseline: oneDNN capped
     at AVX2, TensorFlow's oneDNN rewrites off (its default on such a CPU), OpenBLAS on its Haswell kernels."""
     env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "TF_ENABLE_ONEDNN_OPTS": "0", "OPENBLAS_CORETYPE": "Haswell"}
-    status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0)
+    status, run, output = run_flow(env=env, **TINY, min_miou=0.0, min_margin=-1.0, endpoint="baseline-cpu",
+                                   portable=True)
     assert status == "successful", output[-4000:]
     return run
 

@@ -78,7 +78,7 @@ def test_strict_training_is_bitwise_identical_across_processes(two_runs):
 
 def test_strict_settings_are_recorded(two_runs):
     assert two_runs[0]["settings"] == {"seed": 11, "mode": "strict", "intra_op_threads": 2, "inter_op_threads": 2,
-                                       "portable": True, "pins": determinism.PORTABLE_PINS}
+                                       "portable": False, "pins": {}}
 
 
 def test_configuring_threads_too_late_is_a_config_error(two_runs):
