@@ -48,6 +48,7 @@ RESOURCES = {
     "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),
     "Model": ("mlops.seldon.io", "v1alpha1", "models"),
     "Server": ("mlops.seldon.io", "v1alpha1", "servers"),
+    "Experiment": ("mlops.seldon.io", "v1alpha1", "experiments"),
 }
 """(group, version, plural) of each kind this module applies."""
 RUNTIME = "petseg.mlserver_runtime.PetSegRuntime"

@@ -8,6 +8,12 @@ The object is named after the endpoint, not the release, so clients keep one add
   serving one keeps the rest.
 - KServe ``InferenceService``: the candidate's predictor with ``canaryTrafficPercent`` (KServe keeps the
   previous revision serving the rest); without a canary, the new predictor takes all traffic.
+- Seldon Core v2 ``Experiment``: routes between the releases' own ``Model`` objects (one per release,
+  `petseg.deploy_kubernetes.render_seldon_model`, named as `deployment_name`): its ``candidates`` are the
+  serving release's Model and, during a canary, the candidate's with ``weight`` = ``canary``. Clients call
+  the Experiment itself (header ``seldon-model: <endpoint>.experiment``); it sets no ``default``, which
+  would split the traffic of one release's Model name and leave that name routed to the release once a
+  promote or rollback moved on.
 
 `rollout` (after the gate), `promote` (all traffic to the candidate, the old release retired) and
 `rollback` (a canary dropped, or the previous release restored) are pure: they take the object as it
@@ -24,19 +30,22 @@ import datetime
 import json
 
 from petseg.deploy_kubernetes import (RESOURCES, apply_object, default_api_client, deployment_name,
-                                      render_inference_service, render_seldon_deployment)
+                                      render_inference_service, render_seldon_deployment, render_seldon_model)
 from petseg.endpoints import check_name
 from petseg.errors import ConfigError, ServingError
 
 HISTORY = 5
 """How many replaced releases an object remembers for rollbacks."""
-KINDS = ("SeldonDeployment", "InferenceService")
+KINDS = ("SeldonDeployment", "InferenceService", "Experiment")
+SERVERS = {"seldon": "SeldonDeployment", "mlserver": "InferenceService", "seldon-v2": "Experiment"}
+"""``server`` of `roll_out` -> the kind of the endpoint's object."""
 
 
 def rollout(current: dict | None, candidate: dict, *, endpoint: str, canary: int = 0, who: str,
             when: str | None = None) -> dict:
     """The endpoint's object once ``candidate`` (one release's object, from `petseg.deploy_kubernetes`'s
-    ``render_*``) is rolled out: with ``canary`` percent of the traffic (1-99), or all of it (0).
+    ``render_*``; a ``Model`` for an ``Experiment``) is rolled out: with ``canary`` percent of the traffic
+    (1-99), or all of it (0).
 
     Raises:
         ConfigError: a bad endpoint name or canary, another kind than the endpoint's, or a canary in progress.
@@ -45,7 +54,7 @@ def rollout(current: dict | None, candidate: dict, *, endpoint: str, canary: int
     if isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary < 100:
         raise ConfigError(f"canary {canary!r} is not a share of traffic: expected a percentage from 0 (straight "
                           "replacement) to 99")
-    kind = candidate["kind"]
+    kind = "Experiment" if candidate["kind"] == "Model" else candidate["kind"]
     if current is not None and current["kind"] != kind:
         raise ConfigError(f"endpoint {endpoint} is a {current['kind']}; a {kind} cannot take its place")
     if current is not None and candidate_of(current):
@@ -62,6 +71,14 @@ def rollout(current: dict | None, candidate: dict, *, endpoint: str, canary: int
         else:
             history += old
             body["spec"]["predictors"] = [{**new, "traffic": 100}]
+    elif kind == "Experiment":
+        new = candidate["metadata"]["name"]
+        if current is not None and canary:
+            body["spec"]["candidates"] = [{"name": deployment_name(serving_of(current)), "weight": 100 - canary},
+                                          {"name": new, "weight": canary}]
+        else:
+            history += _serving_models(current)
+            body["spec"]["candidates"] = [{"name": new, "weight": 100}]
     else:
         if current is not None:
             history.append(current["spec"]["predictor"])
@@ -87,6 +104,9 @@ def promote(current: dict, *, who: str, when: str | None = None) -> dict:
         keep = deployment_name(version)
         history += [p for p in body["spec"]["predictors"] if p["name"] != keep]
         body["spec"]["predictors"] = [{**p, "traffic": 100} for p in body["spec"]["predictors"] if p["name"] == keep]
+    elif body["kind"] == "Experiment":
+        history += _serving_models(current)
+        body["spec"]["candidates"] = [{"name": deployment_name(version), "weight": 100}]
     else:
         body["spec"]["predictor"].pop("canaryTrafficPercent", None)
     return _sign(body, history, serving=version, candidate="", change=f"promote {version}", who=who, when=when,
@@ -101,11 +121,13 @@ def rollback(current: dict, *, who: str, when: str | None = None) -> dict:
     """
     name, body, history = current["metadata"]["name"], copy.deepcopy(current), _history(current)
     canary, serving = candidate_of(current), serving_of(current)
-    seldon = body["kind"] == "SeldonDeployment"
+    seldon, experiment = body["kind"] == "SeldonDeployment", body["kind"] == "Experiment"
     if canary:
         if seldon:
             body["spec"]["predictors"] = [{**p, "traffic": 100} for p in body["spec"]["predictors"]
                                           if p["name"] != deployment_name(canary)]
+        elif experiment:
+            body["spec"]["candidates"] = [{"name": deployment_name(serving), "weight": 100}]
         else:
             body["spec"]["predictor"] = history.pop()
         target = serving
@@ -113,6 +135,8 @@ def rollback(current: dict, *, who: str, when: str | None = None) -> dict:
         previous = history.pop()
         if seldon:
             body["spec"]["predictors"] = [{**previous, "traffic": 100}]
+        elif experiment:
+            body["spec"]["candidates"] = [{"name": previous["model"], "weight": 100}]
         else:
             body["spec"]["predictor"] = previous
         target = _version_of(previous)
@@ -136,6 +160,9 @@ def traffic(body: dict) -> dict[str, int]:
     """Release version -> percent of the traffic, as the object asks for it."""
     if body["kind"] == "SeldonDeployment":
         return {_version_of(p): int(p.get("traffic", 100)) for p in body["spec"]["predictors"]}
+    if body["kind"] == "Experiment":
+        versions = {deployment_name(v): v for v in (serving_of(body), candidate_of(body)) if v}
+        return {versions[c["name"]]: int(c["weight"]) for c in body["spec"]["candidates"]}
     canary = body["spec"]["predictor"].get("canaryTrafficPercent")
     if canary is None:
         return {serving_of(body): 100}
@@ -143,25 +170,41 @@ def traffic(body: dict) -> dict[str, int]:
 
 
 def _version_of(predictor: dict) -> str:
-    return (predictor.get("annotations") or {}).get("petseg/version", "")
+    """The release of a predictor, or of an Experiment's history entry (`_serving_models`)."""
+    return predictor.get("version") or (predictor.get("annotations") or {}).get("petseg/version", "")
+
+
+def _serving_models(current: dict | None) -> list[dict]:
+    """An Experiment's serving release as its history keeps it: a candidate names only a Model, so the entry
+    also names the release, which a rollback restores and reports."""
+    if current is None:
+        return []
+    return [{"model": deployment_name(serving_of(current)), "version": serving_of(current)}]
 
 
 def _shell(current: dict | None, candidate: dict, endpoint: str) -> dict:
-    """The object to change: the current one, or the candidate's named after the endpoint; an InferenceService
-    gets the candidate's predictor, which carries its release's identity (so that a rollback can name it)."""
+    """The object to change: the current one, or the candidate's named after the endpoint (for a Model, a new
+    Experiment); an InferenceService gets the candidate's predictor, which carries its release's identity
+    (so that a rollback can name it)."""
     if current is not None:
         body = copy.deepcopy(current)
+    elif candidate["kind"] == "Model":
+        body = {"apiVersion": candidate["apiVersion"], "kind": "Experiment",
+                "metadata": _endpoint_metadata(candidate, endpoint), "spec": {"candidates": []}}
     else:
         body = copy.deepcopy(candidate)
-        body["metadata"] = {"name": endpoint, "namespace": candidate["metadata"]["namespace"],
-                            "labels": {"app.kubernetes.io/name": "petseg", "petseg/endpoint": endpoint},
-                            "annotations": {}}
+        body["metadata"] = _endpoint_metadata(candidate, endpoint)
     if body["kind"] == "SeldonDeployment":
         body["spec"]["name"] = endpoint
-    else:
+    elif body["kind"] == "InferenceService":
         body["spec"]["predictor"] = {**copy.deepcopy(candidate["spec"]["predictor"]),
                                      "annotations": dict(candidate["metadata"]["annotations"])}
     return body
+
+
+def _endpoint_metadata(candidate: dict, endpoint: str) -> dict:
+    return {"name": endpoint, "namespace": candidate["metadata"]["namespace"],
+            "labels": {"app.kubernetes.io/name": "petseg", "petseg/endpoint": endpoint}, "annotations": {}}
 
 
 def _history(body: dict | None) -> list[dict]:
@@ -220,22 +263,34 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, canary: int = 0, server
         endpoint: The endpoint: the object's name.
         who: Who rolls it out (the annotations record it).
         canary: Percent of the traffic the release takes beside the serving one (0: all of it).
-        server: ``seldon`` (a SeldonDeployment) or ``mlserver`` (a KServe InferenceService).
-        image: Container image (see Dockerfile).
+        server: ``seldon`` (a SeldonDeployment), ``mlserver`` (a KServe InferenceService) or ``seldon-v2`` (the
+            release's Seldon Core v2 Model, applied and ready first, then the endpoint's Experiment; the Server
+            of the petseg image, `petseg.deploy_kubernetes.render_seldon_server`, is already there).
+        image: Container image (see Dockerfile); a Seldon Core v2 Model runs on its Server's.
         namespace: Kubernetes namespace.
-        **render_options: More arguments of `petseg.deploy_kubernetes.render_seldon_deployment` or
-            ``render_inference_service`` (model_uri, replicas, s3_endpoint_url, secrets, ...).
+        **render_options: More arguments of `petseg.deploy_kubernetes.render_seldon_deployment`,
+            ``render_inference_service`` (model_uri, replicas, s3_endpoint_url, secrets, ...) or
+            ``render_seldon_model`` (model_uri, replicas, memory).
 
     Returns:
         ``{"kind": "kubernetes", "server", "endpoint", "name", "namespace", "traffic", "url"}``: ``traffic``
-        maps release versions to percent; ``url`` is KServe's address, or Seldon's route through the ingress.
+        maps release versions to percent; ``url`` is KServe's address, Seldon's route through the ingress, or
+        for Seldon Core v2 the Open Inference Protocol path, which requests pair with the header in ``headers``.
     """
-    if server not in ("seldon", "mlserver"):
-        raise ConfigError(f"server {server!r} is unknown: expected seldon or mlserver")
-    render = render_seldon_deployment if server == "seldon" else render_inference_service
-    candidate = render(manifest, image=image, namespace=namespace, **render_options)
+    if server not in SERVERS:
+        raise ConfigError(f"server {server!r} is unknown: expected one of {', '.join(SERVERS)}")
+    if server == "seldon-v2":
+        candidate = render_seldon_model(manifest, namespace=namespace, **render_options)
+        # The Experiment is refused by Seldon until its candidates exist: the release's Model loads first.
+        apply_object(candidate, namespace=namespace, api_client=api_client, timeout=timeout)
+    else:
+        render = render_seldon_deployment if server == "seldon" else render_inference_service
+        candidate = render(manifest, image=image, namespace=namespace, **render_options)
     applied = apply(endpoint, lambda current: rollout(current, candidate, endpoint=endpoint, canary=canary, who=who),
-                    namespace=namespace, kind=candidate["kind"], api_client=api_client, timeout=timeout)
+                    namespace=namespace, kind=SERVERS[server], api_client=api_client, timeout=timeout)
+    result = {"kind": "kubernetes", "server": server, "endpoint": endpoint, "name": endpoint, "namespace": namespace,
+              "traffic": traffic(applied)}
+    if server == "seldon-v2":
+        return {**result, "url": f"/v2/models/{endpoint}/infer", "headers": {"seldon-model": f"{endpoint}.experiment"}}
     url = ((applied.get("status") or {}).get("address") or {}).get("url") if server == "mlserver" else None
-    return {"kind": "kubernetes", "server": server, "endpoint": endpoint, "name": endpoint, "namespace": namespace,
-            "traffic": traffic(applied), "url": url or f"/seldon/{namespace}/{endpoint}/api/v1.0/predictions"}
+    return {**result, "url": url or f"/seldon/{namespace}/{endpoint}/api/v1.0/predictions"}

@@ -2,8 +2,8 @@
 
     petseg status [NAME] [--json]
     petseg rollback [NAME]            # default petseg; the release that served before, without downtime
-    petseg promote NAME [--namespace NS] [--kind seldon|kserve] [--by WHO]           # on Kubernetes
-    petseg rollback NAME --kubernetes [--namespace NS] [--kind seldon|kserve] [--by WHO]
+    petseg promote NAME [--namespace NS] [--kind seldon|kserve|seldon-v2] [--by WHO]   # on Kubernetes
+    petseg rollback NAME --kubernetes [--namespace NS] [--kind seldon|kserve|seldon-v2] [--by WHO]
 
 An endpoint is the stable address a release serves at: on this machine (`petseg.local_endpoint`)
 a run's release step switches it when the gate accepts a model (``--endpoint``); on Kubernetes it
@@ -19,7 +19,7 @@ import json
 from petseg import endpoints, local_endpoint
 from petseg.errors import ConfigError
 
-KINDS = {"seldon": "SeldonDeployment", "kserve": "InferenceService"}
+KINDS = {"seldon": "SeldonDeployment", "kserve": "InferenceService", "seldon-v2": "Experiment"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cluster_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
     command.add_argument("--kind", choices=KINDS, default="seldon",
-                         help="seldon: a SeldonDeployment; kserve: a KServe InferenceService. Default seldon")
+                         help="seldon: a SeldonDeployment; kserve: a KServe InferenceService; seldon-v2: a Seldon "
+                              "Core v2 Experiment between the releases' Models. Default seldon")
     command.add_argument("--by", default=None, help="who does it, recorded in the object (default: the user name)")
 
 

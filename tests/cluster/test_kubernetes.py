@@ -651,6 +651,7 @@ def ready_controller(admin, namespace: str, kind: str, name: str):
     from petseg import deploy_kubernetes as k8s
 
     group, version, plural = k8s.RESOURCES[kind]
+    # Seldon Core v1 reports a state; KServe, and Seldon Core v2 for a Model or an Experiment, a Ready condition.
     status = ({"status": {"state": "Available"}} if kind == "SeldonDeployment"
               else {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Loaded"}]}})
     stopped = threading.Event()
@@ -739,6 +740,71 @@ def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollba
                             "--kind", "seldon" if kind == "SeldonDeployment" else "kserve")
         assert result.returncode == 2 and "no earlier release to roll back to (serving: petseg-1)" in result.stderr
 
+
+
+def test_a_seldon_v2_endpoint_is_one_experiment_through_canary_promote_and_consecutive_rollbacks(
+        cluster, admin, workdir, mlserver_crds):
+    """Each release's Model, and the endpoint's Experiment between them, as the API server stores them (under a
+    schema that prunes what it does not know), field by field."""
+    from kubernetes import config
+
+    from petseg import deploy_kubernetes as k8s
+    from petseg import rollout_kubernetes as rollout
+
+    namespace, name = cluster["PETSEG_K8S_NAMESPACE"], "pets-experiment"
+    runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
+    options = {"endpoint": name, "server": "seldon-v2", "namespace": namespace, "api_client": runner, "timeout": 30}
+
+    def stored(kind: str = "Experiment", **selector) -> list[dict]:
+        group, version, plural = k8s.RESOURCES[kind]
+        return admin["custom"].list_namespaced_custom_object(group, version, namespace, plural, **selector)["items"]
+
+    def experiment() -> dict:  # one object for the endpoint, whatever the release
+        [item] = stored(label_selector=f"petseg/endpoint={name}")
+        assert item["metadata"]["name"] == name
+        return item
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return petseg_cli(cluster, workdir, *args, name, "--namespace", namespace, "--kind", "seldon-v2")
+
+    with contextlib.ExitStack() as controllers:
+        for kind, ready in [("Experiment", name), *(("Model", f"petseg-{run}") for run in (1, 2, 3))]:
+            controllers.enter_context(ready_controller(admin, namespace, kind, ready))
+        first = rollout.roll_out(_release(1), who="ana", **options)
+        assert first["traffic"] == {"petseg-1": 100} and first["name"] == name
+        assert first["headers"] == {"seldon-model": f"{name}.experiment"}
+        body = experiment()
+        assert body["spec"] == {"candidates": [{"name": "petseg-1", "weight": 100}]}
+        uid = body["metadata"]["uid"]
+        [model] = [m for m in stored("Model") if m["metadata"]["name"] == "petseg-1"]
+        assert model["spec"] == k8s.render_seldon_model(_release(1), namespace=namespace)["spec"]
+
+        assert rollout.roll_out(_release(2), who="bo", canary=10, **options)["traffic"] == \
+            {"petseg-1": 90, "petseg-2": 10}
+        body = experiment()  # nothing pruned: the stored candidates are the rendered ones
+        assert body["spec"] == {"candidates": [{"name": "petseg-1", "weight": 90}, {"name": "petseg-2", "weight": 10}]}
+        assert body["metadata"]["annotations"]["petseg/rolled-out-by"] == "bo"
+        assert {m["metadata"]["name"] for m in stored("Model")} >= {"petseg-1", "petseg-2"}
+
+        result = cli("promote", "--by", "cy")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{name}: promoted by cy; traffic petseg-2 100 %"
+        body = experiment()
+        assert body["spec"] == {"candidates": [{"name": "petseg-2", "weight": 100}]}
+        assert body["metadata"]["annotations"]["petseg/promoted-by"] == "cy"
+
+        rollout.roll_out(_release(3), who="dee", **options)
+        for expected in ("petseg-2", "petseg-1"):  # consecutive rollbacks, one release back each
+            result = cli("rollback", "--kubernetes", "--by", "eve")
+            assert result.returncode == 0, result.stderr
+            body = experiment()
+            assert body["spec"] == {"candidates": [{"name": expected, "weight": 100}]}  # no stale candidate
+            assert rollout.traffic(body) == {expected: 100} and rollout.serving_of(body) == expected
+            assert body["metadata"]["annotations"]["petseg/rolled-back-by"] == "eve"
+            assert body["metadata"]["annotations"]["petseg/rolled-back-at"]
+        assert body["metadata"]["uid"] == uid
+        result = cli("rollback", "--kubernetes")
+        assert result.returncode == 2 and "no earlier release to roll back to (serving: petseg-1)" in result.stderr
 
 def test_service_account_has_no_rights_beyond_its_roles(cluster):
     from kubernetes import client, config

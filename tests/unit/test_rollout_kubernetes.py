@@ -1,17 +1,20 @@
 """One Kubernetes object per endpoint: rollouts, canaries, promotions and rollbacks, field by field; KServe objects
-checked against KServe's published InferenceService schema (tests/support/kserve)."""
+checked against KServe's published InferenceService schema (tests/support/kserve), Seldon Core v2 Experiments
+against the stand-in schema the test cluster registers (tests/support/cluster/mlserver-crds.yaml)."""
 
 import json
 from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 
 from petseg import deploy_kubernetes as k8s
 from petseg import rollout_kubernetes as rollout
 from petseg.errors import ConfigError
 
 KSERVE_CRD = Path(__file__).resolve().parents[1] / "support" / "kserve" / "inferenceservices.serving.kserve.io.json"
+SELDON_V2_CRDS = Path(__file__).resolve().parents[1] / "support" / "cluster" / "mlserver-crds.yaml"
 WHEN = "2026-01-02T03:04:05+00:00"
 
 
@@ -22,6 +25,8 @@ def _release(run: int) -> dict:
 
 
 def _render(kind: str, run: int) -> dict:
+    if kind == "Experiment":  # the endpoint's Experiment routes to each release's own Model
+        return k8s.render_seldon_model(_release(run), namespace="serving")
     render = k8s.render_seldon_deployment if kind == "SeldonDeployment" else k8s.render_inference_service
     return render(_release(run), image="petseg:test", namespace="serving")
 
@@ -33,6 +38,18 @@ def kserve_schema():
     [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
     schema = version["schema"]["openAPIV3Schema"]
     return schema, jsonschema.Draft4Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def experiment_schema():
+    [crd] = [c for c in yaml.safe_load_all(SELDON_V2_CRDS.read_text()) if c["spec"]["names"]["kind"] == "Experiment"]
+    [version] = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def check_experiment(body: dict, schema: dict) -> None:
+    jsonschema.Draft4Validator(schema).validate(body)
+    assert unknown_fields(body, schema) == []
 
 
 def unknown_fields(value, schema: dict, where: str = "") -> list[str]:
@@ -104,7 +121,8 @@ def test_seldon_rollback_of_a_canary_leaves_the_serving_release_alone():
 
 
 @pytest.mark.parametrize("kind", rollout.KINDS)
-def test_consecutive_rollbacks_walk_back_one_release_each_and_leave_no_route_behind(kind, kserve_schema):
+def test_consecutive_rollbacks_walk_back_one_release_each_and_leave_no_route_behind(kind, kserve_schema,
+                                                                                     experiment_schema):
     body = None
     for run in (1, 2, 3):
         body = rollout.rollout(body, _render(kind, run), endpoint="pets", who="ana")
@@ -116,6 +134,9 @@ def test_consecutive_rollbacks_walk_back_one_release_each_and_leave_no_route_beh
     assert json.loads(body["metadata"]["annotations"]["petseg/history"]) == []
     if kind == "SeldonDeployment":
         assert [p["name"] for p in body["spec"]["predictors"]] == ["petseg-1"]
+    elif kind == "Experiment":
+        assert body["spec"] == {"candidates": [{"name": "petseg-1", "weight": 100}]}
+        check_experiment(body, experiment_schema)
     else:
         assert "canaryTrafficPercent" not in body["spec"]["predictor"]
         assert body["spec"]["predictor"]["annotations"]["petseg/version"] == "petseg-1"
@@ -165,3 +186,73 @@ def test_an_endpoint_keeps_its_kind_and_its_name_rules():
         rollout.rollout(seldon, _render("InferenceService", 2), endpoint="pets", who="ana")
     with pytest.raises(ConfigError, match="endpoint name 'Pets' is not accepted"):
         rollout.rollout(None, _render("SeldonDeployment", 1), endpoint="Pets", who="ana")
+
+
+def test_an_experiment_routes_between_the_releases_models(experiment_schema):
+    first = rollout.rollout(None, _render("Experiment", 1), endpoint="pets", canary=10, who="ana", when=WHEN)
+    check_experiment(first, experiment_schema)
+    assert (first["apiVersion"], first["kind"]) == ("mlops.seldon.io/v1alpha1", "Experiment")
+    assert first["metadata"] == {"name": "pets", "namespace": "serving",
+                                 "labels": {"app.kubernetes.io/name": "petseg", "petseg/endpoint": "pets"},
+                                 "annotations": first["metadata"]["annotations"]}
+    # No default: clients call the Experiment (pets.experiment), never one release's Model name.
+    assert first["spec"] == {"candidates": [{"name": "petseg-1", "weight": 100}]}  # nothing to be a canary beside
+    annotations = first["metadata"]["annotations"]
+    assert (annotations["petseg/serving"], annotations["petseg/candidate"]) == ("petseg-1", "")
+    assert (annotations["petseg/rolled-out-by"], annotations["petseg/rolled-out-at"]) == ("ana", WHEN)
+
+    canary = rollout.rollout(first, _render("Experiment", 2), endpoint="pets", canary=10, who="bo", when=WHEN)
+    check_experiment(canary, experiment_schema)
+    assert canary["spec"]["candidates"] == [{"name": "petseg-1", "weight": 90}, {"name": "petseg-2", "weight": 10}]
+    assert _versions(canary) == {"petseg-1": 90, "petseg-2": 10}
+    assert (rollout.serving_of(canary), rollout.candidate_of(canary)) == ("petseg-1", "petseg-2")
+    assert canary["metadata"]["annotations"]["petseg/change"] == "rollout of petseg-2, 10 % canary"
+    with pytest.raises(ConfigError, match="canary of petseg-2 in progress: `petseg promote pets`"):
+        rollout.rollout(canary, _render("Experiment", 3), endpoint="pets", who="bo")
+
+    promoted = rollout.promote(canary, who="cy", when=WHEN)
+    check_experiment(promoted, experiment_schema)
+    assert promoted["spec"] == {"candidates": [{"name": "petseg-2", "weight": 100}]}
+    assert (rollout.serving_of(promoted), rollout.candidate_of(promoted)) == ("petseg-2", "")
+    assert json.loads(promoted["metadata"]["annotations"]["petseg/history"]) == [
+        {"model": "petseg-1", "version": "petseg-1"}]
+    assert promoted["metadata"]["annotations"]["petseg/promoted-by"] == "cy"
+
+    dropped = rollout.rollback(canary, who="dee", when=WHEN)
+    check_experiment(dropped, experiment_schema)
+    assert dropped["spec"] == first["spec"] and _versions(dropped) == {"petseg-1": 100}
+    assert json.loads(dropped["metadata"]["annotations"]["petseg/history"]) == []
+    assert dropped["metadata"]["annotations"]["petseg/change"] == "rollback to petseg-1"
+
+
+def test_an_experiment_replaced_outright_keeps_the_release_before_for_a_rollback(experiment_schema):
+    body = rollout.rollout(None, _render("Experiment", 1), endpoint="pets", who="ana")
+    body = rollout.rollout(body, _render("Experiment", 2), endpoint="pets", who="bo", when=WHEN)
+    check_experiment(body, experiment_schema)
+    assert body["spec"] == {"candidates": [{"name": "petseg-2", "weight": 100}]}
+    assert body["metadata"]["annotations"]["petseg/change"] == "rollout of petseg-2"
+    back = rollout.rollback(body, who="cy", when=WHEN)
+    check_experiment(back, experiment_schema)
+    assert back["spec"] == {"candidates": [{"name": "petseg-1", "weight": 100}]}
+    assert rollout.serving_of(back) == "petseg-1" and back["metadata"]["annotations"]["petseg/rolled-back-by"] == "cy"
+    with pytest.raises(ConfigError, match="no earlier release to roll back to \\(serving: petseg-1\\)"):
+        rollout.rollback(back, who="cy")
+
+
+def test_the_experiment_schema_refuses_what_seldon_does_not_know(experiment_schema):
+    body = rollout.rollout(None, _render("Experiment", 1), endpoint="pets", who="ana")
+    body["spec"]["candidates"][0]["weight"] = "all"
+    with pytest.raises(jsonschema.ValidationError, match="'all' is not of type 'integer'"):
+        check_experiment(body, experiment_schema)
+    body["spec"]["candidates"][0] = {"modelName": "petseg-1", "weight": 100}
+    assert unknown_fields(body, experiment_schema) == [".spec.candidates[0].modelName"]
+    with pytest.raises(jsonschema.ValidationError, match="'name' is a required property"):
+        check_experiment(body, experiment_schema)
+
+
+def test_an_experiment_endpoint_keeps_its_kind():
+    experiment = rollout.rollout(None, _render("Experiment", 1), endpoint="pets", who="ana")
+    with pytest.raises(ConfigError, match="endpoint pets is a Experiment; a SeldonDeployment cannot"):
+        rollout.rollout(experiment, _render("SeldonDeployment", 2), endpoint="pets", who="ana")
+    with pytest.raises(ConfigError, match="server 'seldon2' is unknown: expected one of seldon, mlserver, seldon-v2"):
+        rollout.roll_out(_release(1), endpoint="pets", who="ana", server="seldon2")
