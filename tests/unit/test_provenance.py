@@ -79,7 +79,7 @@ def test_require_clean_stops_a_dirty_run_in_its_settings(checkout, monkeypatch):
     parameters = {"trials": 1, "tune_epochs": 1, "epochs": 1, "threads": 1, "image_size": 32, "batch_size": 0,
                   "deploy": "none", "server": "seldon", "lineage": "required", "split": "md5", "arch": "small", "seed": 1,
                   "deterministic": True, "require_clean": False, "endpoint": "petseg", "champion": "auto",
-                  "canary": 0}
+                  "canary": 0, "portable": False}
     facts = codeversion.git_facts(checkout / "flows")
     settings = stages.settings(parameters, code=facts)
     assert settings["code"]["dirty"] and settings["code_version"] == f"{facts['commit']}-dirty"
