@@ -436,6 +436,11 @@ def _wait_ready(api, resource: tuple[str, str, str], namespace: str, name: str, 
         current = _get(api, resource, namespace, name, where) or {}
         status = current.get("status") or {}
         readiness, description = _readiness(resource[2], status)
+        # Right after a replace the status is still the previous spec's: where the controller says which
+        # generation it has seen, only a status of this generation counts.
+        generation = (current.get("metadata") or {}).get("generation")
+        if readiness == "ready" and generation is not None and status.get("observedGeneration", generation) < generation:
+            readiness, description = "waiting", f"status of generation {status['observedGeneration']}, not {generation}"
         if readiness == "ready":
             return current
         if readiness == "failed":

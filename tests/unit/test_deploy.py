@@ -282,6 +282,22 @@ def test_apply_twice_replaces_with_the_current_resource_version(monkeypatch, ren
     assert "resourceVersion" not in rendered["metadata"]  # the caller's object is left alone
 
 
+def test_apply_waits_for_the_status_of_the_new_generation(monkeypatch, rendered):
+    """Right after a replace the controller's status still describes the previous spec: it does not count."""
+    api = _use(monkeypatch, StandInApi(states=["Available"]))
+    observed, stored_get = iter([1, 1, 2]), api.get_namespaced_custom_object
+
+    def get(*args):
+        current = stored_get(*args)
+        current["metadata"]["generation"] = 2
+        current["status"]["observedGeneration"] = next(observed, 2)
+        return current
+
+    api.get_namespaced_custom_object = get
+    applied = deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    assert applied["status"]["observedGeneration"] == 2
+
+
 def test_apply_retries_after_a_conflict(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi(conflicts=1))
     deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
