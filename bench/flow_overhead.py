@@ -35,9 +35,9 @@ ingested = timed("ingest", stages.ingest, source=args["source"], feedback="", sk
                  store=store)
 splits = timed("transform", stages.transform, ingested, store=store, rule="md5")
 configs = tune.sample_trials(args["trials"], seed=args["seed"])
-results = [timed("tune", stages.run_trial, c, splits=splits, store=store, arch="small", epochs=args["tune_epochs"],
+results = [timed("trial", stages.run_trial, c, splits=splits, store=store, arch="small", epochs=args["tune_epochs"],
                  settings=settings) for c in configs]
-trials, best = timed("select", stages.select, results)
+trials, best = timed("tune", stages.select, results)
 trained = timed("train", stages.train, best, splits=splits, store=store, arch="small", epochs=args["epochs"],
                 batch_size=0, settings=settings)
 calibration, calibration_report = timed("calibrate", stages.calibrate, trained["model_keras"], splits=splits,

@@ -34,7 +34,7 @@ compute_resources = resources(cpu=config_expr("compute.cpu"), memory=config_expr
                               gpu=config_expr("compute.gpu"))
 
 
-@hooks.openlineage_events  # every step: OpenLineage START, then COMPLETE or FAIL
+@hooks.records  # every step: its stage in the lineage graph (and Pachyderm), OpenLineage events, run tags
 class PetSegFlow(FlowSpec):
     """Reproducible pet segmentation (Oxford-IIIT Pet trimaps, U-Net).
 
@@ -42,15 +42,16 @@ class PetSegFlow(FlowSpec):
     2. ingest: read and validate the source; shard it; fingerprint the data set.
     3. transform: split into training, validation, test and calibration (md5 of the sample id, or the
        release's official test list).
-    4. tune: one short training per sampled configuration, in parallel.
-    5. select: keep every trial's result and pick the best.
+    4. trial: one short training per sampled configuration, in parallel.
+    5. tune: keep every trial's result and pick the best.
     6. train: the final model with the selected settings.
     7. calibrate: isotonic calibration of pixel probabilities, per class.
     8. evaluate: the model beside baselines (and the serving champion) on validation and test data; the
        served mask (calibrated or raw, chosen on validation); a report card.
     9. release: the quality gate (validation data only: baselines and champion), then a signed release
        (manifest, SLSA provenance) and a deployment.
-    Every stage records what it read and wrote in the run's lineage graph (petseg lineage RUN).
+    Each stage reads and writes what petseg.lineage.STAGES declares; when its step ends, that is recorded
+    in the run's lineage graph (petseg lineage RUN), mirrored into Pachyderm and sent as OpenLineage events.
     """
 
     compute = Config("compute", default_value={"cpu": 2, "memory": 4096, "gpu": 1},
@@ -128,8 +129,6 @@ class PetSegFlow(FlowSpec):
         self.parameters = stages.parameters({name: getattr(self, name) for name in current.parameter_names})
         self.settings = stages.settings(self.parameters, code=self.code)
         self.blob_root = stages.blob_root(self._datastore)
-        self.lineage_target = stages.lineage_target(pachyderm=self.pachyderm, mode=self.lineage)
-        self.lineage_graph = stages.lineage_start(self.settings)
         self.next(self.ingest)
 
     @retry(times=2)
@@ -139,11 +138,6 @@ class PetSegFlow(FlowSpec):
         self.ingest_report = stages.ingest(source=self.source, feedback=self.feedback, skip_bad=self.skip_bad,
                                            settings=self.settings, store=self.blob_root)
         self.dataset_fingerprint = self.ingest_report["fingerprint"]
-        hooks.tag_run(dataset=self.dataset_fingerprint)
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "warehouse",
-                                                   {"ingest_report.json": self.ingest_report},
-                                                   target=self.lineage_target,
-                                                   dataset_fingerprint=self.dataset_fingerprint)
         self.next(self.transform)
 
     @step
@@ -151,29 +145,22 @@ class PetSegFlow(FlowSpec):
         """Split samples by the --split rule and write one shard set per split."""
         self.splits = stages.transform(self.ingest_report, store=self.blob_root, rule=self.split)
         self.trial_configs = tuning.sample_trials(self.trials, seed=self.settings["seed"])
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "transform", {"splits.json": self.splits},
-                                                   target=self.lineage_target,
-                                                   dataset_fingerprint=self.dataset_fingerprint)
-        self.next(self.tune, foreach="trial_configs")
+        self.next(self.trial, foreach="trial_configs")
 
     @compute_resources
     @timeout(hours=2)
     @step
-    def tune(self):
+    def trial(self):
         """Train one short trial of a sampled configuration; report validation loss and mIoU."""
-        self.trial = stages.run_trial(self.input, splits=self.splits, store=self.blob_root, arch=self.arch,
-                                      epochs=self.tune_epochs, settings=self.settings)
-        self.next(self.select)
+        self.result = stages.run_trial(self.input, splits=self.splits, store=self.blob_root, arch=self.arch,
+                                       epochs=self.tune_epochs, settings=self.settings)
+        self.next(self.tune)
 
     @step
-    def select(self, inputs):
+    def tune(self, inputs):
         """Keep every trial's result and pick the best (lowest validation loss, ties by index)."""
-        self.merge_artifacts(inputs, exclude=["trial"])
-        self.trial_results, self.best = stages.select(i.trial for i in inputs)
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "tune", {"trials.json": self.trial_results,
-                                                                                "selected.json": self.best},
-                                                   target=self.lineage_target,
-                                                   dataset_fingerprint=self.dataset_fingerprint)
+        self.merge_artifacts(inputs, exclude=["result"])
+        self.trial_results, self.best = stages.select(i.result for i in inputs)
         self.next(self.train)
 
     @compute_resources
@@ -186,12 +173,6 @@ class PetSegFlow(FlowSpec):
         self.model_keras, self.model_fingerprint = trained["model_keras"], trained["fingerprint"]
         self.history, self.tensorboard_logs = trained["history"], trained["tensorboard_logs"]
         self.environment = trained["environment"]
-        hooks.tag_run(model=self.model_fingerprint)
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "model",
-                                                   {"model.keras": self.model_keras,
-                                                    "fingerprint.txt": self.model_fingerprint,
-                                                    "history.json": self.history},
-                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.calibrate)
 
     @compute_resources
@@ -200,10 +181,6 @@ class PetSegFlow(FlowSpec):
         """Fit isotonic calibration on the calibration split; ECE before and after."""
         self.calibration, self.calibration_report = stages.calibrate(
             self.model_keras, splits=self.splits, store=self.blob_root, settings=self.settings)
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "calibrate",
-                                                   {"calibration.json": self.calibration,
-                                                    "report.json": self.calibration_report},
-                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.evaluate)
 
     @card(type="blank", id="report")
@@ -217,8 +194,6 @@ class PetSegFlow(FlowSpec):
                                                 champion=self.champion_release)
         stages.report_card(metrics=self.metrics, history=self.history, trials=self.trial_results,
                            calibration_report=self.calibration_report, samples=samples)
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "evaluate", {"metrics.json": self.metrics},
-                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.release)
 
     @hooks.signing_key_secret  # on Kubernetes, only this step's pod gets the signing key
@@ -237,11 +212,6 @@ class PetSegFlow(FlowSpec):
                 store=self.blob_root, **self._fingerprints())
             self.deployment = stages.deploy(self.manifest, target=self.deploy, port=self.port,
                                             server=self.server, endpoint=self.endpoint, canary=self.canary)
-        hooks.tag_run(release="accepted" if self.released else "rejected")
-        self.lineage_graph = stages.lineage_record(self.lineage_graph, "release",
-                                                   {"manifest.json": self.manifest,
-                                                    "decision.txt": self.gate_message},
-                                                   target=self.lineage_target, **self._fingerprints())
         self.next(self.end)
 
     @hooks.tag_when_finished  # the launcher tags the run dataset:, model:, release: from its artifacts

@@ -1,6 +1,6 @@
 """Check every sample of a data source and shard it; route shards into splits.
 
-``ingest`` is the warehouse stage: it brings a source (`petseg.sources`) into a
+``ingest`` is the ingest stage (the warehouse): it brings a source (`petseg.sources`) into a
 local directory in the Oxford-IIIT Pet layout (``images/<id>.jpg``,
 ``annotations/trimaps/<id>.png``, ``annotations/list.txt``), checks each
 sample, resizes it to ``image_size`` and streams it into TFRecord shards,

@@ -1,14 +1,18 @@
-"""The Metaflow decorators petseg puts around the flow's steps: OpenLineage events, and the launcher's run tags.
+"""The Metaflow decorators petseg puts around the flow's steps: lineage, OpenLineage events and run tags.
 
 Step glue, beside `petseg.stages` (which reads Metaflow's settings and the
 environment for both):
 
-- `openlineage_events` (on the flow class) wraps every step in
-  `StepEvents`: a START before the step, a COMPLETE or FAIL after it, built by
-  `petseg.lineage_events` from the step's inputs and outputs (the task's log
-  and lineage graph, see `petseg.stages`), the code record, the determinism
-  settings and the split rule. ``--lineage required`` fails the step when an
-  event cannot be delivered; ``best-effort`` warns.
+- `records` (on the flow class) wraps every step in `StepRecords`. When a
+  step ends, its stage (`petseg.lineage.STAGES` declares what each reads and
+  writes) is recorded in the run's lineage graph from that declaration and the
+  step's artifacts, and mirrored into Pachyderm; the run is tagged with what
+  the step earned (``dataset:``, ``model:``, ``release:``); and OpenLineage
+  events go out (`petseg.lineage_events`: a START, then a COMPLETE or FAIL
+  with the task's inputs and outputs, the code record, the determinism
+  settings and the split rule). ``--lineage required`` fails the step when
+  its lineage cannot be mirrored or an event cannot be delivered;
+  ``best-effort`` warns.
 - `tag_when_finished` (on the end step) tags the run ``dataset:``, ``model:``
   and ``release:`` from its artifacts when the run finishes, on the machine
   that launched it. A step in a pod with local metadata cannot see its run
@@ -36,7 +40,7 @@ from pathlib import Path
 from metaflow import FlowMutator, StepMutator, UserStepDecorator, current
 from metaflow.decorators import StepDecorator, _base_step_decorator
 
-from petseg import codeversion, lineage_events, stages
+from petseg import lineage, lineage_events, release, stages
 from petseg.errors import LineageError
 
 # -- tags -----------------------------------------------------------------------------------------------------
@@ -59,19 +63,33 @@ def tag_run(**tags: str) -> None:
               "(this task's metadata cannot see the run)")
 
 
+EARNED_TAGS = (("dataset", "ingest", "dataset_fingerprint"), ("model", "train", "model_fingerprint"),
+               ("release", "release", "released"))
+"""The run tags a step earns: (tag, step, the artifact whose value it is)."""
+
+
+def _tag_value(key: str, value) -> str:
+    return ("accepted" if value else "rejected") if key == "release" else str(value)
+
+
+def tag_earned(flow, step_name: str) -> None:
+    """Tag the run with what this step has earned (`EARNED_TAGS`)."""
+    tags = {key: _tag_value(key, getattr(flow, artifact)) for key, step, artifact in EARNED_TAGS if step == step_name}
+    if tags:
+        tag_run(**tags)
+
+
 def run_tags(run) -> dict[str, str]:
-    """The ``dataset``, ``model`` and ``release`` tags a run has earned, from its artifacts (a Client Run)."""
+    """The tags of `EARNED_TAGS` a run has earned, from its artifacts (a Client Run)."""
     found = {}
-    for key, step, artifact in (("dataset", "ingest", "dataset_fingerprint"), ("model", "train", "model_fingerprint"),
-                                ("release", "release", "released")):
+    for key, step, artifact in EARNED_TAGS:
         try:
             task = run[step].task
         except KeyError:  # the step never ran
             continue
         if task is None or not task.successful or artifact not in task:
             continue
-        value = task[artifact].data
-        found[key] = ("accepted" if value else "rejected") if key == "release" else str(value)
+        found[key] = _tag_value(key, task[artifact].data)
     return found
 
 
@@ -147,42 +165,65 @@ def openlineage_namespace() -> str:
     return os.environ.get("OPENLINEAGE_NAMESPACE") or "petseg"
 
 
-class StepEvents(UserStepDecorator):
-    """START before a step, COMPLETE or FAIL after it (added to every step by `openlineage_events`)."""
+class StepRecords(UserStepDecorator):
+    """What every step leaves on record (added to every step by `records`).
+
+    Before the step: an OpenLineage START. After it: its stage, when the step is one
+    (`petseg.lineage.STAGES`), recorded in the run's lineage graph from the stage's
+    declaration and the step's artifacts and mirrored into Pachyderm; the run's
+    tags it has earned; then a COMPLETE or FAIL. The start step fixes the run's
+    settings, which every event carries, so its events are sent when it ends.
+    """
 
     def pre_step(self, step_name, flow, inputs=None):
-        stages.TASK.clear()
+        # A join step sees its inputs' artifacts only once it merges them.
+        self._settings = _artifact(inputs[0] if inputs else flow, "settings")
         self._delivery = openlineage_delivery(root=stages.datastore_root(flow._datastore), pathspec=current.pathspec,
                                               attempt=current.retry_count, mode=flow.lineage)
-        try:
-            if step_name == "start":
-                self._send(lineage_events.flow_event("START", **self._run_facts(flow)))
-            self._send(lineage_events.task_event("START", **self._task_facts(flow)))
-        except LineageError as err:
-            raise stages.StepError(str(err)) from None
+        if step_name != "start":
+            self._send_or_fail(lineage_events.task_event("START", **self._task_facts(flow)))
 
     def post_step(self, step_name, flow, exception=None):
         problem = None
         try:
-            self._send(self._outcome(flow, exception))
+            if step_name == "start":
+                if exception is None:
+                    flow.lineage_target = stages.lineage_target(pachyderm=flow.pachyderm, mode=flow.lineage)
+                    self._settings = flow.settings
+                    flow.lineage_graph = lineage.new_graph(pathspec=current.pathspec, code=flow.settings["code"],
+                                                           code_version=flow.settings["code_version"])
+                    self._send(lineage_events.flow_event("START", **self._run_facts(flow)))
+                self._send(lineage_events.task_event("START", **self._task_facts(flow)))
+            elif exception is None and step_name in lineage.STAGES:
+                flow.lineage_graph = record_stage(flow, step_name)
+            if exception is None:
+                tag_earned(flow, step_name)
+            self._send(self._outcome(flow, step_name, exception))
             if step_name == "end" and exception is None:
                 self._send(lineage_events.flow_event("COMPLETE", **self._run_facts(flow)))
         except LineageError as err:
             problem = stages.StepError(str(err))
+        except stages.StepError as err:
+            problem = err
         if exception is not None:
             return exception, None
         return problem, None
 
-    def _outcome(self, flow, exception):
+    def _outcome(self, flow, step_name, exception):
         graph = _artifact(flow, "lineage_graph")
-        log = stages.TASK.snapshot()
-        inputs, outputs = lineage_events.task_datasets(graph, pathspec=current.pathspec, reads=log["reads"],
-                                                       writes=log["writes"],
+        reads, writes = task_files(flow, step_name) if exception is None else ([], [])
+        inputs, outputs = lineage_events.task_datasets(graph, pathspec=current.pathspec, reads=reads, writes=writes,
                                                        datastore_root=stages.datastore_root(flow._datastore))
         stage = next((name for name, entry in (graph or {}).get("stages", {}).items()
                       if entry.get("pathspec") == current.pathspec), None)
         return lineage_events.task_event("FAIL" if exception is not None else "COMPLETE", stage=stage, inputs=inputs,
                                          outputs=outputs, error=exception, **self._task_facts(flow))
+
+    def _send_or_fail(self, event) -> None:
+        try:
+            self._send(event)
+        except LineageError as err:
+            raise stages.StepError(str(err)) from None
 
     def _send(self, event) -> None:
         if self._delivery is None:
@@ -191,31 +232,62 @@ class StepEvents(UserStepDecorator):
         if problem:
             warnings.warn(problem, stacklevel=2)
 
-    @staticmethod
-    def _run_facts(flow) -> dict:
-        code = codeversion.record(dict(flow.code), code_package=stages.code_package())
+    def _run_facts(self, flow) -> dict:
+        settings = self._settings or {}
         return {"namespace": openlineage_namespace(), "run_pathspec": f"{current.flow_name}/{current.run_id}",
-                "code": code, "code_version": codeversion.describe(code),
-                "determinism": {"seed": flow.seed, "strict": bool(flow.deterministic), "threads": flow.threads,
-                                "portable": bool(flow.deterministic and flow.portable)},
-                "split_rule": flow.split, "image_size": flow.image_size,
+                "code": settings.get("code"), "code_version": settings.get("code_version"),
+                "determinism": {key: settings[key] for key in ("seed", "strict", "threads", "portable")
+                                if key in settings} or None,
+                "split_rule": flow.split, "image_size": settings.get("image_size"),
                 "dataset_fingerprint": _artifact(flow, "dataset_fingerprint"),
                 "model_fingerprint": _artifact(flow, "model_fingerprint"),
                 "origin_run_id": current.origin_run_id, "engine_version": _metaflow_version()}
 
-    @classmethod
-    def _task_facts(cls, flow) -> dict:
-        facts = cls._run_facts(flow)
+    def _task_facts(self, flow) -> dict:
+        facts = self._run_facts(flow)
         del facts["run_pathspec"]
         return {**facts, "pathspec": current.pathspec, "attempt": current.retry_count}
 
 
-class openlineage_events(FlowMutator):  # noqa: N801 - used like Metaflow's own decorators
-    """``@openlineage_events`` on a flow: every step emits OpenLineage events (`StepEvents`)."""
+class records(FlowMutator):  # noqa: N801 - used like Metaflow's own decorators
+    """``@records`` on a flow: every step is recorded (`StepRecords`)."""
 
     def pre_mutate(self, mutable_flow):
         for _name, step in mutable_flow.steps:
-            step.add_decorator(StepEvents, deco_kwargs={})
+            step.add_decorator(StepRecords, deco_kwargs={})
+
+
+def task_files(flow, step_name: str) -> tuple[list[dict], list[dict]]:
+    """What a step read and wrote, from its stage's declaration (`petseg.lineage.task_files`) and its artifacts;
+    the release step also wrote the release's files. Nothing for a step that is no stage."""
+    if step_name not in lineage.STAGES:
+        return [], []
+    blobs = stages.blob_store(flow.blob_root)
+    reads, writes = lineage.task_files(step_name, lambda name: getattr(flow, name), blob_url=blobs.url)
+    manifest = _artifact(flow, "manifest") if step_name == "release" else None
+    if manifest:
+        location = manifest["location"].rstrip("/")
+        writes += [{"name": name, "sha256": digest, "location": f"{location}/{name}", "kind": "release"}
+                   for name, digest in release.file_hashes(manifest, flow.signatures).items()]
+    return reads, writes
+
+
+def record_stage(flow, stage: str) -> dict:
+    """The run's lineage graph with this step's stage recorded (`petseg.lineage.record_stage`) and, when the run
+    has a Pachyderm target, mirrored (`petseg.pachyderm.mirror_stage`)."""
+    files = {name: lineage.as_file(getattr(flow, artifact)) for name, artifact in lineage.STAGES[stage].outputs.items()}
+    reads, writes = task_files(flow, stage)
+    graph = lineage.record_stage(flow.lineage_graph, stage, files=files, pathspec=current.pathspec, inputs=reads,
+                                 blobs=writes, code_package=stages.code_package(),
+                                 dataset_fingerprint=_artifact(flow, "dataset_fingerprint"),
+                                 model_fingerprint=_artifact(flow, "model_fingerprint"))
+    target = flow.lineage_target
+    if target["address"]:
+        from petseg import pachyderm
+
+        graph = pachyderm.mirror_stage(graph, stage, files=files, address=target["address"],
+                                       required=target["required"], timeout=target["timeout"])
+    return graph
 
 
 class signing_key_secret(StepMutator):  # noqa: N801 - used like Metaflow's own decorators

@@ -7,9 +7,9 @@ as an artifact, with or without Pachyderm::
      "code_version": "c8ba2d8...-dirty", "code": {"commit", "dirty", ...} (petseg.codeversion),
      "dataset_fingerprint": "...", "model_fingerprint": "...",
      "pachyderm": {"address": "...", "project": "petseg", "commit_set": "..."} or None,
-     "stages": {"evaluate": {"parents": ["calibrate", "model", "transform", "tune"],
+     "stages": {"evaluate": {"parents": ["calibrate", "train", "transform", "tune"],
                              "pathspec": "PetSegFlow/17/evaluate/9",
-                             "inputs": [{"name": "model.keras", "sha256": "...", "stage": "model"},
+                             "inputs": [{"name": "model.keras", "sha256": "...", "stage": "train"},
                                         {"name": "test-00000.tfrecord", "sha256": "...",
                                          "stage": "transform", "blob": True}, ...],
                              "outputs": {"metrics.json": {"sha256": "...", "size": 812}},
@@ -19,15 +19,15 @@ as an artifact, with or without Pachyderm::
                                            "commit": "...", ...} or None},
                 ...}}
 
-A stage's ``inputs`` are what its step opened (the step glue notes every blob
-it fetches and every artifact it is handed, by content hash; see
-``petseg.stages``), and its ``parents`` are derived from them: the stages
+``STAGES`` declares each stage (`Stage`): the parents it may have (the
+Pachyderm mirror wires branch provenance from them before the first commit of
+a run, so a stage that reads from an undeclared stage is a LineageError, not a
+silent gap), the artifact each output file is made from (`as_file`; which is
+how ``petseg verify`` re-derives every output's bytes), and what its step
+reads. A stage's ``inputs`` follow from that declaration and the step's
+artifacts (`task_files`): the earlier stages' files it reads and the shards it
+opens, by content hash. Its ``parents`` are derived from them: the stages
 whose outputs (``outputs``, or the shards in ``blobs``) have those hashes.
-``STAGES`` declares, per stage, the parents it may have: the Pachyderm mirror
-wires branch provenance from it before the first commit of a run, so a stage
-that reads from an undeclared stage is a LineageError, not a silent gap.
-``OUTPUTS`` names the artifact each output file is made from (`as_file`),
-which is how ``petseg verify`` re-derives every output's bytes.
 
 This module builds, joins, searches and prints graphs. The ``pachyderm``
 entries are filled by ``petseg.pachyderm.mirror_stage``, which mirrors a
@@ -41,34 +41,63 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from petseg.errors import ConfigError, LineageError
 
 FORMAT = 2
-STAGES: dict[str, tuple[str, ...]] = {
-    "warehouse": (),
-    "transform": ("warehouse",),
-    "tune": ("transform",),
-    "model": ("transform", "tune"),
-    "calibrate": ("model", "transform"),
-    "evaluate": ("calibrate", "model", "transform", "tune"),
-    "release": ("calibrate", "evaluate", "model"),
-}
-"""Each stage and the stages it may read from, in flow order (see the module docstring)."""
 
-OUTPUTS: dict[str, dict[str, tuple[str, str]]] = {
-    "warehouse": {"ingest_report.json": ("ingest", "ingest_report")},
-    "transform": {"splits.json": ("transform", "splits")},
-    "tune": {"trials.json": ("select", "trial_results"), "selected.json": ("select", "best")},
-    "model": {"model.keras": ("train", "model_keras"), "fingerprint.txt": ("train", "model_fingerprint"),
-              "history.json": ("train", "history")},
-    "calibrate": {"calibration.json": ("calibrate", "calibration"), "report.json": ("calibrate", "calibration_report")},
-    "evaluate": {"metrics.json": ("evaluate", "metrics")},
-    "release": {"manifest.json": ("release", "manifest"), "decision.txt": ("release", "gate_message")},
+
+@dataclass(frozen=True)
+class Stage:
+    """What one stage of the flow reads and writes; its step, Pachyderm repo and OpenLineage job share its name.
+
+    Attributes:
+        parents: the stages it may read from (the Pachyderm mirror wires branch provenance from them).
+        outputs: each output file and the artifact of the step it is made from (`as_file`).
+        reads: the output files of earlier stages the step opens, through their artifacts.
+        shards: the blob-store shards the step opens: ``ingest`` (the ingest report's) or split names (the
+            transform's ``splits``).
+    """
+
+    parents: tuple[str, ...]
+    outputs: Mapping[str, str]
+    reads: tuple[str, ...] = ()
+    shards: tuple[str, ...] = ()
+
+
+STAGES: dict[str, Stage] = {
+    "ingest": Stage((), {"ingest_report.json": "ingest_report"}),
+    "transform": Stage(("ingest",), {"splits.json": "splits"}, reads=("ingest_report.json",), shards=("ingest",)),
+    "tune": Stage(("transform",), {"trials.json": "trial_results", "selected.json": "best"},
+                  reads=("splits.json",), shards=("training", "validation")),
+    "train": Stage(("transform", "tune"), {"model.keras": "model_keras", "fingerprint.txt": "model_fingerprint",
+                                           "history.json": "history"},
+                   reads=("selected.json", "splits.json"), shards=("training", "validation")),
+    "calibrate": Stage(("train", "transform"), {"calibration.json": "calibration", "report.json": "calibration_report"},
+                       reads=("model.keras", "splits.json"), shards=("calibration",)),
+    "evaluate": Stage(("calibrate", "train", "transform", "tune"), {"metrics.json": "metrics"},
+                      reads=("model.keras", "calibration.json", "splits.json", "history.json", "trials.json",
+                             "report.json"), shards=("training", "validation", "test")),
+    "release": Stage(("calibrate", "evaluate", "train"), {"manifest.json": "manifest", "decision.txt": "gate_message"},
+                     reads=("model.keras", "calibration.json", "metrics.json")),
 }
-"""Each stage's output files and the (step, artifact) each is made from with `as_file`."""
+"""Every stage in flow order (see the module docstring). The tune stage's trials run in parallel ``trial``
+tasks; its ``tune`` step joins them and records the stage for them."""
+
+
+def artifact_of(stage: str | None, name: str) -> str | None:
+    """The artifact a stage's output file is made from, or None when the stage has no such output."""
+    entry = STAGES.get(stage or "")
+    return entry.outputs.get(name) if entry else None
+
+
+def producer_of(name: str) -> str:
+    """The stage whose output file ``name`` is."""
+    return next(stage for stage, entry in STAGES.items() if name in entry.outputs)
+
 
 FileSource = Union[str, Path, bytes]
 
@@ -166,8 +195,8 @@ def record_stage(
             ``"source": True`` for data from outside the run.
         blobs: the shards the stage wrote to the blob store, ``{"name", "sha256"}`` each.
         code_package: the code package the stage's task ran (None when local).
-        dataset_fingerprint: set it once known (warehouse stage).
-        model_fingerprint: set it once known (model stage).
+        dataset_fingerprint: set it once known (ingest stage).
+        model_fingerprint: set it once known (train stage).
 
     Returns:
         A new graph including the stage, its inputs resolved to the stages
@@ -188,12 +217,12 @@ def record_stage(
         new["model_fingerprint"] = model_fingerprint
     resolved = resolve_inputs(new, stage, inputs)
     parents = sorted({item["stage"] for item in resolved if item.get("stage")})
-    undeclared = [parent for parent in parents if parent not in STAGES[stage]]
+    undeclared = [parent for parent in parents if parent not in STAGES[stage].parents]
     if undeclared:
         names = sorted({item["name"] for item in resolved if item.get("stage") in undeclared})
         raise LineageError(
             f"stage {stage} read {', '.join(names)} from stage(s) {', '.join(undeclared)}, which "
-            f"petseg.lineage.STAGES does not list as its parents ({', '.join(STAGES[stage]) or 'none'}); "
+            f"petseg.lineage.STAGES does not list as its parents ({', '.join(STAGES[stage].parents) or 'none'}); "
             "declare them there, so that the Pachyderm mirror wires that provenance"
         )
     new["stages"][stage] = {
@@ -239,32 +268,47 @@ def resolve_inputs(graph: dict, stage: str, inputs: Iterable[Mapping]) -> list[d
     return sorted(resolved, key=lambda e: (e["stage"] or "", bool(e.get("blob")), e["name"], e["sha256"]))
 
 
-class TaskLog:
-    """What one task opened (``reads``, the ``inputs`` of `record_stage`) and wrote (``writes``: blobs and
-    release files, with where they live)."""
+def task_files(stage: str, artifact: Callable[[str], Any], *,
+               blob_url: Callable[[str], str]) -> tuple[list[dict], list[dict]]:
+    """What a stage's step read and wrote, from the stage's declaration (`Stage`) and the artifacts it names.
 
-    def __init__(self):
-        self.reads: list[dict] = []
-        self.writes: list[dict] = []
+    Args:
+        stage: one of ``STAGES``.
+        artifact: the value of an artifact by name, as the step sees it.
+        blob_url: where a shard of the blob store lives, by its sha256.
 
-    def clear(self) -> None:
-        """Forget everything (a new task)."""
-        self.reads.clear()
-        self.writes.clear()
+    Returns:
+        (reads, writes): the ``inputs`` of `record_stage` (earlier stages' output files, the shards opened,
+        and for the first stage the source it read, whose hash is the data set fingerprint), and the shards
+        the stage wrote (``{"name", "sha256", "blob": True, "location"}`` each).
+    """
+    entry = STAGES[stage]
+    reads = [{"name": name, "sha256": sha256(as_file(artifact(artifact_of(producer_of(name), name))))}
+             for name in entry.reads]
+    for split in entry.shards:
+        records = (artifact(STAGES["ingest"].outputs["ingest_report.json"])["shards"] if split == "ingest"
+                   else artifact(STAGES["transform"].outputs["splits.json"])["splits"][split])
+        reads += [_blob(record, blob_url) for record in records]
+    outputs = [artifact(name) for name in entry.outputs.values()]
+    if not entry.parents:  # data from outside the run: the report names it, the fingerprint hashes it
+        report = outputs[0]
+        reads += [{"name": name, "sha256": report["fingerprint"], "source": True, "location": name}
+                  for name in (report.get("source"), report.get("feedback")) if name]
+    writes = [_blob(record, blob_url) for value in outputs for record in _shards_of(value)]
+    return reads, writes
 
-    def snapshot(self) -> dict[str, list[dict]]:
-        """A copy of ``reads`` and ``writes``."""
-        return {"reads": [dict(r) for r in self.reads], "writes": [dict(w) for w in self.writes]}
 
-    def artifacts(self, **values: Any) -> None:
-        """Note artifacts handed to the task, by the stage output they are (``model.keras``)."""
-        self.reads.extend({"name": name, "sha256": sha256(as_file(value))} for name, value in values.items())
+def _shards_of(value: Any) -> list[dict]:
+    """The shard records an output lists: an ingest report's ``shards``, or every split's of ``splits``."""
+    if not isinstance(value, Mapping):
+        return []
+    if isinstance(value.get("splits"), Mapping):
+        return [record for records in value["splits"].values() for record in records]
+    return list(value.get("shards") or [])
 
-    def blobs(self, records: Iterable[Mapping], *, url, written: bool = False) -> None:
-        """Note shards fetched from (or, ``written``, put into) a blob store; ``url(key)`` says where each lives."""
-        noted = [{"name": r["name"], "sha256": r["sha256"], "blob": True, "location": url(r["sha256"])}
-                 for r in records]
-        (self.writes if written else self.reads).extend(noted)
+
+def _blob(record: Mapping, blob_url: Callable[[str], str]) -> dict:
+    return {"name": record["name"], "sha256": record["sha256"], "blob": True, "location": blob_url(record["sha256"])}
 
 
 def merge(graphs: Iterable[dict]) -> dict:

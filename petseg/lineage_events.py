@@ -49,7 +49,7 @@ from openlineage.client.serde import Serde
 
 from petseg import __version__
 from petseg.errors import LineageError
-from petseg.lineage import OUTPUTS
+from petseg.lineage import artifact_of
 from petseg.storage import Location, is_s3, split_s3
 
 PRODUCER = f"urn:petseg:{__version__}"
@@ -201,7 +201,7 @@ def task_datasets(graph: dict | None, *, pathspec: str, reads: Iterable[Mapping]
             where = _location_of(reads, item) or item["name"]
             kind = "shard" if item.get("blob") else "source"
         else:
-            artifact = _artifact_of(origin, item["name"])
+            artifact = artifact_of(origin, item["name"])
             producer = stages.get(origin, {}).get("pathspec") if origin else None
             where = f"{datastore_root.rstrip('/')}/{producer}/{artifact}" if producer and artifact else \
                 _location_of(reads, item) or item["name"]
@@ -212,17 +212,13 @@ def task_datasets(graph: dict | None, *, pathspec: str, reads: Iterable[Mapping]
         if entry.get("pathspec") != pathspec:
             continue
         for name, output in entry["outputs"].items():
-            artifact = _artifact_of(stage, name) or name
+            artifact = artifact_of(stage, name) or name
             where = f"{datastore_root.rstrip('/')}/{pathspec}/{artifact}"
             outputs.append(_dataset(where, name, output["sha256"], "artifact", stage, output.get("size")))
     for item in writes:
         kind = "shard" if item.get("blob") else item.get("kind", "release")
         outputs.append(_dataset(item["location"], item["name"], item["sha256"], kind, own))
     return inputs, outputs
-
-
-def _artifact_of(stage: str | None, name: str) -> str | None:
-    return OUTPUTS.get(stage or "", {}).get(name, (None, None))[1]
 
 
 def _location_of(reads: Iterable[Mapping], item: Mapping) -> str | None:

@@ -15,8 +15,8 @@ commit id), an open commit on every branch downstream of it, with direct
 provenance on the upstream commits. petseg uses exactly that instead of
 fighting it:
 
-- The warehouse stage (the only input repo) starts a commit on
-  ``warehouse@master``. Pachyderm opens commits with the same id in
+- The ingest stage (the only input repo) starts a commit on
+  ``ingest@master``. Pachyderm opens commits with the same id in
   transform, tune, model, calibrate, evaluate and release: one commit set is
   one petseg run, and ``pachctl inspect commit-set ID`` shows it whole.
 - Each later stage writes its files into its repo's open commit of that set
@@ -25,12 +25,12 @@ fighting it:
 - So provenance between commits is Pachyderm's own, not a convention in a
   description; an open commit in a later repo means "stage not run (yet)".
 
-The warehouse stage also creates the project, repos and branches when they
+The ingest stage also creates the project, repos and branches when they
 are missing (idempotently); later stages only touch their own commit.
 
 Atomicity: all files of a stage go in one ModifyFile stream, which pachd
 applies only once the stream completes, and the commit is finished after it.
-If an attempt fails after the warehouse commit was started, that commit (with
+If an attempt fails after the ingest commit was started, that commit (with
 the empty ones it opened downstream) is dropped; a later stage's commit is
 cleared back to empty, since it cannot leave its commit set. When pachd is
 unreachable, that cleanup cannot happen, so every attempt first looks for the
@@ -77,14 +77,14 @@ def mirror_stage(
     """Write one recorded stage of one run as one finished commit in its Pachyderm repo.
 
     The graph must already hold the stage (``petseg.lineage.record_stage``)
-    and, for any stage after warehouse, the commit set of the run's mirrored
-    warehouse stage. Calling it again for the same run and stage reuses the
+    and, for any stage after ingest, the commit set of the run's mirrored
+    ingest stage. Calling it again for the same run and stage reuses the
     finished commit.
 
     The stage's ``pachyderm`` entry becomes ``{"stage", "mirrored": True,
     "address", "project", "repo", "branch", "commit", "reused"}``, or
     ``{"stage", "mirrored": False, "address", "error", "files"}`` when
-    best-effort and not mirrored. A mirrored warehouse stage also sets the
+    best-effort and not mirrored. A mirrored ingest stage also sets the
     graph's ``pachyderm`` to ``{"address", "project", "commit_set"}``.
 
     Args:
@@ -117,9 +117,9 @@ def mirror_stage(
         raise LineageError(f"stage {stage} is not in the lineage graph: record it first")
     deadline = time.monotonic() + timeout
     _Connection(address, deadline).close()  # a malformed address is a ConfigError, never retried
-    if STAGES[stage] and not (graph.get("pachyderm") or {}).get("commit_set"):
+    if STAGES[stage].parents and not (graph.get("pachyderm") or {}).get("commit_set"):
         record, error = None, (
-            f"the warehouse stage of {graph['pathspec']} was not mirrored, so there is"
+            f"the ingest stage of {graph['pathspec']} was not mirrored, so there is"
             " no Pachyderm commit set to add to; rerun the flow with Pachyderm reachable"
         )
     else:
@@ -137,7 +137,7 @@ def mirror_stage(
             "files": sorted(graph["stages"][stage]["outputs"]),
         }
     new["stages"][stage]["pachyderm"] = record
-    if record["mirrored"] and stage == "warehouse":
+    if record["mirrored"] and not STAGES[stage].parents:
         new["pachyderm"] = {"address": address, "project": PROJECT, "commit_set": record["commit"]}
     return new
 
@@ -223,7 +223,7 @@ def _mirror_once(graph: dict, stage: str, files: Mapping[str, FileSource], addre
     }
     client = _Connection(address, deadline)
     try:
-        if STAGES[stage]:
+        if STAGES[stage].parents:
             commit_id, reused = _mirror_downstream(client, graph, stage, files)
         else:
             _ensure_layout(client.sdk)
@@ -262,8 +262,8 @@ def _ensure_layout(client) -> None:
                 project=project, description="petseg: one repo per workflow stage"
             )
         )
-    for stage, parents in STAGES.items():
-        branch, wanted = _branch(stage), [_branch(parent) for parent in parents]
+    for stage, entry in STAGES.items():
+        branch, wanted = _branch(stage), [_branch(parent) for parent in entry.parents]
         try:
             info = client.pfs.inspect_branch(branch=branch)
         except grpc.RpcError as exc:
@@ -278,7 +278,7 @@ def _ensure_layout(client) -> None:
                     )
                 )
             client.pfs.create_branch(branch=branch, provenance=wanted)
-            if parents:
+            if entry.parents:
                 _seal_initial_commit(client, branch)
         elif sorted(map(str, info.direct_provenance)) != sorted(map(str, wanted)):
             client.pfs.create_branch(branch=branch, provenance=wanted)
@@ -301,7 +301,7 @@ def _seal_initial_commit(client, branch) -> None:
 
 
 def _mirror_input(connection: _Connection, graph: dict, stage: str, files) -> tuple[str, bool]:
-    """The warehouse stage: a commit on the input branch, opening the commit set."""
+    """The ingest stage: a commit on the input branch, opening the commit set."""
     client = connection.sdk
     description = _description(graph, stage)
     existing = _find_run_commit(client, graph, stage)
@@ -344,7 +344,7 @@ def _mirror_downstream(connection: _Connection, graph: dict, stage: str, files) 
             raise
         raise LineageError(
             f"commit set {commit_set} has no commit in repo {PROJECT}/{stage}: the"
-            " repo or its provenance was changed after the warehouse stage ran;"
+            " repo or its provenance was changed after the ingest stage ran;"
             " rerun the flow"
         ) from None
     if _finished(info):

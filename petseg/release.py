@@ -81,6 +81,14 @@ def release_files(*, model_keras: bytes, calibration: dict, manifest: dict) -> d
     return files
 
 
+def file_hashes(manifest: dict, signatures: dict[str, bytes]) -> dict[str, str]:
+    """The sha256 of every file of a signed release, from its sealed manifest (which records the others') and
+    its signature files."""
+    hashes = {**manifest["sha256"], "manifest.json": hashlib.sha256(json.dumps(manifest, indent=2, sort_keys=True)
+                                                                    .encode()).hexdigest()}
+    return {**hashes, **{name: hashlib.sha256(data).hexdigest() for name, data in signatures.items()}}
+
+
 def calibration_bytes(calibration: dict) -> bytes:
     """calibration.json as a release holds it."""
     return json.dumps(calibration, sort_keys=True).encode()

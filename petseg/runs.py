@@ -145,8 +145,8 @@ def describe(run) -> dict:
         "steps": dict(reversed(list(steps.items()))),
         "ingest_report": {k: v for k, v in (_data(run, "ingest", "ingest_report", {}) or {}).items()
                           if k != "shards"},
-        "trials": _data(run, "select", "trial_results"),
-        "selected": _data(run, "select", "best"),
+        "trials": _data(run, "tune", "trial_results"),
+        "selected": _data(run, "tune", "best"),
         "metrics": _data(run, "evaluate", "metrics"),
         "calibration": {k: v for k, v in (_data(run, "calibrate", "calibration_report", {}) or {}).items()
                         if k.startswith("ece")},

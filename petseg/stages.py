@@ -10,11 +10,9 @@ namespace, the run's id) and the environment (``PACHD_ADDRESS``,
 events and run tags live in `petseg.hooks`. A `PetsegError` leaves a step as
 a `StepError`, which Metaflow prints as one message without a traceback.
 
-Each function notes what its step opens in `TASK` (a `petseg.lineage.TaskLog`):
-every blob it fetches and every artifact it is handed, and the blobs and
-release files it writes. A task's process runs one step, so the log is this
-module's own state, like Metaflow's ``current``; `lineage_record` makes it the
-stage's inputs (and so its parents), `petseg.hooks` the task's OpenLineage datasets.
+What a step reads and writes is declared with its stage (`petseg.lineage.STAGES`),
+not noted here: `petseg.hooks` records each stage from that declaration and the
+step's artifacts when the step ends.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from pathlib import Path
 from metaflow import current
 from metaflow.exception import MetaflowException
 
-from petseg import codeversion, endpoints, lineage
+from petseg import codeversion, endpoints
 from petseg.errors import ConfigError, PetsegError
 from petseg.oxford import SPLITS
 from petseg.split import RULES
@@ -76,24 +74,9 @@ def s3_endpoint() -> str | None:
 _s3_endpoint = s3_endpoint
 
 
-def _store(root: str) -> BlobStore:
+def blob_store(root: str) -> BlobStore:
+    """The run's blob store at ``root`` (`blob_root`), on Metaflow's S3 endpoint."""
     return BlobStore(root, s3_endpoint_url=_s3_endpoint())
-
-
-TASK = lineage.TaskLog()
-"""What this task opened and wrote (see the module docstring)."""
-
-
-def _fetch(store: BlobStore, records: list[dict], dest: str | os.PathLike) -> list[str]:
-    paths = get_files(store, records, dest)
-    TASK.blobs(records, url=store.url)
-    return paths
-
-
-def _put(store: BlobStore, paths: list[str]) -> list[dict]:
-    records = put_files(store, paths)
-    TASK.blobs(records, url=store.url, written=True)
-    return records
 
 
 def _configure(settings: dict) -> dict:
@@ -197,10 +180,7 @@ def ingest(*, source: str, feedback: str, skip_bad: bool, settings: dict, store:
         report = data.ingest(source, Path(work) / "warehouse", seed=settings["seed"], skip_bad=skip_bad,
                              feedback=feedback or None, image_size=settings["image_size"],
                              s3_endpoint_url=_s3_endpoint())
-        report["shards"] = _put(_store(store), report["shards"])
-    # The source is read from outside the run; the data set fingerprint is the hash of what was read.
-    TASK.reads.extend({"name": name, "sha256": report["fingerprint"], "source": True, "location": name}
-                      for name in (source, feedback) if name)
+        report["shards"] = put_files(blob_store(store), report["shards"])
     return report
 
 
@@ -209,18 +189,17 @@ def transform(ingest_report: dict, *, store: str, rule: str) -> dict:
     """Split the ingested samples by ``rule`` (see petseg.split); return per-split shard records and counts."""
     from petseg import data
 
-    TASK.artifacts(**{"ingest_report.json": ingest_report})
     shards, official_test = ingest_report["shards"], ingest_report.get("official_test")
     if rule == "official" and official_test is None:
         raise ConfigError("--split official needs the source's annotations/trainval.txt and annotations/test.txt, "
                           "and this source has neither; use --split md5 or a source with the official lists")
-    blobs = _store(store)
+    blobs = blob_store(store)
     with tempfile.TemporaryDirectory(prefix="petseg-transform-") as work:
-        local = _fetch(blobs, shards, Path(work) / "in")
+        local = get_files(blobs, shards, Path(work) / "in")
         result = data.transform(local, Path(work) / "splits",
                                 official_test=official_test if rule == "official" else None,
                                 training_only=[sample["id"] for sample in ingest_report.get("feedback_samples", [])])
-        result["splits"] = {name: _put(blobs, paths) for name, paths in result["splits"].items()}
+        result["splits"] = {name: put_files(blobs, paths) for name, paths in result["splits"].items()}
     empty = [name for name in SPLITS if not result["counts"].get(name)]
     if empty:
         raise ConfigError(f"split(s) {', '.join(empty)} got no samples: the source is too small "
@@ -231,7 +210,7 @@ def transform(ingest_report: dict, *, store: str, rule: str) -> dict:
 def _dataset(split: str, splits: dict, store: str, work: str, settings: dict, **options):
     from petseg import pipeline
 
-    local = _fetch(_store(store), splits["splits"][split], Path(work) / split)
+    local = get_files(blob_store(store), splits["splits"][split], Path(work) / split)
     return pipeline.dataset(local, image_size=settings["image_size"], **options)
 
 
@@ -252,33 +231,23 @@ def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, sett
 
 @_glue
 def run_trial(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict) -> dict:
-    """Train one short trial and return its configuration, validation loss and IoU, history, and the
-    ``inputs`` it opened (`select` hands them on to the tune stage's lineage)."""
+    """Train one short trial and return its configuration, validation loss and IoU, and history."""
     _configure(settings)
     from petseg import train
 
-    TASK.artifacts(**{"splits.json": splits})
     with tempfile.TemporaryDirectory(prefix="petseg-tune-") as work:
         model, history, validation = _fit(config, splits=splits, store=store, arch=arch, epochs=epochs,
                                           settings=settings, work=work)
         metrics = train.evaluate(model, validation)
     return {"index": config["index"], "config": config, "val_loss": metrics["loss"], "val_miou": metrics["miou"],
-            "history": history, "inputs": TASK.snapshot()["reads"]}
+            "history": history}
 
 
 def select(trials: Iterable[dict]) -> tuple[list[dict], dict]:
-    """Every trial's result by index, and the best (see petseg.tune.select).
-
-    The trials' ``inputs`` (what each tune task opened) join this task's log:
-    the tune stage is recorded here, in the join step.
-    """
+    """Every trial's result by index, and the best (see petseg.tune.select)."""
     from petseg import tune
 
-    results = []
-    for trial in sorted(trials, key=lambda trial: trial["index"]):
-        trial = dict(trial)
-        TASK.reads.extend(trial.pop("inputs", []))
-        results.append(trial)
+    results = sorted(trials, key=lambda trial: trial["index"])
     return results, tune.select(results)
 
 
@@ -287,7 +256,6 @@ def train(best: dict, *, splits: dict, store: str, arch: str, epochs: int, batch
           settings: dict) -> dict:
     """Train the final model; return its bytes, fingerprint, history, TensorBoard logs and the
     environment record of the process that trained it (software, CPU, devices, settings)."""
-    TASK.artifacts(**{"selected.json": best, "splits.json": splits})
     _fault_drill("train")
     configured = _configure(settings)
     from petseg import determinism
@@ -319,7 +287,6 @@ def _tar_directory(path: str) -> bytes:
 @_glue
 def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -> tuple[dict, dict]:
     """Fit isotonic calibration on the calibration split; return it and the ECE report."""
-    TASK.artifacts(**{"model.keras": model_keras, "splits.json": splits})
     _fault_drill("calibrate")
     _configure(settings)
     from petseg import calibration
@@ -352,7 +319,6 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     """The model, the baselines and the ``champion`` (`champion`) on the validation and test splits
     (`petseg.evaluation.figures`: validation decides the served mask and the gate, test is the report),
     and sample predictions for the card."""
-    TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration_table, "splits.json": splits})
     _configure(settings)
     import numpy as np
 
@@ -382,7 +348,6 @@ def report_card(*, metrics: dict, history: dict, trials: list[dict], calibration
     """Fill the evaluate step's ``report`` card: metrics, curves, trials, reliability and sample predictions."""
     from petseg import report
 
-    TASK.artifacts(**{"history.json": history, "trials.json": trials, "report.json": calibration_report})
     report.fill_card(current.card["report"], metrics=metrics, history=history, trials=trials,
                      calibration_report=calibration_report, samples=samples)
 
@@ -393,7 +358,6 @@ def gate(metrics: dict, *, min_miou: float, min_margin: float, tolerance: float)
     """The quality gate on validation figures (see petseg.gate)."""
     from petseg import gate as gates
 
-    TASK.artifacts(**{"metrics.json": metrics})
     return gates.decide(metrics, min_miou=min_miou, min_margin=min_margin, tolerance=tolerance)
 
 
@@ -406,7 +370,6 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
     provenance), and record it as accepted for its endpoint (`petseg.endpoints`)."""
     from petseg import gate, keys, release, runs
 
-    TASK.artifacts(**{"model.keras": model_keras, "calibration.json": calibration, "metrics.json": metrics})
     key, made = keys.ensure_signing_key()
     files, location, signer = release.publish(
         store.rsplit("/blobs", 1)[0], run_id=current.run_id, flow_name=current.flow_name, model_keras=model_keras,
@@ -415,8 +378,6 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
         replaces=gate.replaced(metrics),
         build={"parameters": parameters, "environment": environment, "started": runs.started_at(current.run_id)})
     print(f"{'Made signing key ' + key + ' and trusted it; ' if made else ''}signed {location} with key {signer[:16]}")
-    TASK.writes.extend({"name": name, "sha256": lineage.sha256(data), "location": f"{location.rstrip('/')}/{name}",
-                        "kind": "release"} for name, data in files.items())
     manifest = json.loads(files["manifest.json"])
     endpoints.accept(parameters["endpoint"], manifest)
     return manifest, {name: files[name] for name in release.SIGNATURE_FILES}
@@ -451,30 +412,6 @@ def _fault_drill(step_name: str) -> None:
     if os.environ.get("PETSEG_FAIL_AT") == step_name:
         raise RuntimeError(f"fault drill: PETSEG_FAIL_AT={step_name} made this step fail; "
                            f"run `python flows/seg_flow.py resume {step_name}` to finish the run")
-
-
-# -- lineage ------------------------------------------------------------------------------------------
-
-def lineage_start(settings: dict) -> dict:
-    """The run's lineage graph, with its code version and no stages yet."""
-    return lineage.new_graph(pathspec=current.pathspec, code=settings["code"], code_version=settings["code_version"])
-
-
-@_glue
-def lineage_record(graph: dict, stage: str, outputs: dict, *, target: dict, dataset_fingerprint: str | None = None,
-                   model_fingerprint: str | None = None) -> dict:
-    """Record a stage in the run's lineage graph: its outputs, and as its inputs what this task opened (the
-    task's log); then mirror it into Pachyderm when ``target`` names one."""
-    files = {name: lineage.as_file(value) for name, value in outputs.items()}
-    graph = lineage.record_stage(graph, stage, files=files, pathspec=current.pathspec, inputs=TASK.reads,
-                                 blobs=[w for w in TASK.writes if w.get("blob")], code_package=code_package(),
-                                 dataset_fingerprint=dataset_fingerprint, model_fingerprint=model_fingerprint)
-    if target["address"]:
-        from petseg import pachyderm
-
-        graph = pachyderm.mirror_stage(graph, stage, files=files, address=target["address"],
-                                       required=target["required"], timeout=target.get("timeout", LINEAGE_TIMEOUT))
-    return graph
 
 
 # -- end ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ A run is proved in this order, stopping at the first file that does not match:
 2. every shard of the data set and of the splits, read back from the blob
    store (a directory or ``s3://``) and hashed: its key is its sha256;
 3. the data set fingerprint, recomputed from the per-sample hashes in the
-   warehouse shards, and the model fingerprint, recomputed from the weights;
+   ingested shards, and the model fingerprint, recomputed from the weights;
    shards are streamed one at a time through a temporary file (`check_data`),
    so memory holds one record and the per-sample hashes, not the data set;
 4. the release, when the run released one (`verify_release`): its signature
@@ -35,7 +35,7 @@ from pathlib import Path
 from petseg import shards as shard_files
 from petseg import signing
 from petseg.errors import ModelError, PetsegError, StorageError
-from petseg.lineage import OUTPUTS, STAGES, as_file
+from petseg.lineage import STAGES, as_file
 from petseg.storage import BlobStore, Location, file_sha256
 
 ArtifactReader = Callable[[str, str], object]
@@ -101,9 +101,9 @@ def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_end
     pathspec = graph["pathspec"]
     for stage in STAGES:
         for name, recorded in graph["stages"].get(stage, {}).get("outputs", {}).items():
-            step, artifact = OUTPUTS.get(stage, {}).get(name, (None, None))
-            where = f"artifact {pathspec}/{step}/{artifact}" if step else f"lineage output {stage}/{name}"
-            found = hashlib.sha256(as_file(artifacts(step, artifact))).hexdigest() if step else None
+            artifact = STAGES[stage].outputs.get(name)
+            where = f"artifact {pathspec}/{stage}/{artifact}" if artifact else f"lineage output {stage}/{name}"
+            found = hashlib.sha256(as_file(artifacts(stage, artifact))).hexdigest() if artifact else None
             _same(f"{stage} output {name}", where, recorded["sha256"], found)
             tally.add("lineage outputs")
     report, splits = artifacts("ingest", "ingest_report"), artifacts("transform", "splits")
@@ -180,10 +180,10 @@ def _read(location: Location, name: str) -> bytes | None:
 
 
 def check_data(store: BlobStore, report: dict, splits: dict, graph: dict, tally: Tally) -> str:
-    """Re-hash the warehouse and split shards and recompute the data set fingerprint, in constant memory.
+    """Re-hash the ingested and split shards and recompute the data set fingerprint, in constant memory.
 
     Each shard is downloaded to one temporary file, hashed in chunks, and
-    (for the warehouse) read record by record for its samples' hashes; only
+    (for the ingest stage) read record by record for its samples' hashes; only
     those hashes (one line per sample) stay in memory.
 
     Args:
@@ -203,13 +203,13 @@ def check_data(store: BlobStore, report: dict, splits: dict, graph: dict, tally:
     with tempfile.TemporaryDirectory(prefix="petseg-verify-") as work:
         scratch = Path(work) / "shard.tfrecord"
         hashes: list[str] = []
-        _check_shards(store, report["shards"], graph, "warehouse", tally, scratch, hashes)
+        _check_shards(store, report["shards"], graph, "ingest", tally, scratch, hashes)
         for records in splits["splits"].values():
             _check_shards(store, records, graph, "transform", tally, scratch, None)
     dataset = shard_files.fingerprint(hashes)
     for what, expected in (("the ingest report's data set fingerprint", report.get("fingerprint")),
                            ("the lineage graph's data set fingerprint", graph.get("dataset_fingerprint"))):
-        _same(what, f"{len(report['shards'])} warehouse shards of {pathspec}", expected, dataset)
+        _same(what, f"{len(report['shards'])} ingested shards of {pathspec}", expected, dataset)
     tally.add("fingerprints")
     return dataset
 

@@ -40,8 +40,8 @@ SEG_FLOW = REPO / "flows" / "seg_flow.py"
 # imports TensorFlow, so the data and the epochs are as small as they go.
 SEG_PARAMETERS = ["--source", "synth:24", "--trials", "2", "--tune_epochs", "1", "--epochs", "1",
                   "--deploy", "none", "--min_miou", "0", "--min_margin", "-1", "--lineage", "best-effort"]
-COMPUTE_STEPS = {"tune", "train", "calibrate", "evaluate"}
-SEG_STEPS = {"start", "ingest", "transform", "select", "release", "end"} | COMPUTE_STEPS
+COMPUTE_STEPS = {"trial", "train", "calibrate", "evaluate"}
+SEG_STEPS = {"start", "ingest", "transform", "tune", "release", "end"} | COMPUTE_STEPS
 
 
 # -- node agent, without a cluster ----------------------------------------------------------------
@@ -346,9 +346,9 @@ def test_seg_flow_steps_ran_as_jobs_with_gpu_limits(seg_runs, admin, cluster):
     resumed_jobs = jobs_of(admin, cluster, "PetSegFlow", resumed["run_id"])
     step = lambda job: job.metadata.annotations["metaflow/step_name"]  # noqa: E731
     # Resume clones what succeeded before train; train and later steps run again.
-    assert {step(j) for j in failed_jobs} == {"start", "ingest", "transform", "tune", "select", "train"}
+    assert {step(j) for j in failed_jobs} == {"start", "ingest", "transform", "trial", "tune", "train"}
     assert {step(j) for j in resumed_jobs} == {"train", "calibrate", "evaluate", "release", "end"}
-    assert [step(j) for j in failed_jobs].count("tune") == 2
+    assert [step(j) for j in failed_jobs].count("trial") == 2
     (failed_train,) = [j for j in failed_jobs if step(j) == "train"]
     assert failed_train.status.failed == 1
     for job in failed_jobs + resumed_jobs:
@@ -409,7 +409,7 @@ def test_seg_flow_records_the_launching_commit_from_pods_outside_any_checkout(se
     assert facts["graph"]["code"] == code and facts["graph"]["code_version"] == version
     # Each stage records the package of the task that ran it (the resumed steps: the resume's package).
     packages = {stage: entry["code_package"] for stage, entry in facts["graph"]["stages"].items()}
-    assert packages["warehouse"] == code["code_package"] and all(len(p or "") == 40 for p in packages.values())
+    assert packages["ingest"] == code["code_package"] and all(len(p or "") == 40 for p in packages.values())
 
 
 def test_cluster_runs_are_tagged_by_the_launcher_and_found_by_their_model(seg_runs, cluster, workdir):

@@ -15,5 +15,5 @@ def test_the_plain_script_of_the_overhead_benchmark_runs_every_stage():
     spec.loader.exec_module(flow_overhead)
     work = argparse.Namespace(source="synth:48", seed=42, trials=1, tune_epochs=1, epochs=1)
     result = flow_overhead.run_plain(work)
-    assert set(result["stages"]) == {"ingest", "transform", "tune", "select", "train", "calibrate", "evaluate"}
+    assert set(result["stages"]) == {"ingest", "transform", "trial", "tune", "train", "calibrate", "evaluate"}
     assert result["wall"] <= result["process_wall"]

@@ -11,10 +11,10 @@ from harness import FLOW_FILE, REPO, TINY, run_flow, session_root
 from petseg import determinism
 
 ARTIFACTS = {
-    "start": ["settings", "parameters", "blob_root", "lineage_target"],
+    "start": ["settings", "parameters", "blob_root", "lineage_target", "lineage_graph"],
     "ingest": ["ingest_report", "dataset_fingerprint"],
     "transform": ["splits", "trial_configs"],
-    "select": ["trial_results", "best"],
+    "tune": ["trial_results", "best"],
     "train": ["model_keras", "model_fingerprint", "history", "tensorboard_logs", "environment"],
     "calibrate": ["calibration", "calibration_report"],
     "evaluate": ["metrics"],
@@ -35,8 +35,8 @@ def test_every_artifact_is_present(released_run):
         data = released_run[step].task.data
         for name in names:
             assert hasattr(data, name), f"{step} lacks artifact {name}"
-    tune_tasks = list(released_run["tune"])
-    assert len(tune_tasks) == TINY["trials"]
+    trial_tasks = list(released_run["trial"])
+    assert len(trial_tasks) == TINY["trials"]
 
 
 def test_report_card(released_run, monkeypatch):
@@ -178,7 +178,7 @@ def test_runs_lists_the_run(released_run):
 def test_show_and_diff(released_run, resumed_run):
     info = json.loads(petseg("show", released_run.id, "--json").stdout)
     assert info["parameters"]["source"] == TINY["source"]
-    assert set(info["steps"]) >= {"start", "ingest", "transform", "tune", "select", "train", "evaluate", "end"}
+    assert set(info["steps"]) >= {"start", "ingest", "transform", "trial", "tune", "train", "evaluate", "end"}
     assert info["manifest"]["version"] == f"petseg-{released_run.id}"
     _, resumed, _ = resumed_run
     diff = petseg("diff", released_run.id, f"PetSegFlow/{resumed.id}").stdout

@@ -17,10 +17,10 @@ from harness import REPO, commit_files as files_of
 from petseg import lineage, pachyderm
 
 EXPECTED_FILES = {
-    "warehouse": {"/ingest_report.json"},
+    "ingest": {"/ingest_report.json"},
     "transform": {"/splits.json"},
     "tune": {"/trials.json", "/selected.json"},
-    "model": {"/model.keras", "/fingerprint.txt", "/history.json"},
+    "train": {"/model.keras", "/fingerprint.txt", "/history.json"},
     "calibrate": {"/calibration.json", "/report.json"},
     "evaluate": {"/metrics.json"},
     "release": {"/manifest.json", "/decision.txt"},
@@ -44,9 +44,9 @@ def test_one_finished_commit_per_stage_with_files_and_metadata(flow_pachd, relea
         assert set(files_of(client, info.commit)) == files
         assert released_run["ingest"].task.data.dataset_fingerprint in info.description
         assert graph["stages"][stage]["pachyderm"]["commit"] == info.commit.id
-        if stage in ("model", "calibrate", "evaluate", "release"):
+        if stage in ("train", "calibrate", "evaluate", "release"):
             assert model_fingerprint in info.description
-    model_bytes = files_of(client, commits_of(client, "model", released_run.id)[0].commit)["/model.keras"]
+    model_bytes = files_of(client, commits_of(client, "train", released_run.id)[0].commit)["/model.keras"]
     assert model_bytes == released_run["train"].task.data.model_keras
 
 

@@ -49,7 +49,7 @@ def test_the_code_version_is_the_launching_checkouts_everywhere(released_run, li
 
     client = Client.from_pachd_address(flow_pachd.address)
     commit_info = client.pfs.inspect_commit(commit=pfs.Commit(
-        repo=pfs.Repo(name="model", project=pfs.Project(name="petseg")), id=graph["pachyderm"]["commit_set"]))
+        repo=pfs.Repo(name="train", project=pfs.Project(name="petseg")), id=graph["pachyderm"]["commit_set"]))
     assert json.loads(commit_info.description.partition("\n")[2])["code"] == code
     events = run_events(lineage_receiver, released_run)
     assert events and {event["run"]["facets"]["petseg"]["code_version"] for event in events} == {version}
@@ -134,7 +134,7 @@ def test_every_step_sends_valid_openlineage_events_over_http(released_run, linea
     evaluate = next(e for e in events if e["job"]["name"] == "PetSegFlow.evaluate" and e["eventType"] == "COMPLETE")
     inputs = {d["facets"]["petseg_file"]["file"]: d["facets"]["petseg_file"] for d in evaluate["inputs"]}
     graph = released_run["end"].task.data.lineage_graph
-    assert inputs["model.keras"]["sha256"] == graph["stages"]["model"]["outputs"]["model.keras"]["sha256"]
+    assert inputs["model.keras"]["sha256"] == graph["stages"]["train"]["outputs"]["model.keras"]["sha256"]
     assert inputs["calibration.json"]["stage"] == "calibrate"
     test_shards = released_run["transform"].task.data.splits["splits"]["test"]
     assert {s["name"]: s["sha256"] for s in test_shards}.items() <= {n: f["sha256"] for n, f in inputs.items()}.items()
@@ -191,16 +191,16 @@ def test_lineage_edges_are_what_each_step_opened(released_run, opens_log):
     """Expected edges come from the files each task process opened (an audit hook), not from petseg.
 
     A file a task opened is matched to the stage that wrote it: a shard in the blob store by its key (the
-    warehouse wrote the ingest report's shards, transform the splits'), an artifact in Metaflow's datastore
-    by its content address (the artifact of a stage output, petseg.lineage.OUTPUTS).
+    ingest stage wrote the ingest report's shards, transform the splits'), an artifact in Metaflow's datastore
+    by its content address (the artifact of a stage output, petseg.lineage.STAGES).
     """
     graph = released_run["end"].task.data.lineage_graph
-    writer = {s["sha256"]: "warehouse" for s in released_run["ingest"].task.data.ingest_report["shards"]}
+    writer = {s["sha256"]: "ingest" for s in released_run["ingest"].task.data.ingest_report["shards"]}
     for records in released_run["transform"].task.data.splits["splits"].values():
         writer.update({s["sha256"]: "transform" for s in records})
-    for stage, files in lineage.OUTPUTS.items():
-        for step, artifact in files.values():
-            writer[released_run[step].task[artifact].sha] = stage
+    for stage, entry in lineage.STAGES.items():
+        for artifact in entry.outputs.values():
+            writer[released_run[stage].task[artifact].sha] = stage
     opened = opened_files(opens_log)
     assert opened, "the audit hook logged nothing"
     recorded_steps = {entry["pathspec"].split("/")[2] for entry in graph["stages"].values()}
@@ -213,9 +213,9 @@ def test_lineage_edges_are_what_each_step_opened(released_run, opens_log):
                 expected |= {writer[Path(p).name] for p in paths if Path(p).name in writer}
         expected.discard(stage)
         assert sorted(expected) == entry["parents"], stage
-        assert set(entry["parents"]) <= set(lineage.STAGES[stage]), stage
-    assert graph["stages"]["evaluate"]["parents"] == ["calibrate", "model", "transform", "tune"]
-    assert graph["stages"]["release"]["parents"] == ["calibrate", "evaluate", "model"]
+        assert set(entry["parents"]) <= set(lineage.STAGES[stage].parents), stage
+    assert graph["stages"]["evaluate"]["parents"] == ["calibrate", "train", "transform", "tune"]
+    assert graph["stages"]["release"]["parents"] == ["calibrate", "evaluate", "train"]
 
 
 # -- bounded Pachyderm calls ---------------------------------------------------------------------------------
@@ -230,6 +230,6 @@ def test_a_pachd_that_never_answers_fails_the_step_within_its_timeout():
     with silent_pachd() as address:
         status, run, output = run_flow(env={"PETSEG_LINEAGE_TIMEOUT": "5"}, **TINY, pachyderm=address)
     assert status == "failed"
-    assert f"stage warehouse was not mirrored: cannot reach Pachyderm at {address}" in output
+    assert f"stage ingest was not mirrored: cannot reach Pachyderm at {address}" in output
     assert "DEADLINE_EXCEEDED" in output or "no time left" in output
     assert {step.id for step in run} == {"start", "ingest"} and not run["ingest"].task.successful

@@ -47,7 +47,7 @@ def outputs(stage: str, run: str = RUN) -> dict[str, bytes]:
 
 def read_parents(graph, stage):
     """What a stage of the real flow reads: every output of each of its declared parents recorded so far."""
-    return [{"name": name, "sha256": output["sha256"]} for parent in lineage.STAGES[stage]
+    return [{"name": name, "sha256": output["sha256"]} for parent in lineage.STAGES[stage].parents
             for name, output in graph["stages"].get(parent, {}).get("outputs", {}).items()]
 
 
@@ -67,9 +67,9 @@ def full_run(address, *, run=RUN, **kwargs) -> dict:
     graph = lineage.new_graph(pathspec=run, code_version="0.1.0+test")
     for stage in lineage.STAGES:
         fingerprints = {}
-        if stage == "warehouse":
+        if stage == "ingest":
             fingerprints["dataset_fingerprint"] = hashlib.sha256(run.encode()).hexdigest()
-        if stage == "model":
+        if stage == "train":
             fingerprints["model_fingerprint"] = hashlib.sha256(b"m" + run.encode()).hexdigest()
         graph = record(graph, stage, address=address, run=run, **fingerprints, **kwargs)
     return graph
@@ -103,17 +103,17 @@ def test_graph_without_pachyderm(tmp_path):
     local = tmp_path / "splits.json"
     local.write_bytes(b'{"training": 7}')
     graph = lineage.new_graph(pathspec=RUN, code_version="0.1.0")
-    graph = record(graph, "warehouse", dataset_fingerprint="d" * 64)
+    graph = record(graph, "ingest", dataset_fingerprint="d" * 64)
     graph = record(graph, "transform", files={"splits.json": local, "empty": b""})
-    for stage in ("tune", "model", "calibrate", "evaluate", "release"):
+    for stage in ("tune", "train", "calibrate", "evaluate", "release"):
         graph = record(graph, stage)
 
     assert json.loads(json.dumps(graph)) == graph
     assert graph["pachyderm"] is None and graph["dataset_fingerprint"] == "d" * 64
     assert {s: e["parents"] for s, e in graph["stages"].items()} == {
-        "warehouse": [], "transform": ["warehouse"], "tune": ["transform"],
-        "model": ["transform", "tune"], "calibrate": ["model", "transform"],
-        "evaluate": ["calibrate", "model", "transform", "tune"], "release": ["calibrate", "evaluate", "model"],
+        "ingest": [], "transform": ["ingest"], "tune": ["transform"],
+        "train": ["transform", "tune"], "calibrate": ["train", "transform"],
+        "evaluate": ["calibrate", "train", "transform", "tune"], "release": ["calibrate", "evaluate", "train"],
     }
     transform = graph["stages"]["transform"]
     assert transform["outputs"] == {
@@ -125,35 +125,35 @@ def test_graph_without_pachyderm(tmp_path):
 
 def test_parents_are_the_stages_that_wrote_what_a_stage_read():
     graph = lineage.new_graph(pathspec=RUN, code={"commit": "c" * 40, "dirty": True}, code_version="c-dirty")
-    graph = lineage.record_stage(graph, "warehouse", files={"report.json": b"{}"}, pathspec=f"{RUN}/ingest/2",
+    graph = lineage.record_stage(graph, "ingest", files={"report.json": b"{}"}, pathspec=f"{RUN}/ingest/2",
                                  inputs=[{"name": "synth:8", "sha256": "d" * 64, "source": True}],
                                  blobs=[{"name": "samples-00000.tfrecord", "sha256": "a" * 64}])
     graph = lineage.record_stage(graph, "transform", files={"splits.json": b"[]"}, pathspec=f"{RUN}/transform/3",
                                  inputs=[{"name": "samples-00000.tfrecord", "sha256": "a" * 64, "blob": True},
                                          {"name": "elsewhere.bin", "sha256": "e" * 64}])
     entry = graph["stages"]["transform"]
-    assert entry["parents"] == ["warehouse"]
-    assert {(i["name"], i["stage"]) for i in entry["inputs"]} == {("samples-00000.tfrecord", "warehouse"),
+    assert entry["parents"] == ["ingest"]
+    assert {(i["name"], i["stage"]) for i in entry["inputs"]} == {("samples-00000.tfrecord", "ingest"),
                                                                   ("elsewhere.bin", None)}
-    assert graph["stages"]["warehouse"]["inputs"] == [{"name": "synth:8", "sha256": "d" * 64, "stage": None,
+    assert graph["stages"]["ingest"]["inputs"] == [{"name": "synth:8", "sha256": "d" * 64, "stage": None,
                                                        "source": True}]
     assert graph["code"]["dirty"] and graph["code_version"] == "c-dirty"
     # A blob is matched against blobs, a file against files: the same hash as a file is not the shard.
-    graph = lineage.record_stage(graph, "tune", files={"t": b"1"}, pathspec=f"{RUN}/select/6",
+    graph = lineage.record_stage(graph, "tune", files={"t": b"1"}, pathspec=f"{RUN}/tune/6",
                                  inputs=[{"name": "x", "sha256": "a" * 64}])
     assert graph["stages"]["tune"]["parents"] == []
 
 
 def test_reading_from_an_undeclared_stage_is_a_lineage_error():
-    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse")
-    report = graph["stages"]["warehouse"]["outputs"]["warehouse.json"]["sha256"]
-    with pytest.raises(LineageError, match="stage tune read warehouse.json from stage.s. warehouse"):
-        record(graph, "tune", inputs=[{"name": "warehouse.json", "sha256": report}])
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "ingest")
+    report = graph["stages"]["ingest"]["outputs"]["ingest.json"]["sha256"]
+    with pytest.raises(LineageError, match="stage tune read ingest.json from stage.s. ingest"):
+        record(graph, "tune", inputs=[{"name": "ingest.json", "sha256": report}])
 
 
 def test_record_stage_leaves_its_input_alone():
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
-    record(graph, "warehouse")
+    record(graph, "ingest")
     assert graph["stages"] == {}
 
 
@@ -161,10 +161,10 @@ def test_record_stage_leaves_its_input_alone():
     "stage, files, pathspec",
     [
         ("training", {"a": b""}, RUN),
-        ("warehouse", {"../escape": b""}, RUN),
-        ("warehouse", {"": b""}, RUN),
-        ("warehouse", {"a": Path("/no/such/file")}, RUN),
-        ("warehouse", {"a": b""}, "PetSegFlow"),
+        ("ingest", {"../escape": b""}, RUN),
+        ("ingest", {"": b""}, RUN),
+        ("ingest", {"a": Path("/no/such/file")}, RUN),
+        ("ingest", {"a": b""}, "PetSegFlow"),
     ],
 )
 def test_bad_input_is_a_lineage_error(stage, files, pathspec):
@@ -176,9 +176,9 @@ def test_bad_input_is_a_lineage_error(stage, files, pathspec):
 def test_merge_joins_branches_and_refuses_conflicts():
     base = record(lineage.new_graph(pathspec=RUN, code_version="v"), "transform")
     left = record(base, "tune")
-    right = record(base, "model", model_fingerprint="m" * 64)
+    right = record(base, "train", model_fingerprint="m" * 64)
     merged = lineage.merge([left, right])
-    assert set(merged["stages"]) == {"transform", "tune", "model"}
+    assert set(merged["stages"]) == {"transform", "tune", "train"}
     assert merged["model_fingerprint"] == "m" * 64
     with pytest.raises(LineageError, match="tune"):
         lineage.merge([left, record(base, "tune", files={"other": b"x"})])
@@ -200,11 +200,11 @@ def test_format_graph_shows_stages_outputs_and_commits(pachd):
     graph = full_run(pachd.address)
     text = lineage.format_graph(graph)
     commit_set = graph["pachyderm"]["commit_set"]
-    assert f"model <- transform, tune    petseg/model@{commit_set}" in text
+    assert f"train <- transform, tune    petseg/train@{commit_set}" in text
     digest = graph["stages"]["tune"]["outputs"]["tune.json"]["sha256"]
     assert digest[:12] in text and digest not in text
     plain = lineage.format_graph(full_run(None, run="PetSegFlow/8"))
-    assert "warehouse <- (input)    (not mirrored)" in plain
+    assert "ingest <- (input)    (not mirrored)" in plain
 
 
 # -- the mirror ----------------------------------------------------------------
@@ -234,7 +234,8 @@ def test_one_finished_commit_per_stage_with_files_and_metadata(pachd, client):
 def test_provenance_between_repos_and_commits(pachd, client):
     graph = full_run(pachd.address)
     commit_set = graph["pachyderm"]["commit_set"]
-    for stage, parents in lineage.STAGES.items():
+    for stage, entry in lineage.STAGES.items():
+        parents = entry.parents
         branch = client.pfs.inspect_branch(branch=pfs.Branch(repo=repo(stage), name="master"))
         assert sorted(b.repo.name for b in branch.direct_provenance) == sorted(parents)
         info = client.pfs.inspect_commit(commit=pfs.Commit(repo=repo(stage), id=commit_set))
@@ -247,13 +248,13 @@ def test_provenance_between_repos_and_commits(pachd, client):
 def test_rerunning_a_stage_adds_no_commit(pachd, client):
     graph = full_run(pachd.address)
     before = {s: len(list(client.pfs.list_commit(repo=repo(s)))) for s in lineage.STAGES}
-    # A retried warehouse step starts again from the graph it was given: no commit set yet.
+    # A retried ingest step starts again from the graph it was given: no commit set yet.
     start = lineage.new_graph(pathspec=RUN, code_version="0.1.0+test")
-    again = record(start, "warehouse", address=pachd.address)
-    assert again["stages"]["warehouse"]["pachyderm"]["reused"]
+    again = record(start, "ingest", address=pachd.address)
+    assert again["stages"]["ingest"]["pachyderm"]["reused"]
     assert again["pachyderm"] == graph["pachyderm"]
-    again = record(graph, "model", address=pachd.address)
-    assert again["stages"]["model"]["pachyderm"]["reused"]
+    again = record(graph, "train", address=pachd.address)
+    assert again["stages"]["train"]["pachyderm"]["reused"]
     after = {s: len(list(client.pfs.list_commit(repo=repo(s)))) for s in lineage.STAGES}
     assert after == before
 
@@ -261,9 +262,9 @@ def test_rerunning_a_stage_adds_no_commit(pachd, client):
 def test_a_retry_with_other_bytes_keeps_the_first_commit(pachd, client):
     graph = full_run(pachd.address)
     with pytest.warns(UserWarning, match="earlier attempt"):
-        again = record(graph, "model", address=pachd.address, files={"model.keras": b"resaved"})
-    assert again["stages"]["model"]["pachyderm"]["commit"] == graph["pachyderm"]["commit_set"]
-    assert len(petseg_commits(client, "model")) == 1
+        again = record(graph, "train", address=pachd.address, files={"model.keras": b"resaved"})
+    assert again["stages"]["train"]["pachyderm"]["commit"] == graph["pachyderm"]["commit_set"]
+    assert len(petseg_commits(client, "train")) == 1
 
 
 def test_resumed_run_with_other_outputs_is_refused(pachd):
@@ -285,18 +286,18 @@ def test_next_run_gets_its_own_commit_set_with_only_its_files(pachd, client):
 
 def test_connection_dropped_mid_commit_is_retried_without_leftovers(pachd, client):
     pachd.drop_connection(method="ModifyFile", after_messages=3, outage_calls=4)
-    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse",
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "ingest",
                    address=pachd.address, attempts=5, delay=0.01)
-    assert graph["stages"]["warehouse"]["pachyderm"]["mirrored"]
-    (info,) = petseg_commits(client, "warehouse")
+    assert graph["stages"]["ingest"]["pachyderm"]["mirrored"]
+    (info,) = petseg_commits(client, "ingest")
     assert pachyderm._finished(info)
     assert commit_files(client, info.commit) == {
-        "/" + k: v for k, v in outputs("warehouse").items()
+        "/" + k: v for k, v in outputs("ingest").items()
     }
-    assert open_commits(client, "warehouse") == []
+    assert open_commits(client, "ingest") == []
 
 
-@pytest.mark.parametrize("stage, method", [("warehouse", "ModifyFile"), ("calibrate", "FinishCommit")])
+@pytest.mark.parametrize("stage, method", [("ingest", "ModifyFile"), ("calibrate", "FinishCommit")])
 def test_outage_mid_commit_then_a_rerun_completes(pachd, client, stage, method):
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
     for earlier in list(lineage.STAGES)[: list(lineage.STAGES).index(stage)]:
@@ -318,7 +319,7 @@ def test_outage_mid_commit_then_a_rerun_completes(pachd, client, stage, method):
 
 
 def test_server_stopped_and_back(pachd, client):
-    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse",
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "ingest",
                    address=pachd.address)
     pachd.stop()
     with pytest.warns(UserWarning, match="cannot reach Pachyderm"):
@@ -336,7 +337,7 @@ def test_unreachable_and_required_raises_naming_the_address():
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
     started = time.monotonic()
     with pytest.raises(LineageError) as failure:
-        record(graph, "warehouse", address=address, **FAST)
+        record(graph, "ingest", address=address, **FAST)
     message = str(failure.value)
     assert address in message and "3 attempt" in message and "pachd is running" in message
     assert time.monotonic() - started < 10
@@ -346,12 +347,12 @@ def test_unreachable_and_best_effort_warns_and_records():
     address = f"127.0.0.1:{free_port()}"
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
     with pytest.warns(UserWarning, match=address):
-        graph = record(graph, "warehouse", address=address, required=False, **FAST)
-    missed = graph["stages"]["warehouse"]["pachyderm"]
+        graph = record(graph, "ingest", address=address, required=False, **FAST)
+    missed = graph["stages"]["ingest"]["pachyderm"]
     assert missed["mirrored"] is False and address in missed["error"]
-    assert missed["files"] == sorted(outputs("warehouse"))
+    assert missed["files"] == sorted(outputs("ingest"))
     assert graph["pachyderm"] is None
-    with pytest.warns(UserWarning, match="warehouse stage of PetSegFlow/7 was not mirrored"):
+    with pytest.warns(UserWarning, match="ingest stage of PetSegFlow/7 was not mirrored"):
         graph = record(graph, "transform", address=address, required=False, **FAST)
     assert graph["stages"]["transform"]["pachyderm"]["mirrored"] is False
 
@@ -364,17 +365,17 @@ def test_a_pachd_that_accepts_and_never_answers_costs_at_most_the_timeout(requir
         graph = lineage.new_graph(pathspec=RUN, code_version="v")
         if required:
             with pytest.raises(LineageError, match=address) as failure:
-                record(graph, "warehouse", address=address, attempts=3, delay=0.2, timeout=3)
+                record(graph, "ingest", address=address, attempts=3, delay=0.2, timeout=3)
             assert "DEADLINE_EXCEEDED" in str(failure.value) or "no time left" in str(failure.value)
         else:
             with pytest.warns(UserWarning, match=address):
-                graph = record(graph, "warehouse", address=address, required=False, attempts=3, delay=0.2,
+                graph = record(graph, "ingest", address=address, required=False, attempts=3, delay=0.2,
                                timeout=3)
-            assert graph["stages"]["warehouse"]["pachyderm"]["mirrored"] is False
+            assert graph["stages"]["ingest"]["pachyderm"]["mirrored"] is False
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("stage, method", [("warehouse", "ModifyFile"), ("calibrate", "FinishCommit")])
+@pytest.mark.parametrize("stage, method", [("ingest", "ModifyFile"), ("calibrate", "FinishCommit")])
 def test_a_call_that_never_returns_leaves_no_half_written_commit(pachd, client, stage, method):
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
     for earlier in list(lineage.STAGES)[: list(lineage.STAGES).index(stage)]:
@@ -386,7 +387,7 @@ def test_a_call_that_never_returns_leaves_no_half_written_commit(pachd, client, 
     assert method in pachd.calls
     pachd.heal()
     names = {"/" + name for name in outputs(stage)}
-    if stage == "warehouse":  # the commit it started was dropped
+    if stage == "ingest":  # the commit it started was dropped
         assert petseg_commits(client, stage) == [] and open_commits(client, stage) == []
     else:  # the commit set's open commit was cleared back to empty: "stage not run"
         for info in open_commits(client, stage):
@@ -406,22 +407,22 @@ def test_commit_digests_read_every_mirrored_file_back(pachd):
 
 
 def test_bad_address_is_a_config_error():
-    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "warehouse")
+    graph = record(lineage.new_graph(pathspec=RUN, code_version="v"), "ingest")
     with pytest.raises(ConfigError, match="bad Pachyderm address"):
-        pachyderm.mirror_stage(graph, "warehouse", files={}, address="ftp://somewhere:1")
+        pachyderm.mirror_stage(graph, "ingest", files={}, address="ftp://somewhere:1")
 
 
 def test_mirror_stage_needs_the_stage_recorded_first(pachd):
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
     with pytest.raises(LineageError, match="record it first"):
-        pachyderm.mirror_stage(graph, "warehouse", files=outputs("warehouse"), address=pachd.address)
+        pachyderm.mirror_stage(graph, "ingest", files=outputs("ingest"), address=pachd.address)
     with pytest.raises(LineageError, match="unknown stage"):
         pachyderm.mirror_stage(graph, "training", files={}, address=pachd.address)
 
 
 def test_mirror_stage_adds_only_the_mirror_records_and_leaves_its_input_alone(pachd):
     graph = lineage.new_graph(pathspec=RUN, code_version="v")
-    for stage in ("warehouse", "transform"):
+    for stage in ("ingest", "transform"):
         recorded = lineage.record_stage(graph, stage, files=outputs(stage), pathspec=f"{RUN}/{stage}/1")
         before = json.loads(json.dumps(recorded))
         assert pachyderm.mirror_stage(recorded, stage, files=outputs(stage), address=None) == recorded
@@ -432,7 +433,7 @@ def test_mirror_stage_adds_only_the_mirror_records_and_leaves_its_input_alone(pa
         assert graph["stages"][stage] == {k: v for k, v in recorded["stages"][stage].items() if k != "pachyderm"}
         graph["stages"][stage]["pachyderm"] = mirrored
     assert graph["pachyderm"] == {"address": pachd.address, "project": "petseg",
-                                  "commit_set": graph["stages"]["warehouse"]["pachyderm"]["commit"]}
+                                  "commit_set": graph["stages"]["ingest"]["pachyderm"]["commit"]}
 
 
 def imported_modules(module) -> set[str]:
@@ -460,12 +461,12 @@ def test_the_graph_knows_nothing_of_pachyderm_and_the_mirror_builds_on_the_graph
 def test_standin_refuses_commits_on_output_branches_and_applies_streams_whole(pachd, client):
     full_run(pachd.address)
     with pytest.raises(grpc.RpcError) as refused:
-        client.pfs.start_commit(branch=pfs.Branch(repo=repo("model"), name="master"))
+        client.pfs.start_commit(branch=pfs.Branch(repo=repo("train"), name="master"))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(grpc.RpcError) as missing:
         client.pfs.inspect_repo(repo=repo("nothing"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    commit = client.pfs.start_commit(branch=pfs.Branch(repo=repo("warehouse"), name="master"))
+    commit = client.pfs.start_commit(branch=pfs.Branch(repo=repo("ingest"), name="master"))
     pachd.drop_connection(method="ModifyFile", after_messages=3, outage_calls=0)
     with pytest.raises(grpc.RpcError):
         client.pfs.put_file_from_bytes(commit=commit, path="/late.txt", data=b"x" * 10)
@@ -503,7 +504,7 @@ def run_cli(monkeypatch, capsys, argv, graphs):
 def test_cli_shows_a_run_as_text_or_json(monkeypatch, capsys):
     graph = full_run(None)
     code, out = run_cli(monkeypatch, capsys, ["lineage", "latest"], [graph])
-    assert code == 0 and out.startswith(RUN) and "calibrate <- model, transform" in out
+    assert code == 0 and out.startswith(RUN) and "calibrate <- train, transform" in out
     code, out = run_cli(monkeypatch, capsys, ["lineage", "7", "--json"], [graph])
     assert code == 0 and json.loads(out) == graph
 
@@ -527,3 +528,37 @@ def test_cli_needs_a_run_or_a_model(monkeypatch, capsys):
 def test_cli_refuses_runs_of_other_flows():
     with pytest.raises(RunError, match="belongs to flow 'OtherFlow'"):
         runs.run_graph("OtherFlow/3")
+
+
+# -- what a step read and wrote, from its stage's declaration ------------------------------------------------
+
+
+def test_task_files_follow_each_stage_declaration():
+    shard = lambda name: {"name": name, "sha256": hashlib.sha256(name.encode()).hexdigest()}  # noqa: E731
+    artifacts = {
+        "ingest_report": {"source": "synth:8", "feedback": None, "fingerprint": "f" * 64,
+                          "shards": [shard("samples-00000.tfrecord")]},
+        "splits": {"splits": {split: [shard(f"{split}-00000.tfrecord")] for split in
+                              ("training", "validation", "test", "calibration")}, "counts": {}},
+        "trial_results": [], "best": {"index": 0}, "model_keras": b"weights", "model_fingerprint": "m" * 64,
+        "history": {}, "calibration": {"classes": []}, "calibration_report": {}, "metrics": {"mIoU": 0.5},
+        "manifest": {"version": "petseg-7"}, "gate_message": "passed",
+    }
+    url = "blobs/{}".format
+    reads, writes = lineage.task_files("ingest", artifacts.__getitem__, blob_url=url)
+    assert reads == [{"name": "synth:8", "sha256": "f" * 64, "source": True, "location": "synth:8"}]
+    assert writes == [{**shard("samples-00000.tfrecord"), "blob": True,
+                       "location": url(shard("samples-00000.tfrecord")["sha256"])}]
+    reads, writes = lineage.task_files("transform", artifacts.__getitem__, blob_url=url)
+    assert [r["name"] for r in reads] == ["ingest_report.json", "samples-00000.tfrecord"]
+    assert len(writes) == 4 and all(w["blob"] for w in writes)
+    reads, writes = lineage.task_files("evaluate", artifacts.__getitem__, blob_url=url)
+    assert {r["name"] for r in reads if not r.get("blob")} == set(lineage.STAGES["evaluate"].reads)
+    assert {r["name"] for r in reads if r.get("blob")} == {"training-00000.tfrecord", "validation-00000.tfrecord",
+                                                           "test-00000.tfrecord"}
+    assert writes == []
+    model = next(r for r in reads if r["name"] == "model.keras")
+    assert model["sha256"] == lineage.sha256(b"weights")
+    for stage, entry in lineage.STAGES.items():  # every file a stage reads is an earlier stage's output
+        for name in entry.reads:
+            assert lineage.producer_of(name) in entry.parents, (stage, name)

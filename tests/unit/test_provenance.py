@@ -175,7 +175,7 @@ CODE = {"commit": "a" * 40, "dirty": True, "branch": "main", "checkout": "/src/p
 
 def events_of_a_task(error=None):
     graph = lineage.new_graph(pathspec="PetSegFlow/5", code=CODE, code_version="a" * 40 + "-dirty")
-    graph = lineage.record_stage(graph, "model", files={"model.keras": b"weights"}, pathspec="PetSegFlow/5/train/7")
+    graph = lineage.record_stage(graph, "train", files={"model.keras": b"weights"}, pathspec="PetSegFlow/5/train/7")
     reads = [{"name": "model.keras", "sha256": lineage.sha256(b"weights")},
              {"name": "calibration-00000.tfrecord", "sha256": "b" * 64, "blob": True,
               "location": "s3://bucket/metaflow/petseg/blobs/bb/" + "b" * 64}]
@@ -204,7 +204,7 @@ def test_events_are_valid_openlineage_and_carry_provenance():
     assert petseg_facet["determinism"] == {"seed": 42, "strict": True, "threads": 2}
     assert complete["job"]["facets"]["sourceCodeLocation"]["version"] == "a" * 40
     datasets = {(d["namespace"], d["name"]): d["facets"]["petseg_file"] for d in complete["inputs"]}
-    assert datasets[("s3://bucket", "metaflow/PetSegFlow/5/train/7/model_keras")]["stage"] == "model"
+    assert datasets[("s3://bucket", "metaflow/PetSegFlow/5/train/7/model_keras")]["stage"] == "train"
     assert datasets[("s3://bucket", "metaflow/petseg/blobs/bb/" + "b" * 64)]["file"] == "calibration-00000.tfrecord"
     (output,) = complete["outputs"]
     assert output["name"] == "metaflow/PetSegFlow/5/calibrate/8/calibration"
@@ -295,3 +295,12 @@ def test_an_unreachable_receiver_fails_a_required_delivery_and_warns_a_best_effo
             delivery.send(event)
     else:
         assert "was not delivered" in delivery.send(event)
+
+
+def test_file_hashes_of_a_release_are_those_of_its_files():
+    manifest = {"version": "petseg-5", "location": "/r"}
+    files = release.release_files(model_keras=b"weights", calibration={"classes": []}, manifest=manifest)
+    sealed = json.loads(files["manifest.json"])
+    signatures = {"model.sig": b"sig"}
+    assert release.file_hashes(sealed, signatures) == {name: hashlib.sha256(data).hexdigest()
+                                                      for name, data in {**files, **signatures}.items()}
