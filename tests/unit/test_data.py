@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -485,6 +487,43 @@ def test_shard_records_are_byte_identical_to_tensorflows(tmp_path):
     assert decoded["id"] == "pug_3" and decoded["sha256"] == "ab" * 32
     np.testing.assert_array_equal(decoded["image"], image)
     np.testing.assert_array_equal(decoded["mask"], mask)
+
+
+def test_record_bytes_are_pinned():
+    # Bytes that change here change every shard file written from the same samples.
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    mask = (np.arange(4 * 5, dtype=np.uint8) % 3 + 1).reshape(4, 5)
+    record = shards.encode("pug_7", image, mask, "0123456789abcdef" * 4)
+    assert len(record) == 242
+    assert hashlib.sha256(record).hexdigest() == "843e5020ab2f442bb152a9e2919d427b025b94a880a5a9c875d670ca1eb04750"
+    assert hashlib.sha256(shards.frame(record)).hexdigest() == (
+        "3a91714279f05267a0299383c8e11a5395216ce1c4c6f6a0607f8f415c1af605")
+
+
+def test_shards_do_not_import_tensorflow():
+    code = "import sys, petseg.shards, petseg.data; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("record, message", [
+    (b"\x0a\x05ab", r"record: not a serialised tf.train.Example \(.*\): not a petseg shard record"),
+    (b"", "record lacks feature\\(s\\) id, image, mask, height, width, sha256: not a petseg shard record"),
+    (shards.encode("pug_1", np.zeros((2, 2, 3), np.uint8), np.ones((4, 5), np.uint8), "ab" * 32),
+     r"record: its features do not fit together \(.*\): not a petseg shard record"),
+])
+def test_a_record_that_is_not_a_shard_record_is_a_data_error(record, message):
+    with pytest.raises(DataError, match=message):
+        shards.decode(record)
+
+
+def test_a_damaged_length_is_named(reference, tmp_path):
+    shard = tmp_path / "damaged.tfrecord"
+    content = bytearray(Path(reference["shards"][0]).read_bytes())
+    content[9] ^= 0xFF  # the masked CRC-32C of the first record's length
+    shard.write_bytes(bytes(content))
+    with pytest.raises(DataError, match=r"damaged.tfrecord: cannot read shard \(record 0: corrupt or truncated length\)"):
+        list(shards.read_records([shard]))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
