@@ -20,9 +20,8 @@ FLOW = "PetSegFlow"
 FLOW_FILE = Path(__file__).resolve().parent.parent / "flows" / "seg_flow.py"
 # Environment facts that change results; a difference is worth a warning.
 ENVIRONMENT_KEYS_THAT_MATTER = ("packages", "tensorflow_build", "cpu", "devices", "settings", "python")
-# Where a run's end step keeps its lineage graph, in order of preference (the
-# flow's parameter ``lineage`` takes that name, so the artifact is ``lineage_graph``).
-GRAPH_ARTIFACTS = ("lineage_graph", "lineage")
+# Where a run's end step keeps its lineage graph (the flow's parameter ``lineage`` takes that name).
+GRAPH_ARTIFACT = "lineage_graph"
 
 
 def resolve_run(spec: str, *, finished: bool = True):
@@ -354,13 +353,9 @@ def _graph_of(run) -> dict | None:
     task = run["end"].task
     if task is None:
         return None
-    graph = None
-    for name in GRAPH_ARTIFACTS:
-        if name in task and isinstance(task[name].data, dict):
-            graph = dict(task[name].data)
-            break
-    if graph is None:
+    if GRAPH_ARTIFACT not in task or not isinstance(task[GRAPH_ARTIFACT].data, dict):
         return None
+    graph = dict(task[GRAPH_ARTIFACT].data)
     if not graph.get("model_fingerprint") and "model_fingerprint" in task:
         graph["model_fingerprint"] = task["model_fingerprint"].data
     return graph
