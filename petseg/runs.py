@@ -10,6 +10,7 @@ unknown, of another flow or still running is a RunError, never a traceback.
 
 from __future__ import annotations
 
+import getpass
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,15 +194,29 @@ def _champion(described: dict) -> dict:
 
 
 def flow_environment() -> dict:
-    """This process's environment, plus a user name Metaflow accepts when it would find none.
-
-    Metaflow records who ran a flow and refuses to start as "root" or with no
-    user name, so a root shell (a container, CI) needs a fallback.
-    """
+    """This process's environment, plus a user name Metaflow accepts when it would find none (`default_user`)."""
     env = dict(os.environ)
-    if not any(env.get(name) not in (None, "", "root") for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
-        env["USERNAME"] = "petseg"
+    default_user(env)
     return env
+
+
+def default_user(environ) -> None:
+    """Give ``environ`` (``os.environ`` or a child's copy) a USERNAME Metaflow accepts, when it holds none.
+
+    Metaflow records who ran a flow and refuses to start, or to open the Client's
+    default namespace, as "root" or with no user name: it takes the first of
+    METAFLOW_USER, SUDO_USER, USERNAME and USER that is set and is not "root".
+    So a command typed in a root shell (a container, CI) would stop with
+    "Metaflow could not determine your user name". The login name stands in,
+    or "petseg" when that is root too; a user name already set is kept.
+    """
+    if any(environ.get(name) not in (None, "", "root") for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+        return
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):  # no login variable and no passwd entry
+        login = ""
+    environ["USERNAME"] = login if login and login != "root" else "petseg"
 
 
 def cpu_flag_changes(old: dict, new: dict) -> str | None:
