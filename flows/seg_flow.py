@@ -12,11 +12,14 @@ import sys
 
 FLOW_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FLOW_DIR, ".."))
-from petseg import determinism  # noqa: E402
+from petseg import determinism, runs  # noqa: E402
 
 # numpy reads its CPU pins once, when it loads (Metaflow loads it): pinned first, in every run and pod, so
 # that calibration, metrics and baselines run the same kernels on any CPU (petseg.determinism).
 determinism.pin_numpy(os.environ)
+# Metaflow refuses to run or read runs as root with no user name (USERNAME): a root shell's command,
+# `run` or `card get`, works as typed with the login name or "petseg" (petseg.runs.default_user).
+runs.default_user(os.environ)
 
 from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step, timeout  # noqa: E402,I001
 # TensorFlow's C++ start-up notices (CPU features, end of a dataset) would fill every step's log;

@@ -5,14 +5,12 @@ Isotonic regression (pool-adjacent-violators) fits, per class, the monotone
 map from predicted probability to observed frequency on the calibration split
 (one-vs-rest); the three calibrated values of a pixel are then divided by
 their sum, so they are again a distribution over pet, background and border.
-The map is a list of (threshold, value) points applied with `np.interp`, saved
-as JSON: the serving process loads it without unpickling anything (the
+The map is a list of (threshold, value) points applied with `np.interp`, stored
+as JSON (`to_dict`, `from_dict`): the serving process loads it without unpickling anything (the
 original stored a pickled scikit-learn object).
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -103,30 +101,6 @@ class Calibration:
             thresholds.append(x)
             values.append(y)
         return cls(tuple(thresholds), tuple(values))
-
-    def save(self, path: str | Path) -> Path:
-        """Writes the JSON file and returns its path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
-        """Reads a file written by `save`.
-
-        Raises:
-            ModelError: The file is missing, not JSON, or a field is malformed;
-                the message names the file and the field.
-        """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelError(f"calibration file {path} cannot be read as JSON: {err}") from None
-        try:
-            return cls.from_dict(data)
-        except ModelError as err:
-            raise ModelError(f"calibration file {path}: {err}") from None
 
 
 def _float_array(channel: dict, field: str, index: int) -> np.ndarray:
@@ -315,14 +289,6 @@ def collect(model, dataset, *, max_pixels: int = 200_000, seed: int = 0) -> tupl
     if probs is None:
         raise ModelError("the calibration dataset is empty")
     return probs, labels
-
-
-def fit_dataset(model, dataset, *, max_pixels: int = 200_000, seed: int = 0) -> Calibration:
-    """Fits a calibration to a sample of a model's predictions over a dataset.
-
-    See `collect` for the sampling.
-    """
-    return fit(*collect(model, dataset, max_pixels=max_pixels, seed=seed))
 
 
 def summary(calibration: Calibration, probs, labels, *, bins: int = 15) -> dict:

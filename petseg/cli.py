@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from petseg import runs as run_lookups
 from petseg.commands import cluster, data, endpoint, keys, lineage, runs, serving
 from petseg.errors import PetsegError
 
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; user mistakes print one line and exit 2."""
+    # Metaflow's Client and runner refuse a root shell with no user name: give it one, as the flow file does.
+    run_lookups.default_user(os.environ)
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

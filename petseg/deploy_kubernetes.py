@@ -282,11 +282,6 @@ def apply_object(
     return _wait_ready(api, resource, namespace, name, where, timeout=timeout, poll_interval=poll_interval)
 
 
-def apply_seldon_deployment(manifest: dict, *, namespace: str, **options) -> dict:
-    """`apply_object` for a SeldonDeployment from `render_seldon_deployment`: it waits until it is Available."""
-    return apply_object(manifest, namespace=namespace, **options)
-
-
 # -- rendering --------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ unknown, of another flow or still running is a RunError, never a traceback.
 
 from __future__ import annotations
 
+import getpass
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,8 @@ FLOW = "PetSegFlow"
 FLOW_FILE = Path(__file__).resolve().parent.parent / "flows" / "seg_flow.py"
 # Environment facts that change results; a difference is worth a warning.
 ENVIRONMENT_KEYS_THAT_MATTER = ("packages", "tensorflow_build", "cpu", "devices", "settings", "python")
-# Where a run's end step keeps its lineage graph, in order of preference (the
-# flow's parameter ``lineage`` takes that name, so the artifact is ``lineage_graph``).
-GRAPH_ARTIFACTS = ("lineage_graph", "lineage")
+# Where a run's end step keeps its lineage graph (the flow's parameter ``lineage`` takes that name).
+GRAPH_ARTIFACT = "lineage_graph"
 
 
 def resolve_run(spec: str, *, finished: bool = True):
@@ -194,15 +194,29 @@ def _champion(described: dict) -> dict:
 
 
 def flow_environment() -> dict:
-    """This process's environment, plus a user name Metaflow accepts when it would find none.
-
-    Metaflow records who ran a flow and refuses to start as "root" or with no
-    user name, so a root shell (a container, CI) needs a fallback.
-    """
+    """This process's environment, plus a user name Metaflow accepts when it would find none (`default_user`)."""
     env = dict(os.environ)
-    if not any(env.get(name) not in (None, "", "root") for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
-        env["USERNAME"] = "petseg"
+    default_user(env)
     return env
+
+
+def default_user(environ) -> None:
+    """Give ``environ`` (``os.environ`` or a child's copy) a USERNAME Metaflow accepts, when it holds none.
+
+    Metaflow records who ran a flow and refuses to start, or to open the Client's
+    default namespace, as "root" or with no user name: it takes the first of
+    METAFLOW_USER, SUDO_USER, USERNAME and USER that is set and is not "root".
+    So a command typed in a root shell (a container, CI) would stop with
+    "Metaflow could not determine your user name". The login name stands in,
+    or "petseg" when that is root too; a user name already set is kept.
+    """
+    if any(environ.get(name) not in (None, "", "root") for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+        return
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):  # no login variable and no passwd entry
+        login = ""
+    environ["USERNAME"] = login if login and login != "root" else "petseg"
 
 
 def cpu_flag_changes(old: dict, new: dict) -> str | None:
@@ -354,13 +368,9 @@ def _graph_of(run) -> dict | None:
     task = run["end"].task
     if task is None:
         return None
-    graph = None
-    for name in GRAPH_ARTIFACTS:
-        if name in task and isinstance(task[name].data, dict):
-            graph = dict(task[name].data)
-            break
-    if graph is None:
+    if GRAPH_ARTIFACT not in task or not isinstance(task[GRAPH_ARTIFACT].data, dict):
         return None
+    graph = dict(task[GRAPH_ARTIFACT].data)
     if not graph.get("model_fingerprint") and "model_fingerprint" in task:
         graph["model_fingerprint"] = task["model_fingerprint"].data
     return graph

@@ -78,7 +78,17 @@ def write_archives(out_dir: str | os.PathLike, *, count: int, seed: int) -> tupl
             photo, trimap = render(np.random.default_rng([seed, index]), breed)
             _add_file(images, oxford.image_file(sample_id), photo)
             _add_file(annotations, oxford.trimap_file(sample_id), trimap)
+        # The partial files are private (0600); the archives are data for anyone, as open() would make them.
+        for partial in (partial_images, partial_annotations):
+            partial.chmod(_new_file_mode())
     return images_path, annotations_path
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0o022)  # read by setting; put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _plan(count: int, seed: int) -> list[tuple[str, int, Breed]]:

@@ -55,11 +55,6 @@ class Tensor:
     data: Any
 
 
-def parse_images(inputs: list[Tensor], *, limits: Limits) -> np.ndarray:
-    """Reads the images of an inference request, every pixel (`read_images` without reduction)."""
-    return read_images(inputs, limits=limits)[0]
-
-
 def read_images(inputs: list[Tensor], *, limits: Limits,
                 work_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Reads the images of an inference request.

@@ -520,7 +520,7 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
 
     from kubernetes import config
 
-    from petseg.deploy_kubernetes import GROUP, PLURAL, VERSION, apply_seldon_deployment, render_seldon_deployment
+    from petseg.deploy_kubernetes import GROUP, PLURAL, VERSION, apply_object, render_seldon_deployment
     from petseg.errors import ServingError
 
     namespace = cluster["PETSEG_K8S_NAMESPACE"]
@@ -532,7 +532,7 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
     # Created, then waited on until the (stand-in) operator reports it Available.
     outcome = {}
     waiter = threading.Thread(target=lambda: outcome.update(
-        applied=apply_seldon_deployment(rendered, namespace=namespace, api_client=runner, timeout=60,
+        applied=apply_object(rendered, namespace=namespace, api_client=runner, timeout=60,
                                         poll_interval=0.2)))
     waiter.start()
     _wait(lambda: admin["custom"].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
@@ -545,7 +545,7 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
     # Applying again replaces it in place: one object, same uid, new spec.
     rendered_again = render_seldon_deployment(RELEASE, image="petseg:test", namespace=namespace,
                                               replicas=2, secrets=["petseg-s3"])
-    again = apply_seldon_deployment(rendered_again, namespace=namespace, api_client=runner, timeout=5)
+    again = apply_object(rendered_again, namespace=namespace, api_client=runner, timeout=5)
     items = admin["custom"].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
     assert [item["metadata"]["name"] for item in items] == [name]
     assert again["metadata"]["uid"] == created["metadata"]["uid"]
@@ -555,7 +555,7 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
     # A deployment that Seldon reports Failed is an error that says why.
     _set_state(admin, namespace, name, "Failed", "image pull failed")
     with pytest.raises(ServingError, match="image pull failed"):
-        apply_seldon_deployment(rendered_again, namespace=namespace, api_client=runner, timeout=5)
+        apply_object(rendered_again, namespace=namespace, api_client=runner, timeout=5)
     admin["custom"].delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
 

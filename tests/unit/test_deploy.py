@@ -267,7 +267,7 @@ def _use(monkeypatch, api: StandInApi) -> StandInApi:
 
 def test_apply_creates_then_waits_until_available(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi(states=["Creating", "Creating", "Available"]))
-    applied = deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    applied = deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert [call for call, _ in api.calls] == ["create"]
     assert applied["status"]["state"] == "Available"
     assert api.calls[0][1]["metadata"]["namespace"] == "serving"
@@ -275,8 +275,8 @@ def test_apply_creates_then_waits_until_available(monkeypatch, rendered):
 
 def test_apply_twice_replaces_with_the_current_resource_version(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi())
-    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
-    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert [call for call, _ in api.calls] == ["create", "replace"]
     assert api.calls[1][1]["metadata"]["resourceVersion"] == "1"
     assert "resourceVersion" not in rendered["metadata"]  # the caller's object is left alone
@@ -300,28 +300,28 @@ def test_apply_waits_for_the_status_of_the_new_generation(monkeypatch, rendered)
 
 def test_apply_retries_after_a_conflict(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi(conflicts=1))
-    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
-    deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert [call for call, _ in api.calls] == ["create", "replace", "replace"]
 
 
 def test_apply_times_out_naming_the_deployment_and_its_last_state(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(states=["Creating"]))
     with pytest.raises(ServingError, match=r"SeldonDeployment serving/petseg-1732791234567890 .*last state: Creating"):
-        deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), timeout=0.05,
+        deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), timeout=0.05,
                                        poll_interval=0.01)
 
 
 def test_apply_reports_a_failed_deployment(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(states=["Failed"]))
     with pytest.raises(ServingError, match="failed: operator says Failed"):
-        deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+        deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
 
 
 def test_apply_reports_a_refusal(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(refuse=403))
     with pytest.raises(ServingError, match="refused SeldonDeployment serving/petseg-1732791234567890: 403"):
-        deploy_kubernetes.apply_seldon_deployment(rendered, namespace="serving", api_client=object(), poll_interval=0)
+        deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
 
 
 def test_a_rollout_returns_what_the_flow_records(monkeypatch):

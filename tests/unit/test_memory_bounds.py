@@ -55,6 +55,6 @@ def test_pixels_as_lists_of_numbers_have_their_own_limit():
 
     listed = v2_messages.Tensor("image", "UINT8", [1, 11, 10, 3], [0] * 330)
     with pytest.raises(messages.BadRequest, match="as a list"):
-        v2_messages.parse_images([listed], limits=limits)
+        v2_messages.read_images([listed], limits=limits)[0]
     as_bytes = v2_messages.Tensor("image", "UINT8", [1, 11, 10, 3], "AAAA" * 110)
-    assert v2_messages.parse_images([as_bytes], limits=limits).shape == (1, 11, 10, 3)
+    assert v2_messages.read_images([as_bytes], limits=limits)[0].shape == (1, 11, 10, 3)

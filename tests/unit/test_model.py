@@ -177,7 +177,7 @@ def test_evaluate_matches_keras_validation_loss(trained):
 
 def test_evaluate_applies_calibration(trained):
     fitted, _ = trained
-    fitted_calibration = calibration.fit_dataset(fitted, _blobs(seed=2))
+    fitted_calibration = calibration.fit(*calibration.collect(fitted, _blobs(seed=2)))
     plain = train.evaluate(fitted, _blobs(seed=1))
     calibrated = train.evaluate(fitted, _blobs(seed=1), calibration=fitted_calibration)
     by_hand, by_hand_plain = SegmentationMetrics(), SegmentationMetrics()

@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import os
 from pathlib import Path
 
 from petseg import cli, runs
@@ -23,6 +24,28 @@ def test_flow_environment_gives_root_a_user_name(monkeypatch):
     assert runs.flow_environment()["USERNAME"] == "petseg"
     monkeypatch.setenv("USERNAME", "alice")
     assert runs.flow_environment()["USERNAME"] == "alice"
+
+
+def test_default_user_names_a_root_shell_and_keeps_a_set_name(monkeypatch):
+    """Metaflow refuses root with no user name; the fallback is one its get_username accepts."""
+    from metaflow import metaflow_config
+    from metaflow.util import get_username
+
+    monkeypatch.setattr(metaflow_config, "USER", None)  # METAFLOW_USER, read when Metaflow loaded
+    for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "LOGNAME", "LNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("USER", "root")
+    monkeypatch.setattr(runs.getpass, "getuser", lambda: "root")
+    env = {"USER": "root"}
+    runs.default_user(env)
+    assert env == {"USER": "root", "USERNAME": "petseg"}
+    monkeypatch.setattr(runs.getpass, "getuser", lambda: "bob")
+    runs.default_user(env := {"USER": "root"})
+    assert env["USERNAME"] == "bob"
+    runs.default_user(env := {"SUDO_USER": "carol"})
+    assert "USERNAME" not in env
+    runs.default_user(os.environ)
+    assert get_username() == "bob"
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 import argparse
 import io
+import os
+import stat
 import tarfile
 
 import numpy as np
@@ -128,3 +130,17 @@ def test_command_writes_the_archives(tmp_path, capsys):
     assert args.handler(args) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "images.tar.gz"), str(tmp_path / "annotations.tar.gz")]
     assert len(members(tmp_path / "images.tar.gz")) == 4  # images/ and three photos
+
+
+def test_archives_are_readable_by_other_users(tmp_path):
+    """Archives are data to share: mode 0644 under the usual umask 022, as open() would make them."""
+    previous = os.umask(0o022)
+    try:
+        written = synth.write_archives(tmp_path, count=1, seed=3)
+    finally:
+        os.umask(previous)
+    for path in written:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o644, f"{path.name} has mode {mode:o}"
+        assert mode & stat.S_IROTH and mode & stat.S_IRGRP
+    assert not list(tmp_path.glob(".*.partial"))

@@ -67,7 +67,7 @@ def test_uint8_pixels_flat_nested_or_base64_read_as_binData_reads_them():
     pixels = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3) * 20
     expected = pixels.astype(np.float32) / 255.0
     for data in (pixels.ravel().tolist(), pixels.tolist(), base64.b64encode(pixels.tobytes()).decode()):
-        images = v2_messages.parse_images([_tensor(data=data)], limits=LIMITS)
+        images = v2_messages.read_images([_tensor(data=data)], limits=LIMITS)[0]
         assert images.dtype == np.float32
         np.testing.assert_array_equal(images, expected)
 
@@ -76,7 +76,7 @@ def test_bytes_images_as_raw_bytes_or_base64():
     pixels = np.full((5, 7, 3), 90, np.uint8)
     png = _png(pixels)
     for element in (png, base64.b64encode(png).decode()):
-        images = v2_messages.parse_images([_tensor("BYTES", [2], [element, element])], limits=LIMITS)
+        images = v2_messages.read_images([_tensor("BYTES", [2], [element, element])], limits=LIMITS)[0]
         assert images.shape == (2, 5, 7, 3)
 
 
@@ -107,7 +107,7 @@ def test_bytes_images_as_raw_bytes_or_base64():
 )
 def test_bad_inputs_say_what_was_expected(tensors, kind):
     with pytest.raises(BadRequest) as refused:
-        v2_messages.parse_images(tensors, limits=LIMITS)
+        v2_messages.read_images(tensors, limits=LIMITS)[0]
     assert refused.value.kind == kind and "expected" in str(refused.value)
     assert refused.value.status == (413 if kind == "TOO_LARGE" else 400)
 
