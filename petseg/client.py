@@ -26,7 +26,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from petseg import tokens
+from petseg import servers, tokens
 from petseg.errors import DataError, ServingError
 from petseg.messages import probability_png
 
@@ -34,7 +34,7 @@ PREDICT_PATH = "/api/v1.0/predictions"
 FEEDBACK_PATH = "/api/v1.0/feedback"
 INFER_PATH = "/v2/models/petseg/infer"
 V2_FEEDBACK_PATH = "/v2/models/petseg/feedback"
-PROTOCOLS = ("seldon", "v2")
+PROTOCOLS = servers.PROTOCOLS
 TITLES = ("Input Image", "Predicted Mask", "Thresholded Mask")
 
 

@@ -21,10 +21,8 @@ runtime's warm-up prediction), and returns what the flow records;
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -35,16 +33,16 @@ from pathlib import Path
 
 import requests
 
-from petseg import tokens
-from petseg.errors import ConfigError, ServingError
-from petseg.userdirs import state_dir
+from petseg import layout, servers, tokens
+from petseg.errors import ServingError
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_DIR = ROOT / "serving"
 COMPONENT = "PetSegModel"
 MICROSERVICE = "seldon-core-microservice"
 LAUNCHER_MODULE = "petseg.seldon_launcher"
-SERVERS = ("seldon", "mlserver")
+SERVERS = servers.LOCAL
+"""The servers that run here (`petseg.servers`)."""
 MLSERVER_SETTINGS = SERVING_DIR / "mlserver"
 """``mlserver start`` folder: settings.json and ``petseg/model-settings.json`` (the model name and runtime)."""
 RUNTIME_MODULE = "petseg.mlserver_runtime"
@@ -74,7 +72,7 @@ def deploy_local(
             always picked free.
         host: Address the server listens on (default ``127.0.0.1``; ``0.0.0.0``: every interface).
         log_path: File for the server's output; default ``serving.log`` in the
-            deployment's `record_dir` (outside the release, which is signed).
+            deployment's `petseg.layout.deployment_dir` (outside the release, which is signed).
         timeout: Seconds to wait until it predicts.
         fingerprint: Model fingerprint the server must find (MODEL_FINGERPRINT).
         feedback_uri: Feedback store (`petseg.quarantine`); default
@@ -85,7 +83,7 @@ def deploy_local(
     Returns:
         ``{"kind": "local", "server", "protocol", "url", "pid", "port", "grpc_port", "metrics_port", "log",
         "model_uri", "tokens_file"}`` (``protocol`` is ``seldon`` or ``v2``), also written as
-        ``deployment.json`` in the deployment's `record_dir`.
+        ``deployment.json`` in the deployment's `petseg.layout.deployment_dir`.
 
     Raises:
         ConfigError: ``server`` is not one of `SERVERS`.
@@ -98,7 +96,7 @@ def deploy_local(
     model_uri = str(Path(release_dir).resolve()) if local else str(release_dir)
     free = free_ports(3)
     port, grpc_port, metrics_port = port or free[0], free[1], free[2]
-    record = record_dir(model_uri)
+    record = layout.deployment_dir(model_uri)
     log_path = Path(log_path or record / "serving.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tokens_file, _ = tokens.ensure_local_tokens(tokens_file)
@@ -120,7 +118,7 @@ def deploy_local(
     deployment = {
         "kind": "local",
         "server": server,
-        "protocol": "seldon" if server == "seldon" else "v2",
+        "protocol": servers.SERVERS[server].protocol,
         "url": url,
         "pid": process.pid,
         "port": port,
@@ -133,14 +131,6 @@ def deploy_local(
     record.mkdir(parents=True, exist_ok=True)
     (record / "deployment.json").write_text(json.dumps(deployment, indent=2) + "\n", encoding="utf-8")
     return deployment
-
-
-def record_dir(model_uri: str | os.PathLike) -> Path:
-    """Where a local deployment of a release keeps ``deployment.json`` and ``serving.log``: petseg's state
-    directory, not the release (a signed release never changes)."""
-    resolved = str(Path(model_uri).resolve()) if Path(model_uri).is_dir() else str(model_uri)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(resolved.rstrip("/")).name) or "release"
-    return state_dir() / "deployments" / f"{name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
 
 
 def stop_local(pid: int, *, timeout: float = 30.0) -> bool:
@@ -255,15 +245,10 @@ def serve_foreground(
 
 def default_feedback_uri(model_uri: str) -> str | None:
     """Feedback of a release directory or ``s3://`` prefix, outside it (a signed release never changes):
-    ``<root>/feedback/<version>`` beside ``<root>/releases/<version>``, else ``<release>-feedback``;
-    None for a run pathspec. A separate prefix, so a store's policy can let servers write feedback and only
-    read releases."""
+    `petseg.layout.feedback`; None for a run pathspec."""
     if model_uri.startswith("PetSegFlow/"):
         return None
-    parent, _, name = model_uri.rstrip("/").rpartition("/")
-    if parent == "releases" or parent.endswith("/releases"):
-        return f"{parent[:-len('releases')]}feedback/{name}"
-    return model_uri.rstrip("/") + "-feedback"
+    return layout.feedback(model_uri)
 
 
 def microservice_command(*, port: int, grpc_port: int, metrics_port: int,
@@ -321,8 +306,7 @@ def available_cores() -> int:
 
 
 def _check_server(server: str) -> None:
-    if server not in SERVERS:
-        raise ConfigError(f"server {server!r} is unknown: expected one of {', '.join(SERVERS)}")
+    servers.get(server, among=SERVERS)
 
 
 def _server_process(server: str, model_uri: str, *, port: int, grpc_port: int, metrics_port: int,

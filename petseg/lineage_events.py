@@ -49,6 +49,7 @@ from openlineage.client.serde import Serde
 
 from petseg import __version__
 from petseg.errors import LineageError
+from petseg.layout import Layout
 from petseg.lineage import artifact_of
 from petseg.storage import Location, is_s3, split_s3
 
@@ -203,7 +204,7 @@ def task_datasets(graph: dict | None, *, pathspec: str, reads: Iterable[Mapping]
         else:
             artifact = artifact_of(origin, item["name"])
             producer = stages.get(origin, {}).get("pathspec") if origin else None
-            where = f"{datastore_root.rstrip('/')}/{producer}/{artifact}" if producer and artifact else \
+            where = Layout(datastore_root).artifact(producer, artifact) if producer and artifact else \
                 _location_of(reads, item) or item["name"]
             kind = "artifact"
         inputs.append(_dataset(where, item["name"], item["sha256"], kind, origin))
@@ -213,7 +214,7 @@ def task_datasets(graph: dict | None, *, pathspec: str, reads: Iterable[Mapping]
             continue
         for name, output in entry["outputs"].items():
             artifact = artifact_of(stage, name) or name
-            where = f"{datastore_root.rstrip('/')}/{pathspec}/{artifact}"
+            where = Layout(datastore_root).artifact(pathspec, artifact)
             outputs.append(_dataset(where, name, output["sha256"], "artifact", stage, output.get("size")))
     for item in writes:
         kind = "shard" if item.get("blob") else item.get("kind", "release")
@@ -353,9 +354,8 @@ def to_json(event: event_v2.RunEvent) -> str:
 
 
 def events_location(datastore_root: str, pathspec: str) -> str:
-    """Where a run's events are kept as JSON lines when no transport is configured."""
-    flow, run_id = pathspec.split("/")[:2]
-    return f"{datastore_root.rstrip('/')}/petseg/openlineage/{flow}/{run_id}"
+    """Where a run's events are kept as JSON lines when no transport is configured (`petseg.layout`)."""
+    return Layout(datastore_root).openlineage(pathspec)
 
 
 class Delivery:

@@ -45,7 +45,7 @@ Settings (read here, as serving/PetSegModel.py reads them for the Seldon server)
   behind ``POST /v2/models/petseg/feedback``; unset, feedback answers 404;
 - PETSEG_THREADS: threads answering requests (default: the cores this process may use);
 - PETSEG_TF_THREADS: TensorFlow's intra- and inter-op threads (default: TensorFlow's own, the cores);
-- AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server;
+- AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server (`petseg.storage.s3_endpoint`);
 - MLSERVER_*: MLServer's own settings (ports, ``MLSERVER_PARALLEL_WORKERS``).
 """
 
@@ -62,7 +62,7 @@ from mlserver import MLModel
 from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
-from petseg import tokens, v2_messages
+from petseg import storage, tokens, v2_messages
 from petseg.errors import PetsegError
 from petseg.messages import BadRequest, int_setting, limits_from_environment
 
@@ -109,7 +109,7 @@ class PetSegRuntime(MLModel):
         parameters = self.settings.parameters
         uri = os.environ.get("MODEL_URI") or (parameters.uri if parameters else None) or ""
         extra = (parameters.extra if parameters else None) or {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
+        endpoint = storage.s3_endpoint()
         try:
             loaded = release.load_release(
                 uri,
@@ -135,7 +135,7 @@ class PetSegRuntime(MLModel):
 
             self._store = quarantine.FeedbackStore(
                 os.environ["FEEDBACK_URI"],
-                s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL"),
+                s3_endpoint_url=endpoint,
                 quota=int_setting("FEEDBACK_QUOTA", quarantine.DEFAULT_QUOTA),
                 pending_cap=int_setting("FEEDBACK_PENDING_CAP", quarantine.DEFAULT_PENDING_CAP))
         # The first call traces the model's graph: here, not in the first request.

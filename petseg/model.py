@@ -30,11 +30,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from petseg.architectures import ARCHITECTURES
 from petseg.data import IMAGE_SIZE
 from petseg.errors import ConfigError, ModelError
 from petseg.oxford import CLASSES
 
-ARCHITECTURES = ("small", "mobilenetv2")
 DEFAULT_WIDTH = 16
 """Width unit of the small model: blocks at 1/2 to 1/16 resolution have 2, 4, 6 and 8 times as many
 filters, the full-resolution block half as many."""

@@ -5,9 +5,11 @@ has to unpickle: ``model.keras`` (Keras format, loaded with safe_mode),
 ``calibration.json`` (plain arrays), ``manifest.json`` (what was released, the
 sha256 of the other two, the model fingerprint over architecture and weights),
 ``provenance.sigstore.json`` (SLSA v1 provenance, signed) and ``model.sig``
-(the OpenSSF model signature over every file). It lives in a local directory
-or under an ``s3://`` prefix (`petseg.storage`); a finished Metaflow run
-``PetSegFlow/<id>`` holds the same files as artifacts of its release step.
+(the OpenSSF model signature over every file), and nothing else: what serving
+it writes (a deployment's record and log, feedback) lives outside it
+(`petseg.layout`). It lives in a local directory or under an ``s3://`` prefix
+(`petseg.storage`), a run's under `petseg.layout.Layout.release`; a finished
+Metaflow run ``PetSegFlow/<id>`` holds the same files as artifacts of its release step.
 
 `load_release` reads every file once and refuses a release that does not
 verify, in this order: no signature or a signer that is not trusted
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING
 from petseg import keys, provenance, signing
 from petseg.calibration import MASK_SOURCES, Calibration
 from petseg.errors import ConfigError, ModelError
+from petseg.layout import Layout, release_name
 from petseg.storage import Location, failures, is_s3, staged_directory
 
 if TYPE_CHECKING:
@@ -55,7 +58,7 @@ def build_manifest(*, run_id: str, flow_name: str, model_fingerprint: str, datas
     """Return the release manifest: what was released, from where, how good it is, which mask it serves
     (``mask_source``) and the champion it replaces (``replaces``: None for a first release)."""
     return {
-        "version": f"petseg-{run_id}",
+        "version": release_name(run_id),
         "pathspec": f"{flow_name}/{run_id}",
         "run_id": str(run_id),
         "model_fingerprint": model_fingerprint,
@@ -146,15 +149,15 @@ def export(target: str, *, model_keras: bytes, calibration: dict, manifest: dict
     return write(target, files, s3_endpoint_url=s3_endpoint_url)
 
 
-def publish(root: str, *, run_id: str, flow_name: str, model_keras: bytes, calibration: dict, metrics: dict,
+def publish(layout: Layout, *, run_id: str, flow_name: str, model_keras: bytes, calibration: dict, metrics: dict,
             settings: dict, dataset_fingerprint: str, model_fingerprint: str, signing_key: str, build: dict,
             replaces: dict | None = None, s3_endpoint_url: str | None = None) -> tuple[dict[str, bytes], str, str]:
-    """Build a run's manifest, sign its release and write it to ``<root>/releases/petseg-<run id>``.
+    """Build a run's manifest, sign its release and write it to the run's release location (`Layout.release`).
 
     Returns:
         (every file's bytes by name, the release's location, the id of the key that signed it).
     """
-    location = f"{root}/releases/petseg-{run_id}"
+    location = layout.release(run_id)
     document = build_manifest(run_id=run_id, flow_name=flow_name, model_fingerprint=model_fingerprint,
                               dataset_fingerprint=dataset_fingerprint, code_version=settings["code_version"],
                               metrics=metrics, settings=settings, location=location, image_size=settings["image_size"],

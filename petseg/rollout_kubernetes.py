@@ -31,14 +31,15 @@ import json
 
 from petseg.deploy_kubernetes import (RESOURCES, apply_object, default_api_client, deployment_name,
                                       render_inference_service, render_seldon_deployment, render_seldon_model)
+from petseg import servers
 from petseg.endpoints import check_name
 from petseg.errors import ConfigError, ServingError
 
 HISTORY = 5
 """How many replaced releases an object remembers for rollbacks."""
-KINDS = ("SeldonDeployment", "InferenceService", "Experiment")
-SERVERS = {"seldon": "SeldonDeployment", "mlserver": "InferenceService", "seldon-v2": "Experiment"}
-"""``server`` of `roll_out` -> the kind of the endpoint's object."""
+KINDS = servers.KINDS
+SERVERS = {name: server.kind for name, server in servers.SERVERS.items()}
+"""``server`` of `roll_out` -> the kind of the endpoint's object (`petseg.servers`)."""
 
 
 def rollout(current: dict | None, candidate: dict, *, endpoint: str, canary: int = 0, who: str,
@@ -277,8 +278,7 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, canary: int = 0, server
         maps release versions to percent; ``url`` is KServe's address, Seldon's route through the ingress, or
         for Seldon Core v2 the Open Inference Protocol path, which requests pair with the header in ``headers``.
     """
-    if server not in SERVERS:
-        raise ConfigError(f"server {server!r} is unknown: expected one of {', '.join(SERVERS)}")
+    servers.get(server)
     if server == "seldon-v2":
         candidate = render_seldon_model(manifest, namespace=namespace, **render_options)
         # The Experiment is refused by Seldon until its candidates exist: the release's Model loads first.

@@ -347,10 +347,11 @@ def blob_root_of(run) -> str:
 
 
 def openlineage_location(run) -> str:
-    """Where a run's OpenLineage events are kept as JSON lines when no transport was configured."""
-    from petseg import lineage_events
+    """Where a run's OpenLineage events are kept as JSON lines when no transport was configured: beside its
+    blob store (`petseg.layout`)."""
+    from petseg.layout import Layout
 
-    return lineage_events.events_location(blob_root_of(run).rsplit("/petseg/blobs", 1)[0], run.pathspec)
+    return Layout.of_blobs(blob_root_of(run)).openlineage(run.pathspec)
 
 
 def graph_of_pathspec(pathspec: str) -> dict | None:

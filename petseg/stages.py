@@ -29,13 +29,14 @@ from pathlib import Path
 from metaflow import current
 from metaflow.exception import MetaflowException
 
-from petseg import codeversion, endpoints
+from petseg import codeversion, endpoints, servers, storage
+from petseg.architectures import ARCHITECTURES
 from petseg.errors import ConfigError, PetsegError
+from petseg.layout import Layout
 from petseg.oxford import SPLITS
 from petseg.split import RULES
 from petseg.storage import BlobStore, get_files, put_files
 
-ARCHITECTURES = ("small", "mobilenetv2")
 DEPLOY_TARGETS = ("local", "kubernetes", "none")
 LINEAGE_MODES = ("required", "best-effort")
 SAMPLE_PREDICTIONS = 6
@@ -65,18 +66,13 @@ def _glue(function):
 
 
 def s3_endpoint() -> str | None:
-    """The S3 endpoint of Metaflow's settings (a non-AWS S3 server), or None."""
-    from metaflow.metaflow_config import S3_ENDPOINT_URL
-
-    return S3_ENDPOINT_URL
-
-
-_s3_endpoint = s3_endpoint
+    """The endpoint of a non-AWS S3 server, Metaflow's settings included (`petseg.storage.s3_endpoint`), or None."""
+    return storage.s3_endpoint(metaflow=True)
 
 
 def blob_store(root: str) -> BlobStore:
     """The run's blob store at ``root`` (`blob_root`), on Metaflow's S3 endpoint."""
-    return BlobStore(root, s3_endpoint_url=_s3_endpoint())
+    return BlobStore(root, s3_endpoint_url=s3_endpoint())
 
 
 def _configure(settings: dict) -> dict:
@@ -116,7 +112,7 @@ def settings(parameters: Mapping, *, code: Mapping) -> dict:
         raise ConfigError(f"--batch_size {parameters['batch_size']} is negative: "
                           "expected 0 (tuned) or a positive integer")
     for name, accepted in (("deploy", DEPLOY_TARGETS), ("lineage", LINEAGE_MODES), ("split", RULES),
-                           ("arch", ARCHITECTURES), ("server", ("seldon", "mlserver"))):
+                           ("arch", ARCHITECTURES), ("server", servers.LOCAL)):
         if parameters[name] not in accepted:
             raise ConfigError(f"--{name} {parameters[name]!r} is unknown: expected one of {', '.join(accepted)}")
     if not 0 <= parameters["canary"] < 100:
@@ -154,7 +150,7 @@ def datastore_root(datastore) -> str:
 
 def blob_root(datastore) -> str:
     """Where this run's shards and logs go: beside Metaflow's datastore (a directory or s3:// prefix)."""
-    return f"{datastore_root(datastore)}/petseg/blobs"
+    return Layout(datastore_root(datastore)).blobs
 
 
 def lineage_target(*, pachyderm: str, mode: str) -> dict:
@@ -179,7 +175,7 @@ def ingest(*, source: str, feedback: str, skip_bad: bool, settings: dict, store:
     with tempfile.TemporaryDirectory(prefix="petseg-ingest-") as work:
         report = data.ingest(source, Path(work) / "warehouse", seed=settings["seed"], skip_bad=skip_bad,
                              feedback=feedback or None, image_size=settings["image_size"],
-                             s3_endpoint_url=_s3_endpoint())
+                             s3_endpoint_url=s3_endpoint())
         report["shards"] = put_files(blob_store(store), report["shards"])
     return report
 
@@ -331,7 +327,7 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
         batches = {split: _dataset(split, splits, store, work, settings, batch_size=16)
                    for split in ("training", "validation", "test")}
         held = gate.load_champion(champion["location"], version=champion["version"],
-                                  s3_endpoint_url=_s3_endpoint()) if champion else None
+                                  s3_endpoint_url=s3_endpoint()) if champion else None
         metrics = evaluation.figures(model, fitted, **batches, image_size=settings["image_size"],
                                      seed=settings["seed"], bootstrap=BOOTSTRAP, champion=held)
         metrics["test_samples"] = int(splits["counts"]["test"])
@@ -372,9 +368,9 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
 
     key, made = keys.ensure_signing_key()
     files, location, signer = release.publish(
-        store.rsplit("/blobs", 1)[0], run_id=current.run_id, flow_name=current.flow_name, model_keras=model_keras,
+        Layout.of_blobs(store), run_id=current.run_id, flow_name=current.flow_name, model_keras=model_keras,
         calibration=calibration, metrics=metrics, settings=settings, dataset_fingerprint=dataset_fingerprint,
-        model_fingerprint=model_fingerprint, signing_key=key, s3_endpoint_url=_s3_endpoint(),
+        model_fingerprint=model_fingerprint, signing_key=key, s3_endpoint_url=s3_endpoint(),
         replaces=gate.replaced(metrics),
         build={"parameters": parameters, "environment": environment, "started": runs.started_at(current.run_id)})
     print(f"{'Made signing key ' + key + ' and trusted it; ' if made else ''}signed {location} with key {signer[:16]}")
@@ -403,8 +399,8 @@ def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", en
     return rollout_kubernetes.roll_out(
         manifest, endpoint=endpoint, who=current.username, canary=canary, server=server,
         image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
-        s3_endpoint_url=_s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
-                                                                            "petseg-serving-s3").split(",") if s])
+        s3_endpoint_url=s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
+                                                                           "petseg-serving-s3").split(",") if s])
 
 
 def _fault_drill(step_name: str) -> None:

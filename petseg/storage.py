@@ -10,6 +10,7 @@ Every reader and writer of the project goes through here:
   that travel between flow steps, which may run in separate pods).
 - `failures`: the one mapping of storage failures (OSError, botocore's
   errors) to `StorageError`, naming the file or object.
+- `s3_endpoint`: the one resolution of a non-AWS S3 server's endpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ def split_s3(uri: str, *, what: str = "location") -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ConfigError(f"{what} {uri!r} has no bucket: expected s3://bucket/prefix")
     return parsed.netloc, parsed.path.strip("/")
+
+
+def s3_endpoint(explicit: str | None = None, *, metaflow: bool = False) -> str | None:
+    """The endpoint of a non-AWS S3 server, or None (AWS): the one resolution every reader and writer uses.
+
+    In order: ``explicit`` (a command's option), ``$AWS_ENDPOINT_URL`` (what a model server's pod is given),
+    ``$METAFLOW_S3_ENDPOINT_URL``, and with ``metaflow`` (a flow step, a run look-up) Metaflow's configured
+    ``S3_ENDPOINT_URL`` (its config file and profile). Metaflow is imported only then: model servers do not
+    import it.
+    """
+    found = explicit or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL")
+    if not found and metaflow:
+        from metaflow.metaflow_config import S3_ENDPOINT_URL
+
+        found = S3_ENDPOINT_URL
+    return found or None
 
 
 def s3_client(endpoint_url: str | None = None):

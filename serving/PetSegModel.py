@@ -16,7 +16,7 @@ Environment (read here only; `petseg.serving` does the work):
 - PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); unset, predictions are open
   and feedback is refused. With tokens, gRPC (which carries none to the model) is refused too.
 - MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.messages.Limits`).
-- AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server.
+- AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server (`petseg.storage.s3_endpoint`).
 """
 
 import logging
@@ -28,7 +28,7 @@ import flask
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
-from petseg import messages, quarantine, release, serving, tokens
+from petseg import messages, quarantine, release, serving, storage, tokens
 from petseg.errors import PetsegError
 
 
@@ -40,7 +40,7 @@ class PetSegModel:
         self.model_uri = os.environ.get("MODEL_URI", "")
         self.expected_fingerprint = os.environ.get("MODEL_FINGERPRINT") or None
         self.feedback_uri = os.environ.get("FEEDBACK_URI") or None
-        self.s3_endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
+        self.s3_endpoint_url = storage.s3_endpoint()
         tokens_file = os.environ.get(tokens.TOKENS_ENV)
         self.tokens = tokens.load(tokens_file) if tokens_file else None
         self.service = None  # set by load()

@@ -16,10 +16,12 @@ import argparse
 import getpass
 import json
 
-from petseg import endpoints, local_endpoint
+from petseg import endpoints, local_endpoint, servers
 from petseg.errors import ConfigError
 
-KINDS = {"seldon": "SeldonDeployment", "kserve": "InferenceService", "seldon-v2": "Experiment"}
+KINDS = {"seldon": servers.SERVERS["seldon"].kind, "kserve": servers.SERVERS["mlserver"].kind,
+         "seldon-v2": servers.SERVERS["seldon-v2"].kind}
+"""``--kind`` -> the kind of the endpoint's object (a KServe InferenceService serves with ``mlserver``)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

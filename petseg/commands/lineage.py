@@ -101,11 +101,11 @@ def lineage_command(args: argparse.Namespace) -> int:
 
 def _print_openlineage(spec: str) -> int:
     """Print a run's kept OpenLineage events, one JSON document per line; 1 when there are none."""
-    from petseg import lineage_events, stages
+    from petseg import lineage_events, storage
 
     run = runs.resolve_run(spec, finished=False)
     location = runs.openlineage_location(run)
-    events = lineage_events.read_events(location, s3_endpoint_url=stages.s3_endpoint())
+    events = lineage_events.read_events(location, s3_endpoint_url=storage.s3_endpoint(metaflow=True))
     for event in events:
         print(json.dumps(event, sort_keys=True))
     if not events:
@@ -125,13 +125,13 @@ def verify_command(args: argparse.Namespace) -> int:
         ConfigError: not exactly one of RUN, --release and --model was given.
         RunError: the run is unknown, unfinished or has no lineage.
     """
-    from petseg import stages, verify
+    from petseg import storage, verify
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices, when weights are loaded
     if sum(bool(value) for value in (args.run, args.release, args.model)) != 1:
         raise ConfigError("give one of: a run (e.g. `petseg verify latest`), --release DIR_OR_S3, "
                           "or --model FINGERPRINT")
-    endpoint = args.s3_endpoint_url or stages.s3_endpoint()
+    endpoint = storage.s3_endpoint(args.s3_endpoint_url, metaflow=True)
     try:
         if args.release:
             tally = verify.verify_release(args.release, s3_endpoint_url=endpoint, find_graph=runs.graph_of_pathspec)

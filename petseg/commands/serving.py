@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 from pathlib import Path
 
-from petseg import client, deploy_local, endpoints, local_endpoint, runs, tokens
+from petseg import client, deploy_local, endpoints, layout, local_endpoint, runs, servers, storage, tokens
 from petseg.errors import ServingError
 
 
@@ -97,8 +96,7 @@ def feedback_send_command(args: argparse.Namespace) -> int:
 def _store(location: str):
     from petseg import quarantine
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
-    return quarantine.FeedbackStore(location, s3_endpoint_url=endpoint)
+    return quarantine.FeedbackStore(location, s3_endpoint_url=storage.s3_endpoint())
 
 
 def feedback_list_command(args: argparse.Namespace) -> int:
@@ -158,7 +156,7 @@ def stop_command(args: argparse.Namespace) -> int:
         print(f"{'stopped' if stopped else 'was not running:'} endpoint {args.run}")
         return 0
     if Path(args.run).is_dir():
-        record = deploy_local.record_dir(args.run) / "deployment.json"
+        record = layout.deployment_dir(args.run) / "deployment.json"
         if not record.is_file():
             raise ServingError(f"{args.run} has no deployment.json in {record.parent}: it was not deployed "
                                "with deploy_local")
@@ -169,7 +167,7 @@ def stop_command(args: argparse.Namespace) -> int:
         raise ServingError(f"{args.run} was served under endpoint {deployment['endpoint']}: `petseg stop "
                            f"{deployment['endpoint']}` stops the endpoint, `petseg rollback` serves the one before")
     if deployment.get("kind") == "kubernetes":
-        kind = "inferenceservice" if deployment.get("server") == "mlserver" else "seldondeployment"
+        kind = servers.SERVERS[deployment.get("server") or "seldon"].kind.lower()
         raise ServingError(
             f"{args.run} is served on Kubernetes: `kubectl delete {kind} {deployment['name']} "
             f"-n {deployment['namespace']}` stops it"

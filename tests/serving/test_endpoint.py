@@ -4,12 +4,13 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from petseg import endpoints, local_endpoint, release
+from petseg import endpoints, layout, local_endpoint, release
 from petseg.errors import ConfigError
 from serving_support import bearer
 
@@ -98,6 +99,12 @@ def test_switch_and_rollback_drop_no_request(releases, tokens_file):
         local_endpoint.stop(name)
     [row] = local_endpoint.status(name)
     assert not row["up"] and row["serving"] is None
+    # Serving wrote its record and log in the state directory, and nothing into the releases.
+    for served in (first, second):
+        assert sorted(path.name for path in Path(served["location"]).iterdir()) == sorted(release.ALL_FILES)
+        record = layout.deployment_dir(served["location"])
+        assert {"deployment.json", "serving.log"} <= {path.name for path in record.iterdir()}
+    assert back["backend"]["log"] == str(layout.deployment_dir(first["location"]) / "serving.log")
 
 
 def test_a_stopped_endpoint_answers_that_nothing_serves(releases, tokens_file):

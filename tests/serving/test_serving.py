@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from petseg import client, data, deploy_local, release, serving
+from petseg import client, data, deploy_local, layout, release, serving
 from petseg.errors import ModelError, ServingError
 from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
@@ -61,7 +61,7 @@ def _mask(answer: dict, form: str) -> np.ndarray:
 def test_deployment_record(server, release_dir):
     assert server["url"] == f"http://127.0.0.1:{server['port']}"
     assert len({server["port"], server["grpc_port"], server["metrics_port"]}) == 3
-    assert json.loads((deploy_local.record_dir(release_dir) / "deployment.json").read_text())["pid"] == server["pid"]
+    assert json.loads((layout.deployment_dir(release_dir) / "deployment.json").read_text())["pid"] == server["pid"]
     assert not (release_dir / "deployment.json").exists()  # the signed release stays as it was signed
 
 

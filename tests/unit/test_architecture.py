@@ -9,9 +9,10 @@ PACKAGE = Path(petseg.__file__).parent
 
 # docs/ARCHITECTURE.md's layers, lowest first. A module may import its own layer and those below.
 LAYERS = (
-    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs", "keys", "tokens"}),
+    ("foundation", {"errors", "oxford", "storage", "codeversion", "userdirs", "keys", "tokens", "servers", "layout"}),
     ("data", {"archive", "sources", "synth", "scenes", "data", "split", "shards", "pipeline"}),
-    ("model", {"model", "metrics", "baselines", "determinism", "train", "tune", "calibration", "evaluation"}),
+    ("model", {"architectures", "model", "metrics", "baselines", "determinism", "train", "tune", "calibration",
+               "evaluation"}),
     ("release", {"release", "gate", "report", "signing", "provenance"}),
     ("serving", {"messages", "feedback", "quarantine", "serving", "v2_messages", "v2_http"}),
     ("operations", {"deploy_local", "deploy_kubernetes", "kubeconfig", "client", "endpoints", "local_endpoint",

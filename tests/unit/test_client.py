@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import client
+from petseg import client, layout
 from petseg.commands import serving as serving_commands
 from petseg.errors import DataError, ServingError
 
@@ -163,9 +163,7 @@ def test_stop_command_on_a_release_directory(tmp_path, capsys):
         args.handler(args)
     # A recorded deployment whose process is gone: nothing to stop.
     gone = {"kind": "local", "url": "http://127.0.0.1:1", "pid": 2**22 + 1}
-    from petseg import deploy_local
-
-    deploy_local.record_dir(tmp_path).mkdir(parents=True)
-    (deploy_local.record_dir(tmp_path) / "deployment.json").write_text(json.dumps(gone))
+    layout.deployment_dir(tmp_path).mkdir(parents=True)
+    (layout.deployment_dir(tmp_path) / "deployment.json").write_text(json.dumps(gone))
     assert args.handler(args) == 0
     assert "was not running" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import sys
 import pytest
 from kubernetes import client as k8s
 
-from petseg import deploy_kubernetes, deploy_local
+from petseg import client, deploy_kubernetes, deploy_local, rollout_kubernetes, servers
 from petseg.errors import ConfigError, ServingError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -364,6 +364,17 @@ def test_mlserver_command_serves_the_settings_folder():
 def test_an_unknown_server_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="server 'triton' is unknown"):
         deploy_local.deploy_local(tmp_path, server="triton")
+    with pytest.raises(ConfigError, match="server 'seldon-v2' is unknown: expected one of seldon, mlserver"):
+        deploy_local.deploy_local(tmp_path, server="seldon-v2")  # Kubernetes only
+
+
+def test_every_module_takes_its_servers_from_one_list():
+    assert deploy_local.SERVERS == ("seldon", "mlserver") == servers.LOCAL
+    assert rollout_kubernetes.SERVERS == {"seldon": "SeldonDeployment", "mlserver": "InferenceService",
+                                          "seldon-v2": "Experiment"}
+    assert client.PROTOCOLS == ("seldon", "v2")
+    assert {name: server.protocol for name, server in servers.SERVERS.items()} == {
+        "seldon": "seldon", "mlserver": "v2", "seldon-v2": "v2"}
 
 
 def test_stop_local_leaves_other_processes_alone():

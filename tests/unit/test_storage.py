@@ -72,3 +72,24 @@ def test_blob_store_is_content_addressed_and_checks_hashes(tmp_path):
     assert not (tmp_path / "again").exists()
     with pytest.raises(StorageError, match="not found"):
         blobs.get("0" * 64, tmp_path / "none")
+
+
+def test_the_s3_endpoint_is_the_option_then_the_servers_then_metaflows(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("METAFLOW_S3_ENDPOINT_URL", raising=False)
+    assert storage.s3_endpoint() is None
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", "http://metaflow:9000")
+    assert storage.s3_endpoint() == "http://metaflow:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://aws:9000")
+    assert storage.s3_endpoint() == "http://aws:9000"
+    assert storage.s3_endpoint("http://option:9000") == "http://option:9000"
+
+
+def test_metaflows_configured_s3_endpoint_only_when_asked(monkeypatch):
+    import metaflow.metaflow_config
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("METAFLOW_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(metaflow.metaflow_config, "S3_ENDPOINT_URL", "http://configured:9000")
+    assert storage.s3_endpoint() is None
+    assert storage.s3_endpoint(metaflow=True) == "http://configured:9000"
