@@ -40,7 +40,7 @@ from pathlib import Path
 from metaflow import FlowMutator, StepMutator, UserStepDecorator, current
 from metaflow.decorators import StepDecorator, _base_step_decorator
 
-from petseg import lineage, lineage_events, release, stages
+from petseg import codeversion, lineage, lineage_events, release, stages
 from petseg.errors import LineageError
 
 # -- tags -----------------------------------------------------------------------------------------------------
@@ -233,11 +233,14 @@ class StepRecords(UserStepDecorator):
             warnings.warn(problem, stacklevel=2)
 
     def _run_facts(self, flow) -> dict:
-        settings = self._settings or {}
+        settings = self._settings
+        if settings is None:  # a start step that refused its parameters fixed no settings: only the code is known
+            code = codeversion.record(dict(flow.code), code_package=stages.code_package())
+            settings = {"code": code, "code_version": codeversion.describe(code)}
         return {"namespace": openlineage_namespace(), "run_pathspec": f"{current.flow_name}/{current.run_id}",
-                "code": settings.get("code"), "code_version": settings.get("code_version"),
+                "code": settings["code"], "code_version": settings["code_version"],
                 "determinism": {key: settings[key] for key in ("seed", "strict", "threads", "portable")
-                                if key in settings} or None,
+                                if key in settings},
                 "split_rule": flow.split, "image_size": settings.get("image_size"),
                 "dataset_fingerprint": _artifact(flow, "dataset_fingerprint"),
                 "model_fingerprint": _artifact(flow, "model_fingerprint"),
