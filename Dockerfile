@@ -52,7 +52,7 @@ WORKDIR /home/petseg
 # sets the ports through PREDICTIVE_UNIT_* variables. Step pods replace it
 # with Metaflow's own command, and the MLServer runtime's InferenceService
 # (k8s/kserve-inferenceservice.yaml) with
-# `python -m petseg.mlserver_runtime /app/serving/mlserver` (ports 8080 REST, 8081 gRPC).
+# `python -m petseg.entrypoints.mlserver_runtime /app/serving/mlserver` (ports 8080 REST, 8081 gRPC).
 ENV PYTHONPATH=/app/serving \
     MODEL_NAME=PetSegModel \
     SERVICE_TYPE=MODEL

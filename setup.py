@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["petseg", "petseg.*"]),
     install_requires=[
         "tensorflow-cpu==2.18.1",
-        "protobuf==5.29.5",  # also encodes and parses shard Examples without TensorFlow (petseg.shards)
+        "protobuf==5.29.5",  # also encodes and parses shard Examples without TensorFlow (petseg.data.shards)
         "seldon-core==1.19.0",
         "metaflow>=2.19,<2.20",
         "tensorflow-datasets>=4.9,<5",
@@ -20,9 +20,9 @@ setup(
         "kubernetes>=36,<37",  # 37 needs python-dateutil>=3, botocore needs <3
         "boto3>=1.44,<1.45",
         "pachyderm-sdk>=2.12,<2.13",
-        "google-crc32c>=1.9,<2",  # TFRecord framing without importing TensorFlow (petseg.shards)
+        "google-crc32c>=1.9,<2",  # TFRecord framing without importing TensorFlow (petseg.data.shards)
         "mlserver==1.7.1",  # the Open Inference Protocol server (Seldon Core v2, KServe)
-        "openlineage-python==1.54.0",  # OpenLineage run events (petseg.lineage_events)
+        "openlineage-python==1.54.0",  # OpenLineage run events (petseg.lineage.openlineage)
         "model-signing==1.1.1",  # OpenSSF model signing: signed releases and provenance (offline, EC keys)
         "pyopenssl==26.4.0",  # model-signing imports OpenSSL without declaring it
         "pillow",

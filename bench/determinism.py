@@ -1,7 +1,7 @@
 """What bitwise reproducibility costs: portable against native strict mode, strict against fast, one thread.
 
 Trains the small model on generated data in four settings of
-`petseg.determinism.configure`:
+`petseg.model.determinism.configure`:
 
 - portable: seeds, op determinism, 2 intra/inter-op threads, CPU kernels pinned
   to the AVX2 + FMA baseline (`--portable true`: the same bits on any CPU at or
@@ -48,7 +48,7 @@ def worker(variant: str, epochs: int, images: int) -> dict:
     """Trains once in this process and returns its timings and fingerprint."""
     # Imported here: the parent process only starts workers and needs no TensorFlow. numpy reads its CPU
     # pins when it loads, so a portable worker sets them first.
-    from petseg import determinism
+    from petseg.model import determinism
 
     if VARIANTS[variant].get("portable"):
         determinism.pin_numpy(os.environ)
@@ -57,7 +57,8 @@ def worker(variant: str, epochs: int, images: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from petseg import model, train
+    from petseg.model import unet
+    from petseg.model import train
 
     rng = np.random.default_rng(0)
     pixels = rng.random((images, 128, 128, 3), dtype=np.float32)
@@ -88,7 +89,7 @@ def worker(variant: str, epochs: int, images: int) -> dict:
         "settings": settings,
         "epoch_seconds": seconds,
         "seconds": sum(seconds[1:]),
-        "fingerprint": model.fingerprint(fitted),
+        "fingerprint": unet.fingerprint(fitted),
         "cpu": record["cpu"]["model"],
         "cores": record["cpu"]["logical_cores"],
         "tensorflow": tf.__version__,
@@ -97,7 +98,7 @@ def worker(variant: str, epochs: int, images: int) -> dict:
 
 def run_variant(variant: str, epochs: int, images: int) -> dict:
     """Runs `worker` in a fresh Python process, without the pins in its environment (native runs this CPU's kernels)."""
-    from petseg.determinism import PORTABLE_PINS
+    from petseg.model.determinism import PORTABLE_PINS
 
     completed = subprocess.run(
         [sys.executable, __file__, "--worker", variant, "--epochs", str(epochs), "--images", str(images)],

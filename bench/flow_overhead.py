@@ -22,7 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PLAIN = r'''
 import json, sys, tempfile, time
-from petseg import report, stages, tune
+from petseg.release import report
+from petseg.flow import stages
+from petseg.model import tune
 args = json.loads(sys.argv[1])
 timings = {}
 def timed(name, fn, *a, **k):

@@ -1,6 +1,6 @@
 """What serving costs, on both servers and every path, under concurrent load: one 128x128 image per request.
 
-Starts both local deployments of one release (`petseg.deploy_local.deploy_local`:
+Starts both local deployments of one release (`petseg.deploy.local.deploy_local`:
 the Seldon microservice and MLServer with the petseg runtime) and measures, in
 the same run, at concurrency 1, 4 and 16 (that many client threads, each
 sending its next request when the last is answered, over a kept-alive
@@ -17,7 +17,7 @@ connection):
 - v2 gRPC: the JPEG as a BYTES tensor in ``raw_input_contents``, answered with
   the mask in ``raw_output_contents`` (MLServer's Open Inference Protocol stubs).
 
-The image is a pet photo from the embedded data set (`petseg.scenes`), scaled
+The image is a pet photo from the embedded data set (`petseg.data.scenes`), scaled
 to 128x128 and sent as a JPEG, as Oxford-IIIT Pet photos are. Every mode at
 every concurrency takes its turn in each round, so that a change in machine
 load hits all of them alike.
@@ -31,7 +31,7 @@ concurrency, the target check (issue 11) and the machine:
 Usage:
     python bench/serving.py [--release DIR] [--seconds 8] [--rounds 4] [--json FILE]
 
-Without --release, a small untrained model is saved as a release in a
+Without --bundle, a small untrained model is saved as a release in a
 temporary directory (latency does not depend on the weights).
 """
 
@@ -65,8 +65,9 @@ def make_release(folder: Path) -> Path:
     """Saves an untrained small model with a fitted calibration as a release directory."""
     import keras
 
-    from petseg import calibration, release
-    from petseg import model as models
+    from petseg.model import calibration
+    from petseg.release import bundle
+    from petseg.model import unet as models
 
     keras.utils.set_random_seed(0)
     small = models.build("small")
@@ -74,11 +75,11 @@ def make_release(folder: Path) -> Path:
     probs = small.predict_on_batch(rng.random((2, SIZE, SIZE, 3), dtype=np.float32))[:, ::8, ::8]
     fitted = calibration.fit(probs, (rng.random(probs.shape) > 0.5).astype(np.float32))
     target = folder / "release"
-    manifest = release.build_manifest(
+    manifest = bundle.build_manifest(
         run_id="bench", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
         dataset_fingerprint="", code_version="bench", metrics={"raw": {}, "calibrated": {}}, settings={},
         location=str(target), image_size=small.input_shape[1])
-    release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
+    bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
     return target
 
 
@@ -86,7 +87,7 @@ def pet_photo() -> bytes:
     """A 128x128 JPEG of a generated pet."""
     from PIL import Image
 
-    from petseg import scenes
+    from petseg.data import scenes
 
     photo, _ = scenes.render(np.random.default_rng(3), scenes.BREEDS[0])
     buffer = io.BytesIO()
@@ -238,18 +239,21 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from petseg import deploy_local, determinism, release, serving
+    from petseg.deploy import local
+    from petseg.model import determinism
+    from petseg.release import bundle
+    from petseg.serving import predictor as serving
 
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = Path(args.release) if args.release else make_release(Path(tmp))
         jpeg = pet_photo()
-        predictor = serving.Predictor(release.load_release(str(release_dir)))
-        seldon = deploy_local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
+        predictor = serving.Predictor(bundle.load_release(str(release_dir)))
+        seldon = local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
         try:
-            mlserver = deploy_local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
+            mlserver = local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
                                                  timeout=600)
         except BaseException:
-            deploy_local.stop_local(seldon["pid"])
+            local.stop_local(seldon["pid"])
             raise
         makers = request_makers(jpeg, seldon, mlserver, predictor)
         raw = {mode: {c: ([], 0, 0.0) for c in CONCURRENCY} for mode in MODES}
@@ -265,13 +269,13 @@ def main() -> None:
                         raw[mode][concurrency] = (before[0] + latencies, before[1] + errors, before[2] + wall)
             load_after = os.getloadavg()[0]
         finally:
-            deploy_local.stop_local(seldon["pid"])
-            deploy_local.stop_local(mlserver["pid"])
+            local.stop_local(seldon["pid"])
+            local.stop_local(mlserver["pid"])
 
     results = {mode: {c: summary(*raw[mode][c]) for c in CONCURRENCY} for mode in MODES}
     machine = determinism.environment_record({})
-    cores = deploy_local.available_cores()
-    workers, threads = deploy_local.gunicorn_sizing(cores)
+    cores = local.available_cores()
+    workers, threads = local.gunicorn_sizing(cores)
     print(f"machine: {machine['cpu']['model']}, {machine['cpu']['logical_cores']} logical cores, "
           f"{machine['platform']}, Python {machine['python']}, TensorFlow {tf.__version__}")
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")

@@ -3,7 +3,7 @@
 For each checkout given (default: this one; ``--before DIR`` adds another,
 e.g. an older commit's worktree, measured in the same run), a worker process
 imports that checkout's petseg, starts both local deployments of one release
-(`petseg.deploy_local.deploy_local` with the default limits: MAX_IMAGE_BYTES,
+(`petseg.deploy.local.deploy_local` with the default limits: MAX_IMAGE_BYTES,
 MAX_PIXELS) and measures, from ``/proc/PID/status`` of every process of each
 server's session:
 
@@ -130,8 +130,8 @@ def worker(checkout: str) -> dict:
     sys.path.insert(1, str(ROOT / "bench"))
     from serving import make_release  # this benchmark's sibling: a small untrained release
 
-    from petseg import deploy_local
-    from petseg.messages import Limits
+    from petseg.deploy import local
+    from petseg.serving.messages import Limits
 
     try:
         tokens = importlib.import_module("petseg.tokens")
@@ -145,15 +145,15 @@ def worker(checkout: str) -> dict:
     results = {"checkout": checkout, "png_bytes": len(png), "max_pixels": limits.max_pixels}
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = make_release(Path(tmp))
-        seldon = deploy_local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
+        seldon = local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
         try:
-            mlserver = deploy_local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
+            mlserver = local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
                                                  timeout=600)
             try:
-                workers, threads = deploy_local.gunicorn_sizing(deploy_local.available_cores())
+                workers, threads = local.gunicorn_sizing(local.available_cores())
                 concurrency = {"Seldon binData": workers * threads, "Seldon ndarray": workers * threads,
-                               "v2 mask": deploy_local.available_cores(),
-                               "v2 probabilities": deploy_local.available_cores()}
+                               "v2 mask": local.available_cores(),
+                               "v2 probabilities": local.available_cores()}
                 for mode in MODES:
                     deployment = seldon if mode.startswith("Seldon") else mlserver
                     pids = _session(deployment["pid"])
@@ -174,9 +174,9 @@ def worker(checkout: str) -> dict:
                           f"{concurrency[mode]} at once {full / 2**20:7.0f} MiB  answers {sorted(set(map(str, [one] + codes)))}",
                           flush=True)
             finally:
-                deploy_local.stop_local(mlserver["pid"])
+                local.stop_local(mlserver["pid"])
         finally:
-            deploy_local.stop_local(seldon["pid"])
+            local.stop_local(seldon["pid"])
     return results
 
 

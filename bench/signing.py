@@ -3,13 +3,13 @@
 For each model (the flow's default ``small`` U-Net at 128x128, and ``mobilenetv2``), one run measures,
 alternating round by round so that a change in machine load hits all alike:
 
-- write unsigned: the three release files (`petseg.release.release_files`) written to a directory;
-- write signed: `petseg.release.signed_files` (SLSA statement, its DSSE bundle, the model signature over
-  every file) and `petseg.release.write`: what the flow's release step does now;
+- write unsigned: the three release files (`petseg.release.bundle.release_files`) written to a directory;
+- write signed: `petseg.release.bundle.signed_files` (SLSA statement, its DSSE bundle, the model signature over
+  every file) and `petseg.release.bundle.write`: what the flow's release step does now;
 - hash check: the manifest's sha256 of the files in memory (the old check, which a forger could satisfy);
-- verify: `petseg.release.verify_files` (model signature and provenance against the trusted key, then the
+- verify: `petseg.release.bundle.verify_files` (model signature and provenance against the trusted key, then the
   hashes);
-- load: `petseg.release.load_release`, which reads, verifies and loads the model and calibration.
+- load: `petseg.release.bundle.load_release`, which reads, verifies and loads the model and calibration.
 
 Prints the median of each, the signing and verification overhead as ratios and as milliseconds, and the
 machine. Usage: ``python bench/signing.py [--rounds 5]``.
@@ -39,8 +39,9 @@ def _parts(arch: str) -> dict:
     import keras
     import numpy as np
 
-    from petseg import calibration, release
-    from petseg import model as models
+    from petseg.model import calibration
+    from petseg.release import bundle
+    from petseg.model import unet as models
 
     keras.utils.set_random_seed(0)
     built = models.build(arch, image_size=128)
@@ -48,7 +49,7 @@ def _parts(arch: str) -> dict:
     probs = rng.random((4, 32, 32, 3)).astype(np.float32)
     truth = (rng.random((4, 32, 32, 3)) > 0.5).astype(np.float32)
     fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), truth)
-    manifest = release.build_manifest(
+    manifest = bundle.build_manifest(
         run_id="1", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(built), dataset_fingerprint="d" * 64,
         code_version="bench", metrics={}, settings={"code": {}}, location="bench", image_size=128)
     return {"model_keras": models.to_bytes(built), "calibration": fitted.to_dict(), "manifest": manifest}
@@ -66,23 +67,24 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="petseg-bench-signing-") as work:
         os.environ["PETSEG_CONFIG_DIR"] = str(Path(work) / "config")
-        from petseg import keys, release
+        from petseg import keys
+        from petseg.release import bundle
 
         key, _ = keys.ensure_signing_key()
         print(f"machine: {_machine()}")
         for arch in ("small", "mobilenetv2"):
             parts = _parts(arch)
-            plain = release.release_files(**parts)
-            signed, _ = release.signed_files(**parts, signing_key=key)
-            target = release.write(str(Path(work) / arch), signed)
+            plain = bundle.release_files(**parts)
+            signed, _ = bundle.signed_files(**parts, signing_key=key)
+            target = bundle.write(str(Path(work) / arch), signed)
             modes = {
                 "write unsigned": lambda: _write_plain(plain, Path(work) / f"{arch}-plain"),
-                "write signed": lambda: release.write(str(Path(work) / f"{arch}-signed"),
-                                                      release.signed_files(**parts, signing_key=key)[0]),
-                "hash check": lambda: release.check_files(parts["manifest"] | {"sha256": _sha(plain)}, plain,
+                "write signed": lambda: bundle.write(str(Path(work) / f"{arch}-signed"),
+                                                      bundle.signed_files(**parts, signing_key=key)[0]),
+                "hash check": lambda: bundle.check_files(parts["manifest"] | {"sha256": _sha(plain)}, plain,
                                                           uri=target),
-                "verify": lambda: release.verify_files(release.release_bytes(target), uri=target),
-                "load": lambda: release.load_release(target),
+                "verify": lambda: bundle.verify_files(bundle.release_bytes(target), uri=target),
+                "load": lambda: bundle.load_release(target),
             }
             times = {mode: [] for mode in modes}
             for _ in range(args.rounds):

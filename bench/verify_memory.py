@@ -3,11 +3,11 @@
 Writes warehouse shards of 1x, 4x and 16x ``--samples`` synthetic samples
 (128x128 images and trimaps, 128 records a shard, about 64 KB a record, the
 size petseg's ingest writes) into a blob store directory, with their split
-shards, and runs the shard and data set fingerprint check of `petseg.verify`
+shards, and runs the shard and data set fingerprint check of `petseg.lineage.verify`
 on each in a fresh process, reading that process's peak resident memory
 (VmHWM of ``/proc/self/status``; ``ru_maxrss`` would carry the parent's
 peak across the fork and exec). With ``--before DIR`` the same runs use that checkout's
-`petseg.verify` too (one that holds every shard in memory), side by side.
+`petseg.lineage.verify` too (one that holds every shard in memory), side by side.
 
 Prints, per checkout and size: samples, data set bytes, peak MiB, and the
 growth of the peak from the smallest to the largest set. Usage:
@@ -32,8 +32,9 @@ def make_store(folder: Path, samples: int) -> dict:
     """A blob store with warehouse and split shards of ``samples`` samples; what verify reads."""
     import numpy as np
 
-    from petseg import shards, storage
-    from petseg.split import split_of
+    from petseg.data import shards
+    from petseg import storage
+    from petseg.data.split import split_of
 
     rng = np.random.default_rng(samples)
     store = storage.BlobStore(str(folder / "blobs"))
@@ -62,7 +63,8 @@ def make_store(folder: Path, samples: int) -> dict:
 def worker(spec_file: str) -> None:
     """Runs one checkout's data check on one store; prints the peak RSS in bytes."""
     spec = json.loads(Path(spec_file).read_text())
-    from petseg import storage, verify
+    from petseg import storage
+    from petseg.lineage import verify
 
     store, tally = storage.BlobStore(spec["root"]), verify.Tally()
     if hasattr(verify, "check_data"):

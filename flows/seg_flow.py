@@ -12,13 +12,14 @@ import sys
 
 FLOW_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FLOW_DIR, ".."))
-from petseg import determinism, runs  # noqa: E402
+from petseg.model import determinism
+from petseg import runs  # noqa: E402
 
 # numpy reads its CPU pins once, when it loads (Metaflow loads it): pinned first, in every run and pod, so
-# that calibration, metrics and baselines run the same kernels on any CPU (petseg.determinism).
+# that calibration, metrics and baselines run the same kernels on any CPU (petseg.model.determinism).
 determinism.pin_numpy(os.environ)
 # Metaflow refuses to run or read runs as root with no user name (USERNAME): a root shell's command,
-# `run` or `card get`, works as typed with the login name or "petseg" (petseg.runs.default_user).
+# `run` or `card get`, works as typed with the login name or "petseg" (petseg.lineage.runs.default_user).
 runs.default_user(os.environ)
 
 from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step, timeout  # noqa: E402,I001
@@ -26,10 +27,11 @@ from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, re
 # TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from petseg import codeversion, hooks  # noqa: E402
-from petseg import gate as gates  # noqa: E402
+from petseg import codeversion
+from petseg import hooks  # noqa: E402
+from petseg.release import gate as gates  # noqa: E402
 from petseg import stages  # noqa: E402
-from petseg import tune as tuning  # noqa: E402
+from petseg.model import tune as tuning  # noqa: E402
 
 # What compute steps (tune, train, calibrate, evaluate) ask of a cluster; local runs ignore it.
 # Change per run: python flows/seg_flow.py --config-value compute '{"gpu": 0, "cpu": 2, "memory": 4096}' run ...
@@ -53,7 +55,7 @@ class PetSegFlow(FlowSpec):
        served mask (calibrated or raw, chosen on validation); a report card.
     9. release: the quality gate (validation data only: baselines and champion), then a signed release
        (manifest, SLSA provenance) and a deployment.
-    Each stage reads and writes what petseg.lineage.STAGES declares; when its step ends, that is recorded
+    Each stage reads and writes what petseg.lineage.graph.STAGES declares; when its step ends, that is recorded
     in the run's lineage graph (petseg lineage RUN), mirrored into Pachyderm and sent as OpenLineage events.
     """
 

@@ -3,7 +3,7 @@
 Every message names the bad value (file, field, run) and says what was
 expected or how to fix it. The command line prints these as one line; the
 serving edge turns them into HTTP 4xx answers; the flow's step glue
-(`petseg.stages`) hands them to Metaflow as messages without a traceback.
+(`petseg.flow.stages`) hands them to Metaflow as messages without a traceback.
 Nothing here depends on Metaflow, so the model server does not import it.
 """
 

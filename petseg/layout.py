@@ -4,10 +4,10 @@ Beside Metaflow's datastore, under ``<datastore root>/petseg`` (a directory or `
 
 - ``blobs/``: shards by the sha256 of their bytes (`petseg.storage.BlobStore`);
 - ``releases/petseg-<run id>``: a run's signed release, the files of the release format and nothing else
-  (`petseg.release`);
-- ``feedback/petseg-<run id>``: the feedback store of that release when it serves (`petseg.quarantine`):
+  (`petseg.release.bundle`);
+- ``feedback/petseg-<run id>``: the feedback store of that release when it serves (`petseg.serving.quarantine`):
   a prefix of its own, so a store's policy can let servers write feedback and only read releases;
-- ``openlineage/<flow>/<run id>``: the run's OpenLineage events as JSON lines (`petseg.lineage_events`).
+- ``openlineage/<flow>/<run id>``: the run's OpenLineage events as JSON lines (`petseg.lineage.openlineage`).
 
 Metaflow's artifacts are named ``<datastore root>/<flow>/<run id>/<step>/<task>/<artifact>`` (`artifact`).
 

@@ -29,13 +29,13 @@ TRIMAP_VALUES = (1, 2, 3)
 """Trimap labels: 1 pet, 2 background, 3 a border band between them."""
 
 SPLITS = ("training", "validation", "test", "calibration")
-"""The project's splits (see `petseg.split`)."""
+"""The project's splits (see `petseg.data.split`)."""
 
 OFFICIAL_LISTS = ("trainval", "test")
 """The release's own split files, ``annotations/<name>.txt``, in list.txt format."""
 
 FEEDBACK_ACCEPTED = "accepted"
-"""The folder of a feedback store (`petseg.quarantine`) that holds reviewed, accepted samples in this layout."""
+"""The folder of a feedback store (`petseg.serving.quarantine`) that holds reviewed, accepted samples in this layout."""
 
 LIST_FILE = "annotations/list.txt"
 

@@ -4,18 +4,18 @@ Run from this directory (or with it on PYTHONPATH):
 
     MODEL_URI=path/to/release seldon-core-microservice PetSegModel --service-type MODEL
 
-Environment (read here only; `petseg.serving` does the work):
+Environment (read here only; `petseg.serving.predictor` does the work):
 
 - MODEL_URI: release directory, ``s3://bucket/prefix`` or ``PetSegFlow/<id>`` (required).
 - MODEL_FINGERPRINT: expected model fingerprint; on a mismatch the server does not start.
 - PETSEG_TRUSTED_KEYS: the public key file or directory a release's signature must verify against
   (default: the trusted keys of petseg's configuration directory, `petseg.keys`); a release that is
   unsigned, signed by another key or changed since it was signed is refused, and the server does not start.
-- FEEDBACK_URI: directory or ``s3://`` prefix of the feedback store (`petseg.quarantine`); unset, feedback is refused.
+- FEEDBACK_URI: directory or ``s3://`` prefix of the feedback store (`petseg.serving.quarantine`); unset, feedback is refused.
 - FEEDBACK_QUOTA, FEEDBACK_PENDING_CAP: most pending samples per identity and in the store (429 beyond).
 - PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); unset, predictions are open
   and feedback is refused. With tokens, gRPC (which carries none to the model) is refused too.
-- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.messages.Limits`).
+- MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.serving.messages.Limits`).
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server (`petseg.storage.s3_endpoint`).
 """
 
@@ -28,7 +28,12 @@ import flask
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
-from petseg import messages, quarantine, release, serving, storage, tokens
+from petseg.serving import messages
+from petseg.serving import quarantine
+from petseg.release import bundle
+from petseg.serving import predictor
+from petseg import storage
+from petseg import tokens
 from petseg.errors import PetsegError
 
 
@@ -44,15 +49,15 @@ class PetSegModel:
         tokens_file = os.environ.get(tokens.TOKENS_ENV)
         self.tokens = tokens.load(tokens_file) if tokens_file else None
         self.service = None  # set by load()
-        # Per thread: gunicorn answers requests on several threads (petseg.deploy_local.gunicorn_sizing).
+        # Per thread: gunicorn answers requests on several threads (petseg.deploy.local.gunicorn_sizing).
         self._pending = threading.local()
         # The wrapper registers this blueprint on its Flask app (see request_guard).
-        self.model_error_handler = serving.request_guard(limits=self.limits, tags=self.tags, tokens=self.tokens)
+        self.model_error_handler = predictor.request_guard(limits=self.limits, tags=self.tags, tokens=self.tokens)
 
     def load(self) -> None:
         """Loads the release once per server process; a release that does not verify stops the server."""
         try:
-            loaded = release.load_release(
+            loaded = bundle.load_release(
                 self.model_uri, expected_fingerprint=self.expected_fingerprint, s3_endpoint_url=self.s3_endpoint_url
             )
         except PetsegError as err:
@@ -64,7 +69,7 @@ class PetSegModel:
                 self.feedback_uri, s3_endpoint_url=self.s3_endpoint_url,
                 quota=messages.int_setting("FEEDBACK_QUOTA", quarantine.DEFAULT_QUOTA),
                 pending_cap=messages.int_setting("FEEDBACK_PENDING_CAP", quarantine.DEFAULT_PENDING_CAP))
-        self.service = serving.Service(loaded, limits=self.limits, feedback=store)
+        self.service = predictor.Service(loaded, limits=self.limits, feedback=store)
 
     def predict_raw(self, request: dict | prediction_pb2.SeldonMessage) -> dict | prediction_pb2.SeldonMessage:
         """Answers a SeldonMessage (JSON for REST, proto for gRPC) in the form it came."""
@@ -75,8 +80,8 @@ class PetSegModel:
         try:
             answer, probs = self.service.predict(message)
         except messages.BadRequest as err:
-            raise serving.Rejection(err, self.tags()) from None
-        self._pending.metrics = serving.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
+            raise predictor.Rejection(err, self.tags()) from None
+        self._pending.metrics = predictor.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
         answer["meta"] = {"tags": self.tags(), "metrics": self.metrics()}
         return json_to_seldon_message(answer) if is_proto else answer
 
@@ -86,7 +91,7 @@ class PetSegModel:
         try:
             stored = self.service.feedback(seldon_message_to_json(feedback), identity=flask.g.petseg_identity)
         except messages.BadRequest as err:
-            raise serving.Rejection(err, self.tags()) from None
+            raise predictor.Rejection(err, self.tags()) from None
         return json_to_seldon_message({"jsonData": stored, "meta": {"tags": self.tags()}})
 
     def _refuse_grpc_with_tokens(self, *, feedback: bool = False) -> None:
@@ -95,7 +100,7 @@ class PetSegModel:
             return
         denied = tokens.AccessDenied(401, "this server needs a bearer token, which its gRPC port cannot check: "
                                           "use the REST port with Authorization: Bearer TOKEN")
-        raise serving.Rejection(denied, self.tags())
+        raise predictor.Rejection(denied, self.tags())
 
     def health_status(self) -> dict:
         """One prediction on a blank image (raises, so the probe fails, when the model cannot answer)."""
@@ -112,4 +117,4 @@ class PetSegModel:
 
     def init_metadata(self) -> dict:
         """Inputs and outputs, for /api/v1.0/metadata."""
-        return serving.metadata()
+        return predictor.metadata()

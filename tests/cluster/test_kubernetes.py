@@ -509,7 +509,7 @@ def seldon_crd(cluster, admin):
 
 def _set_state(admin, namespace: str, name: str, state: str, description: str = "") -> None:
     """Write status.state as the Seldon operator would (none runs here)."""
-    from petseg.deploy_kubernetes import GROUP, PLURAL, VERSION
+    from petseg.deploy.kubernetes import GROUP, PLURAL, VERSION
 
     body = {"status": {"state": state, "description": description}}
     admin["custom"].patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
@@ -520,7 +520,7 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
 
     from kubernetes import config
 
-    from petseg.deploy_kubernetes import GROUP, PLURAL, VERSION, apply_object, render_seldon_deployment
+    from petseg.deploy.kubernetes import GROUP, PLURAL, VERSION, apply_object, render_seldon_deployment
     from petseg.errors import ServingError
 
     namespace = cluster["PETSEG_K8S_NAMESPACE"]
@@ -595,7 +595,7 @@ def test_mlserver_objects_are_applied_with_the_release_role(cluster, admin, mlse
 
     from kubernetes import config
 
-    from petseg import deploy_kubernetes as k8s
+    from petseg.deploy import kubernetes as k8s
 
     namespace = cluster["PETSEG_K8S_NAMESPACE"]
     runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
@@ -648,7 +648,7 @@ def ready_controller(admin, namespace: str, kind: str, name: str):
 
     from kubernetes import client
 
-    from petseg import deploy_kubernetes as k8s
+    from petseg.deploy import kubernetes as k8s
 
     group, version, plural = k8s.RESOURCES[kind]
     # Seldon Core v1 reports a state; KServe, and Seldon Core v2 for a Model or an Experiment, a Ready condition.
@@ -678,8 +678,8 @@ def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollba
     """Each change as the API server stores it, field by field; KServe's object under KServe's own schema."""
     from kubernetes import config
 
-    from petseg import deploy_kubernetes as k8s
-    from petseg import rollout_kubernetes as rollout
+    from petseg.deploy import kubernetes as k8s
+    from petseg.deploy import rollout
 
     namespace, name = cluster["PETSEG_K8S_NAMESPACE"], f"pets-{kind.lower()}"
     runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
@@ -748,8 +748,8 @@ def test_a_seldon_v2_endpoint_is_one_experiment_through_canary_promote_and_conse
     schema that prunes what it does not know), field by field."""
     from kubernetes import config
 
-    from petseg import deploy_kubernetes as k8s
-    from petseg import rollout_kubernetes as rollout
+    from petseg.deploy import kubernetes as k8s
+    from petseg.deploy import rollout
 
     namespace, name = cluster["PETSEG_K8S_NAMESPACE"], "pets-experiment"
     runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account

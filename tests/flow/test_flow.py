@@ -8,7 +8,7 @@ import pytest
 
 from harness import FLOW_FILE, REPO, TINY, run_flow, session_root
 
-from petseg import determinism
+from petseg.model import determinism
 
 ARTIFACTS = {
     "start": ["settings", "parameters", "blob_root", "lineage_target", "lineage_graph"],
@@ -120,9 +120,9 @@ def test_the_served_mask_is_chosen_on_validation_and_never_below_the_raw_one(rel
         manifest = run["release"].task.data.manifest
         assert manifest["mask_source"] == source and manifest["metrics"]["mask"] == metrics["mask"]
         assert f"({source} mask;" in run["release"].task.data.gate_message
-    from petseg import release
+    from petseg.release import bundle
 
-    assert release.load_release(released_run["release"].task.data.manifest["location"]).mask_source == \
+    assert bundle.load_release(released_run["release"].task.data.manifest["location"]).mask_source == \
         released_run["evaluate"].task.data.metrics["mask"]["source"]
 
 
@@ -140,8 +140,8 @@ def test_gate_passes_and_release_is_complete(released_run):
                                                           "model.sig", "provenance.sigstore.json"]
     assert {name: (location / name).read_bytes() for name in data.signatures} == data.signatures
     assert json.loads((location / "manifest.json").read_text()) == manifest
-    assert manifest["replaces"] is None and "no champion (first release)" in data.gate_message
-    from petseg import model as models
+    assert manifest["replaces"] is None and "no champion (first bundle)" in data.gate_message
+    from petseg.model import unet as models
 
     assert models.fingerprint(models.load(location / "model.keras")) == manifest["model_fingerprint"]
 
@@ -228,7 +228,7 @@ def test_serve_the_released_run_and_predict(released_run, tmp_path):
 
     import requests
 
-    from petseg import synth
+    from petseg.data import synth
 
     images, _ = synth.write_archives(tmp_path / "data", count=2, seed=3)
     with tarfile.open(images) as tar:
@@ -274,7 +274,7 @@ def test_official_split_flow():
 
 
 def test_official_split_without_the_files_is_a_config_error():
-    from petseg import stages
+    from petseg.flow import stages
 
     with pytest.raises(stages.StepError, match="--split official needs the source's annotations/trainval.txt"):
         stages.transform({"shards": [], "official_test": None}, store="unused", rule="official")

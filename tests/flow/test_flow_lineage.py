@@ -14,7 +14,8 @@ from pachyderm_sdk import Client
 from pachyderm_sdk.api import pfs
 
 from harness import REPO, commit_files as files_of
-from petseg import lineage, pachyderm
+from petseg.lineage import graph as lineage
+from petseg.lineage import pachyderm
 
 EXPECTED_FILES = {
     "ingest": {"/ingest_report.json"},
@@ -64,7 +65,7 @@ def steps_upstream(run, step: str) -> set[str]:
 def test_provenance_is_the_flow_graph(flow_pachd, released_run):
     """Pachyderm's provenance is what the run recorded, and follows the flow's own steps.
 
-    Expected values come from the run, not from petseg.lineage.STAGES (which wrote the provenance):
+    Expected values come from the run, not from petseg.lineage.graph.STAGES (which wrote the provenance):
     direct provenance from the run's lineage graph artifact, full provenance from the steps upstream
     of each stage's step in the run's step graph.
     """

@@ -11,7 +11,8 @@ import pytest
 
 from harness import REPO, TINY, flip_one_byte, run_flow, session_root
 from lineage_schema import validate
-from petseg import lineage, lineage_events
+from petseg.lineage import graph as lineage
+from petseg.lineage import openlineage
 
 
 def petseg(*args):
@@ -39,9 +40,9 @@ def test_the_code_version_is_the_launching_checkouts_everywhere(released_run, li
     assert settings["code_version"] == version
     manifest = released_run["release"].task.data.manifest
     assert manifest["code_version"] == version and manifest["settings"]["code"] == code
-    from petseg import release
+    from petseg.release import bundle
 
-    assert release.load_release(manifest["location"]).tags()["code_version"] == version
+    assert bundle.load_release(manifest["location"]).tags()["code_version"] == version
     graph = released_run["end"].task.data.lineage_graph
     assert graph["code"] == code and graph["code_version"] == version
     from pachyderm_sdk import Client
@@ -124,7 +125,7 @@ def test_every_step_sends_valid_openlineage_events_over_http(released_run, linea
     tasks = {task.pathspec for step in released_run for task in step}
     assert by_task == {**{task: ["START", "COMPLETE"] for task in tasks},
                        f"PetSegFlow/{released_run.id}": ["START", "COMPLETE"]}
-    parent = lineage_events.run_uuid(f"PetSegFlow/{released_run.id}")
+    parent = openlineage.run_uuid(f"PetSegFlow/{released_run.id}")
     for event in events:
         assert event["job"]["namespace"] == "petseg-tests"
         facets = event["run"]["facets"]
@@ -192,7 +193,7 @@ def test_lineage_edges_are_what_each_step_opened(released_run, opens_log):
 
     A file a task opened is matched to the stage that wrote it: a shard in the blob store by its key (the
     ingest stage wrote the ingest report's shards, transform the splits'), an artifact in Metaflow's datastore
-    by its content address (the artifact of a stage output, petseg.lineage.STAGES).
+    by its content address (the artifact of a stage output, petseg.lineage.graph.STAGES).
     """
     graph = released_run["end"].task.data.lineage_graph
     writer = {s["sha256"]: "ingest" for s in released_run["ingest"].task.data.ingest_report["shards"]}

@@ -1,4 +1,4 @@
-"""A real run's signed release, tried as an attacker would: each forgery is refused by `petseg verify` and by
+"""A real run's signed bundle, tried as an attacker would: each forgery is refused by `petseg verify` and by
 both model servers at start-up, naming what failed; the upstream model signing CLI accepts the real release.
 
 The session's released run is copied to a temporary directory and forged there; the run's own release is
@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from harness import REPO
-from petseg import deploy_local, keys, release, signing
+from petseg.deploy import local
+from petseg import keys
+from petseg.release import bundle
+from petseg.release import signing
 from petseg.errors import ServingError
 
 
@@ -44,10 +47,10 @@ def _untrusted_key(folder: Path, tmp_path: Path) -> str:
     stranger, _ = keys.create(private=tmp_path / "stranger" / "signing.key", trusted=tmp_path / "stranger" / "trusted")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("sha256")
-    files, signer = release.signed_files(model_keras=(folder / "model.keras").read_bytes(),
+    files, signer = bundle.signed_files(model_keras=(folder / "model.keras").read_bytes(),
                                          calibration=json.loads((folder / "calibration.json").read_text()),
                                          manifest=manifest, signing_key=str(stranger))
-    for name in release.ALL_FILES:
+    for name in bundle.ALL_FILES:
         (folder / name).write_bytes(files[name])
     return f"signed by key {signer[:16]}, which is not trusted"
 
@@ -55,22 +58,22 @@ def _untrusted_key(folder: Path, tmp_path: Path) -> str:
 def _consistent_forgery(folder: Path, tmp_path: Path) -> str:
     """A rewritten calibration table, and the manifest's hash of it rewritten to match."""
     table = json.loads((folder / "calibration.json").read_text())
-    forged = release.calibration_bytes({**table, "forged": True})
+    forged = bundle.calibration_bytes({**table, "forged": True})
     (folder / "calibration.json").write_bytes(forged)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["sha256"]["calibration.json"] = hashlib.sha256(forged).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    assert release.check_files(manifest, {name: (folder / name).read_bytes() for name in release.HASHED_FILES},
+    assert bundle.check_files(manifest, {name: (folder / name).read_bytes() for name in bundle.HASHED_FILES},
                                uri=str(folder)) is None  # the hashes alone would pass
     return f"calibration.json hashes to {hashlib.sha256(forged).hexdigest()} but was signed as"
 
 
 def _other_provenance(folder: Path, tmp_path: Path) -> str:
-    """The provenance statement of another release, signed by the trusted key."""
+    """The provenance statement of another bundle, signed by the trusted key."""
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("sha256")
     other = dict(manifest, pathspec="PetSegFlow/1", run_id="1", version="petseg-1")
-    files, _ = release.signed_files(model_keras=(folder / "model.keras").read_bytes(),
+    files, _ = bundle.signed_files(model_keras=(folder / "model.keras").read_bytes(),
                                     calibration=json.loads((folder / "calibration.json").read_text()),
                                     manifest=other, signing_key=keys.signing_key_setting())
     (folder / signing.PROVENANCE).write_bytes(files[signing.PROVENANCE])
@@ -112,7 +115,7 @@ def test_verify_names_the_signer_of_the_real_release(released_run, release_dir):
         result = petseg("verify", *args)
         assert result.returncode == 0, result.stdout + result.stderr
         assert f", signed by key {signer[:16]}: " in result.stdout
-    assert sorted(path.name for path in release_dir.iterdir()) == sorted(release.ALL_FILES)
+    assert sorted(path.name for path in release_dir.iterdir()) == sorted(bundle.ALL_FILES)
 
 
 def test_verify_refuses_the_forgery(forged):
@@ -123,12 +126,12 @@ def test_verify_refuses_the_forgery(forged):
     assert line.startswith(f"REFUSED release {folder} ") and reason in line
 
 
-@pytest.mark.parametrize("server", deploy_local.SERVERS)
+@pytest.mark.parametrize("server", local.SERVERS)
 def test_servers_refuse_to_start_from_the_forgery(forged, server, tmp_path):
     folder, reason = forged
     log = tmp_path / "serving.log"
     with pytest.raises(ServingError) as refused:
-        deploy_local.deploy_local(folder, server=server, log_path=log, timeout=300)
+        local.deploy_local(folder, server=server, log_path=log, timeout=300)
     assert "exited with status" in str(refused.value)
     assert f"refusing to serve {folder}" in log.read_text() and reason in log.read_text()
 
@@ -138,10 +141,10 @@ def test_a_signed_release_of_a_run_that_does_not_exist_fails_verify(release_dir,
     manifest = json.loads((release_dir / "manifest.json").read_text())
     manifest.pop("sha256")
     manifest["pathspec"] = "PetSegFlow/999999999"
-    files, _ = release.signed_files(model_keras=(release_dir / "model.keras").read_bytes(),
+    files, _ = bundle.signed_files(model_keras=(release_dir / "model.keras").read_bytes(),
                                     calibration=json.loads((release_dir / "calibration.json").read_text()),
                                     manifest=manifest, signing_key=keys.signing_key_setting())
-    target = release.write(str(tmp_path / "ghost"), files)
+    target = bundle.write(str(tmp_path / "ghost"), files)
     result = petseg("verify", "--release", target)
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.startswith("MISMATCH the run the release names does not match: expected a finished run "

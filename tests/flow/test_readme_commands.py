@@ -24,7 +24,7 @@ import requests
 
 from harness import REPO, free_port, session_root
 
-from petseg import synth
+from petseg.data import synth
 
 README = REPO / "README.md"
 # Each kind of inspection command: how to know it in README, after an optional `.venv/bin/` or `python`.

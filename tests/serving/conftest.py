@@ -1,7 +1,7 @@
-"""What the serving tier shares: one release, and one server of each kind for the whole session.
+"""What the serving tier shares: one bundle, and one server of each kind for the whole session.
 
 The release is a small model trained for two steps on random data, with its
-calibration. Both servers (`petseg.deploy_local.deploy_local`) serve it with
+calibration. Both servers (`petseg.deploy.local.deploy_local`) serve it with
 small limits, so that "too large" is cheap to send: ``server`` is the Seldon
 microservice, ``mlserver`` the MLServer runtime (Open Inference Protocol).
 Both take the session's tokens file (`petseg.tokens`, where clients read it
@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 import requests
 
-from petseg import calibration, deploy_local, release, tokens
-from petseg import model as models
+from petseg.model import calibration
+from petseg.deploy import local
+from petseg.release import bundle
+from petseg import tokens
+from petseg.model import unet as models
 from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS, TOKENS
 
 
@@ -46,11 +49,11 @@ def release_dir(tmp_path_factory):
     # A subsample keeps the isotonic fit quick.
     fitted = calibration.fit(small.predict_on_batch(images)[:, ::8, ::8], masks[:, ::8, ::8])
     target = tmp_path_factory.mktemp("release") / "petseg-test"
-    manifest = release.build_manifest(
+    manifest = bundle.build_manifest(
         run_id="1234", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
         dataset_fingerprint="d" * 64, code_version="0.1.0+test", metrics={"raw": {}, "calibrated": {}},
         settings={}, location=str(target), image_size=small.input_shape[1])
-    release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
+    bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
     return target
 
 
@@ -69,7 +72,7 @@ def tags(release_dir, manifest):
         "pathspec": manifest["pathspec"],
         "code_version": manifest["code_version"],
     }
-    released = release.load_release(str(release_dir)).tags()
+    released = bundle.load_release(str(release_dir)).tags()
     assert {key: released[key] for key in recorded} == recorded
     return released
 
@@ -80,7 +83,7 @@ def _deploy(release_dir, manifest, tmp_path_factory, **options) -> dict:
         env.setenv("MAX_IMAGE_BYTES", str(MAX_IMAGE_BYTES))
         env.setenv("FEEDBACK_QUOTA", str(FEEDBACK_QUOTA))
         env.setenv("MAX_LIST_PIXELS", str(MAX_LIST_PIXELS))
-        return deploy_local.deploy_local(
+        return local.deploy_local(
             release_dir, log_path=tmp_path_factory.mktemp("logs") / "serving.log", timeout=300,
             fingerprint=manifest["model_fingerprint"], **options)
 
@@ -92,7 +95,7 @@ def server(release_dir, manifest, tmp_path_factory, tokens_file):
     deployment = _deploy(release_dir, manifest, tmp_path_factory, feedback_uri=str(feedback_dir))
     deployment["feedback_dir"] = feedback_dir
     yield deployment
-    deploy_local.stop_local(deployment["pid"])
+    local.stop_local(deployment["pid"])
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +107,7 @@ def mlserver(release_dir, manifest, tmp_path_factory, tokens_file):
     deployment = _deploy(copy, manifest, tmp_path_factory, server="mlserver", feedback_uri=str(feedback_dir))
     deployment["feedback_dir"] = feedback_dir
     yield deployment
-    deploy_local.stop_local(deployment["pid"])
+    local.stop_local(deployment["pid"])
 
 
 @pytest.fixture(scope="session")

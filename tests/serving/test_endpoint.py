@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import requests
 
-from petseg import endpoints, layout, local_endpoint, release
+from petseg.deploy import endpoints
+from petseg import layout
+from petseg.deploy import local_endpoint
+from petseg.release import bundle
 from petseg.errors import ConfigError
 from serving_support import bearer
 
@@ -23,11 +26,11 @@ def releases(release_dir, manifest, tmp_path_factory):
     directory), and the same model released again by run 5678."""
     copy = shutil.copytree(release_dir, tmp_path_factory.mktemp("first") / release_dir.name)
     target = tmp_path_factory.mktemp("second") / "petseg-5678"
-    second = release.build_manifest(
+    second = bundle.build_manifest(
         run_id="5678", flow_name="PetSegFlow", model_fingerprint=manifest["model_fingerprint"],
         dataset_fingerprint="e" * 64, code_version="0.1.0+test", metrics={}, settings={}, location=str(target),
         image_size=manifest["image_size"])
-    release.export(str(target), model_keras=(release_dir / "model.keras").read_bytes(),
+    bundle.export(str(target), model_keras=(release_dir / "model.keras").read_bytes(),
                    calibration=json.loads((release_dir / "calibration.json").read_text()), manifest=second)
     return [{**endpoints.entry(manifest), "location": str(copy)},
             endpoints.entry(json.loads((target / "manifest.json").read_text()))]
@@ -101,14 +104,14 @@ def test_switch_and_rollback_drop_no_request(releases, tokens_file):
     assert not row["up"] and row["serving"] is None
     # Serving wrote its record and log in the state directory, and nothing into the releases.
     for served in (first, second):
-        assert sorted(path.name for path in Path(served["location"]).iterdir()) == sorted(release.ALL_FILES)
+        assert sorted(path.name for path in Path(served["location"]).iterdir()) == sorted(bundle.ALL_FILES)
         record = layout.deployment_dir(served["location"])
         assert {"deployment.json", "serving.log"} <= {path.name for path in record.iterdir()}
     assert back["backend"]["log"] == str(layout.deployment_dir(first["location"]) / "serving.log")
 
 
 def test_a_stopped_endpoint_answers_that_nothing_serves(releases, tokens_file):
-    from petseg.endpoint_proxy import Front
+    from petseg.entrypoints.endpoint_proxy import Front
 
     front = Front("nothing-here", ("127.0.0.1", 0))
     thread = threading.Thread(target=front.serve_forever)

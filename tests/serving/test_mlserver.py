@@ -23,7 +23,11 @@ from hypothesis import strategies as st
 from mlserver.grpc import dataplane_pb2 as pb
 from PIL import Image
 
-from petseg import client, deploy_local, messages, release, serving
+from petseg.deploy import client
+from petseg.deploy import local
+from petseg.serving import messages
+from petseg.release import bundle
+from petseg.serving import predictor
 from petseg.errors import ServingError
 from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS, b64, bearer, encode, grpc_infer, random_image
 
@@ -97,7 +101,7 @@ def test_probabilities_on_request_equal_the_in_process_prediction(http, mlserver
     answer = _infer(http, mlserver, {"inputs": [_uint8_input(pixels)],
                                      "outputs": [{"name": "mask"}, {"name": "probabilities"}]})
     probs = _output(answer, "probabilities")
-    expected = serving.Predictor(release.load_release(str(release_dir))).predict(pixels[None] / np.float32(255))
+    expected = predictor.Predictor(bundle.load_release(str(release_dir))).predict(pixels[None] / np.float32(255))
     assert probs.shape == (1, 64, 64, 3) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     np.testing.assert_array_equal(_output(answer, "mask"), messages.class_mask(probs))
@@ -412,7 +416,7 @@ def test_malformed_requests_get_4xx_and_the_server_stays_up(http, mlserver):
 def test_fingerprint_mismatch_refuses_to_start(release_dir, manifest, tmp_path):
     wrong = "0" * 64
     with pytest.raises(ServingError) as refused:
-        deploy_local.deploy_local(release_dir, server="mlserver", log_path=tmp_path / "serving.log", timeout=300,
+        local.deploy_local(release_dir, server="mlserver", log_path=tmp_path / "serving.log", timeout=300,
                                   fingerprint=wrong)
     assert wrong in str(refused.value) and manifest["model_fingerprint"] in str(refused.value)
     assert "exited with status" in str(refused.value)
@@ -422,7 +426,7 @@ def test_unknown_server_is_a_config_error(release_dir):
     from petseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="seldon, mlserver"):
-        deploy_local.deploy_local(release_dir, server="triton")
+        local.deploy_local(release_dir, server="triton")
 
 
 def test_base64_uint8_data_is_the_tensor_bytes(http, mlserver):

@@ -1,7 +1,7 @@
 """The Seldon microservice as a real process: predictions, provenance, feedback, metrics, bad requests.
 
 One server (``seldon-core-microservice PetSegModel``, the session's ``server``
-of conftest.py) serves a small model trained for two steps on random data,
+of conftest.py) serves a small model trained for two steps on random warehouse,
 saved as a release directory in this session. A second start with a wrong
 MODEL_FINGERPRINT must fail.
 """
@@ -22,7 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from petseg import client, data, deploy_local, layout, release, serving
+from petseg.deploy import client
+from petseg.data import warehouse
+from petseg.deploy import local
+from petseg import layout
+from petseg.release import bundle
+from petseg.serving import predictor
 from petseg.errors import ModelError, ServingError
 from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
@@ -77,7 +82,7 @@ def test_ndarray_uint8_answers_probabilities_with_provenance(http, server, tags)
 def test_served_prediction_equals_in_process_prediction(http, server, release_dir):
     image = _image(seed=1)
     answer = _predict(http, server, {"data": {"ndarray": image.tolist()}})
-    expected = serving.Predictor(release.load_release(str(release_dir))).predict(image[None] / np.float32(255))[0]
+    expected = predictor.Predictor(bundle.load_release(str(release_dir))).predict(image[None] / np.float32(255))[0]
     np.testing.assert_allclose(np.asarray(answer["data"]["ndarray"]), expected, atol=2e-4)
 
 
@@ -364,7 +369,7 @@ def test_feedback_sample_is_pending_until_accepted_then_read_back_by_ingest(serv
     assert record["reward"] == 0.5 and record["model_version"] == tags["model_version"]
     assert record["identity"] == "tester" and record["model_fingerprint"] == tags["model_fingerprint"]
     assert client.feedback(server["url"], image_path, truth_path)["status"] == "duplicate"
-    before = data.ingest("synth:2", tmp_path / "before", feedback=str(store))
+    before = warehouse.ingest("synth:2", tmp_path / "before", feedback=str(store))
     assert sample_id not in [sample["id"] for sample in before["feedback_samples"]]
 
     review = subprocess.run([sys.executable, "-m", "petseg", "feedback", "accept", str(store), sample_id, "--by", "rev"],
@@ -374,7 +379,7 @@ def test_feedback_sample_is_pending_until_accepted_then_read_back_by_ingest(serv
                              capture_output=True, text=True, timeout=120)
     assert sample_id in listing.stdout and "accepted by rev" in listing.stdout, listing.stderr
     assert f"{sample_id} 5 2 4" in (store / "accepted" / "annotations" / "list.txt").read_text()
-    report = data.ingest("synth:2", tmp_path / "ingested", feedback=str(store))
+    report = warehouse.ingest("synth:2", tmp_path / "ingested", feedback=str(store))
     assert sample_id in [sample["id"] for sample in report["feedback_samples"]]
     assert report["samples"] == 2 + len(report["feedback_samples"]) and report["skipped"] == []
 
@@ -405,7 +410,7 @@ def test_feedback_with_truth_of_another_size_is_rejected(http, server):
 def test_fingerprint_mismatch_refuses_to_start(release_dir, manifest, tmp_path):
     wrong = "0" * 64
     with pytest.raises(ServingError) as refused:
-        deploy_local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, fingerprint=wrong)
+        local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, fingerprint=wrong)
     assert wrong in str(refused.value) and manifest["model_fingerprint"] in str(refused.value)
     assert "exited with status" in str(refused.value)
 
@@ -415,9 +420,9 @@ def test_fingerprint_mismatch_refuses_to_start(release_dir, manifest, tmp_path):
 
 def test_release_loads_from_s3(s3, moto_endpoint, release_dir, manifest):
     s3.create_bucket(Bucket="petseg")
-    for name in release.ALL_FILES:
+    for name in bundle.ALL_FILES:
         s3.upload_file(str(release_dir / name), "petseg", f"releases/v1/{name}")
-    loaded = release.load_release("s3://petseg/releases/v1/", expected_fingerprint=manifest["model_fingerprint"],
+    loaded = bundle.load_release("s3://petseg/releases/v1/", expected_fingerprint=manifest["model_fingerprint"],
                                   s3_endpoint_url=moto_endpoint)
     assert loaded.uri == "s3://petseg/releases/v1/" and loaded.signer
     assert loaded.tags()["model_fingerprint"] == manifest["model_fingerprint"]
@@ -430,7 +435,7 @@ def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
                                   "calibration": json.loads((release_dir / "calibration.json").read_text()),
                                   "manifest": manifest,
                                   "signatures": {name: (release_dir / name).read_bytes()
-                                                 for name in release.SIGNATURE_FILES}})
+                                                 for name in bundle.SIGNATURE_FILES}})
     task = type("Task", (), {"data": artifacts})
 
     def run(pathspec, _namespace_check=True):
@@ -438,11 +443,11 @@ def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
         return {"release": type("Step", (), {"task": task})}
 
     monkeypatch.setattr(metaflow, "Run", run)
-    loaded = release.load_release("PetSegFlow/1234")
+    loaded = bundle.load_release("PetSegFlow/1234")
     assert loaded.tags()["pathspec"] == "PetSegFlow/1234" and loaded.signer
     artifacts.signatures = {}
     with pytest.raises(ModelError, match="release PetSegFlow/1234 is not signed"):
-        release.load_release("PetSegFlow/1234")
+        bundle.load_release("PetSegFlow/1234")
 
 
 # A path that answers without the model, and the fewest processes of a running server:
@@ -458,7 +463,7 @@ def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum, se
     import psutil
 
     path, fewest = LIVENESS[server_kind]
-    port = deploy_local.free_ports(1)[0]
+    port = local.free_ports(1)[0]
     serve = subprocess.Popen([sys.executable, "-m", "petseg", "serve", str(release_dir), "--port", str(port),
                               "--server", server_kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -488,11 +493,11 @@ def test_petseg_serve_stops_its_whole_server_on_a_signal(release_dir, signum, se
 def test_petseg_stop_leaves_no_process_of_a_detached_server(release_dir, tmp_path, server_kind):
     import psutil
 
-    deployment = deploy_local.deploy_local(release_dir, server=server_kind, log_path=tmp_path / "serving.log",
+    deployment = local.deploy_local(release_dir, server=server_kind, log_path=tmp_path / "serving.log",
                                            timeout=300)
     leader = psutil.Process(deployment["pid"])
     processes = [leader, *leader.children(recursive=True)]
     assert len(processes) >= LIVENESS[server_kind][1]
-    assert deploy_local.stop_local(deployment["pid"]) is True
+    assert local.stop_local(deployment["pid"]) is True
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive, [process.cmdline() for process in alive]

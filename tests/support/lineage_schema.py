@@ -3,7 +3,7 @@
 `validate(event)` checks the event against ``OpenLineage.json`` (RunEvent),
 then every facet against the schema its ``_schemaURL`` names: the standard
 facets' own schema files, or petseg's custom facet schemas
-(``petseg.lineage_events.FACET_SCHEMAS``). References between the files
+(``petseg.lineage.openlineage.FACET_SCHEMAS``). References between the files
 (``https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunFacet``) are
 resolved from the local copies: nothing is fetched.
 """
@@ -48,7 +48,7 @@ def _facets(event: dict):
 
 def validate(event: dict) -> None:
     """Raise jsonschema's ValidationError (or AssertionError) unless the event and all its facets are valid."""
-    from petseg.lineage_events import FACET_SCHEMAS
+    from petseg.lineage.openlineage import FACET_SCHEMAS
 
     _, schemas = _registry()
     _validator("https://openlineage.io/spec/2-0-2/OpenLineage.json", "/$defs/RunEvent").validate(event)

@@ -8,8 +8,9 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from petseg import calibration, release
-from petseg.calibration import Calibration
+from petseg.model import calibration
+from petseg.release import bundle
+from petseg.model.calibration import Calibration
 from petseg.errors import ModelError
 
 
@@ -102,7 +103,7 @@ def test_json_round_trip():
     rng = np.random.default_rng(1)
     probs = rng.random((500, 3))
     fitted = calibration.fit(probs, rng.random((500, 3)) < probs)
-    text = release.calibration_bytes(fitted.to_dict())  # calibration.json, as a release holds it
+    text = bundle.calibration_bytes(fitted.to_dict())  # calibration.json, as a release holds it
     assert json.loads(text)["format"] == calibration.FORMAT
     loaded = Calibration.from_dict(json.loads(text))
     np.testing.assert_array_equal(loaded.apply(probs), fitted.apply(probs))

@@ -17,10 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import archive, data, oxford, shards, synth
+from petseg.data import archive
+from petseg.data import warehouse
+from petseg import oxford
+from petseg.data import shards
+from petseg.data import synth
 from petseg.errors import DataError
 from petseg.oxford import SPLITS
-from petseg.split import split_of
+from petseg.data.split import split_of
 
 COUNT = 12
 SEED = 3
@@ -49,7 +53,7 @@ def extracted(archives, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(archives, tmp_path_factory):
     """The ingest report of ``archives``."""
-    return data.ingest(str(archives), tmp_path_factory.mktemp("reference") / "out")
+    return warehouse.ingest(str(archives), tmp_path_factory.mktemp("reference") / "out")
 
 
 @pytest.fixture
@@ -83,18 +87,18 @@ def test_fingerprint_definition_is_pinned():
 
 def test_same_seed_same_fingerprint_and_shard_bytes(reference, tmp_path):
     again = synth.write_archives(tmp_path / "again", count=COUNT, seed=SEED)[0].parent
-    report = data.ingest(str(again), tmp_path / "out")
+    report = warehouse.ingest(str(again), tmp_path / "out")
     assert report["fingerprint"] == reference["fingerprint"]
     assert [Path(p).read_bytes() for p in report["shards"]] == [Path(p).read_bytes() for p in reference["shards"]]
-    generated = data.ingest(f"synth:{COUNT}", tmp_path / "generated", seed=SEED)
+    generated = warehouse.ingest(f"synth:{COUNT}", tmp_path / "generated", seed=SEED)
     assert generated["fingerprint"] == reference["fingerprint"]
-    other = data.ingest(f"synth:{COUNT}", tmp_path / "other", seed=SEED + 1)
+    other = warehouse.ingest(f"synth:{COUNT}", tmp_path / "other", seed=SEED + 1)
     assert other["fingerprint"] != reference["fingerprint"]
 
 
 def test_archive_path_and_extracted_directory_read_the_same(archives, extracted, reference, tmp_path):
-    assert data.ingest(str(archives / "images.tar.gz"), tmp_path / "a")["fingerprint"] == reference["fingerprint"]
-    assert data.ingest(str(extracted), tmp_path / "b")["fingerprint"] == reference["fingerprint"]
+    assert warehouse.ingest(str(archives / "images.tar.gz"), tmp_path / "a")["fingerprint"] == reference["fingerprint"]
+    assert warehouse.ingest(str(extracted), tmp_path / "b")["fingerprint"] == reference["fingerprint"]
 
 
 def test_report_and_records(extracted, reference):
@@ -115,7 +119,7 @@ def test_report_and_records(extracted, reference):
 
 
 def test_image_size_and_shard_size(archives, tmp_path):
-    report = data.ingest(str(archives), tmp_path / "out", image_size=32, shard_size=5)
+    report = warehouse.ingest(str(archives), tmp_path / "out", image_size=32, shard_size=5)
     assert [Path(p).name for p in report["shards"]] == [f"samples-0000{i}.tfrecord" for i in range(3)]
     first = shards.decode(next(shards.read_records(report["shards"])))
     assert first["image"].shape == (32, 32, 3)
@@ -165,7 +169,7 @@ def test_ingest_of_an_unsafe_archive_stops_with_no_output(archives, tmp_path):
     evil_archive(source / "images.tar.gz", "../escaped.jpg", "file")
     shutil.copy(archives / "annotations.tar.gz", source)
     with pytest.raises(DataError, match=r"images.tar.gz: member '../escaped.jpg' contains '..'"):
-        data.ingest(str(source), tmp_path / "out")
+        warehouse.ingest(str(source), tmp_path / "out")
     assert_no_output(tmp_path / "out")
     assert list(tmp_path.rglob("escaped.jpg")) == []
 
@@ -175,7 +179,7 @@ def test_corrupt_archive_is_named(tmp_path):
     bad.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
     (tmp_path / "annotations.tar.gz").write_bytes(b"")
     with pytest.raises(DataError, match=r"images.tar.gz: not a readable tar archive"):
-        data.ingest(str(bad), tmp_path / "out")
+        warehouse.ingest(str(bad), tmp_path / "out")
     assert_no_output(tmp_path / "out")
 
 
@@ -218,7 +222,7 @@ def test_bad_sample_stops_ingest_naming_file_and_problem(layout, tmp_path, break
     sample_id = sample_ids(layout)[4]
     message = breakage(layout, sample_id)
     with pytest.raises(DataError) as raised:
-        data.ingest(str(layout), tmp_path / "out")
+        warehouse.ingest(str(layout), tmp_path / "out")
     assert message in str(raised.value)
     assert str(raised.value).startswith(f"{layout}: ")
     assert_no_output(tmp_path / "out")
@@ -227,7 +231,7 @@ def test_bad_sample_stops_ingest_naming_file_and_problem(layout, tmp_path, break
 def test_skip_bad_lists_every_skipped_sample(layout, extracted, tmp_path):
     broken = dict(zip(sample_ids(layout)[:4], BREAKAGES))
     messages = [breakage(layout, sample_id) for sample_id, breakage in broken.items()]
-    report = data.ingest(str(layout), tmp_path / "out", skip_bad=True)
+    report = warehouse.ingest(str(layout), tmp_path / "out", skip_bad=True)
     assert report["samples"] == COUNT - 4
     assert sorted(s["file"] for s in report["skipped"]) == sorted(m.split(": ", 1)[0] for m in messages)
     for skipped in report["skipped"]:
@@ -238,14 +242,14 @@ def test_skip_bad_lists_every_skipped_sample(layout, extracted, tmp_path):
     clean = Path(shutil.copytree(extracted, tmp_path / "clean"))
     for sample_id in broken:
         (clean / "images" / f"{sample_id}.jpg").unlink()
-    assert data.ingest(str(clean), tmp_path / "clean_out")["fingerprint"] == report["fingerprint"]
+    assert warehouse.ingest(str(clean), tmp_path / "clean_out")["fingerprint"] == report["fingerprint"]
 
 
 def test_all_bad_is_an_error(layout, tmp_path):
     for sample_id in sample_ids(layout):
         missing_trimap(layout, sample_id)
     with pytest.raises(DataError, match=f"all {COUNT} samples are bad"):
-        data.ingest(str(layout), tmp_path / "out", skip_bad=True)
+        warehouse.ingest(str(layout), tmp_path / "out", skip_bad=True)
     assert_no_output(tmp_path / "out")
 
 
@@ -258,29 +262,29 @@ def test_unusable_sources_are_named(tmp_path, source):
         source = str(tmp_path / "empty")
         Path(source).mkdir()
     with pytest.raises(DataError, match=f"source '{source}'"):
-        data.ingest(source, tmp_path / "out")
+        warehouse.ingest(source, tmp_path / "out")
     assert_no_output(tmp_path / "out")
 
 
 def test_missing_source_lists_accepted_forms(tmp_path):
     with pytest.raises(DataError, match="does not exist; accepted sources: synth:COUNT"):
-        data.ingest(str(tmp_path / "nowhere"), tmp_path / "out")
+        warehouse.ingest(str(tmp_path / "nowhere"), tmp_path / "out")
 
 
 def test_directory_without_samples_is_an_error(tmp_path):
     (tmp_path / "src" / "images").mkdir(parents=True)
     with pytest.raises(DataError, match="no samples found"):
-        data.ingest(str(tmp_path / "src"), tmp_path / "out")
+        warehouse.ingest(str(tmp_path / "src"), tmp_path / "out")
 
 
 def test_output_directory_must_be_new_or_empty(archives, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="already exists and is not empty"):
-        data.ingest(str(archives), tmp_path / "out")
+        warehouse.ingest(str(archives), tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
-    assert data.ingest(str(archives), tmp_path / "empty")["samples"] == COUNT
+    assert warehouse.ingest(str(archives), tmp_path / "empty")["samples"] == COUNT
 
 
 def make_feedback(root, ids, extracted):
@@ -302,7 +306,7 @@ def test_feedback_adds_samples(archives, extracted, reference, tmp_path):
     first, second = sample_ids(extracted)[:2]
     renames = {first: first.rsplit("_", 1)[0] + "_9001", second: "feedback_2"}
     feedback = make_feedback(tmp_path / "feedback", renames, extracted)
-    report = data.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
+    report = warehouse.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
     assert report["samples"] == COUNT + 2 and report["feedback"] == str(feedback)
     assert report["fingerprint"] != reference["fingerprint"]
     assert report["species"]["unlisted"] == 2
@@ -316,7 +320,7 @@ def test_feedback_store_without_accepted_samples_adds_none(archives, reference, 
     pending = tmp_path / "feedback" / "pending" / "ana"
     pending.mkdir(parents=True)
     (pending / "feedback_1.json").write_text("{}")
-    report = data.ingest(str(archives), tmp_path / "out", feedback=str(tmp_path / "feedback"))
+    report = warehouse.ingest(str(archives), tmp_path / "out", feedback=str(tmp_path / "feedback"))
     assert report["feedback_samples"] == [] and report["fingerprint"] == reference["fingerprint"]
 
 
@@ -324,7 +328,7 @@ def test_feedback_with_a_known_id_is_refused(archives, extracted, tmp_path):
     first = sample_ids(extracted)[0]
     feedback = make_feedback(tmp_path / "feedback", {first: first}, extracted)
     with pytest.raises(DataError, match=f"images/{first}.jpg has the same id"):
-        data.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
+        warehouse.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
     assert_no_output(tmp_path / "out")
 
 
@@ -351,10 +355,10 @@ def test_http_source(http_root, archives, reference, tmp_path):
     (root / "pets").mkdir()
     for name in ("images.tar.gz", "annotations.tar.gz"):
         shutil.copy(archives / name, root / "pets")
-    assert data.ingest(f"{base}/pets/", tmp_path / "a")["fingerprint"] == reference["fingerprint"]
-    assert data.ingest(f"{base}/pets/images.tar.gz", tmp_path / "b")["fingerprint"] == reference["fingerprint"]
+    assert warehouse.ingest(f"{base}/pets/", tmp_path / "a")["fingerprint"] == reference["fingerprint"]
+    assert warehouse.ingest(f"{base}/pets/images.tar.gz", tmp_path / "b")["fingerprint"] == reference["fingerprint"]
     with pytest.raises(DataError, match=rf"{base}/missing/images.tar.gz: HTTP 404"):
-        data.ingest(f"{base}/missing/", tmp_path / "c")
+        warehouse.ingest(f"{base}/missing/", tmp_path / "c")
     assert_no_output(tmp_path / "c")
 
 
@@ -362,20 +366,20 @@ def test_s3_source_and_feedback(s3, moto_endpoint, archives, extracted, referenc
     s3.create_bucket(Bucket="pets")
     for name in ("images.tar.gz", "annotations.tar.gz"):
         s3.upload_file(str(archives / name), "pets", f"oxford/{name}")
-    report = data.ingest("s3://pets/oxford/", tmp_path / "a", s3_endpoint_url=moto_endpoint)
+    report = warehouse.ingest("s3://pets/oxford/", tmp_path / "a", s3_endpoint_url=moto_endpoint)
     assert report["fingerprint"] == reference["fingerprint"]
 
     first = sample_ids(extracted)[0]
     feedback = make_feedback(tmp_path / "feedback", {first: "feedback_1"}, extracted)
     for path in sorted(p for p in feedback.rglob("*") if p.is_file()):
         s3.upload_file(str(path), "pets", f"feedback/{path.relative_to(feedback).as_posix()}")
-    report = data.ingest("s3://pets/oxford", tmp_path / "b", feedback="s3://pets/feedback/",
+    report = warehouse.ingest("s3://pets/oxford", tmp_path / "b", feedback="s3://pets/feedback/",
                          s3_endpoint_url=moto_endpoint)
-    local = data.ingest(str(archives), tmp_path / "c", feedback=str(feedback))
+    local = warehouse.ingest(str(archives), tmp_path / "c", feedback=str(feedback))
     assert report["samples"] == COUNT + 1 and report["fingerprint"] == local["fingerprint"]
 
     with pytest.raises(DataError, match="s3://nobucket/x: cannot list .*NoSuchBucket"):
-        data.ingest("s3://nobucket/x/", tmp_path / "d", s3_endpoint_url=moto_endpoint)
+        warehouse.ingest("s3://nobucket/x/", tmp_path / "d", s3_endpoint_url=moto_endpoint)
     assert_no_output(tmp_path / "d")
 
 
@@ -401,7 +405,7 @@ def test_tfds_source_keeps_the_released_bytes(extracted, reference, tmp_path):
         return tf.data.Dataset.from_generator(examples, output_signature=signature)
 
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
-        report = data.ingest("tfds:oxford_iiit_pet", tmp_path / "out")
+        report = warehouse.ingest("tfds:oxford_iiit_pet", tmp_path / "out")
     assert report["fingerprint"] == reference["fingerprint"]
     assert report["species"] == reference["species"]
 
@@ -410,7 +414,7 @@ def test_tfds_source_keeps_the_released_bytes(extracted, reference, tmp_path):
 
 
 def test_transform_splits_by_id(reference, tmp_path):
-    result = data.transform(reference["shards"], tmp_path / "splits", shard_size=2)
+    result = warehouse.transform(reference["shards"], tmp_path / "splits", shard_size=2)
     assert set(result["splits"]) == set(SPLITS) == set(result["counts"])
     assert sum(result["counts"].values()) == COUNT
     assert result["manifest"] == {
@@ -423,7 +427,7 @@ def test_transform_splits_by_id(reference, tmp_path):
         assert all(len(list(shards.read_records([p]))) <= 2 for p in paths)
         assert set(records) <= ingested
         assert all(split_of(shards.decode(r)["id"]) == split for r in records)
-    again = data.transform(reference["shards"], tmp_path / "again", shard_size=2)
+    again = warehouse.transform(reference["shards"], tmp_path / "again", shard_size=2)
     for split in SPLITS:
         assert [Path(p).read_bytes() for p in again["splits"][split]] == [
             Path(p).read_bytes() for p in result["splits"][split]
@@ -432,14 +436,14 @@ def test_transform_splits_by_id(reference, tmp_path):
 
 def test_transform_of_a_missing_shard_leaves_no_output(reference, tmp_path):
     with pytest.raises(DataError, match="nope.tfrecord: cannot read shard"):
-        data.transform(reference["shards"] + [str(tmp_path / "nope.tfrecord")], tmp_path / "splits")
+        warehouse.transform(reference["shards"] + [str(tmp_path / "nope.tfrecord")], tmp_path / "splits")
     assert_no_output(tmp_path / "splits")
 
 
 def test_official_split_takes_test_txt_and_carves_the_rest(extracted, reference, tmp_path):
     test_ids = sorted(line.split()[0] for line in (extracted / "annotations" / "test.txt").read_text().splitlines())
     assert reference["official_test"] == test_ids
-    result = data.transform(reference["shards"], tmp_path / "splits", official_test=reference["official_test"])
+    result = warehouse.transform(reference["shards"], tmp_path / "splits", official_test=reference["official_test"])
     manifest = result["manifest"]
     assert sorted(i for i, split in manifest.items() if split == "test") == test_ids
     for sample_id, split in manifest.items():
@@ -451,14 +455,14 @@ def test_official_split_takes_test_txt_and_carves_the_rest(extracted, reference,
 def test_one_official_split_file_alone_is_refused(layout, tmp_path):
     (layout / "annotations" / "test.txt").unlink()
     with pytest.raises(DataError, match="annotations/trainval.txt is present but annotations/test.txt is not"):
-        data.ingest(str(layout), tmp_path / "out")
+        warehouse.ingest(str(layout), tmp_path / "out")
     assert_no_output(tmp_path / "out")
 
 
 def test_a_source_without_split_files_has_no_official_test(layout, tmp_path):
     for name in ("test", "trainval"):
         (layout / "annotations" / f"{name}.txt").unlink()
-    assert data.ingest(str(layout), tmp_path / "out")["official_test"] is None
+    assert warehouse.ingest(str(layout), tmp_path / "out")["official_test"] is None
 
 
 def test_shard_records_are_byte_identical_to_tensorflows(tmp_path):
@@ -501,7 +505,7 @@ def test_record_bytes_are_pinned():
 
 
 def test_shards_do_not_import_tensorflow():
-    code = "import sys, petseg.shards, petseg.data; print('tensorflow' in sys.modules)"
+    code = "import sys, petseg.data.shards, petseg.data.warehouse; print('tensorflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -549,11 +553,11 @@ def test_accepted_feedback_goes_to_training_only_and_held_out_splits_stay_the_so
     crafted = {split: _crafted_id(split) for split in ("validation", "test", "calibration")}
     source_ids = sample_ids(extracted)
     feedback = make_feedback(tmp_path / "feedback", dict(zip(source_ids, crafted.values())), extracted)
-    report = data.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
+    report = warehouse.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
     assert sorted(sample["id"] for sample in report["feedback_samples"]) == sorted(crafted.values())
-    with_feedback = data.transform(report["shards"], tmp_path / "with", official_test=None,
+    with_feedback = warehouse.transform(report["shards"], tmp_path / "with", official_test=None,
                                    training_only=[sample["id"] for sample in report["feedback_samples"]])
-    without = data.transform(reference["shards"], tmp_path / "without")
+    without = warehouse.transform(reference["shards"], tmp_path / "without")
     assert all(with_feedback["manifest"][sample_id] == "training" for sample_id in crafted.values())
     for split in ("validation", "test", "calibration"):
         held_out = sorted(i for i, s in with_feedback["manifest"].items() if s == split)

@@ -8,7 +8,11 @@ import sys
 import pytest
 from kubernetes import client as k8s
 
-from petseg import client, deploy_kubernetes, deploy_local, rollout_kubernetes, servers
+from petseg.deploy import client
+from petseg.deploy import kubernetes
+from petseg.deploy import local
+from petseg.deploy import rollout
+from petseg import servers
 from petseg.errors import ConfigError, ServingError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -33,33 +37,33 @@ def _container(rendered: dict) -> dict:
 
 
 def test_name_is_petseg_and_the_run_id():
-    assert deploy_kubernetes.deployment_name("petseg-1732791234567890") == "petseg-1732791234567890"
-    assert deploy_kubernetes.deployment_name("petseg-argo-petsegflow-x7k2p") == "petseg-argo-petsegflow-x7k2p"
+    assert kubernetes.deployment_name("petseg-1732791234567890") == "petseg-1732791234567890"
+    assert kubernetes.deployment_name("petseg-argo-petsegflow-x7k2p") == "petseg-argo-petsegflow-x7k2p"
 
 
 @pytest.mark.parametrize("version", ["petseg-Run_42", "petseg-" + "x" * 80, "petseg-a.b.c", "petseg--", "petseg-ÄÖ"])
 def test_name_is_a_short_dns_label_and_stays_distinct(version):
-    name = deploy_kubernetes.deployment_name(version)
+    name = kubernetes.deployment_name(version)
     assert DNS_LABEL.match(name) and len(name) <= 40 and name.startswith("petseg-")
-    assert name != deploy_kubernetes.deployment_name(version + "1")
+    assert name != kubernetes.deployment_name(version + "1")
 
 
 @pytest.mark.parametrize("value", ["a" * 64, "0.1.0+g1a2b3c4", "--weird value!--", "PetSegFlow/12", ""])
 def test_label_values_are_valid(value):
-    assert LABEL_VALUE.match(deploy_kubernetes.label_value(value)) and len(deploy_kubernetes.label_value(value)) <= 63
+    assert LABEL_VALUE.match(kubernetes.label_value(value)) and len(kubernetes.label_value(value)) <= 63
 
 
 # -- rendering --------------------------------------------------------------------------------------
 
 
 def test_inference_service_runs_the_mlserver_launcher_with_the_release():
-    rendered = deploy_kubernetes.render_inference_service(MANIFEST, image="registry/petseg:1.0", namespace="serving",
+    rendered = kubernetes.render_inference_service(MANIFEST, image="registry/petseg:1.0", namespace="serving",
                                                           secrets=["petseg-s3"], s3_endpoint_url="http://minio:9000")
     assert (rendered["apiVersion"], rendered["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     assert rendered["metadata"]["name"] == "petseg-1732791234567890"
     assert rendered["metadata"]["annotations"]["petseg/model-fingerprint"] == "a" * 64
     (container,) = rendered["spec"]["predictor"]["containers"]
-    assert container["command"] == ["python", "-m", "petseg.mlserver_runtime", "/app/serving/mlserver"]
+    assert container["command"] == ["python", "-m", "petseg.entrypoints.mlserver_runtime", "/app/serving/mlserver"]
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
                    "AWS_ENDPOINT_URL": "http://minio:9000", "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys"}
@@ -68,14 +72,14 @@ def test_inference_service_runs_the_mlserver_launcher_with_the_release():
 
 
 def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
-    for render, pod in ((deploy_kubernetes.render_seldon_deployment, lambda r: r["spec"]["predictors"][0][
-            "componentSpecs"][0]["spec"]), (deploy_kubernetes.render_inference_service, lambda r: r["spec"]["predictor"])):
+    for render, pod in ((kubernetes.render_seldon_deployment, lambda r: r["spec"]["predictors"][0][
+            "componentSpecs"][0]["spec"]), (kubernetes.render_inference_service, lambda r: r["spec"]["predictor"])):
         rendered = render(MANIFEST, image="registry/petseg:1.0", tokens_secret="petseg-serving-tokens")
         spec = pod(rendered)
         (container,) = spec["containers"]
         env = {item["name"]: item["value"] for item in container["env"]}
-        assert env["PETSEG_TOKENS_FILE"] == deploy_kubernetes.TOKENS_MOUNT + "/tokens.json"
-        assert {"name": "petseg-tokens", "mountPath": deploy_kubernetes.TOKENS_MOUNT,
+        assert env["PETSEG_TOKENS_FILE"] == kubernetes.TOKENS_MOUNT + "/tokens.json"
+        assert {"name": "petseg-tokens", "mountPath": kubernetes.TOKENS_MOUNT,
                 "readOnly": True} in container["volumeMounts"]
         assert all(mount["readOnly"] for mount in container["volumeMounts"])
         assert {"name": "petseg-tokens", "secret": {"secretName": "petseg-serving-tokens",
@@ -85,25 +89,25 @@ def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
 
 
 def test_seldon_v2_model_and_server_meet_on_the_petseg_capability():
-    model = deploy_kubernetes.render_seldon_model(MANIFEST, namespace="serving")
-    server = deploy_kubernetes.render_seldon_server(image="registry/petseg:1.0", namespace="serving")
+    model = kubernetes.render_seldon_model(MANIFEST, namespace="serving")
+    server = kubernetes.render_seldon_server(image="registry/petseg:1.0", namespace="serving")
     assert (model["apiVersion"], model["kind"], server["kind"]) == ("mlops.seldon.io/v1alpha1", "Model", "Server")
     assert model["spec"]["storageUri"] == MANIFEST["model_uri"] + "/"
     assert model["spec"]["requirements"] == server["spec"]["extraCapabilities"] == ["petseg"]
     assert server["spec"]["podSpec"]["containers"][0]["image"] == "registry/petseg:1.0"
-    settings = deploy_kubernetes.model_settings(MANIFEST)
-    assert settings["implementation"] == "petseg.mlserver_runtime.PetSegRuntime"
+    settings = kubernetes.model_settings(MANIFEST)
+    assert settings["implementation"] == "petseg.entrypoints.mlserver_runtime.PetSegRuntime"
     assert settings["parameters"]["extra"]["model_fingerprint"] == "a" * 64
 
 
 def test_model_settings_are_written_beside_the_release(tmp_path):
-    written = deploy_kubernetes.write_model_settings(MANIFEST, model_uri=str(tmp_path))
-    assert json.loads((tmp_path / "model-settings.json").read_text()) == deploy_kubernetes.model_settings(MANIFEST)
+    written = kubernetes.write_model_settings(MANIFEST, model_uri=str(tmp_path))
+    assert json.loads((tmp_path / "model-settings.json").read_text()) == kubernetes.model_settings(MANIFEST)
     assert written.endswith("model-settings.json")
 
 
 def test_render_fills_the_template():
-    rendered = deploy_kubernetes.render_seldon_deployment(MANIFEST, image="registry/petseg:1.0", namespace="serving")
+    rendered = kubernetes.render_seldon_deployment(MANIFEST, image="registry/petseg:1.0", namespace="serving")
     assert rendered["apiVersion"] == "machinelearning.seldon.io/v1" and rendered["kind"] == "SeldonDeployment"
     assert rendered["metadata"]["name"] == "petseg-1732791234567890"
     assert rendered["metadata"]["namespace"] == "serving"
@@ -116,7 +120,7 @@ def test_render_fills_the_template():
                    "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys"}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health/status", "port": "http"}
-    assert container["resources"] == deploy_kubernetes.DEFAULT_RESOURCES
+    assert container["resources"] == kubernetes.DEFAULT_RESOURCES
     assert container["envFrom"] == [{"secretRef": {"name": "petseg-serving-s3"}}]
 
 
@@ -129,9 +133,9 @@ def _pod(rendered: dict) -> dict:
 @pytest.mark.parametrize("render", ["seldon", "kserve", "seldon-v2-server"])
 def test_serving_pods_get_least_privilege(render):
     """Read-only credentials of their own, public keys only (mounted read-only), feedback outside the release."""
-    rendered = {"seldon": lambda: deploy_kubernetes.render_seldon_deployment(MANIFEST, image="petseg:1"),
-                "kserve": lambda: deploy_kubernetes.render_inference_service(MANIFEST, image="petseg:1"),
-                "seldon-v2-server": lambda: deploy_kubernetes.render_seldon_server(image="petseg:1")}[render]()
+    rendered = {"seldon": lambda: kubernetes.render_seldon_deployment(MANIFEST, image="petseg:1"),
+                "kserve": lambda: kubernetes.render_inference_service(MANIFEST, image="petseg:1"),
+                "seldon-v2-server": lambda: kubernetes.render_seldon_server(image="petseg:1")}[render]()
     pod = _pod(rendered)
     (container,) = pod["containers"]
     secrets = [source["secretRef"]["name"] for source in container["envFrom"]]
@@ -148,14 +152,14 @@ def test_serving_pods_get_least_privilege(render):
 
 
 def test_feedback_goes_beside_the_releases_not_into_one():
-    assert deploy_local.default_feedback_uri("s3://b/m/petseg/releases/petseg-7/") == "s3://b/m/petseg/feedback/petseg-7"
-    assert deploy_local.default_feedback_uri("/data/releases/petseg-7") == "/data/feedback/petseg-7"
-    assert deploy_local.default_feedback_uri("/data/my-release") == "/data/my-release-feedback"
-    assert deploy_local.default_feedback_uri("PetSegFlow/7") is None
+    assert local.default_feedback_uri("s3://b/m/petseg/releases/petseg-7/") == "s3://b/m/petseg/feedback/petseg-7"
+    assert local.default_feedback_uri("/data/releases/petseg-7") == "/data/feedback/petseg-7"
+    assert local.default_feedback_uri("/data/my-release") == "/data/my-release-feedback"
+    assert local.default_feedback_uri("PetSegFlow/7") is None
 
 
 def test_render_labels_provenance_shortened_and_annotates_it_in_full():
-    rendered = deploy_kubernetes.render_seldon_deployment(MANIFEST, image="petseg:latest")
+    rendered = kubernetes.render_seldon_deployment(MANIFEST, image="petseg:latest")
     labels, annotations = rendered["metadata"]["labels"], rendered["metadata"]["annotations"]
     assert labels["petseg/run-id"] == "1732791234567890"
     assert labels["petseg/model-fingerprint"] == "a" * 12
@@ -171,7 +175,7 @@ def test_render_labels_provenance_shortened_and_annotates_it_in_full():
 
 
 def test_render_options():
-    rendered = deploy_kubernetes.render_seldon_deployment(
+    rendered = kubernetes.render_seldon_deployment(
         MANIFEST, image="petseg:latest", replicas=3, feedback_uri="s3://bucket/feedback/",
         s3_endpoint_url="http://minio:9000", secrets=["s3-credentials"],
         resources={"limits": {"nvidia.com/gpu": 1}}, model_uri="PetSegFlow/1732791234567890")
@@ -186,7 +190,7 @@ def test_render_options():
 
 def test_render_keeps_hostile_values_as_plain_strings():
     hostile = dict(MANIFEST, code_version='1"\nkind: Secret\n# ${name} : [', dataset_fingerprint="x: {y}")
-    rendered = deploy_kubernetes.render_seldon_deployment(hostile, image="petseg:latest")
+    rendered = kubernetes.render_seldon_deployment(hostile, image="petseg:latest")
     assert rendered["kind"] == "SeldonDeployment"
     assert rendered["metadata"]["annotations"]["petseg/code-version"] == hostile["code_version"]
     assert rendered["metadata"]["annotations"]["petseg/dataset-fingerprint"] == "x: {y}"
@@ -204,7 +208,7 @@ def test_render_keeps_hostile_values_as_plain_strings():
 )
 def test_render_rejects_what_kubernetes_or_the_pod_cannot_use(options):
     with pytest.raises(ConfigError):
-        deploy_kubernetes.render_seldon_deployment(MANIFEST, **{"image": "petseg:latest", **options})
+        kubernetes.render_seldon_deployment(MANIFEST, **{"image": "petseg:latest", **options})
 
 
 # -- applying ---------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ class StandInApi:
 
 @pytest.fixture
 def rendered():
-    return deploy_kubernetes.render_seldon_deployment(MANIFEST, image="petseg:latest", namespace="serving")
+    return kubernetes.render_seldon_deployment(MANIFEST, image="petseg:latest", namespace="serving")
 
 
 def _use(monkeypatch, api: StandInApi) -> StandInApi:
@@ -267,7 +271,7 @@ def _use(monkeypatch, api: StandInApi) -> StandInApi:
 
 def test_apply_creates_then_waits_until_available(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi(states=["Creating", "Creating", "Available"]))
-    applied = deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    applied = kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert [call for call, _ in api.calls] == ["create"]
     assert applied["status"]["state"] == "Available"
     assert api.calls[0][1]["metadata"]["namespace"] == "serving"
@@ -275,8 +279,8 @@ def test_apply_creates_then_waits_until_available(monkeypatch, rendered):
 
 def test_apply_twice_replaces_with_the_current_resource_version(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi())
-    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
-    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert [call for call, _ in api.calls] == ["create", "replace"]
     assert api.calls[1][1]["metadata"]["resourceVersion"] == "1"
     assert "resourceVersion" not in rendered["metadata"]  # the caller's object is left alone
@@ -294,41 +298,41 @@ def test_apply_waits_for_the_status_of_the_new_generation(monkeypatch, rendered)
         return current
 
     api.get_namespaced_custom_object = get
-    applied = deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    applied = kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert applied["status"]["observedGeneration"] == 2
 
 
 def test_apply_retries_after_a_conflict(monkeypatch, rendered):
     api = _use(monkeypatch, StandInApi(conflicts=1))
-    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
-    deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+    kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
     assert [call for call, _ in api.calls] == ["create", "replace", "replace"]
 
 
 def test_apply_times_out_naming_the_deployment_and_its_last_state(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(states=["Creating"]))
     with pytest.raises(ServingError, match=r"SeldonDeployment serving/petseg-1732791234567890 .*last state: Creating"):
-        deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), timeout=0.05,
+        kubernetes.apply_object(rendered, namespace="serving", api_client=object(), timeout=0.05,
                                        poll_interval=0.01)
 
 
 def test_apply_reports_a_failed_deployment(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(states=["Failed"]))
     with pytest.raises(ServingError, match="failed: operator says Failed"):
-        deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+        kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
 
 
 def test_apply_reports_a_refusal(monkeypatch, rendered):
     _use(monkeypatch, StandInApi(refuse=403))
     with pytest.raises(ServingError, match="refused SeldonDeployment serving/petseg-1732791234567890: 403"):
-        deploy_kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
+        kubernetes.apply_object(rendered, namespace="serving", api_client=object(), poll_interval=0)
 
 
 def test_a_rollout_returns_what_the_flow_records(monkeypatch):
-    from petseg import rollout_kubernetes
+    from petseg.deploy import rollout
 
     api = _use(monkeypatch, StandInApi())
-    result = rollout_kubernetes.roll_out(MANIFEST, endpoint="pets", who="ana", namespace="serving",
+    result = rollout.roll_out(MANIFEST, endpoint="pets", who="ana", namespace="serving",
                                          api_client=object(), timeout=5)
     assert result == {"kind": "kubernetes", "server": "seldon", "endpoint": "pets", "name": "pets",
                       "namespace": "serving", "traffic": {"petseg-1732791234567890": 100},
@@ -341,36 +345,36 @@ def test_a_rollout_returns_what_the_flow_records(monkeypatch):
 
 
 def test_microservice_command_serves_the_component_on_the_given_ports():
-    command = deploy_local.microservice_command(port=1, grpc_port=2, metrics_port=3, cores=2)
-    assert command[1:3] == ["-m", "petseg.seldon_launcher"]
+    command = local.microservice_command(port=1, grpc_port=2, metrics_port=3, cores=2)
+    assert command[1:3] == ["-m", "petseg.entrypoints.seldon_launcher"]
     assert command[3:6] == ["PetSegModel", "--service-type", "MODEL"]
     assert command[6:12] == ["--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
     assert command[12:] == ["--workers", "1", "--threads", "4"]
-    assert (deploy_local.SERVING_DIR / "PetSegModel.py").is_file()
+    assert (local.SERVING_DIR / "PetSegModel.py").is_file()
 
 
 @pytest.mark.parametrize("cores, sizing", [(1, (1, 4)), (2, (1, 4)), (3, (1, 4)), (8, (4, 4))])
 def test_gunicorn_is_sized_from_the_cores(cores, sizing):
-    assert deploy_local.gunicorn_sizing(cores) == sizing
+    assert local.gunicorn_sizing(cores) == sizing
 
 
 def test_mlserver_command_serves_the_settings_folder():
-    command = deploy_local.mlserver_command()
-    assert command[1:] == ["-m", "petseg.mlserver_runtime", str(deploy_local.MLSERVER_SETTINGS)]
-    settings = json.loads((deploy_local.MLSERVER_SETTINGS / "petseg" / "model-settings.json").read_text())
-    assert (settings["name"], settings["implementation"]) == ("petseg", "petseg.mlserver_runtime.PetSegRuntime")
+    command = local.mlserver_command()
+    assert command[1:] == ["-m", "petseg.entrypoints.mlserver_runtime", str(local.MLSERVER_SETTINGS)]
+    settings = json.loads((local.MLSERVER_SETTINGS / "petseg" / "model-settings.json").read_text())
+    assert (settings["name"], settings["implementation"]) == ("petseg", "petseg.entrypoints.mlserver_runtime.PetSegRuntime")
 
 
 def test_an_unknown_server_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="server 'triton' is unknown"):
-        deploy_local.deploy_local(tmp_path, server="triton")
+        local.deploy_local(tmp_path, server="triton")
     with pytest.raises(ConfigError, match="server 'seldon-v2' is unknown: expected one of seldon, mlserver"):
-        deploy_local.deploy_local(tmp_path, server="seldon-v2")  # Kubernetes only
+        local.deploy_local(tmp_path, server="seldon-v2")  # Kubernetes only
 
 
 def test_every_module_takes_its_servers_from_one_list():
-    assert deploy_local.SERVERS == ("seldon", "mlserver") == servers.LOCAL
-    assert rollout_kubernetes.SERVERS == {"seldon": "SeldonDeployment", "mlserver": "InferenceService",
+    assert local.SERVERS == ("seldon", "mlserver") == servers.LOCAL
+    assert rollout.SERVERS == {"seldon": "SeldonDeployment", "mlserver": "InferenceService",
                                           "seldon-v2": "Experiment"}
     assert client.PROTOCOLS == ("seldon", "v2")
     assert {name: server.protocol for name, server in servers.SERVERS.items()} == {
@@ -381,9 +385,9 @@ def test_stop_local_leaves_other_processes_alone():
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         with pytest.raises(ServingError, match=f"process {other.pid} is not a petseg deployment"):
-            deploy_local.stop_local(other.pid)
+            local.stop_local(other.pid)
         assert other.poll() is None
     finally:
         other.kill()
         other.wait()
-    assert deploy_local.stop_local(other.pid) is False
+    assert local.stop_local(other.pid) is False

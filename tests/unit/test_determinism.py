@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from petseg import determinism
+from petseg.model import determinism
 from petseg.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,14 +20,15 @@ TRAINING = """
 import json
 import os
 
-from petseg import determinism
+from petseg.model import determinism
 
 determinism.pin_numpy(os.environ)  # before numpy loads, as flows/seg_flow.py does
 settings = determinism.configure(seed=11, strict=True, threads=2)  # before TensorFlow loads
 import numpy as np
 import tensorflow as tf
 
-from petseg import model, train
+from petseg.model import unet
+from petseg.model import train
 from petseg.errors import ConfigError
 
 rng = np.random.default_rng(0)
@@ -43,7 +44,7 @@ try:
     late = None
 except ConfigError as err:
     late = str(err)
-print(json.dumps({"settings": settings, "fingerprint": model.fingerprint(fitted), "history": history, "late": late}))
+print(json.dumps({"settings": settings, "fingerprint": unet.fingerprint(fitted), "history": history, "late": late}))
 """
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from petseg import endpoints
+from petseg.deploy import endpoints
 from petseg.errors import ConfigError
 
 

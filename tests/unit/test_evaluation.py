@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from petseg import evaluation, gate
-from petseg.calibration import Calibration
+from petseg.model import evaluation
+from petseg.release import gate
+from petseg.model.calibration import Calibration
 
 SIDE = 16
 IDENTITY = Calibration(tuple(np.array([0.0, 1.0]) for _ in range(3)), tuple(np.array([0.0, 1.0]) for _ in range(3)))

@@ -5,9 +5,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from petseg import calibration, gate
+from petseg.model import calibration
+from petseg.release import gate
 from petseg.errors import ModelError
-from petseg.metrics import HEADLINE, paired_bootstrap
+from petseg.model.metrics import HEADLINE, paired_bootstrap
 
 BASELINES = {"all-background": {"miou": 0.30}, "mean-mask": {"miou": 0.35}, "colour-position": {"miou": 0.40}}
 
@@ -84,7 +85,7 @@ def test_the_served_mask_is_what_the_gate_judges():
 
 def test_a_first_release_is_judged_against_the_baselines_alone():
     passed, message = gate.decide(_metrics(0.70), min_miou=0.5, min_margin=0.1)
-    assert passed and "no champion (first release)" in message
+    assert passed and "no champion (first bundle)" in message
 
 
 @pytest.mark.parametrize("difference, released", [(0.05, True), (0.0, True), (-0.01, True), (-0.0101, False),
@@ -184,14 +185,14 @@ def test_paired_comparison_needs_the_same_images():
 
 
 def test_a_release_records_the_champion_it_replaces():
-    from petseg import release
+    from petseg.release import bundle
 
     assert gate.replaced(_metrics(0.7)) is None
     champion = {**_champion(0.01), "location": "/releases/petseg-17", "model_fingerprint": "f" * 64}
     replaced = gate.replaced(_metrics(0.7, champion=champion))
     assert replaced == {"version": "petseg-17", "location": "/releases/petseg-17", "model_fingerprint": "f" * 64,
                         "comparable": True}
-    manifest = release.build_manifest(run_id="18", flow_name="PetSegFlow", model_fingerprint="a" * 64,
+    manifest = bundle.build_manifest(run_id="18", flow_name="PetSegFlow", model_fingerprint="a" * 64,
                                       dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
                                       location="/releases/petseg-18", image_size=128, replaces=replaced)
     assert manifest["replaces"] == replaced

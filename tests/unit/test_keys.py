@@ -8,7 +8,11 @@ import stat
 import numpy as np
 import pytest
 
-from petseg import keys, provenance, release, signing, verify
+from petseg import keys
+from petseg.release import provenance
+from petseg.release import bundle
+from petseg.release import signing
+from petseg.lineage import verify
 from petseg.cli import main as petseg
 from petseg.errors import ConfigError, ModelError
 
@@ -27,15 +31,15 @@ def parts():
     """A small model's release files (not yet signed)."""
     import keras
 
-    from petseg import calibration
-    from petseg import model as models
+    from petseg.model import calibration
+    from petseg.model import unet as models
 
     keras.utils.set_random_seed(1)
     small = models.build("small", image_size=32, width=4)
     rng = np.random.default_rng(1)
     probs = rng.random((2, 8, 8, 3)).astype(np.float32)
     fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), (rng.random((2, 8, 8, 3)) > 0.5).astype(np.float32))
-    manifest = release.build_manifest(
+    manifest = bundle.build_manifest(
         run_id="9", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small), dataset_fingerprint="d" * 64,
         code_version="c" * 40, metrics={}, settings={"seed": 1, "code": {"commit": "c" * 40, "dirty": False}},
         location="unused", image_size=32)
@@ -81,21 +85,21 @@ def test_a_key_that_is_not_p256_is_refused(key_home, tmp_path):
 
 def test_rotation_keeps_old_releases_until_the_old_key_is_retired(key_home, parts, tmp_path, capsys):
     old_release = tmp_path / "old"
-    release.export(str(old_release), **parts)
+    bundle.export(str(old_release), **parts)
     old = keys.key_id((key_home / "signing.pub").read_bytes())
     assert petseg(["keys", "rotate"]) == 0
     new = keys.key_id((key_home / "signing.pub").read_bytes())
     assert new != old and set(keys.trusted_keys()) == {old, new}
     new_release = tmp_path / "new"
-    release.export(str(new_release), **parts)
-    assert release.load_release(str(old_release)).signer == old
-    assert release.load_release(str(new_release)).signer == new
+    bundle.export(str(new_release), **parts)
+    assert bundle.load_release(str(old_release)).signer == old
+    assert bundle.load_release(str(new_release)).signer == new
     assert petseg(["keys", "retire", old[:12]]) == 0
     with pytest.raises(ModelError) as refused:
-        release.load_release(str(old_release))
+        bundle.load_release(str(old_release))
     assert f"signed by key {old[:16]}, which is not trusted" in str(refused.value)
     assert new[:16] in str(refused.value)  # and says which keys are
-    assert release.load_release(str(new_release)).signer == new
+    assert bundle.load_release(str(new_release)).signer == new
     capsys.readouterr()
     assert petseg(["verify", "--release", str(old_release)]) == 1
     assert f"REFUSED release {old_release} is signed by key {old[:16]}" in capsys.readouterr().out
@@ -103,35 +107,35 @@ def test_rotation_keeps_old_releases_until_the_old_key_is_retired(key_home, part
 
 def test_the_trusted_keys_setting_names_a_file_or_a_directory(key_home, parts, tmp_path, monkeypatch):
     target = tmp_path / "r"
-    release.export(str(target), **parts)
+    bundle.export(str(target), **parts)
     signer = keys.key_id((key_home / "signing.pub").read_bytes())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.setenv(keys.TRUSTED_KEYS_SETTING, str(elsewhere))
     with pytest.raises(ModelError, match=f"which is not trusted \\(trusted keys in {elsewhere}: none\\)"):
-        release.load_release(str(target))
+        bundle.load_release(str(target))
     monkeypatch.setenv(keys.TRUSTED_KEYS_SETTING, str(key_home / "signing.pub"))
-    assert release.load_release(str(target)).signer == signer
+    assert bundle.load_release(str(target)).signer == signer
     with pytest.raises(ModelError, match="which is not trusted"):
-        release.load_release(str(target), trusted_keys=str(elsewhere / "absent.pub"))
+        bundle.load_release(str(target), trusted_keys=str(elsewhere / "absent.pub"))
     (elsewhere / "bad.pub").write_text("no key")
     with pytest.raises(ConfigError, match="bad.pub is not a PEM public key"):
-        release.load_release(str(target), trusted_keys=str(elsewhere))
+        bundle.load_release(str(target), trusted_keys=str(elsewhere))
 
 
 def test_a_release_holds_signed_slsa_provenance_of_its_files(key_home, parts, tmp_path):
     target = tmp_path / "r"
     build = {"parameters": {"seed": 1, "source": "synth:48"}, "environment": {"packages": {"keras": "3"}},
              "started": "2026-01-01T00:00:00+00:00"}
-    release.export(str(target), build=build, **parts)
-    assert sorted(p.name for p in target.iterdir()) == sorted(release.ALL_FILES)
+    bundle.export(str(target), build=build, **parts)
+    assert sorted(p.name for p in target.iterdir()) == sorted(bundle.ALL_FILES)
     statement = signing.decode_envelope((target / signing.PROVENANCE).read_bytes())
     assert statement["_type"] == provenance.STATEMENT_TYPE and statement["predicateType"] == provenance.PREDICATE_TYPE
     subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
     import hashlib
 
     assert subjects == {name: hashlib.sha256((target / name).read_bytes()).hexdigest()
-                        for name in release.RELEASE_FILES}
+                        for name in bundle.RELEASE_FILES}
     definition, details = statement["predicate"]["buildDefinition"], statement["predicate"]["runDetails"]
     assert definition["externalParameters"]["parameters"]["source"] == "synth:48"
     assert definition["internalParameters"]["environment"] == {"packages": {"keras": "3"}}
@@ -145,17 +149,17 @@ def test_a_release_holds_signed_slsa_provenance_of_its_files(key_home, parts, tm
 
 def test_a_provenance_bundle_of_another_release_is_refused(key_home, parts, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    release.export(str(first), **parts)
+    bundle.export(str(first), **parts)
     other = dict(parts, calibration={**parts["calibration"], "note": "other"})
-    release.export(str(second), **other)
+    bundle.export(str(second), **other)
     forged = tmp_path / "forged"
     shutil.copytree(first, forged)
     shutil.copy(second / signing.PROVENANCE, forged / signing.PROVENANCE)
     # The model signature covers the provenance bundle: swapping it is caught there ...
     with pytest.raises(ModelError, match=f"{signing.PROVENANCE} hashes to"):
-        release.load_release(str(forged))
+        bundle.load_release(str(forged))
     # ... and a validly signed statement about other files is caught by its subjects.
-    files = release.release_bytes(str(first))
+    files = bundle.release_bytes(str(first))
     statement = signing.decode_envelope((second / signing.PROVENANCE).read_bytes())
     with pytest.raises(ModelError, match="provenance statement is for another release: it records calibration.json"):
         provenance.check(statement, files, where=str(first))
@@ -163,10 +167,10 @@ def test_a_provenance_bundle_of_another_release_is_refused(key_home, parts, tmp_
 
 def test_an_unsigned_release_is_refused(key_home, parts, tmp_path):
     target = tmp_path / "r"
-    release.export(str(target), **parts)
+    bundle.export(str(target), **parts)
     (target / signing.SIGNATURE).unlink()
     with pytest.raises(ModelError, match=f"is not signed: it has no {signing.SIGNATURE}"):
-        release.load_release(str(target))
+        bundle.load_release(str(target))
     with pytest.raises(verify.Refusal, match="is not signed"):
         verify.verify_release(str(target))
 
@@ -174,7 +178,7 @@ def test_an_unsigned_release_is_refused(key_home, parts, tmp_path):
 def test_a_rewired_model_over_the_same_weights_has_another_fingerprint():
     import keras
 
-    from petseg import model as models
+    from petseg.model import unet as models
 
     keras.utils.set_random_seed(2)
     small = models.build("small", image_size=32, width=4)

@@ -1,5 +1,5 @@
-"""Lineage graph (petseg.lineage), its Pachyderm mirror (petseg.pachyderm, against the pachd stand-in),
-and `petseg lineage` (petseg.commands.lineage)."""
+"""Lineage graph (petseg.lineage.graph), its Pachyderm mirror (petseg.lineage.pachyderm, against the pachd stand-in),
+and `petseg lineage` (petseg.cli.lineage)."""
 
 import argparse
 import ast
@@ -18,8 +18,10 @@ from pachyderm_sdk.api import pfs
 
 from harness import commit_files
 from pachd_standin import running_standin, silent_pachd
-from petseg import lineage, pachyderm, runs
-from petseg.commands import lineage as lineage_commands
+from petseg.lineage import graph as lineage
+from petseg.lineage import pachyderm
+from petseg.lineage import runs
+from petseg.cli import lineage as lineage_commands
 from petseg.errors import ConfigError, LineageError, RunError
 
 RUN = "PetSegFlow/7"
@@ -452,7 +454,7 @@ def test_the_graph_knows_nothing_of_pachyderm_and_the_mirror_builds_on_the_graph
     graph_imports = imported_modules(lineage)
     assert not {name for name in graph_imports if name.startswith(("pachyderm", "grpc", "argparse", "petseg."))
                 and name not in ("petseg.errors", "petseg.errors.ConfigError", "petseg.errors.LineageError")}
-    assert "petseg.lineage" in imported_modules(pachyderm)
+    assert "petseg.lineage.graph" in imported_modules(pachyderm)
 
 
 # -- the stand-in's own semantics ---------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from petseg import messages, serving
+from petseg.serving import messages
+from petseg.serving import predictor
 
 LIMITS = messages.Limits(max_bytes=2**24, max_pixels=4096 * 4096)
 
@@ -15,15 +16,15 @@ LIMITS = messages.Limits(max_bytes=2**24, max_pixels=4096 * 4096)
 @pytest.mark.parametrize("source, target", [((16, 16), (100, 70)), ((16, 16), (9, 5)), ((8, 12), (8, 12))])
 def test_upsample_is_tensorflows_bilinear_resize(source, target):
     probs = np.random.default_rng(0).random((2, *source, 3), dtype=np.float32)
-    ours = serving.upsample(probs, *target)
+    ours = predictor.upsample(probs, *target)
     np.testing.assert_allclose(ours, tf.image.resize(probs, target).numpy(), atol=1e-6)
 
 
 def test_a_band_of_rows_is_bit_for_bit_those_rows_of_the_whole():
     probs = np.random.default_rng(1).random((1, 16, 16, 3), dtype=np.float32)
-    whole = serving.upsample(probs, 333, 257)
+    whole = predictor.upsample(probs, 333, 257)
     for rows in (range(0, 100), range(100, 256), range(256, 333)):
-        assert serving.upsample(probs, 333, 257, rows=rows).tobytes() == whole[:, rows.start:rows.stop].tobytes()
+        assert predictor.upsample(probs, 333, 257, rows=rows).tobytes() == whole[:, rows.start:rows.stop].tobytes()
 
 
 @pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
@@ -51,7 +52,7 @@ def test_pixels_as_lists_of_numbers_have_their_own_limit():
     with pytest.raises(messages.BadRequest, match="binData") as refused:
         messages.parse_prediction({"data": {"ndarray": np.zeros((11, 10, 3), int).tolist()}}, limits=limits)
     assert refused.value.status == 413
-    from petseg import v2_messages
+    from petseg.serving import v2_messages
 
     listed = v2_messages.Tensor("image", "UINT8", [1, 11, 10, 3], [0] * 330)
     with pytest.raises(messages.BadRequest, match="as a list"):

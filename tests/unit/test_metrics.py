@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from petseg import baselines
+from petseg.model import baselines
 from petseg.errors import ModelError
-from petseg.metrics import DICE_SMOOTH, DICE_WEIGHT, SOFT_SMOOTH, SegmentationMetrics, scores, segmentation_loss
+from petseg.model.metrics import DICE_SMOOTH, DICE_WEIGHT, SOFT_SMOOTH, SegmentationMetrics, scores, segmentation_loss
 
 EYE = np.eye(3, dtype=np.float32)
 

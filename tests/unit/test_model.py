@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from petseg import calibration, determinism, model, train
+from petseg.model import calibration
+from petseg.model import determinism
+from petseg.model import unet as model
+from petseg.model import train
 from petseg.errors import ConfigError, ModelError
-from petseg.metrics import SegmentationMetrics
+from petseg.model.metrics import SegmentationMetrics
 
 
 def _blobs(count: int = 8, size: int = 32, seed: int = 0) -> tf.data.Dataset:

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from petseg import data, pipeline, shards
+from petseg.data import warehouse
+from petseg.data import pipeline
+from petseg.data import shards
 from petseg.errors import DataError
 
 SIZE = 16
@@ -39,8 +41,8 @@ def indices(dataset):
 
 
 def test_batches_of_images_and_one_hot_masks(tmp_path):
-    report = data.ingest("synth:6", tmp_path / "ingest", seed=1)
-    batches = list(pipeline.dataset(report["shards"], batch_size=4, image_size=data.IMAGE_SIZE, shuffle=True,
+    report = warehouse.ingest("synth:6", tmp_path / "ingest", seed=1)
+    batches = list(pipeline.dataset(report["shards"], batch_size=4, image_size=warehouse.IMAGE_SIZE, shuffle=True,
                                     augment=True))
     assert [images.shape[0] for images, _ in batches] == [4, 2]
     for images, masks in batches:

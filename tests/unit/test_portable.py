@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from petseg import determinism
+from petseg.model import determinism
 
 ROOT = Path(__file__).resolve().parents[2]
 AVX512 = determinism.NUMPY_PINS["NPY_DISABLE_CPU_FEATURES"]
@@ -42,14 +42,16 @@ LEVELS = [
 # fits the isotonic calibration on the model's probabilities.
 TRAINING = """
 import hashlib, json, os, sys
-from petseg import determinism
+from petseg.model import determinism
 portable = sys.argv[1] == "portable"
 if portable:
     determinism.pin_numpy(os.environ)
 import numpy as np
 settings = determinism.configure(seed=5, strict=True, threads=2, portable=portable)
 import tensorflow as tf
-from petseg import calibration, model, train
+from petseg.model import calibration
+from petseg.model import unet
+from petseg.model import train
 rng = np.random.default_rng(0)
 images = rng.random((16, 64, 64, 3), dtype=np.float32)
 pet = images[..., 0] > 0.5
@@ -58,7 +60,7 @@ data = tf.data.Dataset.from_tensor_slices((images, masks)).batch(8)
 fitted, _ = train.fit(train=data, validation=data, arch="small", epochs=2, learning_rate=1e-3, echo=None)
 probs, labels = calibration.collect(fitted, data, seed=5)
 table = calibration.fit(probs, labels).to_dict()
-print(json.dumps({"model": model.fingerprint(fitted),
+print(json.dumps({"model": unet.fingerprint(fitted),
                   "calibration": hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest(),
                   "kernels": determinism.cpu_kernels(), "settings": settings}))
 """

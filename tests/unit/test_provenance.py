@@ -1,5 +1,5 @@
 """Provenance without a flow run: the code version (petseg.codeversion), releases that verify
-(petseg.release, petseg.verify) and OpenLineage events (petseg.lineage_events), against real git
+(petseg.release.bundle, petseg.lineage.verify) and OpenLineage events (petseg.lineage.openlineage), against real git
 checkouts, a real S3 server (moto) and a real HTTP receiver on loopback."""
 
 import hashlib
@@ -13,7 +13,12 @@ import pytest
 from harness import flip_one_byte
 from lineage_receiver import running_receiver
 from lineage_schema import validate
-from petseg import codeversion, lineage, lineage_events, release, stages, verify
+from petseg import codeversion
+from petseg.lineage import graph as lineage
+from petseg.lineage import openlineage
+from petseg.release import bundle
+from petseg.flow import stages
+from petseg.lineage import verify
 from petseg.errors import ConfigError, LineageError, ModelError
 
 # -- the code version ---------------------------------------------------------------------------------------
@@ -95,8 +100,8 @@ def small_release(tmp_path_factory):
     """A release of an untrained small model with a calibration fitted on random probabilities."""
     import keras
 
-    from petseg import calibration
-    from petseg import model as models
+    from petseg.model import calibration
+    from petseg.model import unet as models
 
     keras.utils.set_random_seed(0)
     small = models.build("small", image_size=32, width=4)
@@ -104,20 +109,20 @@ def small_release(tmp_path_factory):
     probs = rng.random((2, 8, 8, 3)).astype(np.float32)
     fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), (rng.random((2, 8, 8, 3)) > 0.5).astype(np.float32))
     target = tmp_path_factory.mktemp("release") / "petseg-7"
-    manifest = release.build_manifest(
+    manifest = bundle.build_manifest(
         run_id="7", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small), dataset_fingerprint="d" * 64,
         code_version="c" * 40 + "-dirty", metrics={}, settings={"code": {"commit": "c" * 40, "dirty": True,
                                                                            "code_package": "p" * 40}},
         location=str(target), image_size=32)
-    release.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
+    bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
     return target
 
 
 def test_a_release_records_its_file_hashes_and_loads(small_release):
     manifest = json.loads((small_release / "manifest.json").read_text())
-    for name in release.HASHED_FILES:
+    for name in bundle.HASHED_FILES:
         assert manifest["sha256"][name] == hashlib.sha256((small_release / name).read_bytes()).hexdigest()
-    loaded = release.load_release(str(small_release))
+    loaded = bundle.load_release(str(small_release))
     assert loaded.tags()["code_version"].endswith("-dirty") and loaded.tags()["code_package"] == "p" * 40
     assert verify.verify_release(str(small_release)).summary("r").startswith("verified r, signed by key ")
 
@@ -128,7 +133,7 @@ def test_a_release_with_one_byte_changed_does_not_load_or_verify(small_release, 
     try:
         found = hashlib.sha256((small_release / name).read_bytes()).hexdigest()
         with pytest.raises(ModelError, match=f"does not verify against key [0-9a-f]{{16}}: {name} hashes to {found}"):
-            release.load_release(str(small_release))
+            bundle.load_release(str(small_release))
         with pytest.raises(verify.Refusal) as refused:
             verify.verify_release(str(small_release))
         assert f"{name} hashes to {found} but was signed as" in str(refused.value)
@@ -145,15 +150,15 @@ def test_a_manifest_without_hashes_is_refused_by_its_signature_and_by_the_hash_c
     del manifest["sha256"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="manifest.json hashes to"):
-        release.load_release(str(copy))
-    files = {name: (copy / name).read_bytes() for name in release.HASHED_FILES}
+        bundle.load_release(str(copy))
+    files = {name: (copy / name).read_bytes() for name in bundle.HASHED_FILES}
     with pytest.raises(ModelError, match="records no sha256"):
-        release.check_files(manifest, files, uri=str(copy))
+        bundle.check_files(manifest, files, uri=str(copy))
 
 
 def test_a_release_on_s3_verifies_and_names_a_changed_file(s3, moto_endpoint, small_release):
     s3.create_bucket(Bucket="releases")
-    for name in release.ALL_FILES:
+    for name in bundle.ALL_FILES:
         s3.upload_file(str(small_release / name), "releases", f"r/petseg-7/{name}")
     tally = verify.verify_release("s3://releases/r/petseg-7", s3_endpoint_url=moto_endpoint)
     assert tally.counts["release files"] == 3
@@ -164,7 +169,7 @@ def test_a_release_on_s3_verifies_and_names_a_changed_file(s3, moto_endpoint, sm
         verify.verify_release("s3://releases/r/petseg-7", s3_endpoint_url=moto_endpoint)
     assert refused.value.where == "s3://releases/r/petseg-7"
     with pytest.raises(ModelError, match="calibration.json hashes to"):
-        release.load_release("s3://releases/r/petseg-7/", s3_endpoint_url=moto_endpoint)
+        bundle.load_release("s3://releases/r/petseg-7/", s3_endpoint_url=moto_endpoint)
 
 
 # -- OpenLineage events --------------------------------------------------------------------------------------
@@ -181,15 +186,15 @@ def events_of_a_task(error=None):
               "location": "s3://bucket/metaflow/petseg/blobs/bb/" + "b" * 64}]
     graph = lineage.record_stage(graph, "calibrate", files={"calibration.json": b"{}"}, inputs=reads,
                                  pathspec="PetSegFlow/5/calibrate/8")
-    inputs, outputs = lineage_events.task_datasets(graph, pathspec="PetSegFlow/5/calibrate/8", reads=reads,
+    inputs, outputs = openlineage.task_datasets(graph, pathspec="PetSegFlow/5/calibrate/8", reads=reads,
                                                    writes=[], datastore_root="s3://bucket/metaflow")
     facts = {"namespace": "petseg", "pathspec": "PetSegFlow/5/calibrate/8", "attempt": 0, "origin_run_id": None,
              "code": CODE, "code_version": "a" * 40 + "-dirty", "determinism": {"seed": 42, "strict": True, "threads": 2},
              "split_rule": "md5", "image_size": 128, "engine_version": "2.19.39"}
-    start = lineage_events.task_event("START", **facts)
-    end = lineage_events.task_event("FAIL" if error else "COMPLETE", stage="calibrate", inputs=inputs,
+    start = openlineage.task_event("START", **facts)
+    end = openlineage.task_event("FAIL" if error else "COMPLETE", stage="calibrate", inputs=inputs,
                                     outputs=outputs, error=error, model_fingerprint="f" * 64, **facts)
-    return [json.loads(lineage_events.to_json(event)) for event in (start, end)]
+    return [json.loads(openlineage.to_json(event)) for event in (start, end)]
 
 
 def test_events_are_valid_openlineage_and_carry_provenance():
@@ -197,7 +202,7 @@ def test_events_are_valid_openlineage_and_carry_provenance():
     for event in (start, complete):
         validate(event)
     assert start["run"]["runId"] == complete["run"]["runId"]
-    assert complete["run"]["facets"]["parent"]["run"]["runId"] == lineage_events.run_uuid("PetSegFlow/5")
+    assert complete["run"]["facets"]["parent"]["run"]["runId"] == openlineage.run_uuid("PetSegFlow/5")
     assert complete["run"]["facets"]["metaflow"]["pathspec"] == "PetSegFlow/5/calibrate/8"
     petseg_facet = complete["run"]["facets"]["petseg"]
     assert petseg_facet["code"]["dirty"] is True and petseg_facet["split_rule"] == "md5"
@@ -235,15 +240,15 @@ def test_without_a_transport_events_are_kept_as_json_lines(tmp_path, where, requ
         root = "s3://store/metaflow"
     else:
         endpoint, root = None, str(tmp_path / ".metaflow")
-    location = lineage_events.events_location(root, "PetSegFlow/5/calibrate/8")
-    delivery = lineage_events.Delivery(location=location, name="calibrate.8.0.jsonl", s3_endpoint_url=endpoint)
-    start, complete = (lineage_events.task_event(kind, namespace="petseg", pathspec="PetSegFlow/5/calibrate/8",
+    location = openlineage.events_location(root, "PetSegFlow/5/calibrate/8")
+    delivery = openlineage.Delivery(location=location, name="calibrate.8.0.jsonl", s3_endpoint_url=endpoint)
+    start, complete = (openlineage.task_event(kind, namespace="petseg", pathspec="PetSegFlow/5/calibrate/8",
                                                  attempt=0, origin_run_id=None, code=CODE, code_version="v",
                                                  determinism={"seed": 1, "strict": False, "threads": 2},
                                                  split_rule="md5", image_size=64)
                        for kind in ("START", "COMPLETE"))
     assert delivery.send(start) is None and delivery.send(complete) is None
-    kept = lineage_events.read_events(location, s3_endpoint_url=endpoint)
+    kept = openlineage.read_events(location, s3_endpoint_url=endpoint)
     assert [event["eventType"] for event in kept] == ["START", "COMPLETE"]
     for event in kept:
         validate(event)
@@ -258,10 +263,10 @@ def test_events_travel_over_the_http_transport_configured_by_openlineage_url(mon
         for name in ("OPENLINEAGE_CONFIG", "OPENLINEAGE_DISABLED"):
             monkeypatch.delenv(name, raising=False)
         client = OpenLineageClient(config={"facets": {"source_code_location": {"disabled": True}}})
-        delivery = lineage_events.Delivery(client=client)
+        delivery = openlineage.Delivery(client=client)
         start, complete = events_of_a_task()
         for event in (start, complete):
-            assert delivery.send(lineage_events.task_event(event["eventType"], **_facts(event))) is None
+            assert delivery.send(openlineage.task_event(event["eventType"], **_facts(event))) is None
     assert receiver.paths == ["/api/v1/lineage"] * 2
     for event in receiver.events:
         validate(event)
@@ -288,8 +293,8 @@ def test_an_unreachable_receiver_fails_a_required_delivery_and_warns_a_best_effo
     monkeypatch.setenv("OPENLINEAGE__TRANSPORT__TYPE", "http")
     monkeypatch.setenv("OPENLINEAGE__TRANSPORT__URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("OPENLINEAGE__TRANSPORT__RETRY", json.dumps({"total": 1, "backoff_factor": 0.1}))
-    delivery = lineage_events.Delivery(client=OpenLineageClient(), required=required)
-    event = lineage_events.task_event("START", **_facts(events_of_a_task()[0]))
+    delivery = openlineage.Delivery(client=OpenLineageClient(), required=required)
+    event = openlineage.task_event("START", **_facts(events_of_a_task()[0]))
     if required:
         with pytest.raises(LineageError, match=f"START event of PetSegFlow.calibrate was not delivered to .*{port}"):
             delivery.send(event)
@@ -299,8 +304,8 @@ def test_an_unreachable_receiver_fails_a_required_delivery_and_warns_a_best_effo
 
 def test_file_hashes_of_a_release_are_those_of_its_files():
     manifest = {"version": "petseg-5", "location": "/r"}
-    files = release.release_files(model_keras=b"weights", calibration={"classes": []}, manifest=manifest)
+    files = bundle.release_files(model_keras=b"weights", calibration={"classes": []}, manifest=manifest)
     sealed = json.loads(files["manifest.json"])
     signatures = {"model.sig": b"sig"}
-    assert release.file_hashes(sealed, signatures) == {name: hashlib.sha256(data).hexdigest()
+    assert bundle.file_hashes(sealed, signatures) == {name: hashlib.sha256(data).hexdigest()
                                                       for name, data in {**files, **signatures}.items()}

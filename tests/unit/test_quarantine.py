@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import data, oxford, quarantine
+from petseg.data import warehouse
+from petseg import oxford
+from petseg.serving import quarantine
 from petseg.errors import DataError
-from petseg.feedback import FeedbackSample
+from petseg.serving.feedback import FeedbackSample
 
 
 def _sample(seed: int, breed: str | None = "beagle") -> FeedbackSample:
@@ -72,7 +74,7 @@ def test_accept_records_who_and_when_and_ingest_reads_only_accepted(tmp_path):
     with pytest.raises(DataError, match="no pending feedback sample"):
         store.accept(dropped, reviewer="rev")
 
-    report = data.ingest("synth:4", tmp_path / "out", feedback=str(tmp_path / "store"))
+    report = warehouse.ingest("synth:4", tmp_path / "out", feedback=str(tmp_path / "store"))
     assert report["samples"] == 5
     (added,) = report["feedback_samples"]
     assert (added["id"], added["identity"], added["accepted_by"]) == (kept, "ana", "rev")
@@ -89,6 +91,6 @@ def test_the_store_works_under_an_s3_prefix(s3, moto_endpoint, tmp_path):
     record = json.loads(s3.get_object(Bucket="quarantine", Key=f"feedback/accepted/feedback/{sample_id}.json")
                         ["Body"].read())
     assert record["accepted_by"] == "rev"
-    report = data.ingest("synth:2", tmp_path / "out", feedback="s3://quarantine/feedback/",
+    report = warehouse.ingest("synth:2", tmp_path / "out", feedback="s3://quarantine/feedback/",
                          s3_endpoint_url=moto_endpoint)
     assert [sample["id"] for sample in report["feedback_samples"]] == [sample_id]

@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 import yaml
 
-from petseg import deploy_kubernetes as k8s
-from petseg import rollout_kubernetes as rollout
+from petseg.deploy import kubernetes as k8s
+from petseg.deploy import rollout
 from petseg.errors import ConfigError
 
 KSERVE_CRD = Path(__file__).resolve().parents[1] / "support" / "kserve" / "inferenceservices.serving.kserve.io.json"

@@ -6,9 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from petseg import messages, release, serving, v2_messages
-from petseg import model as models
-from petseg.calibration import Calibration
+from petseg.serving import messages
+from petseg.release import bundle
+from petseg.serving import predictor as serving
+from petseg.serving import v2_messages
+from petseg.model import unet as models
+from petseg.model.calibration import Calibration
 from petseg.errors import ModelError
 
 SIDE = 16
@@ -26,10 +29,10 @@ def _model() -> keras.Model:
     return model
 
 
-def _release(source: str | None) -> release.Release:
+def _release(source: str | None) -> bundle.Release:
     manifest = {"image_size": SIDE, **({"mask_source": source} if source else {})}
     model = _model()
-    return release.Release(model, BORDER_UP, manifest, "here", models.fingerprint(model))
+    return bundle.Release(model, BORDER_UP, manifest, "here", models.fingerprint(model))
 
 
 IMAGES = np.random.default_rng(0).random((2, SIDE, SIDE, 3), dtype=np.float32)
@@ -63,16 +66,16 @@ def test_the_mask_output_comes_from_the_served_probabilities_beside_calibrated_o
 
 def test_a_manifest_naming_no_known_mask_source_does_not_load(tmp_path):
     model = _model()
-    manifest = release.build_manifest(run_id="9", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(model),
+    manifest = bundle.build_manifest(run_id="9", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(model),
                                       dataset_fingerprint="d" * 64, code_version="0.1.0+test",
                                       metrics={"mask": {"source": "raw"}}, settings={}, location=str(tmp_path / "r"),
                                       image_size=SIDE)
     assert manifest["mask_source"] == "raw" and manifest["metrics"]["mask"] == {"source": "raw"}
-    release.export(str(tmp_path / "r"), model_keras=models.to_bytes(model), calibration=BORDER_UP.to_dict(),
+    bundle.export(str(tmp_path / "r"), model_keras=models.to_bytes(model), calibration=BORDER_UP.to_dict(),
                    manifest=manifest)
-    assert release.load_release(str(tmp_path / "r")).mask_source == "raw"
-    release.export(str(tmp_path / "bad"), model_keras=models.to_bytes(model), calibration=BORDER_UP.to_dict(),
+    assert bundle.load_release(str(tmp_path / "r")).mask_source == "raw"
+    bundle.export(str(tmp_path / "bad"), model_keras=models.to_bytes(model), calibration=BORDER_UP.to_dict(),
                    manifest={**manifest, "mask_source": "sometimes"})
     with pytest.raises(ModelError, match="field 'mask_source' is 'sometimes', expected one of calibrated, raw"):
-        release.load_release(str(tmp_path / "bad"))
+        bundle.load_release(str(tmp_path / "bad"))
     assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["mask_source"] == "sometimes"

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from petseg.oxford import SPLITS
-from petseg.split import split_of
+from petseg.data.split import split_of
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import oxford, scenes, synth
-from petseg.commands import data as data_commands
+from petseg import oxford
+from petseg.data import scenes
+from petseg.data import synth
+from petseg.cli import data as data_commands
 from petseg.errors import ConfigError
 
 COUNT = 16

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from petseg import tune
+from petseg.model import tune
 from petseg.errors import ConfigError
 
 

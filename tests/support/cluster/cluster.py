@@ -17,7 +17,7 @@ the kernel should this process die first):
    repository's git checkout (its working directory and its code are outside it);
 6. the project's kustomize base (``k8s/base``) applied, the S3 secret made
    from ``k8s/base/s3-secret.template.yaml`` with the test server's (dummy)
-   credentials, and a Metaflow profile written by ``petseg.kubeconfig`` as
+   credentials, and a Metaflow profile written by ``petseg.deploy.kubeconfig`` as
    ``petseg configure kubernetes`` does.
 
 When ready it writes ``DIR/env.sh`` (to ``source``) and ``DIR/env.json``:
@@ -458,7 +458,7 @@ class LocalCluster:
 
     def _configure_metaflow(self, s3_url: str) -> None:
         sys.path.insert(0, str(REPO))
-        from petseg import kubeconfig
+        from petseg.deploy import kubeconfig
 
         settings = kubeconfig.metaflow_config(
             s3_root=f"s3://{BUCKET}/metaflow",

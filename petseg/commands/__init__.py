@@ -1,1 +1,0 @@
-"""The `petseg` command line's subcommands, one module per group; each exposes ``register(subparsers)``."""
