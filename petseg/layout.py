@@ -7,6 +7,8 @@ Beside Metaflow's datastore, under ``<datastore root>/petseg`` (a directory or `
   (`petseg.release.bundle`);
 - ``feedback/petseg-<run id>``: the feedback store of that release when it serves (`petseg.serving.quarantine`):
   a prefix of its own, so a store's policy can let servers write feedback and only read releases;
+- ``seldon-models/petseg-<run id>``: the folder a Seldon Core v2 Model of that release loads, holding its
+  ``model-settings.json`` alone, which names the release (`petseg.deploy.kubernetes.write_model_settings`);
 - ``openlineage/<flow>/<run id>``: the run's OpenLineage events as JSON lines (`petseg.lineage.openlineage`).
 
 Metaflow's artifacts are named ``<datastore root>/<flow>/<run id>/<step>/<task>/<artifact>`` (`artifact`).
@@ -26,6 +28,7 @@ from petseg.errors import ConfigError
 from petseg.userdirs import state_dir
 
 BLOBS, RELEASES, FEEDBACK, OPENLINEAGE = "blobs", "releases", "feedback", "openlineage"
+SELDON_MODELS = "seldon-models"
 _HOME = "petseg"
 
 
@@ -89,13 +92,24 @@ def release_name(run_id: str) -> str:
     return f"petseg-{run_id}"
 
 
-def feedback(release: str) -> str:
-    """The feedback store of a release directory or ``s3://`` prefix, outside it: ``<root>/feedback/<name>``
-    for a release ``<root>/releases/<name>`` (a run's, `Layout.release`), else ``<release>-feedback``."""
+def beside(release: str, kind: str) -> str:
+    """A folder of its own for something about a release directory or ``s3://`` prefix, outside it:
+    ``<root>/<kind>/<name>`` for a release ``<root>/releases/<name>`` (a run's, `Layout.release`), else
+    ``<release>-<kind>``."""
     parent, _, name = release.rstrip("/").rpartition("/")
     if parent.rpartition("/")[2] == RELEASES:
-        return f"{parent[:-len(RELEASES)]}{FEEDBACK}/{name}"
-    return f"{release.rstrip('/')}-{FEEDBACK}"
+        return f"{parent[:-len(RELEASES)]}{kind}/{name}"
+    return f"{release.rstrip('/')}-{kind}"
+
+
+def feedback(release: str) -> str:
+    """The feedback store of a release (`beside`)."""
+    return beside(release, FEEDBACK)
+
+
+def seldon_model(release: str) -> str:
+    """The folder a Seldon Core v2 Model of a release loads (`beside`): its ``model-settings.json`` alone."""
+    return beside(release, SELDON_MODELS)
 
 
 def deployment_dir(model_uri: str) -> Path:

@@ -8,9 +8,10 @@ with the release's provenance in labels and annotations:
   container running petseg's MLServer launcher (``python -m petseg.entrypoints.mlserver_runtime``),
   the Open Inference Protocol, readiness once the model is loaded;
 - Seldon Core v2 ``Model`` (`render_seldon_model`) on a ``Server`` of the petseg
-  image (`render_seldon_server`): MLServer loads the Model's artifact folder,
-  which holds the release and the `model_settings` naming petseg's runtime
-  (`write_model_settings` puts them there).
+  image (`render_seldon_server`): MLServer loads the Model's artifact folder, a
+  folder beside the release (`petseg.layout.seldon_model`) holding only the
+  `model_settings` that name petseg's runtime and the release
+  (`write_model_settings` puts them there): a signed release never changes.
 
 `apply_object` creates or replaces one and waits until its controller reports
 it ready; `petseg.deploy.rollout` makes them one object per endpoint, with canaries.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from petseg import layout
 from petseg.deploy.local import default_feedback_uri
 from petseg.errors import ConfigError, ServingError
 from petseg.storage import Location
@@ -170,7 +172,8 @@ def render_seldon_model(
 ) -> dict:
     """The Seldon Core v2 Model (mlops.seldon.io/v1alpha1) of one release (ConfigError for unusable values).
 
-    Its ``storageUri`` is the release, which must also hold `model_settings` (`write_model_settings`);
+    Its ``storageUri`` is the release's model folder (`petseg.layout.seldon_model`), which holds its
+    `model_settings` (`write_model_settings`);
     it requires the `CAPABILITY` of a Server of the petseg image (`render_seldon_server`).
     """
     model_uri = _pod_model_uri(manifest, model_uri)
@@ -178,7 +181,7 @@ def render_seldon_model(
     _check_replicas(replicas)
     name, labels, annotations = _identity(manifest, model_uri)
     values = {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
-              "replicas": replicas, "storage_uri": model_uri.rstrip("/") + "/", "requirements": [CAPABILITY],
+              "replicas": replicas, "storage_uri": layout.seldon_model(model_uri) + "/", "requirements": [CAPABILITY],
               "memory": memory}
     return _fill(template, values)
 
@@ -209,24 +212,28 @@ def render_seldon_server(
     return _fill(template, values)
 
 
-def model_settings(manifest: dict) -> dict:
-    """The model-settings.json that makes a release folder a Seldon Core v2 Model of petseg's runtime.
+def model_settings(manifest: dict, *, model_uri: str | None = None) -> dict:
+    """The model-settings.json that makes a Seldon Core v2 Model of petseg's runtime serve a release.
 
-    MLServer sets ``parameters.uri`` to the folder it is in: the runtime loads
-    the release from there and checks its weights against the fingerprint.
+    ``parameters.uri`` names the release (MLServer would otherwise take the settings' own folder): the
+    runtime loads it from there and checks its weights against the fingerprint.
     """
     return {"name": deployment_name(manifest["version"]), "implementation": RUNTIME,
-            "parameters": {"extra": {"model_fingerprint": manifest.get("model_fingerprint", "")}}}
+            "parameters": {"uri": model_uri or manifest["model_uri"],
+                           "extra": {"model_fingerprint": manifest.get("model_fingerprint", "")}}}
 
 
 def write_model_settings(manifest: dict, *, model_uri: str | None = None, s3_endpoint_url: str | None = None) -> str:
-    """Writes `model_settings` into the release (a directory or ``s3://`` prefix); its location.
+    """Writes `model_settings` into the release's model folder beside it (`petseg.layout.seldon_model`), never
+    into the release; the written file's location.
 
     Raises:
         StorageError: It could not be written.
     """
-    location = Location(model_uri or manifest["model_uri"], s3_endpoint_url=s3_endpoint_url, what="release")
-    return location.write_bytes("model-settings.json", json.dumps(model_settings(manifest), indent=2).encode())
+    release = model_uri or manifest["model_uri"]
+    location = Location(layout.seldon_model(release), s3_endpoint_url=s3_endpoint_url, what="Seldon model folder")
+    return location.write_bytes("model-settings.json",
+                                json.dumps(model_settings(manifest, model_uri=release), indent=2).encode())
 
 
 def apply_object(

@@ -12,9 +12,8 @@ in-toto Statement signed offline with one P-256 key (no transparency log):
 
 `verify_directory` checks both against the trusted keys, naming what failed:
 no signature, a key that is not trusted, a file that changed, a provenance
-statement for other files. ``model-settings.json`` (which a Seldon Core v2
-deployment writes into a release after it is signed) is left out of the
-signature; `petseg.release.bundle` never reads it.
+statement for other files. A release never changes once signed: every file
+in its folder is signed, and one more is "not signed".
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from petseg.errors import ModelError
 
 SIGNATURE = "model.sig"
 PROVENANCE = "provenance.sigstore.json"
-UNSIGNED = ("model-settings.json",)
-"""Files a signed release may gain after signing, outside the signature."""
 _PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
@@ -55,7 +52,7 @@ def sign_directory(folder: Path, *, private_pem: bytes, provenance: dict) -> str
         (folder / PROVENANCE).write_text(bundle.bundle.to_json(), encoding="utf-8")
         config = signing.Config().use_elliptic_key_signer(private_key=key_path)
         config.set_hashing_config(hashing.Config().set_ignored_paths(
-            paths=[folder / SIGNATURE, *(folder / name for name in UNSIGNED)], ignore_git_paths=False))
+            paths=[folder / SIGNATURE], ignore_git_paths=False))
         config.sign(folder, folder / SIGNATURE)
     return keys.key_id(keys.public_pem_of(private_pem))
 
@@ -165,7 +162,7 @@ def _difference(folder: Path) -> str:
                   ["predicate"]["resources"]}
     except (ValueError, KeyError, TypeError):
         return ""
-    present = {path.name for path in folder.iterdir()} - {SIGNATURE, *UNSIGNED}
+    present = {path.name for path in folder.iterdir()} - {SIGNATURE}
     found = []
     for name in sorted(present | set(signed)):
         if name not in signed:

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
@@ -92,18 +93,23 @@ def test_seldon_v2_model_and_server_meet_on_the_petseg_capability():
     model = kubernetes.render_seldon_model(MANIFEST, namespace="serving")
     server = kubernetes.render_seldon_server(image="registry/petseg:1.0", namespace="serving")
     assert (model["apiVersion"], model["kind"], server["kind"]) == ("mlops.seldon.io/v1alpha1", "Model", "Server")
-    assert model["spec"]["storageUri"] == MANIFEST["model_uri"] + "/"
+    assert model["spec"]["storageUri"] == "s3://bucket/metaflow/seldon-models/petseg-1732791234567890/"
     assert model["spec"]["requirements"] == server["spec"]["extraCapabilities"] == ["petseg"]
     assert server["spec"]["podSpec"]["containers"][0]["image"] == "registry/petseg:1.0"
     settings = kubernetes.model_settings(MANIFEST)
     assert settings["implementation"] == "petseg.entrypoints.mlserver_runtime.PetSegRuntime"
     assert settings["parameters"]["extra"]["model_fingerprint"] == "a" * 64
+    assert settings["parameters"]["uri"] == MANIFEST["model_uri"]
 
 
-def test_model_settings_are_written_beside_the_release(tmp_path):
-    written = kubernetes.write_model_settings(MANIFEST, model_uri=str(tmp_path))
-    assert json.loads((tmp_path / "model-settings.json").read_text()) == kubernetes.model_settings(MANIFEST)
-    assert written.endswith("model-settings.json")
+def test_model_settings_are_written_beside_the_release_never_into_it(tmp_path):
+    release = tmp_path / "releases" / "petseg-1"
+    release.mkdir(parents=True)
+    written = kubernetes.write_model_settings(MANIFEST, model_uri=str(release))
+    assert written == str(tmp_path / "seldon-models" / "petseg-1" / "model-settings.json")
+    assert json.loads(Path(written).read_text()) == kubernetes.model_settings(MANIFEST, model_uri=str(release))
+    assert json.loads(Path(written).read_text())["parameters"]["uri"] == str(release)
+    assert list(release.iterdir()) == []
 
 
 def test_render_fills_the_template():
