@@ -12,8 +12,8 @@ import sys
 
 FLOW_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FLOW_DIR, ".."))
-from petseg.model import determinism
-from petseg import runs  # noqa: E402
+from petseg.lineage import runs  # noqa: E402
+from petseg.model import determinism  # noqa: E402
 
 # numpy reads its CPU pins once, when it loads (Metaflow loads it): pinned first, in every run and pod, so
 # that calibration, metrics and baselines run the same kernels on any CPU (petseg.model.determinism).
@@ -27,11 +27,10 @@ from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, re
 # TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from petseg import codeversion
-from petseg import hooks  # noqa: E402
-from petseg.release import gate as gates  # noqa: E402
-from petseg import stages  # noqa: E402
+from petseg import codeversion  # noqa: E402
+from petseg.flow import hooks, stages  # noqa: E402
 from petseg.model import tune as tuning  # noqa: E402
+from petseg.release import gate as gates  # noqa: E402
 
 # What compute steps (tune, train, calibrate, evaluate) ask of a cluster; local runs ignore it.
 # Change per run: python flows/seg_flow.py --config-value compute '{"gpu": 0, "cpu": 2, "memory": 4096}' run ...

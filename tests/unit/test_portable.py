@@ -141,7 +141,7 @@ def test_jpeg_coding_and_resizing_need_no_pin(level):
 
 def _configure_after(module: str, env: dict) -> str:
     """What `configure` says in a fresh process that imported `module` first."""
-    script = (f"import {module}\nfrom petseg import determinism\nfrom petseg.errors import ConfigError\n"
+    script = (f"import {module}\nfrom petseg.model import determinism\nfrom petseg.errors import ConfigError\n"
               "try:\n    determinism.configure(seed=1, portable=True)\nexcept ConfigError as err:\n    print(err)\n")
     clean = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_PINS}
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
