@@ -1,4 +1,4 @@
-"""The flow's step glue: with `petseg.flow.hooks`, the only library code that reads Metaflow's settings and the environment.
+"""The flow's step glue: with `petseg.flow.hooks`, the library code that reads Metaflow's settings and environment.
 
 The flow (flows/seg_flow.py) is the table of contents; each function here does
 the work of one step over explicit values: fetch shards from the blob store,

@@ -182,7 +182,7 @@ def task_datasets(graph: dict | None, *, pathspec: str, reads: Iterable[Mapping]
     Args:
         graph: the run's lineage graph after the task (None before there is one).
         pathspec: the task (``PetSegFlow/17/evaluate/9``).
-        reads: what the task opened (``petseg.flow.stages``' task log): ``{"name",
+        reads: what the task read (`petseg.lineage.graph.task_files`): ``{"name",
             "sha256", "stage"?, "blob"?, "source"?, "location"?}``.
         writes: blobs and release files the task wrote: ``{"name", "sha256", "location", "kind"}``.
         datastore_root: the Metaflow datastore root (a directory or ``s3://`` prefix).
