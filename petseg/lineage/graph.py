@@ -3,7 +3,7 @@
 A run's lineage is a plain, JSON-able dict (the *graph*) that the flow keeps
 as an artifact, with or without Pachyderm::
 
-    {"format": 2, "flow": "PetSegFlow", "run_id": "17", "pathspec": "PetSegFlow/17",
+    {"format": 3, "flow": "PetSegFlow", "run_id": "17", "pathspec": "PetSegFlow/17",
      "code_version": "c8ba2d8...-dirty", "code": {"commit", "dirty", ...} (petseg.codeversion),
      "dataset_fingerprint": "...", "model_fingerprint": "...",
      "pachyderm": {"address": "...", "project": "petseg", "commit_set": "..."} or None,
@@ -47,7 +47,8 @@ from typing import Any, Callable, Union
 
 from petseg.errors import ConfigError, LineageError
 
-FORMAT = 2
+FORMAT = 3
+"""Format 3 names every stage after its step (ingest, train, ...); format 2 had warehouse and model."""
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petseg.data import shards as shard_files
+from petseg.errors import LineageError, ModelError, PetsegError, StorageError
+from petseg.lineage.graph import FORMAT, STAGES, as_file
 from petseg.release import signing
-from petseg.errors import ModelError, PetsegError, StorageError
-from petseg.lineage.graph import STAGES, as_file
 from petseg.storage import BlobStore, Location, file_sha256
 
 ArtifactReader = Callable[[str, str], object]
@@ -95,8 +95,12 @@ def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_end
 
     Raises:
         Mismatch: the first file that does not match.
-        LineageError: Pachyderm could not be read.
+        LineageError: the graph has another format (`petseg.lineage.graph.FORMAT`), or Pachyderm could not be read.
     """
+    if graph.get("format") != FORMAT:
+        raise LineageError(f"the lineage graph of {graph.get('pathspec')} has format {graph.get('format')}, and this "
+                           f"petseg proves format {FORMAT} (stages named after their steps): verify that run with the "
+                           f"petseg it was recorded by, code version {graph.get('code_version')}")
     tally = tally or Tally()
     pathspec = graph["pathspec"]
     for stage in STAGES:

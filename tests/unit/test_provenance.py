@@ -309,3 +309,9 @@ def test_file_hashes_of_a_release_are_those_of_its_files():
     signatures = {"model.sig": b"sig"}
     assert bundle.file_hashes(sealed, signatures) == {name: hashlib.sha256(data).hexdigest()
                                                       for name, data in {**files, **signatures}.items()}
+
+
+def test_a_graph_of_another_format_is_refused_by_name():
+    graph = {**lineage.new_graph(pathspec="PetSegFlow/5", code_version="c0ffee"), "format": 2}
+    with pytest.raises(LineageError, match="PetSegFlow/5 has format 2, and this petseg proves format 3.*c0ffee"):
+        verify.verify_run(graph, artifacts=lambda step, name: None, blob_root="/nowhere")
