@@ -57,8 +57,7 @@ def worker(variant: str, epochs: int, images: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from petseg.model import unet
-    from petseg.model import train
+    from petseg.model import train, unet
 
     rng = np.random.default_rng(0)
     pixels = rng.random((images, 128, 128, 3), dtype=np.float32)

@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # petseg.release.report imports Keras: no start-up notices
 
+from petseg.lineage.runs import flow_environment  # noqa: E402
 from petseg.release.gate import served  # noqa: E402
 from petseg.release.report import QUALITY_TARGETS  # noqa: E402
-from petseg.lineage.runs import flow_environment  # noqa: E402
 
 PROFILES = {
     "short": ["--source", "synth:800", "--epochs", "8"],

@@ -66,8 +66,8 @@ def make_release(folder: Path) -> Path:
     import keras
 
     from petseg.model import calibration
-    from petseg.release import bundle
     from petseg.model import unet as models
+    from petseg.release import bundle
 
     keras.utils.set_random_seed(0)
     small = models.build("small")

@@ -128,10 +128,9 @@ def worker(checkout: str) -> dict:
 
     assert petseg.__file__.startswith(checkout), f"petseg imported from {petseg.__file__}, not {checkout}"
     sys.path.insert(1, str(ROOT / "bench"))
-    from serving import make_release  # this benchmark's sibling: a small untrained release
-
     from petseg.deploy import local
     from petseg.serving.messages import Limits
+    from serving import make_release  # this benchmark's sibling: a small untrained release
 
     try:
         tokens = importlib.import_module("petseg.tokens")

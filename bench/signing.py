@@ -40,8 +40,8 @@ def _parts(arch: str) -> dict:
     import numpy as np
 
     from petseg.model import calibration
-    from petseg.release import bundle
     from petseg.model import unet as models
+    from petseg.release import bundle
 
     keras.utils.set_random_seed(0)
     built = models.build(arch, image_size=128)

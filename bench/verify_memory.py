@@ -32,8 +32,8 @@ def make_store(folder: Path, samples: int) -> dict:
     """A blob store with warehouse and split shards of ``samples`` samples; what verify reads."""
     import numpy as np
 
-    from petseg.data import shards
     from petseg import storage
+    from petseg.data import shards
     from petseg.data.split import split_of
 
     rng = np.random.default_rng(samples)

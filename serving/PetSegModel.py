@@ -28,13 +28,10 @@ import flask
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 
-from petseg.serving import messages
-from petseg.serving import quarantine
-from petseg.release import bundle
-from petseg.serving import predictor
-from petseg import storage
-from petseg import tokens
+from petseg import storage, tokens
 from petseg.errors import PetsegError
+from petseg.release import bundle
+from petseg.serving import messages, predictor, quarantine
 
 
 class PetSegModel:

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from petseg.lineage import runs as run_lookups
 from petseg.cli import cluster, data, endpoint, keys, lineage, runs, serving
 from petseg.errors import PetsegError
+from petseg.lineage import runs as run_lookups
 
 # Each group registers its commands; this order is the order of `petseg --help`.
 COMMAND_GROUPS = (data, runs, serving, endpoint, lineage, keys, cluster)

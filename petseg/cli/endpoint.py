@@ -16,9 +16,8 @@ import argparse
 import getpass
 import json
 
-from petseg.deploy import endpoints
-from petseg.deploy import local_endpoint
 from petseg import servers
+from petseg.deploy import endpoints, local_endpoint
 from petseg.errors import ConfigError
 
 KINDS = {"seldon": servers.SERVERS["seldon"].kind, "kserve": servers.SERVERS["mlserver"].kind,

@@ -20,9 +20,9 @@ import argparse
 import json
 import os
 
+from petseg.errors import ConfigError
 from petseg.lineage import graph as lineage
 from petseg.lineage import runs
-from petseg.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,8 +102,8 @@ def lineage_command(args: argparse.Namespace) -> int:
 
 def _print_openlineage(spec: str) -> int:
     """Print a run's kept OpenLineage events, one JSON document per line; 1 when there are none."""
-    from petseg.lineage import openlineage
     from petseg import storage
+    from petseg.lineage import openlineage
 
     run = runs.resolve_run(spec, finished=False)
     location = runs.openlineage_location(run)

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from petseg.lineage import runs
 from petseg.data.archive import safe_extract
+from petseg.lineage import runs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

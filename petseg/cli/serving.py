@@ -19,16 +19,10 @@ import getpass
 import json
 from pathlib import Path
 
-from petseg.deploy import client
-from petseg.deploy import local
-from petseg.deploy import endpoints
-from petseg import layout
-from petseg.deploy import local_endpoint
-from petseg.lineage import runs
-from petseg import servers
-from petseg import storage
-from petseg import tokens
+from petseg import layout, servers, storage, tokens
+from petseg.deploy import client, endpoints, local, local_endpoint
 from petseg.errors import ServingError
+from petseg.lineage import runs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,10 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from petseg.data import archive
-from petseg import oxford
-from petseg import storage
-from petseg.data import synth
+from petseg import oxford, storage
+from petseg.data import archive, synth
 from petseg.errors import DataError
 
 ACCEPTED_SOURCES = (

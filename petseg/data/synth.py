@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from petseg import oxford
-from petseg import storage
-from petseg.errors import ConfigError
+from petseg import oxford, storage
 from petseg.data.scenes import BREEDS, Breed, render
+from petseg.errors import ConfigError
 
 _MTIME = 0
 """Modification time stored for every tar member (fixed for reproducible bytes)."""

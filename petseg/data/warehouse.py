@@ -24,14 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from petseg import oxford
-from petseg import storage
+from petseg import oxford, storage
 from petseg.data import shards as shard_files
-from petseg.errors import ConfigError, DataError
-from petseg.oxford import SPLITS
 from petseg.data.sources import ACCEPTED_SOURCES, stage
 from petseg.data.split import split_of
-
+from petseg.errors import ConfigError, DataError
+from petseg.oxford import SPLITS
 
 IMAGE_SIZE = 128
 """Default side of the square images and trimaps in shards (a run records its own, see the flow's --image_size)."""

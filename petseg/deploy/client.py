@@ -26,8 +26,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from petseg import servers
-from petseg import tokens
+from petseg import servers, tokens
 from petseg.errors import DataError, ServingError
 from petseg.serving.messages import probability_png
 

@@ -33,9 +33,7 @@ from pathlib import Path
 
 import requests
 
-from petseg import layout
-from petseg import servers
-from petseg import tokens
+from petseg import layout, servers, tokens
 from petseg.errors import ServingError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,8 +18,7 @@ import time
 
 import requests
 
-from petseg.deploy import local
-from petseg.deploy import endpoints
+from petseg.deploy import endpoints, local
 from petseg.deploy.endpoints import STATUS_PATH
 from petseg.errors import ConfigError, ServingError
 

@@ -29,10 +29,10 @@ import copy
 import datetime
 import json
 
-from petseg.deploy.kubernetes import (RESOURCES, apply_object, default_api_client, deployment_name,
-                                      render_inference_service, render_seldon_deployment, render_seldon_model)
 from petseg import servers
 from petseg.deploy.endpoints import check_name
+from petseg.deploy.kubernetes import (RESOURCES, apply_object, default_api_client, deployment_name,
+                                      render_inference_service, render_seldon_deployment, render_seldon_model)
 from petseg.errors import ConfigError, ServingError
 
 HISTORY = 5

@@ -62,10 +62,9 @@ from mlserver import MLModel
 from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
-from petseg import storage
-from petseg import tokens
-from petseg.serving import v2_messages
+from petseg import storage, tokens
 from petseg.errors import PetsegError
+from petseg.serving import v2_messages
 from petseg.serving.messages import BadRequest, int_setting, limits_from_environment
 
 

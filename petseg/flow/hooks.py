@@ -41,11 +41,11 @@ from metaflow import FlowMutator, StepMutator, UserStepDecorator, current
 from metaflow.decorators import StepDecorator, _base_step_decorator
 
 from petseg import codeversion
+from petseg.errors import LineageError
+from petseg.flow import stages
 from petseg.lineage import graph as lineage
 from petseg.lineage import openlineage
 from petseg.release import bundle
-from petseg.flow import stages
-from petseg.errors import LineageError
 
 # -- tags -----------------------------------------------------------------------------------------------------
 

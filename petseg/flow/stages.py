@@ -29,15 +29,13 @@ from pathlib import Path
 from metaflow import current
 from metaflow.exception import MetaflowException
 
-from petseg import codeversion
+from petseg import codeversion, servers, storage
+from petseg.data.split import RULES
 from petseg.deploy import endpoints
-from petseg import servers
-from petseg import storage
-from petseg.model.architectures import ARCHITECTURES
 from petseg.errors import ConfigError, PetsegError
 from petseg.layout import Layout
+from petseg.model.architectures import ARCHITECTURES
 from petseg.oxford import SPLITS
-from petseg.data.split import RULES
 from petseg.storage import BlobStore, get_files, put_files
 
 DEPLOY_TARGETS = ("local", "kubernetes", "none")
@@ -321,10 +319,9 @@ def evaluate(model_keras: bytes, calibration_table: dict, *, splits: dict, store
     _configure(settings)
     import numpy as np
 
-    from petseg.model import calibration
-    from petseg.model import evaluation
-    from petseg.release import gate
+    from petseg.model import calibration, evaluation
     from petseg.model import unet as models
+    from petseg.release import gate
 
     model = models.from_bytes(model_keras)
     fitted = calibration.Calibration.from_dict(calibration_table)
@@ -369,10 +366,9 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
     """Export this run's release beside its blobs, signed with the key of `petseg.keys` (`petseg.release.bundle.publish`),
     recording the champion it replaces; return its manifest and its signature files (model.sig, the signed
     provenance), and record it as accepted for its endpoint (`petseg.deploy.endpoints`)."""
-    from petseg.release import gate
     from petseg import keys
-    from petseg.release import bundle
     from petseg.lineage import runs
+    from petseg.release import bundle, gate
 
     key, made = keys.ensure_signing_key()
     files, location, signer = bundle.publish(

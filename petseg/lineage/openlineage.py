@@ -38,13 +38,8 @@ from urllib.parse import urlparse
 
 import attr
 from openlineage.client import event_v2, facet_v2
-from openlineage.client.facet_v2 import (
-    error_message_run,
-    job_type_job,
-    parent_run,
-    processing_engine_run,
-    source_code_location_job,
-)
+from openlineage.client.facet_v2 import (error_message_run, job_type_job, parent_run, processing_engine_run,
+                                         source_code_location_job)
 from openlineage.client.serde import Serde
 
 from petseg import __version__

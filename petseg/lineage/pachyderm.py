@@ -57,7 +57,8 @@ from collections.abc import Iterator, Mapping
 
 from petseg.errors import LineageError
 from petseg.lineage.graph import FORMAT, STAGES, FileSource, check_stage, file_chunks, output_path
-from petseg.lineage.pachd_client import Connection as _Connection, Transient as _Transient
+from petseg.lineage.pachd_client import Connection as _Connection
+from petseg.lineage.pachd_client import Transient as _Transient
 
 PROJECT = "petseg"
 BRANCH = "master"

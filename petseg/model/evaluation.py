@@ -11,8 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from petseg.model import baselines
-from petseg.model import calibration
+from petseg.model import baselines, calibration
 from petseg.model.calibration import Calibration
 from petseg.model.metrics import SegmentationMetrics, paired_bootstrap
 from petseg.oxford import CLASSES

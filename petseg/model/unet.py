@@ -30,9 +30,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from petseg.model.architectures import ARCHITECTURES
 from petseg.data.warehouse import IMAGE_SIZE
 from petseg.errors import ConfigError, ModelError
+from petseg.model.architectures import ARCHITECTURES
 from petseg.oxford import CLASSES
 
 DEFAULT_WIDTH = 16

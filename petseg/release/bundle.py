@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from petseg import keys
-from petseg.release import provenance
-from petseg.release import signing
-from petseg.model.calibration import MASK_SOURCES, Calibration
 from petseg.errors import ConfigError, ModelError
 from petseg.layout import Layout, release_name
+from petseg.model.calibration import MASK_SOURCES, Calibration
+from petseg.release import provenance, signing
 from petseg.storage import Location, failures, is_s3, staged_directory
 
 if TYPE_CHECKING:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from petseg.release.gate import served
 from petseg.model.metrics import HEADLINE
 from petseg.oxford import CLASSES
+from petseg.release.gate import served
 
 # Class colours of the mask panels: pet red, background dark blue, border yellow.
 CLASS_COLOURS = np.array([[0.85, 0.15, 0.15], [0.10, 0.10, 0.35], [0.95, 0.85, 0.10]], dtype=np.float32)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from petseg import oxford
 from petseg.serving.messages import (BadRequest, Limits, base64_bytes, check_image, describe, nested_numbers,
-                             parse_prediction, tensor_numbers)
+                                     parse_prediction, tensor_numbers)
 
 JPEG_QUALITY = 95
 

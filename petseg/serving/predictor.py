@@ -39,12 +39,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from petseg import oxford
 from petseg.errors import ModelError
+from petseg.release.bundle import Release
 from petseg.serving.feedback import parse_feedback
 from petseg.serving.messages import BadRequest, Limits, describe, eight_bits, encode_prediction, parse_prediction
 from petseg.serving.quarantine import FeedbackStore
-from petseg.release.bundle import Release
 from petseg.tokens import AccessDenied, TokenTable
-
 
 # -- prediction -------------------------------------------------------------------------------------
 

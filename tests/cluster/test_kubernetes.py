@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import node_agent
 import pytest
 
-import node_agent
 from harness import REPO
 
 CLUSTER = REPO / "tests" / "support" / "cluster"

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from harness import FLOW_FILE, REPO, TINY, run_flow, session_root
-
 from petseg.model import determinism
 
 ARTIFACTS = {

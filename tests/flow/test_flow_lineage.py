@@ -13,7 +13,8 @@ import sys
 from pachyderm_sdk import Client
 from pachyderm_sdk.api import pfs
 
-from harness import REPO, commit_files as files_of
+from harness import REPO
+from harness import commit_files as files_of
 from petseg.lineage import graph as lineage
 from petseg.lineage import pachyderm
 

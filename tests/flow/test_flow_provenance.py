@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from lineage_schema import validate
 
 from harness import REPO, TINY, flip_one_byte, run_flow, session_root
-from lineage_schema import validate
 from petseg.lineage import graph as lineage
 from petseg.lineage import openlineage
 

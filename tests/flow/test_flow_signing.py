@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from harness import REPO
-from petseg.deploy import local
 from petseg import keys
-from petseg.release import bundle
-from petseg.release import signing
+from petseg.deploy import local
 from petseg.errors import ServingError
+from petseg.release import bundle, signing
 
 
 def petseg(*args):

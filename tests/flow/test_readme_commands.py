@@ -23,7 +23,6 @@ import pytest
 import requests
 
 from harness import REPO, free_port, session_root
-
 from petseg.data import synth
 
 README = REPO / "README.md"

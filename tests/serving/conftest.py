@@ -16,13 +16,13 @@ import keras
 import numpy as np
 import pytest
 import requests
+from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_LIST_PIXELS, MAX_PIXELS, TOKENS
 
-from petseg.model import calibration
-from petseg.deploy import local
-from petseg.release import bundle
 from petseg import tokens
+from petseg.deploy import local
+from petseg.model import calibration
 from petseg.model import unet as models
-from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS, TOKENS
+from petseg.release import bundle
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,7 @@ import requests
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import model_repository_pb2 as repository_pb
 from mlserver.grpc import model_repository_pb2_grpc as repository_grpc
-
-from serving_support import (FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS, b64, bearer, encode,
+from serving_support import (FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_LIST_PIXELS, MAX_PIXELS, b64, bearer, encode,
                              grpc_infer, random_image)
 
 MODEL = "petseg"

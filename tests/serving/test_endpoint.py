@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
-from petseg.deploy import endpoints
-from petseg import layout
-from petseg.deploy import local_endpoint
-from petseg.release import bundle
-from petseg.errors import ConfigError
 from serving_support import bearer
+
+from petseg import layout
+from petseg.deploy import endpoints, local_endpoint
+from petseg.errors import ConfigError
+from petseg.release import bundle
 
 REQUEST = {"data": {"ndarray": np.full((24, 24, 3), 0.5).tolist()}}
 

@@ -22,14 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlserver.grpc import dataplane_pb2 as pb
 from PIL import Image
-
-from petseg.deploy import client
-from petseg.deploy import local
-from petseg.serving import messages
-from petseg.release import bundle
-from petseg.serving import predictor
-from petseg.errors import ServingError
 from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS, b64, bearer, encode, grpc_infer, random_image
+
+from petseg.deploy import client, local
+from petseg.errors import ServingError
+from petseg.release import bundle
+from petseg.serving import messages, predictor
 
 MODEL = "petseg"
 INFER = f"/v2/models/{MODEL}/infer"

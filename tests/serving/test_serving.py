@@ -21,15 +21,14 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
-from petseg.deploy import client
-from petseg.data import warehouse
-from petseg.deploy import local
 from petseg import layout
+from petseg.data import warehouse
+from petseg.deploy import client, local
+from petseg.errors import ModelError, ServingError
 from petseg.release import bundle
 from petseg.serving import predictor
-from petseg.errors import ModelError, ServingError
-from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 
 PREDICT = "/api/v1.0/predictions"
 FEEDBACK = "/api/v1.0/feedback"

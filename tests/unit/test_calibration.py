@@ -8,10 +8,10 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from petseg.model import calibration
-from petseg.release import bundle
-from petseg.model.calibration import Calibration
 from petseg.errors import ModelError
+from petseg.model import calibration
+from petseg.model.calibration import Calibration
+from petseg.release import bundle
 
 
 def test_pool_adjacent_violators_by_hand():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg.deploy import client
 from petseg import layout
 from petseg.cli import serving as serving_commands
+from petseg.deploy import client
 from petseg.errors import DataError, ServingError
 
 

@@ -17,14 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg.data import archive
-from petseg.data import warehouse
 from petseg import oxford
-from petseg.data import shards
-from petseg.data import synth
+from petseg.data import archive, shards, synth, warehouse
+from petseg.data.split import split_of
 from petseg.errors import DataError
 from petseg.oxford import SPLITS
-from petseg.data.split import split_of
 
 COUNT = 12
 SEED = 3

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
-from petseg.deploy import client
-from petseg.deploy import kubernetes
-from petseg.deploy import local
-from petseg.deploy import rollout
 from petseg import servers
+from petseg.deploy import client, kubernetes, local, rollout
 from petseg.errors import ConfigError, ServingError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from petseg.model import determinism
 from petseg.errors import ConfigError
+from petseg.model import determinism
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from petseg.model import evaluation
-from petseg.release import gate
 from petseg.model.calibration import Calibration
+from petseg.release import gate
 
 SIDE = 16
 IDENTITY = Calibration(tuple(np.array([0.0, 1.0]) for _ in range(3)), tuple(np.array([0.0, 1.0]) for _ in range(3)))

@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from petseg.model import calibration
-from petseg.release import gate
 from petseg.errors import ModelError
+from petseg.model import calibration
 from petseg.model.metrics import HEADLINE, paired_bootstrap
+from petseg.release import gate
 
 BASELINES = {"all-background": {"miou": 0.30}, "mean-mask": {"miou": 0.35}, "colour-position": {"miou": 0.40}}
 

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 
 from petseg import keys
-from petseg.release import provenance
-from petseg.release import bundle
-from petseg.release import signing
-from petseg.lineage import verify
 from petseg.cli import main as petseg
 from petseg.errors import ConfigError, ModelError
+from petseg.lineage import verify
+from petseg.release import bundle, provenance, signing
 
 
 @pytest.fixture

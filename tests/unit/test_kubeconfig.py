@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from petseg.deploy import kubeconfig
 from petseg.cli import cluster as cluster_commands
+from petseg.deploy import kubeconfig
 from petseg.errors import ConfigError
 
 

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pachd_standin import running_standin, silent_pachd
 from pachyderm_sdk import Client
 from pachyderm_sdk.api import pfs
 
 from harness import commit_files
-from pachd_standin import running_standin, silent_pachd
-from petseg.lineage import graph as lineage
-from petseg.lineage import pachyderm
-from petseg.lineage import runs
 from petseg.cli import lineage as lineage_commands
 from petseg.errors import ConfigError, LineageError, RunError
+from petseg.lineage import graph as lineage
+from petseg.lineage import pachyderm, runs
 
 RUN = "PetSegFlow/7"
 FAST = {"attempts": 3, "delay": 0.01}

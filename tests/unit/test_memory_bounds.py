@@ -7,8 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from petseg.serving import messages
-from petseg.serving import predictor
+from petseg.serving import messages, predictor
 
 LIMITS = messages.Limits(max_bytes=2**24, max_pixels=4096 * 4096)
 

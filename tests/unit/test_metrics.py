@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from petseg.model import baselines
 from petseg.errors import ModelError
+from petseg.model import baselines
 from petseg.model.metrics import DICE_SMOOTH, DICE_WEIGHT, SOFT_SMOOTH, SegmentationMetrics, scores, segmentation_loss
 
 EYE = np.eye(3, dtype=np.float32)

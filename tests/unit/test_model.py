@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from petseg.model import calibration
-from petseg.model import determinism
-from petseg.model import unet as model
-from petseg.model import train
 from petseg.errors import ConfigError, ModelError
+from petseg.model import calibration, determinism, train
+from petseg.model import unet as model
 from petseg.model.metrics import SegmentationMetrics
 
 

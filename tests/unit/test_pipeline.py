@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 
-from petseg.data import warehouse
-from petseg.data import pipeline
-from petseg.data import shards
+from petseg.data import pipeline, shards, warehouse
 from petseg.errors import DataError
 
 SIZE = 16

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from harness import flip_one_byte
 from lineage_receiver import running_receiver
 from lineage_schema import validate
+
+from harness import flip_one_byte
 from petseg import codeversion
-from petseg.lineage import graph as lineage
-from petseg.lineage import openlineage
-from petseg.release import bundle
-from petseg.flow import stages
-from petseg.lineage import verify
 from petseg.errors import ConfigError, LineageError, ModelError
+from petseg.flow import stages
+from petseg.lineage import graph as lineage
+from petseg.lineage import openlineage, verify
+from petseg.release import bundle
 
 # -- the code version ---------------------------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg.data import warehouse
 from petseg import oxford
-from petseg.serving import quarantine
+from petseg.data import warehouse
 from petseg.errors import DataError
+from petseg.serving import quarantine
 from petseg.serving.feedback import FeedbackSample
 
 

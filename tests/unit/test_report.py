@@ -1,7 +1,7 @@
 """What the card and the closing words say of the served mask and the champion."""
 
-from petseg.release import report
 from petseg.model.metrics import HEADLINE
+from petseg.release import report
 
 
 def _figures(miou: float) -> dict:

@@ -6,13 +6,13 @@ import keras
 import numpy as np
 import pytest
 
-from petseg.serving import messages
-from petseg.release import bundle
-from petseg.serving import predictor as serving
-from petseg.serving import v2_messages
+from petseg.errors import ModelError
 from petseg.model import unet as models
 from petseg.model.calibration import Calibration
-from petseg.errors import ModelError
+from petseg.release import bundle
+from petseg.serving import messages
+from petseg.serving import predictor as serving
+from petseg.serving import v2_messages
 
 SIDE = 16
 BORDER_UP = Calibration(tuple(np.array([0.0, 1.0]) for _ in range(3)),

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from petseg.oxford import SPLITS
 from petseg.data.split import split_of
+from petseg.oxford import SPLITS
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from petseg import oxford
-from petseg.data import scenes
-from petseg.data import synth
 from petseg.cli import data as data_commands
+from petseg.data import scenes, synth
 from petseg.errors import ConfigError
 
 COUNT = 16

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from petseg.model import tune
 from petseg.errors import ConfigError
+from petseg.model import tune
 
 
 def test_same_seed_gives_same_trials():

@@ -13,9 +13,7 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 
-from petseg.serving import messages
-from petseg.serving import v2_http
-from petseg.serving import v2_messages
+from petseg.serving import messages, v2_http, v2_messages
 from petseg.serving.messages import BadRequest, Limits
 
 LIMITS = Limits(max_bytes=100_000, max_pixels=10_000)
