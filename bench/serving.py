@@ -31,7 +31,7 @@ concurrency, the target check (issue 11) and the machine:
 Usage:
     python bench/serving.py [--release DIR] [--seconds 8] [--rounds 4] [--json FILE]
 
-Without --bundle, a small untrained model is saved as a release in a
+Without --release, a small untrained model is saved as a release in a
 temporary directory (latency does not depend on the weights).
 """
 

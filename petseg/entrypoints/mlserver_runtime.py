@@ -93,7 +93,7 @@ class ClosedRepository:
 
 
 class PetSegRuntime(MLModel):
-    """The MLServer model: one petseg bundle, its predictor and its request limits."""
+    """The MLServer model: one petseg release, its predictor and its request limits."""
 
     async def load(self) -> bool:
         """Loads the release; one that does not verify (signature, provenance, hashes, fingerprint) fails the

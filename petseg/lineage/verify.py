@@ -12,7 +12,7 @@ A run is proved in this order, stopping at the first file that does not match:
    ingested shards, and the model fingerprint, recomputed from the weights;
    shards are streamed one at a time through a temporary file (`check_data`),
    so memory holds one record and the per-sample hashes, not the data set;
-4. the bundle, when the run released one (`verify_release`): its signature
+4. the release, when the run released one (`verify_release`): its signature
    and signed provenance against the trusted keys, its files against the
    sha256 its manifest records, its architecture and weights against the model
    fingerprint, and its manifest.json against the lineage graph;
@@ -60,7 +60,7 @@ class Refusal(Mismatch):
 
 @dataclass
 class Tally:
-    """What was checked, for the one-line summary; the key that signed the bundle, when one was checked."""
+    """What was checked, for the one-line summary; the key that signed the release, when one was checked."""
 
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -62,7 +62,7 @@ def decide(metrics: dict, *, min_miou: float, min_margin: float,
     passed = miou >= min_miou and miou - baseline >= min_margin
     champion = metrics.get("champion")
     if champion is None:
-        figures.append("no champion (first bundle)")
+        figures.append("no champion (first release)")
     elif not champion["comparable"]:
         figures.append(f"champion not compared: {champion['note']}")
     else:
@@ -98,7 +98,7 @@ def load_champion(location: str, *, version: str = "", s3_endpoint_url: str | No
 
 
 def replaced(metrics: dict) -> dict | None:
-    """What a released candidate's manifest records of the champion it replaces (None for a first bundle)."""
+    """What a released candidate's manifest records of the champion it replaces (None for a first release)."""
     champion = metrics.get("champion")
     if champion is None:
         return None

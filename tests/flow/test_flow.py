@@ -139,7 +139,7 @@ def test_gate_passes_and_release_is_complete(released_run):
                                                           "model.sig", "provenance.sigstore.json"]
     assert {name: (location / name).read_bytes() for name in data.signatures} == data.signatures
     assert json.loads((location / "manifest.json").read_text()) == manifest
-    assert manifest["replaces"] is None and "no champion (first bundle)" in data.gate_message
+    assert manifest["replaces"] is None and "no champion (first release)" in data.gate_message
     from petseg.model import unet as models
 
     assert models.fingerprint(models.load(location / "model.keras")) == manifest["model_fingerprint"]

@@ -1,4 +1,4 @@
-"""A real run's signed bundle, tried as an attacker would: each forgery is refused by `petseg verify` and by
+"""A real run's signed release, tried as an attacker would: each forgery is refused by `petseg verify` and by
 both model servers at start-up, naming what failed; the upstream model signing CLI accepts the real release.
 
 The session's released run is copied to a temporary directory and forged there; the run's own release is
@@ -68,7 +68,7 @@ def _consistent_forgery(folder: Path, tmp_path: Path) -> str:
 
 
 def _other_provenance(folder: Path, tmp_path: Path) -> str:
-    """The provenance statement of another bundle, signed by the trusted key."""
+    """The provenance statement of another release, signed by the trusted key."""
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("sha256")
     other = dict(manifest, pathspec="PetSegFlow/1", run_id="1", version="petseg-1")

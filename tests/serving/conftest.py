@@ -1,4 +1,4 @@
-"""What the serving tier shares: one bundle, and one server of each kind for the whole session.
+"""What the serving tier shares: one release, and one server of each kind for the whole session.
 
 The release is a small model trained for two steps on random data, with its
 calibration. Both servers (`petseg.deploy.local.deploy_local`) serve it with

@@ -1,7 +1,7 @@
 """The Seldon microservice as a real process: predictions, provenance, feedback, metrics, bad requests.
 
 One server (``seldon-core-microservice PetSegModel``, the session's ``server``
-of conftest.py) serves a small model trained for two steps on random warehouse,
+of conftest.py) serves a small model trained for two steps on random data,
 saved as a release directory in this session. A second start with a wrong
 MODEL_FINGERPRINT must fail.
 """

@@ -85,7 +85,7 @@ def test_the_served_mask_is_what_the_gate_judges():
 
 def test_a_first_release_is_judged_against_the_baselines_alone():
     passed, message = gate.decide(_metrics(0.70), min_miou=0.5, min_margin=0.1)
-    assert passed and "no champion (first bundle)" in message
+    assert passed and "no champion (first release)" in message
 
 
 @pytest.mark.parametrize("difference, released", [(0.05, True), (0.0, True), (-0.01, True), (-0.0101, False),
