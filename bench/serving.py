@@ -251,7 +251,7 @@ def main() -> None:
         seldon = local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
         try:
             mlserver = local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
-                                                 timeout=600)
+                                          timeout=600)
         except BaseException:
             local.stop_local(seldon["pid"])
             raise

@@ -147,7 +147,7 @@ def worker(checkout: str) -> dict:
         seldon = local.deploy_local(release_dir, log_path=Path(tmp) / "seldon.log", timeout=600)
         try:
             mlserver = local.deploy_local(release_dir, server="mlserver", log_path=Path(tmp) / "mlserver.log",
-                                                 timeout=600)
+                                          timeout=600)
             try:
                 workers, threads = local.gunicorn_sizing(local.available_cores())
                 concurrency = {"Seldon binData": workers * threads, "Seldon ndarray": workers * threads,

@@ -80,9 +80,9 @@ def main() -> None:
             modes = {
                 "write unsigned": lambda: _write_plain(plain, Path(work) / f"{arch}-plain"),
                 "write signed": lambda: bundle.write(str(Path(work) / f"{arch}-signed"),
-                                                      bundle.signed_files(**parts, signing_key=key)[0]),
+                                                     bundle.signed_files(**parts, signing_key=key)[0]),
                 "hash check": lambda: bundle.check_files(parts["manifest"] | {"sha256": _sha(plain)}, plain,
-                                                          uri=target),
+                                                         uri=target),
                 "verify": lambda: bundle.verify_files(bundle.release_bytes(target), uri=target),
                 "load": lambda: bundle.load_release(target),
             }

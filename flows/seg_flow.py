@@ -206,7 +206,7 @@ class PetSegFlow(FlowSpec):
         """Quality gate on validation mIoU (baselines, champion); a passing model gets a signed release and a
         deployment."""
         self.released, self.gate_message = stages.gate(self.metrics, min_miou=self.min_miou,
-                                                      min_margin=self.min_margin, tolerance=self.tolerance)
+                                                       min_margin=self.min_margin, tolerance=self.tolerance)
         print(self.gate_message)
         self.manifest, self.signatures, self.deployment = None, None, None
         if self.released:  # signed: model.sig over every file, and the run's SLSA provenance

@@ -106,6 +106,6 @@ def parse_species(text: str, *, where: str = LIST_FILE) -> dict[str, str]:
         fields = line.split()
         if len(fields) != 4 or fields[2] not in ("1", "2"):
             raise DataError(f"{where} line {number}: {line!r}; expected 'Image CLASS-ID SPECIES BREED-ID' "
-                             "with SPECIES 1 (cat) or 2 (dog)")
+                            "with SPECIES 1 (cat) or 2 (dog)")
         species[fields[0]] = SPECIES[int(fields[2]) - 1]
     return species

@@ -143,7 +143,7 @@ def serve_command(args: argparse.Namespace) -> int:
         return local.serve_foreground(args.run, args.port, **options)
     manifest = runs.release_artifact(args.run, "manifest")
     return local.serve_foreground(manifest["model_uri"], args.port, fingerprint=manifest["model_fingerprint"],
-                                         **options)
+                                  **options)
 
 
 def stop_command(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ def roll_out(name: str, release: dict, *, server: str = "seldon", port: int | No
         raise ConfigError(f"endpoint {name} serves with {old['deployment']['server']}; a release for it cannot use "
                           f"{server} (clients would change protocol): use another endpoint name")
     backend = local.deploy_local(release["location"], server=server, timeout=timeout,
-                                        fingerprint=release.get("model_fingerprint"))
+                                 fingerprint=release.get("model_fingerprint"))
     try:
         front = _ensure_front(name, record.get("front"), port=port, host=host)
     except BaseException:

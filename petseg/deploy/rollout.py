@@ -245,7 +245,7 @@ def apply(endpoint: str, change, *, namespace: str, kind: str = "SeldonDeploymen
     group, version, plural = RESOURCES[kind]
     try:
         current = client.CustomObjectsApi(api_client).get_namespaced_custom_object(group, version, namespace, plural,
-                                                                                  endpoint)
+                                                                                   endpoint)
     except client.ApiException as err:
         if err.status != 404:
             raise ServingError(f"could not read {kind} {namespace}/{endpoint}: {err.status} {err.reason}") from None

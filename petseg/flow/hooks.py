@@ -152,7 +152,7 @@ def openlineage_delivery(*, root: str, pathspec: str, attempt: int, mode: str) -
                   or Path("openlineage.yml").is_file() or Path("~/.openlineage/openlineage.yml").expanduser().is_file())
     if not configured:
         return openlineage.Delivery(location=openlineage.events_location(root, pathspec), name=name,
-                                       required=required, s3_endpoint_url=stages.s3_endpoint())
+                                    required=required, s3_endpoint_url=stages.s3_endpoint())
     from openlineage.client import OpenLineageClient
 
     try:
@@ -217,11 +217,11 @@ class StepRecords(UserStepDecorator):
         graph = _artifact(flow, "lineage_graph")
         reads, writes = task_files(flow, step_name) if exception is None else ([], [])
         inputs, outputs = openlineage.task_datasets(graph, pathspec=current.pathspec, reads=reads, writes=writes,
-                                                       datastore_root=stages.datastore_root(flow._datastore))
+                                                    datastore_root=stages.datastore_root(flow._datastore))
         stage = next((name for name, entry in (graph or {}).get("stages", {}).items()
                       if entry.get("pathspec") == current.pathspec), None)
         return openlineage.task_event("FAIL" if exception is not None else "COMPLETE", stage=stage, inputs=inputs,
-                                         outputs=outputs, error=exception, **self._task_facts(flow))
+                                      outputs=outputs, error=exception, **self._task_facts(flow))
 
     def _send_or_fail(self, event) -> None:
         try:

@@ -175,8 +175,8 @@ def ingest(*, source: str, feedback: str, skip_bad: bool, settings: dict, store:
 
     with tempfile.TemporaryDirectory(prefix="petseg-ingest-") as work:
         report = warehouse.ingest(source, Path(work) / "warehouse", seed=settings["seed"], skip_bad=skip_bad,
-                             feedback=feedback or None, image_size=settings["image_size"],
-                             s3_endpoint_url=s3_endpoint())
+                                  feedback=feedback or None, image_size=settings["image_size"],
+                                  s3_endpoint_url=s3_endpoint())
         report["shards"] = put_files(blob_store(store), report["shards"])
     return report
 
@@ -194,8 +194,8 @@ def transform(ingest_report: dict, *, store: str, rule: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="petseg-transform-") as work:
         local = get_files(blobs, shards, Path(work) / "in")
         result = warehouse.transform(local, Path(work) / "splits",
-                                official_test=official_test if rule == "official" else None,
-                                training_only=[sample["id"] for sample in ingest_report.get("feedback_samples", [])])
+                                     official_test=official_test if rule == "official" else None,
+                                     training_only=[sample["id"] for sample in ingest_report.get("feedback_samples", [])])
         result["splits"] = {name: put_files(blobs, paths) for name, paths in result["splits"].items()}
     empty = [name for name in SPLITS if not result["counts"].get(name)]
     if empty:
@@ -404,7 +404,7 @@ def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", en
         manifest, endpoint=endpoint, who=current.username, canary=canary, server=server,
         image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
         s3_endpoint_url=s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
-                                                                           "petseg-serving-s3").split(",") if s])
+                                                                          "petseg-serving-s3").split(",") if s])
 
 
 def _fault_drill(step_name: str) -> None:

@@ -125,7 +125,7 @@ def trial_rows(trials: list[dict]) -> list[list[str]]:
 
 
 def run_summary(*, metrics: dict, dataset_fingerprint: str, model_fingerprint: str, released: bool,
-            manifest: dict | None, deployment: dict | None) -> dict:
+                manifest: dict | None, deployment: dict | None) -> dict:
     """The one-line-per-run facts `petseg runs` lists (test split, the served mask)."""
     figures = served(metrics)
     name, best = max(metrics["baselines"].items(), key=lambda item: item[1]["miou"])

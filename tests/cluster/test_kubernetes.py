@@ -533,7 +533,7 @@ def test_seldon_deployment_create_replace_and_wait(cluster, admin, seldon_crd):
     outcome = {}
     waiter = threading.Thread(target=lambda: outcome.update(
         applied=apply_object(rendered, namespace=namespace, api_client=runner, timeout=60,
-                                        poll_interval=0.2)))
+                             poll_interval=0.2)))
     waiter.start()
     _wait(lambda: admin["custom"].list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
           "the SeldonDeployment")
@@ -674,7 +674,7 @@ def ready_controller(admin, namespace: str, kind: str, name: str):
 
 @pytest.mark.parametrize("kind", ["SeldonDeployment", "InferenceService"])
 def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollbacks(cluster, admin, workdir,
-                                                                                     seldon_crd, mlserver_crds, kind):
+                                                                                    seldon_crd, mlserver_crds, kind):
     """Each change as the API server stores it, field by field; KServe's object under KServe's own schema."""
     from kubernetes import config
 
@@ -707,7 +707,7 @@ def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollba
         body = stored()
         if kind == "SeldonDeployment":
             assert [(p["name"], p["traffic"]) for p in body["spec"]["predictors"]] == [("petseg-1", 90),
-                                                                                      ("petseg-2", 10)]
+                                                                                       ("petseg-2", 10)]
         else:  # nothing the published schema does not know was pruned
             assert body["spec"]["predictor"]["canaryTrafficPercent"] == 10
             env = {item["name"]: item["value"] for item in body["spec"]["predictor"]["containers"][0]["env"]}

@@ -157,7 +157,7 @@ def test_without_a_transport_events_are_kept_and_a_failed_step_sends_fail(resume
         train = [e["eventType"] for e in events if e["job"]["name"] == "PetSegFlow.train"]
         assert train == (["START", "FAIL"] if origin is None else ["START", "COMPLETE"])
     failure = next(e for e in json.loads("[" + ",".join(petseg("lineage", failed.id, "--openlineage").stdout
-                                                       .splitlines()) + "]") if e["eventType"] == "FAIL")
+                                                        .splitlines()) + "]") if e["eventType"] == "FAIL")
     assert "PETSEG_FAIL_AT=train" in failure["run"]["facets"]["errorMessage"]["message"]
 
 

@@ -47,8 +47,8 @@ def _untrusted_key(folder: Path, tmp_path: Path) -> str:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("sha256")
     files, signer = bundle.signed_files(model_keras=(folder / "model.keras").read_bytes(),
-                                         calibration=json.loads((folder / "calibration.json").read_text()),
-                                         manifest=manifest, signing_key=str(stranger))
+                                        calibration=json.loads((folder / "calibration.json").read_text()),
+                                        manifest=manifest, signing_key=str(stranger))
     for name in bundle.ALL_FILES:
         (folder / name).write_bytes(files[name])
     return f"signed by key {signer[:16]}, which is not trusted"
@@ -63,7 +63,7 @@ def _consistent_forgery(folder: Path, tmp_path: Path) -> str:
     manifest["sha256"]["calibration.json"] = hashlib.sha256(forged).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     assert bundle.check_files(manifest, {name: (folder / name).read_bytes() for name in bundle.HASHED_FILES},
-                               uri=str(folder)) is None  # the hashes alone would pass
+                              uri=str(folder)) is None  # the hashes alone would pass
     return f"calibration.json hashes to {hashlib.sha256(forged).hexdigest()} but was signed as"
 
 
@@ -73,8 +73,8 @@ def _other_provenance(folder: Path, tmp_path: Path) -> str:
     manifest.pop("sha256")
     other = dict(manifest, pathspec="PetSegFlow/1", run_id="1", version="petseg-1")
     files, _ = bundle.signed_files(model_keras=(folder / "model.keras").read_bytes(),
-                                    calibration=json.loads((folder / "calibration.json").read_text()),
-                                    manifest=other, signing_key=keys.signing_key_setting())
+                                   calibration=json.loads((folder / "calibration.json").read_text()),
+                                   manifest=other, signing_key=keys.signing_key_setting())
     (folder / signing.PROVENANCE).write_bytes(files[signing.PROVENANCE])
     return f"{signing.PROVENANCE} hashes to"
 
@@ -141,8 +141,8 @@ def test_a_signed_release_of_a_run_that_does_not_exist_fails_verify(release_dir,
     manifest.pop("sha256")
     manifest["pathspec"] = "PetSegFlow/999999999"
     files, _ = bundle.signed_files(model_keras=(release_dir / "model.keras").read_bytes(),
-                                    calibration=json.loads((release_dir / "calibration.json").read_text()),
-                                    manifest=manifest, signing_key=keys.signing_key_setting())
+                                   calibration=json.loads((release_dir / "calibration.json").read_text()),
+                                   manifest=manifest, signing_key=keys.signing_key_setting())
     target = bundle.write(str(tmp_path / "ghost"), files)
     result = petseg("verify", "--release", target)
     assert result.returncode == 1, result.stdout + result.stderr

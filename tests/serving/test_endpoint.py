@@ -30,7 +30,7 @@ def releases(release_dir, manifest, tmp_path_factory):
         dataset_fingerprint="e" * 64, code_version="0.1.0+test", metrics={}, settings={}, location=str(target),
         image_size=manifest["image_size"])
     bundle.export(str(target), model_keras=(release_dir / "model.keras").read_bytes(),
-                   calibration=json.loads((release_dir / "calibration.json").read_text()), manifest=second)
+                  calibration=json.loads((release_dir / "calibration.json").read_text()), manifest=second)
     return [{**endpoints.entry(manifest), "location": str(copy)},
             endpoints.entry(json.loads((target / "manifest.json").read_text()))]
 

@@ -302,7 +302,7 @@ _DATATYPES = st.sampled_from(["BOOL", "UINT16", "INT8", "INT64", "FP16", "FP32",
 
 
 _NOT_A_PIXEL = st.one_of(st.integers(256, 10**6), st.integers(-(10**6), -1), st.floats(0.1, 0.9), st.booleans(),
-                        st.none(), st.text(max_size=3), st.just([0]))
+                         st.none(), st.text(max_size=3), st.just([0]))
 
 
 @st.composite
@@ -415,7 +415,7 @@ def test_fingerprint_mismatch_refuses_to_start(release_dir, manifest, tmp_path):
     wrong = "0" * 64
     with pytest.raises(ServingError) as refused:
         local.deploy_local(release_dir, server="mlserver", log_path=tmp_path / "serving.log", timeout=300,
-                                  fingerprint=wrong)
+                           fingerprint=wrong)
     assert wrong in str(refused.value) and manifest["model_fingerprint"] in str(refused.value)
     assert "exited with status" in str(refused.value)
 

@@ -422,7 +422,7 @@ def test_release_loads_from_s3(s3, moto_endpoint, release_dir, manifest):
     for name in bundle.ALL_FILES:
         s3.upload_file(str(release_dir / name), "petseg", f"releases/v1/{name}")
     loaded = bundle.load_release("s3://petseg/releases/v1/", expected_fingerprint=manifest["model_fingerprint"],
-                                  s3_endpoint_url=moto_endpoint)
+                                 s3_endpoint_url=moto_endpoint)
     assert loaded.uri == "s3://petseg/releases/v1/" and loaded.signer
     assert loaded.tags()["model_fingerprint"] == manifest["model_fingerprint"]
 
@@ -493,7 +493,7 @@ def test_petseg_stop_leaves_no_process_of_a_detached_server(release_dir, tmp_pat
     import psutil
 
     deployment = local.deploy_local(release_dir, server=server_kind, log_path=tmp_path / "serving.log",
-                                           timeout=300)
+                                    timeout=300)
     leader = psutil.Process(deployment["pid"])
     processes = [leader, *leader.children(recursive=True)]
     assert len(processes) >= LIVENESS[server_kind][1]

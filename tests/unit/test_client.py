@@ -142,7 +142,7 @@ def test_commands_parse():
     parser = _cli()
     args = parser.parse_args(["feedback", "send", "--url", "http://h:1", "img.jpg", "truth.png", "--reward", "0.5"])
     assert (args.image, args.truth, args.reward, args.breed, args.protocol) == ("img.jpg", "truth.png", 0.5, None,
-                                                                              "seldon")
+                                                                                "seldon")
     args = parser.parse_args(["feedback", "accept", "/store", "feedback_1", "feedback_2", "--by", "ana"])
     assert (args.store, args.ids, args.by) == ("/store", ["feedback_1", "feedback_2"], "ana")
     assert parser.parse_args(["feedback", "list", "/store", "--status", "accepted"]).status == "accepted"

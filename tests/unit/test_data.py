@@ -371,7 +371,7 @@ def test_s3_source_and_feedback(s3, moto_endpoint, archives, extracted, referenc
     for path in sorted(p for p in feedback.rglob("*") if p.is_file()):
         s3.upload_file(str(path), "pets", f"feedback/{path.relative_to(feedback).as_posix()}")
     report = warehouse.ingest("s3://pets/oxford", tmp_path / "b", feedback="s3://pets/feedback/",
-                         s3_endpoint_url=moto_endpoint)
+                              s3_endpoint_url=moto_endpoint)
     local = warehouse.ingest(str(archives), tmp_path / "c", feedback=str(feedback))
     assert report["samples"] == COUNT + 1 and report["fingerprint"] == local["fingerprint"]
 
@@ -553,7 +553,7 @@ def test_accepted_feedback_goes_to_training_only_and_held_out_splits_stay_the_so
     report = warehouse.ingest(str(archives), tmp_path / "out", feedback=str(feedback))
     assert sorted(sample["id"] for sample in report["feedback_samples"]) == sorted(crafted.values())
     with_feedback = warehouse.transform(report["shards"], tmp_path / "with", official_test=None,
-                                   training_only=[sample["id"] for sample in report["feedback_samples"]])
+                                        training_only=[sample["id"] for sample in report["feedback_samples"]])
     without = warehouse.transform(reference["shards"], tmp_path / "without")
     assert all(with_feedback["manifest"][sample_id] == "training" for sample_id in crafted.values())
     for split in ("validation", "test", "calibration"):

@@ -56,7 +56,7 @@ def test_label_values_are_valid(value):
 
 def test_inference_service_runs_the_mlserver_launcher_with_the_release():
     rendered = kubernetes.render_inference_service(MANIFEST, image="registry/petseg:1.0", namespace="serving",
-                                                          secrets=["petseg-s3"], s3_endpoint_url="http://minio:9000")
+                                                   secrets=["petseg-s3"], s3_endpoint_url="http://minio:9000")
     assert (rendered["apiVersion"], rendered["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     assert rendered["metadata"]["name"] == "petseg-1732791234567890"
     assert rendered["metadata"]["annotations"]["petseg/model-fingerprint"] == "a" * 64
@@ -316,7 +316,7 @@ def test_apply_times_out_naming_the_deployment_and_its_last_state(monkeypatch, r
     _use(monkeypatch, StandInApi(states=["Creating"]))
     with pytest.raises(ServingError, match=r"SeldonDeployment serving/petseg-1732791234567890 .*last state: Creating"):
         kubernetes.apply_object(rendered, namespace="serving", api_client=object(), timeout=0.05,
-                                       poll_interval=0.01)
+                                poll_interval=0.01)
 
 
 def test_apply_reports_a_failed_deployment(monkeypatch, rendered):
@@ -336,7 +336,7 @@ def test_a_rollout_returns_what_the_flow_records(monkeypatch):
 
     api = _use(monkeypatch, StandInApi())
     result = rollout.roll_out(MANIFEST, endpoint="pets", who="ana", namespace="serving",
-                                         api_client=object(), timeout=5)
+                              api_client=object(), timeout=5)
     assert result == {"kind": "kubernetes", "server": "seldon", "endpoint": "pets", "name": "pets",
                       "namespace": "serving", "traffic": {"petseg-1732791234567890": 100},
                       "url": "/seldon/serving/pets/api/v1.0/predictions"}
@@ -378,7 +378,7 @@ def test_an_unknown_server_is_refused(tmp_path):
 def test_every_module_takes_its_servers_from_one_list():
     assert local.SERVERS == ("seldon", "mlserver") == servers.LOCAL
     assert rollout.SERVERS == {"seldon": "SeldonDeployment", "mlserver": "InferenceService",
-                                          "seldon-v2": "Experiment"}
+                               "seldon-v2": "Experiment"}
     assert client.PROTOCOLS == ("seldon", "v2")
     assert {name: server.protocol for name, server in servers.SERVERS.items()} == {
         "seldon": "seldon", "mlserver": "v2", "seldon-v2": "v2"}

@@ -193,8 +193,8 @@ def test_a_release_records_the_champion_it_replaces():
     assert replaced == {"version": "petseg-17", "location": "/releases/petseg-17", "model_fingerprint": "f" * 64,
                         "comparable": True}
     manifest = bundle.build_manifest(run_id="18", flow_name="PetSegFlow", model_fingerprint="a" * 64,
-                                      dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
-                                      location="/releases/petseg-18", image_size=128, replaces=replaced)
+                                     dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
+                                     location="/releases/petseg-18", image_size=128, replaces=replaced)
     assert manifest["replaces"] == replaced
 
 

@@ -22,8 +22,8 @@ def configure(argv: list[str]) -> int:
 def test_configure_writes_profile_without_credentials(tmp_path):
     code = configure(["configure", "kubernetes", "--s3-root", "s3://bucket/metaflow", "--namespace", "petseg",
                      "--image", "registry.example.com/petseg:1.0", "--endpoint-url", "http://127.0.0.1:9000",
-                     "--secret", "petseg-s3", "--service-account", "petseg", "--gpu", "1",
-                     "--home", str(tmp_path), "--profile", "test"])
+                      "--secret", "petseg-s3", "--service-account", "petseg", "--gpu", "1",
+                      "--home", str(tmp_path), "--profile", "test"])
     assert code == 0
     settings = json.loads((tmp_path / "config_test.json").read_text())
     assert settings["METAFLOW_DEFAULT_DATASTORE"] == "s3"

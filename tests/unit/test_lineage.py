@@ -137,7 +137,7 @@ def test_parents_are_the_stages_that_wrote_what_a_stage_read():
     assert {(i["name"], i["stage"]) for i in entry["inputs"]} == {("samples-00000.tfrecord", "ingest"),
                                                                   ("elsewhere.bin", None)}
     assert graph["stages"]["ingest"]["inputs"] == [{"name": "synth:8", "sha256": "d" * 64, "stage": None,
-                                                       "source": True}]
+                                                    "source": True}]
     assert graph["code"]["dirty"] and graph["code_version"] == "c-dirty"
     # A blob is matched against blobs, a file against files: the same hash as a file is not the shard.
     graph = lineage.record_stage(graph, "tune", files={"t": b"1"}, pathspec=f"{RUN}/tune/6",

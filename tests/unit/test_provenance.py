@@ -111,7 +111,7 @@ def small_release(tmp_path_factory):
     manifest = bundle.build_manifest(
         run_id="7", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small), dataset_fingerprint="d" * 64,
         code_version="c" * 40 + "-dirty", metrics={}, settings={"code": {"commit": "c" * 40, "dirty": True,
-                                                                           "code_package": "p" * 40}},
+                                                                         "code_package": "p" * 40}},
         location=str(target), image_size=32)
     bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
     return target
@@ -186,13 +186,13 @@ def events_of_a_task(error=None):
     graph = lineage.record_stage(graph, "calibrate", files={"calibration.json": b"{}"}, inputs=reads,
                                  pathspec="PetSegFlow/5/calibrate/8")
     inputs, outputs = openlineage.task_datasets(graph, pathspec="PetSegFlow/5/calibrate/8", reads=reads,
-                                                   writes=[], datastore_root="s3://bucket/metaflow")
+                                                writes=[], datastore_root="s3://bucket/metaflow")
     facts = {"namespace": "petseg", "pathspec": "PetSegFlow/5/calibrate/8", "attempt": 0, "origin_run_id": None,
              "code": CODE, "code_version": "a" * 40 + "-dirty", "determinism": {"seed": 42, "strict": True, "threads": 2},
              "split_rule": "md5", "image_size": 128, "engine_version": "2.19.39"}
     start = openlineage.task_event("START", **facts)
     end = openlineage.task_event("FAIL" if error else "COMPLETE", stage="calibrate", inputs=inputs,
-                                    outputs=outputs, error=error, model_fingerprint="f" * 64, **facts)
+                                 outputs=outputs, error=error, model_fingerprint="f" * 64, **facts)
     return [json.loads(openlineage.to_json(event)) for event in (start, end)]
 
 
@@ -242,9 +242,9 @@ def test_without_a_transport_events_are_kept_as_json_lines(tmp_path, where, requ
     location = openlineage.events_location(root, "PetSegFlow/5/calibrate/8")
     delivery = openlineage.Delivery(location=location, name="calibrate.8.0.jsonl", s3_endpoint_url=endpoint)
     start, complete = (openlineage.task_event(kind, namespace="petseg", pathspec="PetSegFlow/5/calibrate/8",
-                                                 attempt=0, origin_run_id=None, code=CODE, code_version="v",
-                                                 determinism={"seed": 1, "strict": False, "threads": 2},
-                                                 split_rule="md5", image_size=64)
+                                              attempt=0, origin_run_id=None, code=CODE, code_version="v",
+                                              determinism={"seed": 1, "strict": False, "threads": 2},
+                                              split_rule="md5", image_size=64)
                        for kind in ("START", "COMPLETE"))
     assert delivery.send(start) is None and delivery.send(complete) is None
     kept = openlineage.read_events(location, s3_endpoint_url=endpoint)

@@ -92,5 +92,5 @@ def test_the_store_works_under_an_s3_prefix(s3, moto_endpoint, tmp_path):
                         ["Body"].read())
     assert record["accepted_by"] == "rev"
     report = warehouse.ingest("synth:2", tmp_path / "out", feedback="s3://quarantine/feedback/",
-                         s3_endpoint_url=moto_endpoint)
+                              s3_endpoint_url=moto_endpoint)
     assert [sample["id"] for sample in report["feedback_samples"]] == [sample_id]

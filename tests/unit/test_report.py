@@ -12,7 +12,7 @@ def _metrics(champion: dict | None = None) -> dict:
     metrics = {"raw": _figures(0.72), "calibrated": _figures(0.71), "baselines": {"mean-mask": _figures(0.3)},
                "validation": {"raw": _figures(0.73), "calibrated": _figures(0.70), "baselines": {"mean-mask": _figures(0.3)}},
                "mask": {"source": "raw", "reason": "served mask: raw (validation mIoU 0.7000 calibrated, 0.7300 raw; "
-                                                  "calibration moves the argmax and lowers it)"}}
+                        "calibration moves the argmax and lowers it)"}}
     if champion is not None:
         metrics["champion"] = champion
     return metrics

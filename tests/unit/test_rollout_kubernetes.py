@@ -122,7 +122,7 @@ def test_seldon_rollback_of_a_canary_leaves_the_serving_release_alone():
 
 @pytest.mark.parametrize("kind", rollout.KINDS)
 def test_consecutive_rollbacks_walk_back_one_release_each_and_leave_no_route_behind(kind, kserve_schema,
-                                                                                     experiment_schema):
+                                                                                    experiment_schema):
     body = None
     for run in (1, 2, 3):
         body = rollout.rollout(body, _render(kind, run), endpoint="pets", who="ana")

@@ -67,15 +67,15 @@ def test_the_mask_output_comes_from_the_served_probabilities_beside_calibrated_o
 def test_a_manifest_naming_no_known_mask_source_does_not_load(tmp_path):
     model = _model()
     manifest = bundle.build_manifest(run_id="9", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(model),
-                                      dataset_fingerprint="d" * 64, code_version="0.1.0+test",
-                                      metrics={"mask": {"source": "raw"}}, settings={}, location=str(tmp_path / "r"),
-                                      image_size=SIDE)
+                                     dataset_fingerprint="d" * 64, code_version="0.1.0+test",
+                                     metrics={"mask": {"source": "raw"}}, settings={}, location=str(tmp_path / "r"),
+                                     image_size=SIDE)
     assert manifest["mask_source"] == "raw" and manifest["metrics"]["mask"] == {"source": "raw"}
     bundle.export(str(tmp_path / "r"), model_keras=models.to_bytes(model), calibration=BORDER_UP.to_dict(),
-                   manifest=manifest)
+                  manifest=manifest)
     assert bundle.load_release(str(tmp_path / "r")).mask_source == "raw"
     bundle.export(str(tmp_path / "bad"), model_keras=models.to_bytes(model), calibration=BORDER_UP.to_dict(),
-                   manifest={**manifest, "mask_source": "sometimes"})
+                  manifest={**manifest, "mask_source": "sometimes"})
     with pytest.raises(ModelError, match="field 'mask_source' is 'sometimes', expected one of calibrated, raw"):
         bundle.load_release(str(tmp_path / "bad"))
     assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["mask_source"] == "sometimes"
