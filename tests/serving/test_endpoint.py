@@ -12,7 +12,7 @@ import requests
 from serving_support import bearer
 
 from petseg import layout
-from petseg.deploy import endpoints, local_endpoint
+from petseg.deploy import endpoints, local, local_endpoint
 from petseg.errors import ConfigError
 from petseg.release import bundle
 
@@ -81,7 +81,7 @@ def test_switch_and_rollback_drop_no_request(releases, tokens_file):
         assert switched["url"] == url and switched["replaced"] == first["version"]
         assert set(versions) == {first["version"], second["version"]} and versions[-1] == second["version"]
         # Once the switch returned, the old server is gone.
-        assert local_endpoint.deploy_local.stop_local(started["backend"]["pid"]) is False
+        assert local.stop_local(started["backend"]["pid"]) is False
 
         [row] = local_endpoint.status(name)
         assert row["up"] and row["url"] == url and row["history"] == [first["version"]]
