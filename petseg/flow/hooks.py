@@ -198,11 +198,12 @@ class StepRecords(UserStepDecorator):
                                                            code_version=flow.settings["code_version"])
                     self._send(openlineage.flow_event("START", **self._run_facts(flow)))
                 self._send(openlineage.task_event("START", **self._task_facts(flow)))
-            elif exception is None and step_name in lineage.STAGES:
-                flow.lineage_graph = record_stage(flow, step_name)
+            files = task_files(flow, step_name) if exception is None else ([], [])
+            if exception is None and step_name in lineage.STAGES:
+                flow.lineage_graph = record_stage(flow, step_name, *files)
             if exception is None:
                 tag_earned(flow, step_name)
-            self._send(self._outcome(flow, step_name, exception))
+            self._send(self._outcome(flow, files, exception))
             if step_name == "end" and exception is None:
                 self._send(openlineage.flow_event("COMPLETE", **self._run_facts(flow)))
         except LineageError as err:
@@ -213,9 +214,9 @@ class StepRecords(UserStepDecorator):
             return exception, None
         return problem, None
 
-    def _outcome(self, flow, step_name, exception):
+    def _outcome(self, flow, files, exception):
         graph = _artifact(flow, "lineage_graph")
-        reads, writes = task_files(flow, step_name) if exception is None else ([], [])
+        reads, writes = files
         inputs, outputs = openlineage.task_datasets(graph, pathspec=current.pathspec, reads=reads, writes=writes,
                                                     datastore_root=stages.datastore_root(flow._datastore))
         stage = next((name for name, entry in (graph or {}).get("stages", {}).items()
@@ -279,11 +280,11 @@ def task_files(flow, step_name: str) -> tuple[list[dict], list[dict]]:
     return reads, writes
 
 
-def record_stage(flow, stage: str) -> dict:
-    """The run's lineage graph with this step's stage recorded (`petseg.lineage.graph.record_stage`) and, when the run
-    has a Pachyderm target, mirrored (`petseg.lineage.pachyderm.mirror_stage`)."""
+def record_stage(flow, stage: str, reads: list[dict], writes: list[dict]) -> dict:
+    """The run's lineage graph with this step's stage recorded (`petseg.lineage.graph.record_stage`) from what the
+    step read and wrote (`task_files`) and, when the run has a Pachyderm target, mirrored
+    (`petseg.lineage.pachyderm.mirror_stage`)."""
     files = {name: lineage.as_file(getattr(flow, artifact)) for name, artifact in lineage.STAGES[stage].outputs.items()}
-    reads, writes = task_files(flow, stage)
     graph = lineage.record_stage(flow.lineage_graph, stage, files=files, pathspec=current.pathspec, inputs=reads,
                                  blobs=writes, code_package=stages.code_package(),
                                  dataset_fingerprint=_artifact(flow, "dataset_fingerprint"),
