@@ -77,7 +77,7 @@ def blob_store(root: str) -> BlobStore:
 
 
 def _configure(settings: dict) -> dict:
-    """Seeds, threads, op determinism and CPU pins for this task: the one place a task sets its seed.
+    """Seeds, threads, op determinism and CPU pins for this task (`_fit` seeds again once its data is fetched).
 
     Called before the task imports TensorFlow: portable mode pins what TensorFlow reads when it loads.
     """
@@ -204,23 +204,31 @@ def transform(ingest_report: dict, *, store: str, rule: str) -> dict:
     return result
 
 
+def _fetch(split: str, splits: dict, store: str, work: str) -> list[str]:
+    """A split's shard files, fetched from the blob store into ``work``."""
+    return get_files(blob_store(store), splits["splits"][split], Path(work) / split)
+
+
 def _dataset(split: str, splits: dict, store: str, work: str, settings: dict, **options):
     from petseg.data import pipeline
 
-    local = get_files(blob_store(store), splits["splits"][split], Path(work) / split)
-    return pipeline.dataset(local, image_size=settings["image_size"], **options)
+    return pipeline.dataset(_fetch(split, splits, store, work), image_size=settings["image_size"], **options)
 
 
 # -- tune, select, train ------------------------------------------------------------------------------
 
 def _fit(config: dict, *, splits: dict, store: str, arch: str, epochs: int, settings: dict,
          work: str, log_dir: str | None = None):
-    from petseg.model import train
+    from petseg.data import pipeline
+    from petseg.model import determinism, train
 
     batch_size = config["batch_size"]
-    training = _dataset("training", splits, store, work, settings, batch_size=batch_size, shuffle=True,
-                        seed=settings["seed"], augment=True)
-    validation = _dataset("validation", splits, store, work, settings, batch_size=batch_size)
+    files = {split: _fetch(split, splits, store, work) for split in ("training", "validation")}
+    # Fetching from S3 draws from Python's random, which seeds Keras' initializers: seed again after it.
+    determinism.reseed(settings["seed"])
+    training = pipeline.dataset(files["training"], image_size=settings["image_size"], batch_size=batch_size,
+                                shuffle=True, seed=settings["seed"], augment=True)
+    validation = pipeline.dataset(files["validation"], image_size=settings["image_size"], batch_size=batch_size)
     model, history = train.fit(train=training, validation=validation, arch=arch, epochs=epochs,
                                learning_rate=config["learning_rate"], log_dir=log_dir)
     return model, history, validation

@@ -156,8 +156,7 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
         tf.config.experimental.enable_op_determinism()
     if portable:
         _require_numpy_pinned(cpu_kernels())
-    # Seeds Python random, NumPy, TensorFlow and Keras' global seed generator.
-    keras.utils.set_random_seed(seed)
+    reseed(seed)
     return {
         "seed": seed,
         "mode": "strict" if strict else "fast",
@@ -166,6 +165,21 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
         "portable": portable,
         "pins": dict(PORTABLE_PINS) if portable else {},
     }
+
+
+def reseed(seed: int) -> None:
+    """Seeds Python `random`, NumPy, TensorFlow and Keras' global seed generator again.
+
+    Keras draws each initializer's seed from Python's `random` when the layer is
+    built, so whatever else draws from it between `configure` and the model
+    (boto3's retries and transfers, when the data comes from S3) would change
+    the initial weights with the data store. Call it right before the model and
+    its data are built: the same seed then gives the same weights wherever the
+    data came from.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
 
 
 def cpu_kernels() -> dict:
