@@ -141,9 +141,9 @@ def serve_command(args: argparse.Namespace) -> int:
     options = {"server": args.server, "grpc_port": args.grpc_port, "host": args.host, "tokens_file": tokens_file}
     if Path(args.run).is_dir():
         return local.serve_foreground(args.run, args.port, **options)
-    manifest = runs.release_artifact(args.run, "manifest")
-    return local.serve_foreground(manifest["model_uri"], args.port, fingerprint=manifest["model_fingerprint"],
-                                  **options)
+    # The run's release, found without reading its artifacts (pickles); the server verifies it before loading.
+    location, _ = runs.release_location(args.run, s3_endpoint_url=storage.s3_endpoint(metaflow=True))
+    return local.serve_foreground(location, args.port, **options)
 
 
 def stop_command(args: argparse.Namespace) -> int:
