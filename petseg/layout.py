@@ -6,9 +6,10 @@ Beside Metaflow's datastore, under ``<datastore root>/petseg`` (a directory or `
 - ``releases/petseg-<run id>``: a run's signed release, the files of the release format and nothing else
   (`petseg.release.bundle`);
 - ``feedback/petseg-<run id>``: the feedback store of that release when it serves (`petseg.serving.quarantine`):
-  a prefix of its own, so a store's policy can let servers write feedback and only read releases;
+  a prefix of its own, so a store's policy can let servers add pending samples and only read releases;
 - ``seldon-models/petseg-<run id>``: the folder a Seldon Core v2 Model of that release loads, holding its
   ``model-settings.json`` alone, which names the release (`petseg.deploy.kubernetes.write_model_settings`);
+  unsigned, so the runtime serves the release it names only as the model its Model names (`is_model_of`);
 - ``openlineage/<flow>/<run id>``: the run's OpenLineage events as JSON lines (`petseg.lineage.openlineage`).
 
 Metaflow's artifacts are named ``<datastore root>/<flow>/<run id>/<step>/<task>/<artifact>`` (`artifact`).

@@ -60,8 +60,8 @@ DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2560Mi"}, "limits": 
 """From bench/serving_memory.py (docs/PERFORMANCE.md): a Seldon pod's processes hold about 2.1 GiB idle and
 2.6 GiB with four worst-case requests in flight; MLServer's 0.6 GiB idle, 1.5 GiB with two."""
 SERVING_SECRETS = ("petseg-serving-s3",)
-"""The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, write feedback,
-nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
+"""The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, add pending
+feedback samples, nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
 TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
 """The public keys a served release must be signed by (k8s/base/trusted-keys.template.yaml); no private key."""
 TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
