@@ -206,16 +206,6 @@ def _check_lineage(proved: _Proved, graph: dict, tally: Tally) -> None:
     tally.add("lineage records")
 
 
-def _read(location: Location, name: str) -> bytes | None:
-    """The bytes of ``name``, or None when it is not there (any other storage failure is raised)."""
-    try:
-        return location.read_bytes(name)
-    except StorageError as err:
-        if "not found" in str(err) or "No such file" in str(err):
-            return None
-        raise
-
-
 def check_data(store: BlobStore, report: dict, splits: dict, graph: dict, tally: Tally) -> str:
     """Re-hash the ingested and split shards and recompute the data set fingerprint, in constant memory.
 
