@@ -300,8 +300,9 @@ def release_artifact(spec: str, name: str) -> dict:
 def release_location(spec: str, *, s3_endpoint_url: str | None = None) -> tuple[str, object]:
     """Where a run's signed release is, found without reading any of the run's artifacts; and the run.
 
-    The run's datastore root is in its start task's metadata (``ds-root``), and a run's
-    release is `petseg.layout.Layout.release` beside it: that is where the release step wrote it.
+    The run's datastore root is in its tasks' metadata (``ds-root``; the release step's first, as a
+    metadata service may not record it for a task that ``resume`` cloned), and a run's release is
+    `petseg.layout.Layout.release` beside it: that is where the release step wrote it.
 
     Raises:
         RunError: no such run, one that recorded no datastore, or no release there.
@@ -310,18 +311,23 @@ def release_location(spec: str, *, s3_endpoint_url: str | None = None) -> tuple[
     from petseg.layout import Layout
 
     run = resolve_run(spec, finished=False)  # its status is an artifact: not read here
-    try:
-        root = run["start"].task.metadata_dict.get("ds-root")
-    except (KeyError, AttributeError):
-        root = None
+    root = next(filter(None, (_datastore_root(run, step) for step in ("release", "end", "start"))), None)
     if not root:
-        raise RunError(f"run {run.pathspec} recorded no datastore (its start step never ran), so it has no release")
+        raise RunError(f"run {run.pathspec} recorded no datastore (it never ran a step), so it has no release")
     location = Layout(root).release(run.id)
     if not storage.Location(location, s3_endpoint_url=s3_endpoint_url, what="release").exists("manifest.json"):
         raise RunError(f"run {run.pathspec} has no signed release at {location}: its model was not released (see "
                        f"`petseg show {run.id}`), or the release was removed. Only a run's signed release is checked "
                        "before any of its artifacts, which are pickles, is read")
     return location, run
+
+
+def _datastore_root(run, step: str) -> str | None:
+    """The datastore root a step's task recorded in its metadata, or None (no such step, or none recorded)."""
+    try:
+        return run[step].task.metadata_dict.get("ds-root")
+    except (KeyError, AttributeError):
+        return None
 
 
 def runs_of_model(prefix: str) -> list[str]:

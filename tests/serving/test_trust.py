@@ -94,3 +94,17 @@ def test_model_settings_that_name_another_release_than_their_model_start_no_serv
     assert result.returncode == 1
     assert (f"release {release_dir} is 'petseg-1234', but the model server was told to serve it as model "
             "'petseg-999_1', another release's") in result.stdout + result.stderr
+
+
+def test_a_resumed_run_leads_to_its_own_release_though_resume_cloned_its_first_steps(planted_run):
+    """Its release is looked for under its own id, from its metadata, and nothing of it is unpickled."""
+    id_file = Path(planted_run["root"]) / "resumed-id"
+    result = subprocess.run([sys.executable, str(PLANTED_FLOW), "resume", "end", "--origin-run-id", planted_run["id"],
+                             "--run-id-file", str(id_file)], cwd=planted_run["root"], env=planted_run["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = id_file.read_text().strip()
+    result = _petseg(planted_run, "verify", resumed)
+    release = Path(planted_run["root"]) / ".metaflow" / "petseg" / "releases" / f"petseg-{resumed}"
+    assert result.returncode == 2 and f"has no signed release at {release}" in result.stderr, result.stderr
+    assert not planted_run["sentinel"].exists()
