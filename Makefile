@@ -33,8 +33,10 @@ $(STAMP): requirements.lock requirements-dev.lock setup.py
 run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) flows/seg_flow.py run --max-workers $(WORKERS) $(ARGS)
 
-cluster-build:
+# The test cluster's binaries (kube-apiserver ... kubelet) and the project's image, cached in /var/cache/petseg-k8s.
+cluster-build: install
 	tests/support/cluster/build.sh
+	PYTHON=$(CURDIR)/$(PY) tests/support/cluster/image.sh >/dev/null
 
 # Every tier, fastest first (pytest.ini's testpaths): unit, serving, flow, cluster.
 test: install cluster-build
@@ -44,8 +46,14 @@ test: install cluster-build
 test-fast: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/unit
 
+# Docker where an engine answers, else podman, else buildah: the same Dockerfile.
 image:
-	docker build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
+	@if docker info >/dev/null 2>&1; then builder="docker build"; \
+	elif command -v podman >/dev/null 2>&1; then builder="podman build"; \
+	elif command -v buildah >/dev/null 2>&1; then builder="buildah bud"; \
+	else echo "error: no image builder: install Docker, podman or buildah" >&2; exit 1; fi; \
+	echo "$$builder --build-arg VARIANT=$(VARIANT) -t $(IMAGE) ."; \
+	$$builder --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .metaflow build *.egg-info

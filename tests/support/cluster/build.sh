@@ -21,19 +21,22 @@ set -euo pipefail
 
 CACHE="${PETSEG_K8S_CACHE:-/var/cache/petseg-k8s}"
 BIN="$CACHE/bin"
-BINARIES=(kube-apiserver kube-controller-manager kubectl)
-APT_PACKAGES=(etcd-server golang-go rsync build-essential dpkg-dev ca-certificates golang-github-modern-go-reflect2-dev)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+APT_PACKAGES=(etcd-server golang-go rsync build-essential dpkg-dev ca-certificates golang-github-modern-go-reflect2-dev
+              containerd runc containernetworking-plugins iptables conntrack buildah skopeo debootstrap libc6-dev)
 # Names what the cached binaries were built from; a change rebuilds them.
-BUILD_ID="kubernetes-1.20 debian-source reflect2-1.0.2"
+BUILD_ID="kubernetes-1.20 debian-source reflect2-1.0.2 node+pause"
 REFLECT2=/usr/share/gocode/src/github.com/modern-go/reflect2
 
 have_all() {
     local name
     [ "$(cat "$BIN/BUILD_ID" 2>/dev/null)" = "$BUILD_ID" ] || return 1
-    for name in "${BINARIES[@]}"; do
+    for name in "${BINARIES[@]}" pause; do
         [ -x "$BIN/$name" ] || return 1
     done
-    command -v etcd >/dev/null
+    for name in etcd containerd runc buildah; do
+        command -v "$name" >/dev/null || return 1
+    done
 }
 
 if have_all; then
@@ -90,11 +93,15 @@ fi
 # a plain `go build -mod=vendor` fails on this tree, make sets it up right.
 log "building ${BINARIES[*]} in $tree (several minutes)"
 export GOCACHE="$CACHE/go-build"
-(cd "$tree" && make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl")
+(cd "$tree" && make WHAT="$(printf 'cmd/%s ' "${BINARIES[@]}")")
 
 for name in "${BINARIES[@]}"; do
     install -m 0755 "$tree/_output/bin/$name" "$BIN/$name"
 done
+# The pod sandbox's pause program, from the same tree: no registry serves
+# the pause image here, so the cluster packs this binary as one.
+version="$(sed -n 's/^#define VERSION "\(.*\)"/\1/p' "$tree/build/pause/linux/pause.c" 2>/dev/null || true)"
+gcc -Os -static -Wall -Werror ${version:+-DVERSION="$version"} -o "$BIN/pause" "$tree/build/pause/linux/pause.c"
 echo "$BUILD_ID" > "$BIN/BUILD_ID"
 # The tree and Go's build cache take some 2.5 GB; the binaries are what counts.
 rm -rf "$tree" "$GOCACHE"

@@ -4,7 +4,7 @@
 #   tests/support/cluster/down.sh [DIR]      # default DIR: ${PETSEG_CLUSTER_DIR:-/tmp/petseg-cluster}
 #
 # Only the supervisor recorded in DIR/supervisor.pid is signalled; it stops the
-# processes it started (etcd, API server, controller manager, S3, node agent).
+# processes it started (etcd, the control plane, S3, containerd and its pods, the kubelet, the device plugin).
 set -euo pipefail
 
 dir="${1:-${PETSEG_CLUSTER_DIR:-/tmp/petseg-cluster}}"
@@ -17,7 +17,7 @@ pid="$(cat "$pidfile")"
 # The pid file may be stale and its number reused: signal only our supervisor.
 if kill -0 "$pid" 2>/dev/null && grep -q "cluster.py" "/proc/$pid/cmdline" 2>/dev/null; then
     kill -TERM "$pid"
-    for _ in $(seq 1 60); do
+    for _ in $(seq 1 240); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.5
     done

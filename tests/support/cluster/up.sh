@@ -6,22 +6,24 @@
 #   python flows/seg_flow.py run --with kubernetes ...
 #   tests/support/cluster/down.sh [DIR]
 #
-# Builds the control plane first if it is not cached (tests/support/cluster/build.sh).
-# PYTHON picks the interpreter whose packages the pods use (default: python3).
+# Builds the cluster's binaries and the project's image first if they are not
+# cached (build.sh, image.sh). Needs root (the node runs containers).
+# PYTHON picks the interpreter of the harness, S3 and the device plugin (default: .venv/bin/python).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 dir="${1:-${PETSEG_CLUSTER_DIR:-/tmp/petseg-cluster}}"
-python="${PYTHON:-python3}"
+python="${PYTHON:-$here/../../../.venv/bin/python}"
 
 if [ -f "$dir/supervisor.pid" ] && grep -q "cluster.py" "/proc/$(cat "$dir/supervisor.pid")/cmdline" 2>/dev/null; then
     echo "up.sh: a cluster already runs from $dir (pid $(cat "$dir/supervisor.pid")); stop it with tests/support/cluster/down.sh $dir" >&2
     exit 1
 fi
 "$here/build.sh"
+{ read -r image; read -r archive; } < <(PYTHON="$python" "$here/image.sh")
 mkdir -p "$dir"
 rm -f "$dir/env.sh"
-nohup "$python" "$here/cluster.py" --dir "$dir" > "$dir/supervisor.log" 2>&1 &
+nohup "$python" "$here/cluster.py" --dir "$dir" --image "$image" --image-archive "$archive" > "$dir/supervisor.log" 2>&1 &
 echo $! > "$dir/supervisor.pid"
 
 for _ in $(seq 1 600); do
