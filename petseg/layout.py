@@ -6,12 +6,14 @@ Beside Metaflow's datastore, under ``<datastore root>/petseg`` (a directory or `
 - ``releases/petseg-<run id>``: a run's signed release, the files of the release format and nothing else
   (`petseg.release.bundle`);
 - ``feedback/petseg-<run id>``: the feedback store of that release when it serves (`petseg.serving.quarantine`):
-  a prefix of its own, so a store's policy can let servers write feedback and only read releases;
+  a prefix of its own, so a store's policy can let servers add pending samples and only read releases;
 - ``seldon-models/petseg-<run id>``: the folder a Seldon Core v2 Model of that release loads, holding its
   ``model-settings.json`` alone, which names the release (`petseg.deploy.kubernetes.write_model_settings`);
+  unsigned, so the runtime serves the release it names only as the model its Model names (`is_model_of`);
 - ``openlineage/<flow>/<run id>``: the run's OpenLineage events as JSON lines (`petseg.lineage.openlineage`).
 
 Metaflow's artifacts are named ``<datastore root>/<flow>/<run id>/<step>/<task>/<artifact>`` (`artifact`).
+A release's objects on Kubernetes, and the model a Seldon Core v2 Model of it loads, are named `deployment_name`.
 
 A local deployment keeps what it writes while it serves (``deployment.json``, ``serving.log``) in the user's
 state directory (`deployment_dir`), never in the release: a signed release never changes.
@@ -90,6 +92,30 @@ class Layout:
 def release_name(run_id: str) -> str:
     """The version of a run's release: its name under `Layout.releases`."""
     return f"petseg-{run_id}"
+
+
+def deployment_name(version: str) -> str:
+    """``petseg-<short version>``: the name of a release's objects on Kubernetes (`petseg.deploy.kubernetes`), a
+    DNS-1123 label short enough for the objects Seldon derives from it.
+
+    Args:
+        version: The release version, ``petseg-<run id>``.
+
+    Returns:
+        The run id, lower-cased; ids that are long or not DNS-safe are cut and
+        get 8 hex digits of their hash, so that distinct versions keep distinct names.
+    """
+    short = version.removeprefix("petseg-")
+    safe = re.sub(r"[^a-z0-9]+", "-", short.lower()).strip("-")
+    if safe != short or len(safe) > 24:
+        safe = f"{safe[:15].strip('-')}-{hashlib.sha256(short.encode()).hexdigest()[:8]}".strip("-")
+    return f"petseg-{safe}"
+
+
+def is_model_of(model_name: str, version: str) -> bool:
+    """Whether a model server names a model as the release ``version``'s: its `deployment_name`, as a Seldon Core v2
+    Model of the release is named, with or without the ``_<generation>`` that Seldon's agent appends."""
+    return re.fullmatch(rf"{re.escape(deployment_name(version))}(_[0-9]+)?", model_name) is not None
 
 
 def beside(release: str, kind: str) -> str:

@@ -6,7 +6,8 @@ Run from this directory (or with it on PYTHONPATH):
 
 Environment (read here only; `petseg.serving.predictor` does the work):
 
-- MODEL_URI: release directory, ``s3://bucket/prefix`` or ``PetSegFlow/<id>`` (required).
+- MODEL_URI: a signed release, its directory or ``s3://bucket/prefix`` (required). A Metaflow run is
+  refused (its artifacts are pickles), and so is a release holding a file its signature does not cover.
 - MODEL_FINGERPRINT: expected model fingerprint; on a mismatch the server does not start.
 - PETSEG_TRUSTED_KEYS: the public key file or directory a release's signature must verify against
   (default: the trusted keys of petseg's configuration directory, `petseg.keys`); a release that is

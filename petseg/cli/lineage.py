@@ -9,7 +9,7 @@ fingerprint as ``model_fingerprint``; these commands read them from the run's
     petseg lineage 1716 --json           # the graph itself
     petseg lineage latest --openlineage  # the OpenLineage events kept beside the datastore
     petseg lineage --model 3f2a9c1d      # runs whose model fingerprint starts so
-    petseg verify latest                 # re-hash every file the run names (exit 1 at the first mismatch)
+    petseg verify latest                 # its signed release first, then every file the run names (exit 1 at the first mismatch)
     petseg verify --release DIR_OR_S3    # a release: its signature and provenance, then its files and its run
     petseg verify --model 3f2a9c1d       # every run that made the model
 """
@@ -51,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "manifest, reports) from wherever it lives, re-hash it, and check it against the run's "
                     "fingerprints, its lineage graph and, with --pachyderm, its Pachyderm commits. A release is "
                     "checked first for its signature and SLSA provenance, against the public keys that "
-                    "$PETSEG_TRUSTED_KEYS names (default: the keys directory of petseg's configuration). Exit 0 "
+                    "$PETSEG_TRUSTED_KEYS names (default: the keys directory of petseg's configuration); a run's "
+                    "release is checked before any of the run's artifacts, which are pickles, is read, and a run "
+                    "without a release is not verified. Exit 0 "
                     "with a one-line summary naming the signer's key when all match; exit 1 naming the first "
                     "check that does not.",
     )
@@ -140,20 +142,20 @@ def verify_command(args: argparse.Namespace) -> int:
             tally = verify.verify_release(args.release, s3_endpoint_url=endpoint, find_graph=runs.graph_of_pathspec)
             print(tally.summary(f"release {args.release}"))
             return 0
-        specs = [args.run] if args.run else [g["pathspec"] for g in
-                                             lineage.find_runs_by_model(args.model, runs.run_graphs())]
+        # Runs are found by their metadata and tags, and each run's signed release is verified before any of
+        # its artifacts (pickles) is read.
+        specs = [args.run] if args.run else runs.runs_of_model(args.model)
         if not specs:
             print(f"no finished {runs.FLOW} run produced a model with fingerprint {args.model}")
             return 1
         for spec in specs:
-            run = runs.resolve_run(spec)
-            graph = runs.run_graph(run.pathspec)
-            tally = verify.verify_run(graph, artifacts=runs.artifact_reader(run), blob_root=runs.blob_root_of(run),
+            location, run = runs.release_location(spec, s3_endpoint_url=endpoint)
+            tally = verify.verify_run(run.pathspec, release=location,
+                                      read_graph=lambda run=run: runs.run_graph(run.pathspec),
+                                      artifacts=runs.artifact_reader(run),
+                                      blob_root=lambda run=run: runs.blob_root_of(run),
                                       s3_endpoint_url=endpoint, pachyderm_address=args.pachyderm)
-            if args.pachyderm and not graph.get("pachyderm"):
-                tally.notes.append("not mirrored into Pachyderm")
-            print(tally.summary(f"{run.pathspec} (dataset {graph['dataset_fingerprint'][:12]}, "
-                                f"model {graph['model_fingerprint'][:12]})"))
+            print(tally.summary(tally.subject))
     except verify.Mismatch as mismatch:
         print(f"{'REFUSED' if isinstance(mismatch, verify.Refusal) else 'MISMATCH'} {mismatch}")
         return 1

@@ -19,7 +19,7 @@ import getpass
 import json
 from pathlib import Path
 
-from petseg import layout, servers, storage, tokens
+from petseg import keys, layout, servers, storage, tokens
 from petseg.deploy import client, endpoints, local, local_endpoint
 from petseg.errors import ServingError
 from petseg.lineage import runs
@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="which samples (default pending)")
     command.set_defaults(handler=feedback_list_command)
     for action, verb, handler in (
-            ("accept", "accept pending samples into what --feedback trains on", feedback_accept_command),
+            ("accept", "accept pending samples into what --feedback trains on, signed with your key "
+                       "($PETSEG_SIGNING_KEY, default petseg's; the flow must trust it)", feedback_accept_command),
             ("reject", "reject pending samples (their files are deleted)", feedback_reject_command)):
         command = actions.add_parser(action, help=verb)
         command.add_argument("store", help="the feedback store: a directory or s3:// prefix")
@@ -116,7 +117,7 @@ def feedback_list_command(args: argparse.Namespace) -> int:
 
 
 def feedback_accept_command(args: argparse.Namespace) -> int:
-    """Accept pending samples, recording who did it and when."""
+    """Accept pending samples, recording who did it and when, signed with the reviewer's key (`petseg.keys`)."""
     return _review(args)
 
 
@@ -127,10 +128,18 @@ def feedback_reject_command(args: argparse.Namespace) -> int:
 
 def _review(args: argparse.Namespace) -> int:
     store, reviewer = _store(args.store), args.by or getpass.getuser()
-    review = store.accept if args.action == "accept" else store.reject
+    if args.action == "reject":
+        for sample_id in args.ids:
+            record = store.reject(sample_id, reviewer=reviewer)
+            print(f"rejected {sample_id} (from {record['identity']}) by {reviewer}")
+        return 0
+    key, made = keys.ensure_signing_key()
+    if made:
+        print(f"Made signing key {key} and trusted it")
     for sample_id in args.ids:
-        record = review(sample_id, reviewer=reviewer)
-        print(f"{args.action}ed {sample_id} (from {record['identity']}) by {reviewer}")
+        record = store.accept(sample_id, reviewer=reviewer, signing_key=key)
+        print(f"accepted {sample_id} (from {record['identity']}) by {reviewer}, signed with key "
+              f"{keys.short(record['accepted_key'])}")
     return 0
 
 
@@ -141,9 +150,9 @@ def serve_command(args: argparse.Namespace) -> int:
     options = {"server": args.server, "grpc_port": args.grpc_port, "host": args.host, "tokens_file": tokens_file}
     if Path(args.run).is_dir():
         return local.serve_foreground(args.run, args.port, **options)
-    manifest = runs.release_artifact(args.run, "manifest")
-    return local.serve_foreground(manifest["model_uri"], args.port, fingerprint=manifest["model_fingerprint"],
-                                  **options)
+    # The run's release, found without reading its artifacts (pickles); the server verifies it before loading.
+    location, _ = runs.release_location(args.run, s3_endpoint_url=storage.s3_endpoint(metaflow=True))
+    return local.serve_foreground(location, args.port, **options)
 
 
 def stop_command(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ place only when everything succeeded, so a failure leaves no partial output.
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from petseg import oxford, storage
+from petseg.data import reviews
 from petseg.data import shards as shard_files
 from petseg.data.sources import ACCEPTED_SOURCES, stage
 from petseg.data.split import split_of
@@ -79,6 +79,7 @@ def ingest(
     shard_size: int = 128,
     s3_endpoint_url: str | None = None,
     data_dir: str | None = None,
+    trusted_keys: str | None = None,
 ) -> dict:
     """Read, check, preprocess and shard a data source.
 
@@ -89,17 +90,22 @@ def ingest(
         skip_bad: leave bad samples out (listed under ``"skipped"``)
             instead of stopping at the first one.
         feedback: optional feedback store (directory or ``s3://`` prefix,
-            `petseg.serving.quarantine`): only its reviewed, accepted samples
-            (``accepted/``, in the Oxford layout) are added to the source.
+            `petseg.serving.quarantine`): only its accepted samples (``accepted/``, in
+            the Oxford layout) whose acceptance a trusted reviewer's key signed
+            (`petseg.data.reviews`) are added to the source; any other sample there
+            stops the ingest, ``skip_bad`` or not.
         image_size: side of the stored square images and trimaps.
         shard_size: records per shard file.
         s3_endpoint_url: endpoint of a non-AWS S3 server (None for AWS).
         data_dir: tensorflow-datasets data directory (``tfds:`` only).
+        trusted_keys: the reviewers' public keys, a file or directory; default
+            `petseg.keys.trusted_keys_setting`.
 
     Returns:
         The ingest report: ``source``, ``feedback``, ``feedback_samples``
-        (the accepted samples added: id, sender, received, accepted_by,
-        accepted_at, content hash; `transform` puts them in training only), ``samples`` (count
+        (the accepted samples added, from their signed review records: id, sender,
+        received, release, content hash, breed, accepted_by, accepted_at and the
+        reviewer's key, ``accepted_key``; `transform` puts them in training only), ``samples`` (count
         written), ``skipped`` (``file``, ``source``, ``reason`` of each left
         out), ``fingerprint`` (sha256 over the sorted per-sample content
         hashes), ``shards`` (sorted paths) and ``species`` (counts of cat,
@@ -107,7 +113,8 @@ def ingest(
 
     Raises:
         DataError: the source is missing, unreadable or empty, an archive is
-            unsafe, or a sample is bad and ``skip_bad`` is false.
+            unsafe, a sample is bad and ``skip_bad`` is false, or an accepted
+            feedback sample's acceptance does not verify (naming it).
         ConfigError: ``image_size`` or ``shard_size`` is below 1.
     """
     for name, value in (("image_size", image_size), ("shard_size", shard_size)):
@@ -125,14 +132,12 @@ def ingest(
         official_test = read_official_test(root)
         accepted = []
         if feedback:
-            feedback_root = _stage_accepted(feedback, work / "feedback", fetch)
-            if feedback_root is not None:
-                extra = find_samples(feedback_root, origin=feedback)
-                samples = _merge(samples, extra)
-                species.update(read_species(feedback_root))
-                reviews = storage.Location(feedback.rstrip("/") + "/" + oxford.FEEDBACK_ACCEPTED,
-                                           s3_endpoint_url=s3_endpoint_url, what="feedback store")
-                accepted = [_review_record(reviews, sample.id) for sample in extra]
+            accepted = reviews.stage_accepted(feedback, work / "feedback", s3_endpoint_url=s3_endpoint_url,
+                                              trusted_keys=trusted_keys)
+            samples = _merge(samples, find_samples(work / "feedback", origin=feedback))
+            # The species of a feedback sample is its signed breed's.
+            species.update({sample["id"]: oxford.species_of(sample["breed"]) for sample in accepted
+                            if sample.get("breed")})
 
         hashes, skipped = [], []
         counts = {"cat": 0, "dog": 0, "unlisted": 0}
@@ -260,27 +265,6 @@ def read_official_test(root: Path) -> list[str] | None:
         raise DataError(f"annotations/{present[0]}.txt is present but annotations/{missing}.txt is not: "
                         "the official split needs both files (or neither)")
     return sorted(oxford.listed_ids(files["test"].read_text()))
-
-
-def _stage_accepted(feedback: str, dest: Path, fetch: dict) -> Path | None:
-    """The accepted samples of a feedback store, staged locally; None when it has none yet."""
-    accepted = feedback.rstrip("/") + "/" + oxford.FEEDBACK_ACCEPTED
-    if not storage.is_s3(feedback):
-        return Path(accepted) if (Path(accepted) / "images").is_dir() else None
-    if not storage.Location(accepted, s3_endpoint_url=fetch["s3_endpoint_url"], what="feedback store").names():
-        return None
-    return stage(accepted + "/", dest, **fetch)
-
-
-def _review_record(accepted: storage.Location, sample_id: str) -> dict:
-    """Who sent an accepted sample and who accepted it, from ``feedback/<id>.json`` beside it."""
-    name = f"feedback/{sample_id}.json"
-    if not accepted.exists(name):
-        raise DataError(f"{accepted.url(name)}: missing: an accepted feedback sample needs its review record "
-                        "(accept samples with `petseg feedback accept STORE ID`)")
-    record = json.loads(accepted.read_bytes(name))
-    keys = ("id", "identity", "received", "model_version", "content_sha256", "accepted_by", "accepted_at")
-    return {key: record.get(key) for key in keys}
 
 
 def _merge(samples: list[Sample], extra: list[Sample]) -> list[Sample]:

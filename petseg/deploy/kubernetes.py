@@ -20,7 +20,6 @@ it ready; `petseg.deploy.rollout` makes them one object per endpoint, with canar
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import yaml
 from petseg import layout
 from petseg.deploy.local import default_feedback_uri
 from petseg.errors import ConfigError, ServingError
+from petseg.layout import deployment_name
 from petseg.storage import Location
 
 if TYPE_CHECKING:  # imported where used: only applying a deployment needs it
@@ -60,30 +60,13 @@ DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2560Mi"}, "limits": 
 """From bench/serving_memory.py (docs/PERFORMANCE.md): a Seldon pod's processes hold about 2.1 GiB idle and
 2.6 GiB with four worst-case requests in flight; MLServer's 0.6 GiB idle, 1.5 GiB with two."""
 SERVING_SECRETS = ("petseg-serving-s3",)
-"""The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, write feedback,
-nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
+"""The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, add pending
+feedback samples, nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
 TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
 """The public keys a served release must be signed by (k8s/base/trusted-keys.template.yaml); no private key."""
 TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
 TOKENS_MOUNT = "/var/run/secrets/petseg-tokens"
 """Where a pod reads its bearer tokens (`petseg.tokens`): the Secret ``tokens_secret``, key ``tokens.json``."""
-
-
-def deployment_name(version: str) -> str:
-    """``petseg-<short version>``, a DNS-1123 label short enough for the objects Seldon derives from it.
-
-    Args:
-        version: The release version, ``petseg-<run id>``.
-
-    Returns:
-        The run id, lower-cased; ids that are long or not DNS-safe are cut and
-        get 8 hex digits of their hash, so that distinct versions keep distinct names.
-    """
-    short = version.removeprefix("petseg-")
-    safe = re.sub(r"[^a-z0-9]+", "-", short.lower()).strip("-")
-    if safe != short or len(safe) > 24:
-        safe = f"{safe[:15].strip('-')}-{hashlib.sha256(short.encode()).hexdigest()[:8]}".strip("-")
-    return f"petseg-{safe}"
 
 
 def label_value(value: str) -> str:
@@ -112,11 +95,11 @@ def render_seldon_deployment(
             model_fingerprint, dataset_fingerprint, code_version, model_uri).
         image: Container image with petseg and ``serving/`` (see Dockerfile).
         model_uri: What the pod loads; default the manifest's ``model_uri``.
-            Must be an ``s3://`` prefix or a ``PetSegFlow/<id>`` pathspec.
+            Must be an ``s3://`` prefix: a signed release (a server never loads a Metaflow run).
         namespace: Kubernetes namespace.
         replicas: Number of serving pods.
         feedback_uri: ``s3://`` prefix for feedback samples; default outside the release
-            (`petseg.deploy.local.default_feedback_uri`), none for a run pathspec.
+            (`petseg.deploy.local.default_feedback_uri`).
         s3_endpoint_url: Endpoint of a non-AWS S3 server (AWS_ENDPOINT_URL in the pod).
         secrets: Secrets whose keys become the pod's environment: the serving
             credential (`SERVING_SECRETS`), read-only on releases.
@@ -294,9 +277,9 @@ def apply_object(
 
 def _pod_model_uri(manifest: dict, model_uri: str | None) -> str:
     model_uri = model_uri or manifest.get("model_uri") or ""
-    if not (model_uri.startswith("s3://") or model_uri.startswith("PetSegFlow/")):
+    if not model_uri.startswith("s3://"):
         raise ConfigError(
-            f"a pod cannot load the release from {model_uri!r}: expected an s3:// prefix or PetSegFlow/<id> "
+            f"a pod cannot load the release from {model_uri!r}: expected the s3:// prefix of a signed release "
             "(release to S3 by running with the S3 datastore, or pass model_uri)"
         )
     return model_uri

@@ -65,8 +65,7 @@ def deploy_local(
     """Starts a model server for a release, detached, and waits until it predicts.
 
     Args:
-        release_dir: The release: a local directory, or any other model URI
-            the server loads (``s3://bucket/prefix``, ``PetSegFlow/<id>``).
+        release_dir: The signed release: a local directory, or the ``s3://bucket/prefix`` holding one.
         server: ``seldon`` (Seldon Core v1 protocol) or ``mlserver`` (Open Inference Protocol).
         port: REST port; None picks a free one. gRPC and metrics ports are
             always picked free.
@@ -76,7 +75,7 @@ def deploy_local(
         timeout: Seconds to wait until it predicts.
         fingerprint: Model fingerprint the server must find (MODEL_FINGERPRINT).
         feedback_uri: Feedback store (`petseg.serving.quarantine`); default
-            `default_feedback_uri`, outside the release (none for a run pathspec).
+            `default_feedback_uri`, outside the release.
         tokens_file: Bearer tokens (`petseg.tokens`); default `petseg.tokens.tokens_path`,
             made with one ``local`` identity when missing.
 
@@ -211,7 +210,7 @@ def serve_foreground(
         server: ``seldon`` or ``mlserver``.
         grpc_port: gRPC port; None picks a free one.
         fingerprint: Model fingerprint the server must find.
-        feedback_uri: Feedback store; default `default_feedback_uri` (none for a run pathspec).
+        feedback_uri: Feedback store; default `default_feedback_uri`.
         host: Address the server listens on (default ``127.0.0.1``; ``0.0.0.0``: every interface).
         tokens_file: Bearer tokens, as for `deploy_local`.
 
@@ -243,11 +242,9 @@ def serve_foreground(
         _end_session(process.pid, timeout=10.0)
 
 
-def default_feedback_uri(model_uri: str) -> str | None:
+def default_feedback_uri(model_uri: str) -> str:
     """Feedback of a release directory or ``s3://`` prefix, outside it (a signed release never changes):
-    `petseg.layout.feedback`; None for a run pathspec."""
-    if model_uri.startswith("PetSegFlow/"):
-        return None
+    `petseg.layout.feedback`."""
     return layout.feedback(model_uri)
 
 

@@ -30,11 +30,14 @@ serves the same runtime with MLServer's own REST behaviour (JSON tensors only,
 
 Settings (read here, as serving/PetSegModel.py reads them for the Seldon server):
 
-- the release: MODEL_URI, else ``parameters.uri`` of the model settings (MLServer
-  sets it to the folder of model-settings.json: a release directory holding one
-  serves itself, as Seldon Core v2 loads a Model's artifact folder);
+- the release: MODEL_URI (a release directory or ``s3://`` prefix, never a Metaflow run), else
+  ``parameters.uri`` of the model settings. Those settings are not signed (Seldon Core v2's agent
+  rewrites them), so a release they name is served only as its own model: the model's name (a Seldon
+  Core v2 Model's, which Seldon's agent writes into the settings) must be the signed manifest's
+  release's (`petseg.layout.is_model_of`), checked before the model loads. Model settings live
+  beside the release (`petseg.layout.seldon_model`), never in it: a release holding them is refused;
 - the model fingerprint the release must have: ``parameters.extra.model_fingerprint``
-  of the model settings, else MODEL_FINGERPRINT;
+  of the model settings, else MODEL_FINGERPRINT (the signed manifest's is checked in any case);
 - PETSEG_TRUSTED_KEYS: the public keys a release's signature must verify against (`petseg.keys`);
   a release that does not verify fails the load, and the server exits with status 1;
 - MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.serving.messages.Limits`);
@@ -109,6 +112,7 @@ class PetSegRuntime(MLModel):
             tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
             tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
         parameters = self.settings.parameters
+        chosen_by_settings = not os.environ.get("MODEL_URI")
         uri = os.environ.get("MODEL_URI") or (parameters.uri if parameters else None) or ""
         extra = (parameters.extra if parameters else None) or {}
         endpoint = storage.s3_endpoint()
@@ -117,6 +121,8 @@ class PetSegRuntime(MLModel):
                 uri,
                 expected_fingerprint=extra.get("model_fingerprint") or os.environ.get("MODEL_FINGERPRINT") or None,
                 s3_endpoint_url=endpoint,
+                # Unsigned settings chose the release: it must be the one the Model (the model's name) names.
+                model_name=self.name if chosen_by_settings else None,
             )
         except PetsegError as err:
             logging.getLogger("mlserver").error("refusing to serve %s: %s", uri, err)

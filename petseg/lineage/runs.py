@@ -6,6 +6,12 @@ the facts of a run, the differences between two runs, a run's lineage graph,
 its OpenLineage events kept beside its datastore, its artifacts and its
 release. RUN is a run id, ``PetSegFlow/<id>`` or ``latest``. A run that is
 unknown, of another flow or still running is a RunError, never a traceback.
+
+A run's artifacts are Metaflow pickles (even its status is one: the Client
+reads ``_success``): reading one runs whatever code its bytes name. Where a
+run leads to its signed release (`release_location`, `runs_of_model`), it is
+found from the run's metadata and tags alone, which are JSON, so that the
+release's signature is checked before anything of the run is unpickled.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from petseg.errors import RunError
+from petseg.errors import ConfigError, RunError
 
 FLOW = "PetSegFlow"
 FLOW_FILE = Path(__file__).resolve().parents[2] / "flows" / "seg_flow.py"
@@ -289,6 +295,60 @@ def release_artifact(spec: str, name: str) -> dict:
     if not value:
         raise RunError(f"run {run.pathspec} has no {name}: its model was not released or not deployed")
     return value
+
+
+def release_location(spec: str, *, s3_endpoint_url: str | None = None) -> tuple[str, object]:
+    """Where a run's signed release is, found without reading any of the run's artifacts; and the run.
+
+    The run's datastore root is in its tasks' metadata (``ds-root``; the release step's first, as a
+    metadata service may not record it for a task that ``resume`` cloned), and a run's release is
+    `petseg.layout.Layout.release` beside it: that is where the release step wrote it.
+
+    Raises:
+        RunError: no such run, one that recorded no datastore, or no release there.
+    """
+    from petseg import storage
+    from petseg.layout import Layout
+
+    run = resolve_run(spec, finished=False)  # its status is an artifact: not read here
+    root = next(filter(None, (_datastore_root(run, step) for step in ("release", "end", "start"))), None)
+    if not root:
+        raise RunError(f"run {run.pathspec} recorded no datastore (it never ran a step), so it has no release")
+    location = Layout(root).release(run.id)
+    if not storage.Location(location, s3_endpoint_url=s3_endpoint_url, what="release").exists("manifest.json"):
+        raise RunError(f"run {run.pathspec} has no signed release at {location}: its model was not released (see "
+                       f"`petseg show {run.id}`), or the release was removed. Only a run's signed release is checked "
+                       "before any of its artifacts, which are pickles, is read")
+    return location, run
+
+
+def _datastore_root(run, step: str) -> str | None:
+    """The datastore root a step's task recorded in its metadata, or None (no such step, or none recorded)."""
+    try:
+        return run[step].task.metadata_dict.get("ds-root")
+    except (KeyError, AttributeError):
+        return None
+
+
+def runs_of_model(prefix: str) -> list[str]:
+    """The pathspecs of runs tagged ``model:<fingerprint>`` with a fingerprint starting with ``prefix``, newest
+    first: found from the runs' tags (metadata), never from their artifacts.
+
+    Raises:
+        ConfigError: ``prefix`` has fewer than 8 characters.
+    """
+    from metaflow import Flow, namespace
+    from metaflow.exception import MetaflowNotFound
+
+    wanted = prefix.strip().lower()
+    if len(wanted) < 8:
+        raise ConfigError(f"model fingerprint {prefix!r} is too short: give at least 8 characters")
+    namespace(None)
+    try:
+        found = list(Flow(FLOW).runs())
+    except MetaflowNotFound:
+        return []
+    return [run.pathspec for run in found if (_tag(run, "model") or "").lower().startswith(wanted)]
 
 
 def run_graph(run: str) -> dict:

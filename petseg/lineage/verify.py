@@ -2,6 +2,12 @@
 
 A run is proved in this order, stopping at the first file that does not match:
 
+0. its signed release (`verify_release`), before anything else of the run is
+   read: its signature and signed provenance against the trusted keys, its
+   files against the sha256 its manifest records, its architecture and weights
+   against the model fingerprint, and that it is this run's. The run's
+   artifacts, its lineage graph among them, are Metaflow pickles: they are
+   read only once the release verified (a run without one is not proved);
 1. every output its lineage graph records (ingest report, splits, trials,
    model, history, calibration table and report, metrics, manifest, gate
    decision): the run's artifact is turned into bytes again
@@ -12,10 +18,7 @@ A run is proved in this order, stopping at the first file that does not match:
    ingested shards, and the model fingerprint, recomputed from the weights;
    shards are streamed one at a time through a temporary file (`check_data`),
    so memory holds one record and the per-sample hashes, not the data set;
-4. the release, when the run released one (`verify_release`): its signature
-   and signed provenance against the trusted keys, its files against the
-   sha256 its manifest records, its architecture and weights against the model
-   fingerprint, and its manifest.json against the lineage graph;
+4. the release's manifest.json against the lineage graph;
 5. the Pachyderm commits of the run's stages, when a pachd is given: each
    finished, each file hashing to what the graph records.
 
@@ -60,11 +63,13 @@ class Refusal(Mismatch):
 
 @dataclass
 class Tally:
-    """What was checked, for the one-line summary; the key that signed the release, when one was checked."""
+    """What was checked, for the one-line summary; the key that signed the release, when one was checked; the run
+    proved, with its fingerprints, when one was."""
 
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     signer: str = ""
+    subject: str = ""
 
     def add(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n
@@ -81,28 +86,34 @@ def _same(what: str, where: str, expected: str | None, found: str | None) -> Non
         raise Mismatch(what, where, expected or "(none recorded)", found or "(missing)")
 
 
-def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_endpoint_url: str | None = None,
-               pachyderm_address: str | None = None, tally: Tally | None = None) -> Tally:
-    """Prove one finished run (see the module docstring).
+def verify_run(pathspec: str, *, release: str, read_graph: Callable[[], dict], artifacts: ArtifactReader,
+               blob_root: Callable[[], str], s3_endpoint_url: str | None = None, pachyderm_address: str | None = None,
+               tally: Tally | None = None) -> Tally:
+    """Prove one finished run (see the module docstring): its signed release first, then what it names.
 
     Args:
-        graph: the run's lineage graph.
-        artifacts: reads the run's artifacts, ``artifacts("train", "model_keras")``.
-        blob_root: the run's blob store (a directory or ``s3://`` prefix).
+        pathspec: the run (``PetSegFlow/<id>``): its release must name it.
+        release: where the run's release is (`petseg.layout.Layout.release`, found without reading an artifact).
+        read_graph: reads the run's lineage graph (an artifact: called only once the release verified).
+        artifacts: reads the run's artifacts, ``artifacts("train", "model_keras")`` (likewise).
+        blob_root: reads the run's blob store (a directory or ``s3://`` prefix; likewise).
         s3_endpoint_url: endpoint of a non-AWS S3 server.
         pachyderm_address: a pachd to check the run's commits in, or None.
         tally: counts to add to (a new one by default).
 
     Raises:
-        Mismatch: the first file that does not match.
+        Mismatch: the first file that does not match (`Refusal` for the release's signature and provenance).
         LineageError: the graph has another format (`petseg.lineage.graph.FORMAT`), or Pachyderm could not be read.
     """
+    tally = tally or Tally()
+    proved = _proved_release(release, s3_endpoint_url=s3_endpoint_url, pathspec=pathspec, tally=tally)
+    graph = read_graph()
     if graph.get("format") != FORMAT:
         raise LineageError(f"the lineage graph of {graph.get('pathspec')} has format {graph.get('format')}, and this "
                            f"petseg proves format {FORMAT} (stages named after their steps): verify that run with the "
                            f"petseg it was recorded by, code version {graph.get('code_version')}")
-    tally = tally or Tally()
-    pathspec = graph["pathspec"]
+    tally.subject = (f"{pathspec} (dataset {str(graph.get('dataset_fingerprint'))[:12]}, "
+                     f"model {str(graph.get('model_fingerprint'))[:12]})")
     for stage in STAGES:
         for name, recorded in graph["stages"].get(stage, {}).get("outputs", {}).items():
             artifact = STAGES[stage].outputs.get(name)
@@ -111,36 +122,59 @@ def verify_run(graph: dict, *, artifacts: ArtifactReader, blob_root: str, s3_end
             _same(f"{stage} output {name}", where, recorded["sha256"], found)
             tally.add("lineage outputs")
     report, splits = artifacts("ingest", "ingest_report"), artifacts("transform", "splits")
-    check_data(BlobStore(blob_root, s3_endpoint_url=s3_endpoint_url), report, splits, graph, tally)
+    check_data(BlobStore(blob_root(), s3_endpoint_url=s3_endpoint_url), report, splits, graph, tally)
     model_keras = artifacts("train", "model_keras")
     weights = _weights_fingerprint(model_keras, f"artifact {pathspec}/train/model_keras")
     _same("the model fingerprint", f"weights in artifact {pathspec}/train/model_keras",
           graph.get("model_fingerprint"), weights)
     tally.add("fingerprints")
-    manifest = artifacts("release", "manifest")
-    if manifest:
-        verify_release(manifest["location"], s3_endpoint_url=s3_endpoint_url, graph=graph, tally=tally)
+    _check_lineage(proved, graph, tally)
     if pachyderm_address and graph.get("pachyderm"):
         _check_pachyderm(graph, pachyderm_address, tally)
+    elif pachyderm_address:
+        tally.notes.append("not mirrored into Pachyderm")
     return tally
 
 
-def verify_release(location: str, *, s3_endpoint_url: str | None = None, graph: dict | None = None,
+def verify_release(location: str, *, s3_endpoint_url: str | None = None,
                    find_graph: Callable[[str], dict | None] | None = None, tally: Tally | None = None) -> Tally:
     """Prove a release directory or ``s3://`` prefix: its signature and provenance first (against the trusted
     keys, `petseg.release.bundle.verify_files`), then its files against its manifest and its weights against the
     model fingerprint, then the manifest against the lineage graph of the run that made it.
 
     Args:
-        graph: that run's lineage graph, when the caller has it.
-        find_graph: else, finds the graph of the run the verified manifest names (None: no such run).
+        find_graph: finds the graph of the run the verified manifest names (None: no such run); called only
+            once the release verified.
 
     Raises:
         Mismatch: the first check that failed (`Refusal` for the signature and provenance).
     """
+    tally = tally or Tally()
+    proved = _proved_release(location, s3_endpoint_url=s3_endpoint_url, tally=tally)
+    if find_graph is not None:
+        pathspec = proved.manifest.get("pathspec")
+        graph = find_graph(pathspec) if pathspec else None
+        if graph is None:
+            raise Mismatch("the run the release names", proved.where.url("manifest.json"),
+                           f"a finished run {pathspec} known to this Metaflow", "no such run")
+        _check_lineage(proved, graph, tally)
+    return tally
+
+
+@dataclass(frozen=True)
+class _Proved:
+    """A release that verified: where it is, its verified manifest and the sha256 of its manifest.json."""
+
+    where: Location
+    manifest: dict
+    manifest_sha256: str
+
+
+def _proved_release(location: str, *, s3_endpoint_url: str | None, tally: Tally,
+                    pathspec: str | None = None) -> _Proved:
+    """Verify a release (signature, provenance, files, fingerprint; with ``pathspec``, that it is that run's)."""
     from petseg.release import bundle
 
-    tally = tally or Tally()
     where = Location(location, s3_endpoint_url=s3_endpoint_url, what="release")
     try:
         files = bundle.release_bytes(location, s3_endpoint_url=s3_endpoint_url)
@@ -153,34 +187,23 @@ def verify_release(location: str, *, s3_endpoint_url: str | None = None, graph: 
     tally.signer = verified.signer
     claimed = str(verified.provenance["predicate"]["runDetails"]["metadata"].get("invocationId"))
     _same("the provenance's run", where.url(signing.PROVENANCE), manifest.get("pathspec"), claimed)
+    if pathspec is not None:
+        _same("the run the release names", where.url("manifest.json"), pathspec, manifest.get("pathspec"))
     weights = _weights_fingerprint(files["model.keras"], where.url("model.keras"))
     _same("the release's model fingerprint", f"architecture and weights in {where.url('model.keras')}",
           manifest.get("model_fingerprint"), weights)
     tally.add("fingerprints")
-    if graph is None and find_graph is not None:
-        graph = find_graph(manifest["pathspec"]) if manifest.get("pathspec") else None
-        if graph is None:
-            raise Mismatch("the run the release names", where.url("manifest.json"),
-                           f"a finished run {manifest.get('pathspec')} known to this Metaflow", "no such run")
-    if graph is not None:
-        entry = graph["stages"].get("release", {}).get("outputs", {}).get("manifest.json")
-        _same("release manifest.json", where.url("manifest.json"), entry["sha256"] if entry else None,
-              hashlib.sha256(files["manifest.json"]).hexdigest())
-        for key in ("model_fingerprint", "dataset_fingerprint"):
-            _same(f"the release's {key.replace('_', ' ')}", where.url("manifest.json"), graph.get(key),
-                  manifest.get(key))
-        tally.add("lineage records")
-    return tally
+    return _Proved(where, manifest, hashlib.sha256(files["manifest.json"]).hexdigest())
 
 
-def _read(location: Location, name: str) -> bytes | None:
-    """The bytes of ``name``, or None when it is not there (any other storage failure is raised)."""
-    try:
-        return location.read_bytes(name)
-    except StorageError as err:
-        if "not found" in str(err) or "No such file" in str(err):
-            return None
-        raise
+def _check_lineage(proved: _Proved, graph: dict, tally: Tally) -> None:
+    """The release's manifest.json and fingerprints against the lineage graph of its run."""
+    where = proved.where.url("manifest.json")
+    entry = graph["stages"].get("release", {}).get("outputs", {}).get("manifest.json")
+    _same("release manifest.json", where, entry["sha256"] if entry else None, proved.manifest_sha256)
+    for key in ("model_fingerprint", "dataset_fingerprint"):
+        _same(f"the release's {key.replace('_', ' ')}", where, graph.get(key), proved.manifest.get(key))
+    tally.add("lineage records")
 
 
 def check_data(store: BlobStore, report: dict, splits: dict, graph: dict, tally: Tally) -> str:

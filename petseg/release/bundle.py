@@ -8,16 +8,18 @@ sha256 of the other two, the model fingerprint over architecture and weights),
 (the OpenSSF model signature over every file), and nothing else: what serving
 it writes (a deployment's record and log, feedback) lives outside it
 (`petseg.layout`). It lives in a local directory or under an ``s3://`` prefix
-(`petseg.storage`), a run's under `petseg.layout.Layout.release`; a finished
-Metaflow run ``PetSegFlow/<id>`` holds the same files as artifacts of its release step.
+(`petseg.storage`), a run's under `petseg.layout.Layout.release`. (A finished
+Metaflow run holds the same files as artifacts of its release step, but
+artifacts are pickles: a release is never loaded from them.)
 
 `load_release` reads every file once and refuses a release that does not
-verify, in this order: no signature or a signer that is not trusted
+verify, in this order: a file that is not one of the release's (the signature
+does not cover it), no signature or a signer that is not trusted
 (`petseg.keys`), a file that differs from what was signed, provenance of other
 files (`petseg.release.provenance`), a file whose bytes do not hash to what the
-manifest records, a model whose fingerprint differs. The bytes it checked are
-the bytes it loads. (``petseg verify`` also checks the manifest against the
-run's lineage graph.)
+manifest records, another release than the model server was told to load, a
+model whose fingerprint differs. The bytes it checked are the bytes it loads.
+(``petseg verify`` also checks the manifest against the run's lineage graph.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from petseg import keys
 from petseg.errors import ConfigError, ModelError
-from petseg.layout import Layout, release_name
+from petseg.layout import Layout, is_model_of, release_name
 from petseg.model.calibration import MASK_SOURCES, Calibration
 from petseg.release import provenance, signing
 from petseg.storage import Location, failures, is_s3, staged_directory
@@ -237,37 +239,44 @@ class Release:
 
 def load_release(
     uri: str, *, expected_fingerprint: str | None = None, s3_endpoint_url: str | None = None,
-    trusted_keys: str | None = None,
+    trusted_keys: str | None = None, model_name: str | None = None,
 ) -> Release:
-    """Loads a release once it verifies: its signature and provenance first, then its hashes and fingerprint.
+    """Loads a release once it verifies: its files and signature first, then its hashes and fingerprint.
 
     Every file is read once into memory; those bytes are verified (`verify_files`)
     and those bytes are loaded, so a file cannot change between check and use.
 
     Args:
-        uri: A local release directory, an ``s3://bucket/prefix`` holding the
-            same files, or a Metaflow run ``PetSegFlow/<id>`` whose release step
-            holds ``model_keras``, ``calibration``, ``manifest`` and ``signatures``.
+        uri: A local release directory or an ``s3://bucket/prefix`` holding the same files.
         expected_fingerprint: When given, the model's fingerprint must equal it.
         s3_endpoint_url: Endpoint of a non-AWS S3 server.
         trusted_keys: A public key file or directory; default `petseg.keys.trusted_keys_setting`.
+        model_name: When given, the name a model server gives the model: it must be the signed
+            manifest's release's (`petseg.layout.is_model_of`), checked before the model is loaded.
 
     Returns:
         The release.
 
     Raises:
         ModelError: The release is missing, incomplete or unreadable, or does
-            not verify: unsigned, signed by a key that is not trusted, a file
-            that differs from what was signed, provenance of other files, files
-            that do not hash to what the manifest records, or weights and
+            not verify: a file the signature does not cover, unsigned, signed by a
+            key that is not trusted, a file that differs from what was signed,
+            provenance of other files, files that do not hash to what the manifest
+            records, another release than ``model_name``'s, or weights and
             architecture that do not match ``expected_fingerprint`` or the manifest.
         StorageError: A file of an ``s3://`` release could not be read.
-        ConfigError: ``uri`` is none of the accepted forms, or a trusted key is unreadable.
+        ConfigError: ``uri`` is none of the accepted forms (a Metaflow run among them), or a trusted
+            key is unreadable.
     """
     from petseg.model import unet as models  # Keras: only a loader needs it
 
     files = release_bytes(uri, s3_endpoint_url=s3_endpoint_url)
     verified = verify_files(files, uri=uri, trusted_keys=trusted_keys)
+    if model_name is not None and not is_model_of(model_name, str(verified.manifest.get("version", ""))):
+        raise ModelError(f"release {uri} is {verified.manifest.get('version')!r}, but the model server was told to "
+                         f"serve it as model {model_name!r}, another release's: the model settings that name the "
+                         "release point at another one than the Model; refusing it (write them again with "
+                         "`petseg.deploy.kubernetes.write_model_settings`)")
     model = models.from_bytes(files["model.keras"])
     calibration = Calibration.from_dict(_parse_json(files["calibration.json"], f"{uri} calibration.json"))
     release = Release(model, calibration, verified.manifest, str(uri), models.fingerprint(model), verified.signer)
@@ -312,27 +321,42 @@ def release_bytes(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, 
     """The bytes of a release's files (`ALL_FILES`, those present), read once.
 
     Raises:
-        ModelError: the release is missing or lacks a file of `RELEASE_FILES`.
+        ModelError: the release is missing, lacks a file of `RELEASE_FILES`, or holds anything else
+            (which its signature does not cover), naming it.
         StorageError: an ``s3://`` file could not be read.
-        ConfigError: ``uri`` is none of the accepted forms.
+        ConfigError: ``uri`` is none of the accepted forms: a Metaflow run ``PetSegFlow/<id>`` is refused,
+            saying where its release is.
     """
     if not uri:
-        raise ConfigError("no model to serve: expected a release directory, s3://bucket/prefix or PetSegFlow/<id>")
+        raise ConfigError("no model to serve: expected a release directory or s3://bucket/prefix")
     if is_s3(uri):
         location = Location(uri, s3_endpoint_url=s3_endpoint_url, what="release")
-        files = {name: location.read_bytes(name) for name in ALL_FILES if location.exists(name)}
+        present = location.names()
+        _refuse_unsigned(uri, present)
+        files = {name: location.read_bytes(name) for name in ALL_FILES if name in present}
     elif Path(uri).is_dir():
         folder = Path(uri)
         with failures(uri, "read the release"):
+            _refuse_unsigned(uri, [entry.name for entry in folder.iterdir()])
             files = {name: (folder / name).read_bytes() for name in ALL_FILES if (folder / name).is_file()}
     elif _RUN_PATHSPEC.match(uri):
-        files = _release_of_run(uri)
+        raise ConfigError(f"model URI {uri} is a Metaflow run, whose artifacts are pickles that nothing checked: "
+                          "a model server loads only a signed release. Serve the run's release directory "
+                          "(`petseg serve RUN` finds it: <datastore root>/petseg/releases/petseg-<run id>)")
     else:
-        raise ConfigError(f"model URI {uri!r} is not a directory, s3://bucket/prefix or PetSegFlow/<id>")
+        raise ConfigError(f"model URI {uri!r} is not a release directory or s3://bucket/prefix")
     missing = [name for name in RELEASE_FILES if name not in files]
     if missing:
         raise ModelError(f"release {uri} lacks {', '.join(missing)}: expected {', '.join(ALL_FILES)}")
     return files
+
+
+def _refuse_unsigned(uri: str, names: list[str]) -> None:
+    """Refuse a release holding anything but `ALL_FILES`: its signature covers those and nothing else."""
+    extra = sorted(set(names) - set(ALL_FILES))
+    if extra:
+        raise ModelError(f"release {uri} holds {', '.join(extra)}, which its signature does not cover (a signed "
+                         f"release holds {', '.join(ALL_FILES)} and nothing else); refusing it: remove what was added")
 
 
 def check_files(manifest: dict, files: dict[str, bytes], *, uri: str) -> None:
@@ -379,25 +403,3 @@ def _parse_json(data: bytes, what: str) -> dict:
         return json.loads(data)
     except ValueError as err:
         raise ModelError(f"release file {what} is not readable JSON: {err}") from None
-
-
-def _release_of_run(pathspec: str) -> dict[str, bytes]:
-    # Metaflow only here: a server of a release directory or S3 prefix never imports it.
-    from metaflow import Run
-    from metaflow.exception import MetaflowException
-
-    try:
-        # Serve a run of any user or namespace: the pathspec names it exactly.
-        data = Run(pathspec, _namespace_check=False)["release"].task.data
-        model_keras, calibration, manifest = data.model_keras, data.calibration, data.manifest
-        signatures = getattr(data, "signatures", None) or {}
-    except (MetaflowException, KeyError, AttributeError) as err:
-        raise ModelError(
-            f"run {pathspec} has no released model ({type(err).__name__}: {err}); "
-            "expected a finished run whose release step passed the quality gate"
-        ) from None
-    if not manifest:
-        raise ModelError(f"run {pathspec} did not release a model: its quality gate failed")
-    # The manifest artifact is manifest.json parsed; written again as `release_files` writes it.
-    return {"model.keras": model_keras, "calibration.json": calibration_bytes(calibration),
-            "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode(), **signatures}

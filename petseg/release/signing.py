@@ -13,7 +13,8 @@ in-toto Statement signed offline with one P-256 key (no transparency log):
 `verify_directory` checks both against the trusted keys, naming what failed:
 no signature, a key that is not trusted, a file that changed, a provenance
 statement for other files. A release never changes once signed: every file
-in its folder is signed, and one more is "not signed".
+in its folder is signed, and one more is "not signed". The bundles are made
+and checked by `petseg.attestations`.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from petseg import keys
+from petseg import attestations, keys
+from petseg.attestations import one_line, signer_of
 from petseg.errors import ModelError
 
 SIGNATURE = "model.sig"
 PROVENANCE = "provenance.sigstore.json"
-_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
 def sign_directory(folder: Path, *, private_pem: bytes, provenance: dict) -> str:
@@ -46,24 +45,13 @@ def sign_directory(folder: Path, *, private_pem: bytes, provenance: dict) -> str
     """
     from model_signing import hashing, signing
 
-    with _key_file(private_pem) as key_path:
-        signer = _key_signer(key_path)
-        bundle = signer.sign(_StatementPayload(provenance))
-        (folder / PROVENANCE).write_text(bundle.bundle.to_json(), encoding="utf-8")
+    with attestations.private_key_file(private_pem) as key_path:
+        (folder / PROVENANCE).write_bytes(attestations.sign(provenance, key_path=key_path))
         config = signing.Config().use_elliptic_key_signer(private_key=key_path)
         config.set_hashing_config(hashing.Config().set_ignored_paths(
             paths=[folder / SIGNATURE], ignore_git_paths=False))
         config.sign(folder, folder / SIGNATURE)
     return keys.key_id(keys.public_pem_of(private_pem))
-
-
-def signer_of(bundle_json: bytes) -> str:
-    """The key id a bundle says signed it (its verification material's hint), unverified; '' when none."""
-    try:
-        material = json.loads(bundle_json)["verificationMaterial"]
-        return str((material.get("publicKey") or {}).get("hint") or "")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return ""
 
 
 def verify_directory(folder: Path, *, trusted: dict[str, Path], where: str, setting: str) -> tuple[str, dict]:
@@ -99,60 +87,18 @@ def verify_directory(folder: Path, *, trusted: dict[str, Path], where: str, sett
             folder, folder / SIGNATURE)
     except (ValueError, KeyError, TypeError) as err:
         raise ModelError(f"release {where} does not verify against key {keys.short(signer)}: "
-                         f"{_difference(folder) or _one_line(err)}; refusing it") from None
+                         f"{_difference(folder) or one_line(err)}; refusing it") from None
     provenance = _verified_statement(folder / PROVENANCE, key_path, where=where)
     return signer, provenance
 
 
 def _verified_statement(path: Path, key_path: Path, *, where: str) -> dict:
     """The in-toto Statement of a bundle whose DSSE signature verifies with the key."""
-    from model_signing._signing import sign_ec_key, sign_sigstore_pb
-
     try:
-        signature = sign_sigstore_pb.Signature.read(path)
-        # The library's own check of a key-signed bundle, without its model predicate's parsing.
-        payload_type, payload = sign_ec_key.Verifier(key_path)._verify_signed_content(signature)
-        if payload_type != _PAYLOAD_TYPE:
-            raise ValueError(f"payload type {payload_type}, expected {_PAYLOAD_TYPE}")
-        return json.loads(payload)
-    except Exception as err:  # the library raises what the bundle's parsing and cryptography raise
+        return attestations.verify(path.read_bytes(), key_path=key_path)
+    except ValueError as err:
         raise ModelError(f"release {where}: its provenance statement {PROVENANCE} does not verify against "
-                         f"key {keys.short(keys.key_id(key_path.read_bytes()))}: {_one_line(err)}") from None
-
-
-class _StatementPayload:
-    """A statement as the library's signers take it (``payload.statement.pb``)."""
-
-    def __init__(self, document: dict):
-        from google.protobuf import json_format
-        from in_toto_attestation.v1 import statement_pb2
-
-        self.statement = self
-        self.pb = json_format.ParseDict(document, statement_pb2.Statement())
-
-
-def _key_signer(key_path: Path):
-    from model_signing._signing import sign_ec_key
-
-    return sign_ec_key.Signer(key_path)
-
-
-class _key_file:
-    """The private key in a file only this process can read, for the library's signer (which takes a path)."""
-
-    def __init__(self, pem: bytes):
-        self.pem = pem
-
-    def __enter__(self) -> Path:
-        self.tmp = tempfile.TemporaryDirectory(prefix="petseg-key-")
-        path = Path(self.tmp.name) / "signing.key"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(self.pem)
-        return path
-
-    def __exit__(self, *exc) -> None:
-        self.tmp.cleanup()
+                         f"key {keys.short(keys.key_id(key_path.read_bytes()))}: {err}") from None
 
 
 def _difference(folder: Path) -> str:
@@ -174,10 +120,6 @@ def _difference(folder: Path) -> str:
             if digest != signed[name]:
                 found.append(f"{name} hashes to {digest} but was signed as {signed[name]}")
     return ", ".join(found) or "the signature itself does not verify"
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:600] or type(err).__name__
 
 
 def decode_envelope(bundle_json: bytes) -> dict:

@@ -10,10 +10,17 @@ list|accept|reject` reviews it. Under ``root`` (a directory or an
 - ``accepted/``: accepted samples in the Oxford layout (``images/<id>.jpg``,
   ``annotations/trimaps/<id>.png``, ``annotations/list.txt``) with their
   records in ``accepted/feedback/<id>.json``, which also name who accepted
-  them and when. Only this folder is read by ``--feedback``
-  (`petseg.data.warehouse.ingest`), and only into the training split (`petseg.data.split`);
+  them and when, and the reviewer's signed acceptance of the sample's bytes and
+  record, ``accepted/feedback/<id>.sig`` (`petseg.data.reviews`). Only this
+  folder is read by ``--feedback`` (`petseg.data.warehouse.ingest`), only samples
+  whose acceptance verifies against a trusted key, and only into the training
+  split (`petseg.data.split`);
 - ``rejected/<id>.json``: the record of a rejected sample (its files are deleted);
 - ``seen/<id>``: every id ever stored, so that a duplicate is dropped.
+
+A server writes ``pending/`` and ``seen/`` only (and a lock file in a
+directory): its credential needs no more, and holds no key a reviewer's
+acceptance could be signed with (see k8s/base/serving-s3-secret.template.yaml).
 
 Ids are ``feedback_<16 hex digits of the sha256 of image and trimap bytes>``.
 A sender may hold at most ``quota`` pending samples and the store at most
@@ -31,7 +38,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from petseg import oxford
+from petseg import keys, oxford
+from petseg.data import reviews
 from petseg.errors import DataError
 from petseg.serving.feedback import FeedbackSample, png
 from petseg.serving.messages import BadRequest
@@ -119,20 +127,33 @@ class FeedbackStore:
         records = [json.loads(self.location.read_bytes(name)) for name in names]
         return sorted(records, key=lambda record: record["id"])
 
-    def accept(self, sample_id: str, *, reviewer: str) -> dict:
-        """Moves a pending sample into ``accepted/``, recording who accepted it and when; its record.
+    def accept(self, sample_id: str, *, reviewer: str, signing_key: str) -> dict:
+        """Moves a pending sample into ``accepted/``, recording who accepted it and when, and signs that acceptance
+        of its bytes and record with the reviewer's key (`petseg.data.reviews`); its record.
+
+        The signature is written first and the image last: ingest reads a sample by its image, so it
+        never finds one half accepted.
+
+        Args:
+            reviewer: who accepts (recorded as ``accepted_by``).
+            signing_key: the reviewer's P-256 private key, a path or PEM text; its id is recorded as ``accepted_key``.
 
         Raises:
             DataError: no pending sample has that id.
+            ConfigError: the key is missing or not a P-256 private key.
         """
         record, base = self._find_pending(sample_id)
+        image, trimap = self.location.read_bytes(f"{base}.jpg"), self.location.read_bytes(f"{base}.png")
+        record.update(status="accepted", accepted_by=reviewer, accepted_at=_now(),
+                      accepted_key=keys.key_id(keys.public_pem_of(keys.private_pem(signing_key))))
         accepted = self._sub(oxford.FEEDBACK_ACCEPTED)
-        accepted.write_bytes(oxford.image_file(sample_id), self.location.read_bytes(f"{base}.jpg"))
-        accepted.write_bytes(oxford.trimap_file(sample_id), self.location.read_bytes(f"{base}.png"))
+        accepted.write_bytes(reviews.acceptance_file(sample_id), reviews.sign(
+            sample_id, image=image, trimap=trimap, record=record, signing_key=signing_key))
+        accepted.write_bytes(reviews.record_file(sample_id), _json(record))
         if record.get("breed"):
             self._list(accepted, sample_id, oxford.list_line(sample_id, record["breed"]))
-        record.update(status="accepted", accepted_by=reviewer, accepted_at=_now())
-        accepted.write_bytes(f"feedback/{sample_id}.json", _json(record))
+        accepted.write_bytes(oxford.trimap_file(sample_id), trimap)
+        accepted.write_bytes(oxford.image_file(sample_id), image)
         self._drop(base)
         return record
 

@@ -87,8 +87,15 @@ def _missing_run(folder: Path, tmp_path: Path) -> str:
     return "manifest.json hashes to"
 
 
+def _file_added(folder: Path, tmp_path: Path) -> str:
+    """One file more, which Python would run at start-up if the folder were on its path."""
+    (folder / "sitecustomize.py").write_text("import os\n")
+    return "holds sitecustomize.py, which its signature does not cover"
+
+
 FORGERIES = {"unsigned": _unsigned, "untrusted key": _untrusted_key, "rewritten file and hash": _consistent_forgery,
-             "provenance of another release": _other_provenance, "run that does not exist": _missing_run}
+             "provenance of another release": _other_provenance, "run that does not exist": _missing_run,
+             "a file added": _file_added}
 
 
 @pytest.fixture(scope="module", params=list(FORGERIES))

@@ -26,7 +26,7 @@ from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
 from petseg import layout
 from petseg.data import warehouse
 from petseg.deploy import client, local
-from petseg.errors import ModelError, ServingError
+from petseg.errors import ServingError
 from petseg.release import bundle
 from petseg.serving import predictor
 
@@ -425,28 +425,6 @@ def test_release_loads_from_s3(s3, moto_endpoint, release_dir, manifest):
                                  s3_endpoint_url=moto_endpoint)
     assert loaded.uri == "s3://petseg/releases/v1/" and loaded.signer
     assert loaded.tags()["model_fingerprint"] == manifest["model_fingerprint"]
-
-
-def test_release_loads_from_a_metaflow_run(monkeypatch, release_dir, manifest):
-    import metaflow
-
-    artifacts = type("Data", (), {"model_keras": (release_dir / "model.keras").read_bytes(),
-                                  "calibration": json.loads((release_dir / "calibration.json").read_text()),
-                                  "manifest": manifest,
-                                  "signatures": {name: (release_dir / name).read_bytes()
-                                                 for name in bundle.SIGNATURE_FILES}})
-    task = type("Task", (), {"data": artifacts})
-
-    def run(pathspec, _namespace_check=True):
-        assert pathspec == "PetSegFlow/1234" and _namespace_check is False
-        return {"release": type("Step", (), {"task": task})}
-
-    monkeypatch.setattr(metaflow, "Run", run)
-    loaded = bundle.load_release("PetSegFlow/1234")
-    assert loaded.tags()["pathspec"] == "PetSegFlow/1234" and loaded.signer
-    artifacts.signatures = {}
-    with pytest.raises(ModelError, match="release PetSegFlow/1234 is not signed"):
-        bundle.load_release("PetSegFlow/1234")
 
 
 # A path that answers without the model, and the fewest processes of a running server:

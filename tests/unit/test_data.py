@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petseg import oxford
-from petseg.data import archive, shards, synth, warehouse
+from petseg import keys, oxford
+from petseg.data import archive, reviews, shards, synth, warehouse
 from petseg.data.split import split_of
 from petseg.errors import DataError
 from petseg.oxford import SPLITS
@@ -285,7 +285,8 @@ def test_output_directory_must_be_new_or_empty(archives, tmp_path):
 
 
 def make_feedback(root, ids, extracted):
-    """Copy samples of ``extracted`` under new ids into a feedback store's accepted folder, with review records."""
+    """Copy samples of ``extracted`` under new ids into a feedback store's accepted folder, with review records and
+    acceptances signed by the (trusted) user's key, as `petseg feedback accept` leaves them."""
     accepted = root / "accepted"
     (accepted / "images").mkdir(parents=True)
     (accepted / "annotations" / "trimaps").mkdir(parents=True)
@@ -295,7 +296,11 @@ def make_feedback(root, ids, extracted):
             shutil.copy(extracted / folder / f"{old}{suffix}", accepted / folder / f"{new}{suffix}")
         record = {"id": new, "identity": "ana", "received": "2026-01-01T00:00:00+00:00", "model_version": "petseg-1",
                   "content_sha256": "0" * 64, "accepted_by": "bo", "accepted_at": "2026-01-02T00:00:00+00:00"}
-        (accepted / "feedback" / f"{new}.json").write_text(json.dumps(record))
+        (accepted / reviews.record_file(new)).write_text(json.dumps(record))
+        (accepted / reviews.acceptance_file(new)).write_bytes(reviews.sign(
+            new, image=(accepted / oxford.image_file(new)).read_bytes(),
+            trimap=(accepted / oxford.trimap_file(new)).read_bytes(), record=record,
+            signing_key=keys.ensure_signing_key()[0]))
     return root
 
 

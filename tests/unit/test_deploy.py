@@ -158,7 +158,6 @@ def test_feedback_goes_beside_the_releases_not_into_one():
     assert local.default_feedback_uri("s3://b/m/petseg/releases/petseg-7/") == "s3://b/m/petseg/feedback/petseg-7"
     assert local.default_feedback_uri("/data/releases/petseg-7") == "/data/feedback/petseg-7"
     assert local.default_feedback_uri("/data/my-release") == "/data/my-release-feedback"
-    assert local.default_feedback_uri("PetSegFlow/7") is None
 
 
 def test_render_labels_provenance_shortened_and_annotates_it_in_full():
@@ -181,10 +180,10 @@ def test_render_options():
     rendered = kubernetes.render_seldon_deployment(
         MANIFEST, image="petseg:latest", replicas=3, feedback_uri="s3://bucket/feedback/",
         s3_endpoint_url="http://minio:9000", secrets=["s3-credentials"],
-        resources={"limits": {"nvidia.com/gpu": 1}}, model_uri="PetSegFlow/1732791234567890")
+        resources={"limits": {"nvidia.com/gpu": 1}}, model_uri="s3://copies/petseg-1732791234567890/")
     container = _container(rendered)
     env = {item["name"]: item["value"] for item in container["env"]}
-    assert env["MODEL_URI"] == "PetSegFlow/1732791234567890"
+    assert env["MODEL_URI"] == "s3://copies/petseg-1732791234567890/"
     assert env["FEEDBACK_URI"] == "s3://bucket/feedback/" and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
@@ -204,6 +203,7 @@ def test_render_keeps_hostile_values_as_plain_strings():
     "options",
     [
         {"model_uri": "/home/me/release"},
+        {"model_uri": "PetSegFlow/1732791234567890"},  # a run's artifacts are pickles: pods load releases only
         {"namespace": "Not_A_Namespace"},
         {"replicas": 0},
         {"image": "has space"},

@@ -4,6 +4,7 @@ checkouts, a real S3 server (moto) and a real HTTP receiver on loopback."""
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lineage_schema import validate
 
 from harness import flip_one_byte
 from petseg import codeversion
+from petseg.cli import main as petseg
 from petseg.errors import ConfigError, LineageError, ModelError
 from petseg.flow import stages
 from petseg.lineage import graph as lineage
@@ -141,8 +143,6 @@ def test_a_release_with_one_byte_changed_does_not_load_or_verify(small_release, 
 
 
 def test_a_manifest_without_hashes_is_refused_by_its_signature_and_by_the_hash_check(small_release, tmp_path):
-    import shutil
-
     copy = tmp_path / "old"
     shutil.copytree(small_release, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -153,6 +153,44 @@ def test_a_manifest_without_hashes_is_refused_by_its_signature_and_by_the_hash_c
     files = {name: (copy / name).read_bytes() for name in bundle.HASHED_FILES}
     with pytest.raises(ModelError, match="records no sha256"):
         bundle.check_files(manifest, files, uri=str(copy))
+
+
+@pytest.mark.parametrize("added", ["sitecustomize.py", "model-settings.json", "extra/notes.txt", ".hidden"])
+def test_a_file_the_signature_does_not_cover_is_refused_naming_it(small_release, tmp_path, added, capsys):
+    copy = shutil.copytree(small_release, tmp_path / "petseg-7")
+    (copy / added).parent.mkdir(exist_ok=True)
+    (copy / added).write_text("import os\n")
+    says = f"release {copy} holds {added.split('/')[0]}, which its signature does not cover"
+    with pytest.raises(ModelError, match=says):
+        bundle.load_release(str(copy))
+    with pytest.raises(verify.Refusal, match=says):
+        verify.verify_release(str(copy))
+    assert petseg(["verify", "--release", str(copy)]) == 1
+    assert capsys.readouterr().out.startswith(f"REFUSED {says}")
+    (copy / added).unlink()  # removing what was added leaves the release as it was signed
+    if added.startswith("extra/"):
+        (copy / "extra").rmdir()
+    assert bundle.load_release(str(copy)).signer
+
+
+def test_a_model_server_serves_a_release_only_as_its_own_model(small_release):
+    assert bundle.load_release(str(small_release), model_name="petseg-7").manifest["version"] == "petseg-7"
+    assert bundle.load_release(str(small_release), model_name="petseg-7_3").signer  # Seldon's generation suffix
+    with pytest.raises(ModelError, match="is 'petseg-7', but the model server was told to serve it as model "
+                                         "'petseg-8', another release's"):
+        bundle.load_release(str(small_release), model_name="petseg-8")
+
+
+def test_a_metaflow_run_is_refused_as_a_model_uri_before_metaflow_is_asked(monkeypatch):
+    import metaflow
+
+    def never(*args, **kwargs):
+        pytest.fail("a server looked the run up: its artifacts are pickles")
+
+    monkeypatch.setattr(metaflow, "Run", never)
+    with pytest.raises(ConfigError, match="PetSegFlow/7 is a Metaflow run, whose artifacts are pickles.*"
+                                          "`petseg serve RUN` finds it"):
+        bundle.load_release("PetSegFlow/7")
 
 
 def test_a_release_on_s3_verifies_and_names_a_changed_file(s3, moto_endpoint, small_release):
@@ -168,6 +206,10 @@ def test_a_release_on_s3_verifies_and_names_a_changed_file(s3, moto_endpoint, sm
         verify.verify_release("s3://releases/r/petseg-7", s3_endpoint_url=moto_endpoint)
     assert refused.value.where == "s3://releases/r/petseg-7"
     with pytest.raises(ModelError, match="calibration.json hashes to"):
+        bundle.load_release("s3://releases/r/petseg-7/", s3_endpoint_url=moto_endpoint)
+    s3.upload_file(str(small_release / "calibration.json"), "releases", "r/petseg-7/calibration.json")
+    s3.put_object(Bucket="releases", Key="r/petseg-7/sitecustomize.py", Body=b"import os\n")
+    with pytest.raises(ModelError, match="holds sitecustomize.py, which its signature does not cover"):
         bundle.load_release("s3://releases/r/petseg-7/", s3_endpoint_url=moto_endpoint)
 
 
@@ -310,7 +352,33 @@ def test_file_hashes_of_a_release_are_those_of_its_files():
                                                       for name, data in {**files, **signatures}.items()}
 
 
-def test_a_graph_of_another_format_is_refused_by_name():
-    graph = {**lineage.new_graph(pathspec="PetSegFlow/5", code_version="c0ffee"), "format": 2}
-    with pytest.raises(LineageError, match="PetSegFlow/5 has format 2, and this petseg proves format 3.*c0ffee"):
-        verify.verify_run(graph, artifacts=lambda step, name: None, blob_root="/nowhere")
+def test_a_graph_of_another_format_is_refused_by_name(small_release):
+    graph = {**lineage.new_graph(pathspec="PetSegFlow/7", code_version="c0ffee"), "format": 2}
+    with pytest.raises(LineageError, match="PetSegFlow/7 has format 2, and this petseg proves format 3.*c0ffee"):
+        verify.verify_run("PetSegFlow/7", release=str(small_release), read_graph=lambda: graph,
+                          artifacts=lambda step, name: None, blob_root=lambda: "/nowhere")
+
+
+def _never(*args):
+    pytest.fail("a run's artifact (a pickle) was read before its signed release verified")
+
+
+def _with_a_file_added(release, tmp_path):
+    copy = shutil.copytree(release, tmp_path / release.name)
+    (copy / "sitecustomize.py").write_text("print('hello')\n")
+    return copy, "holds sitecustomize.py, which its signature does not cover"
+
+
+def _unsigned(release, tmp_path):
+    copy = shutil.copytree(release, tmp_path / release.name)
+    (copy / "model.sig").unlink()
+    return copy, "is not signed"
+
+
+@pytest.mark.parametrize("run, change", [("PetSegFlow/8", None), ("PetSegFlow/7", _with_a_file_added),
+                                         ("PetSegFlow/7", _unsigned)],
+                         ids=["another run's release", "a file added", "unsigned"])
+def test_a_run_is_not_read_before_its_signed_release_verifies(small_release, tmp_path, run, change):
+    release, says = change(small_release, tmp_path) if change else (small_release, "the run the release names")
+    with pytest.raises(verify.Mismatch, match=says):
+        verify.verify_run(run, release=str(release), read_graph=_never, artifacts=_never, blob_root=_never)
