@@ -32,6 +32,7 @@ def tokens_file():
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = [{"identity": name, "token": secret, "roles": roles} for name, (secret, roles) in TOKENS.items()]
     path.write_text(json.dumps({"tokens": entries}))
+    path.chmod(0o600)  # servers refuse a tokens file others can read
     yield path
     path.unlink()
 
