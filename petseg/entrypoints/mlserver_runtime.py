@@ -130,8 +130,7 @@ class PetSegRuntime(MLModel):
         self._limits = limits_from_environment()
         # Requests are answered on a pool of threads, one per core: TensorFlow, Pillow and
         # numpy release the GIL while they compute, and MLServer's event loop stays free.
-        threads = int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
-        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="petseg")
+        self._executor = concurrent.futures.ThreadPoolExecutor(runtime_threads(), thread_name_prefix="petseg")
         self._predictor = predictor.Predictor(loaded)
         self._tags = loaded.tags()
         self._fingerprint = loaded.fingerprint
@@ -217,6 +216,17 @@ class PetSegRuntime(MLModel):
 # -- the launcher -----------------------------------------------------------------------------------
 
 
+def runtime_threads() -> int:
+    """Threads answering requests: PETSEG_THREADS, default the cores this process may use."""
+    return int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
+
+
+def max_bodies() -> int:
+    """Requests with a body the edge reads and answers at once: MAX_BODIES, default twice `runtime_threads`
+    (each thread has the next request read while it answers one)."""
+    return int_setting("MAX_BODIES", 2 * runtime_threads())
+
+
 async def serve(folder: str) -> int:
     """Runs MLServer on the model settings under ``folder`` until it is stopped (SIGTERM, SIGINT).
 
@@ -231,7 +241,6 @@ async def serve(folder: str) -> int:
     from petseg.serving.v2_http import MetricsGate, OpenInferenceEdge
 
     limits = limits_from_environment()
-    max_bodies = int_setting("MAX_BODIES", 2 * int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0))))
     settings, models_settings = await load_settings(folder)
     settings.gzip_enabled = False  # the edge reads and rewrites bodies; on 2 cores gzip would also cost a core
     settings.debug = False  # no access log line per request
@@ -258,7 +267,7 @@ async def serve(folder: str) -> int:
     # each reading the app's live route list (routes a model's custom handlers add at load included).
     rest_app = server._rest_server._app
     rest_app.add_middleware(
-        OpenInferenceEdge, limits=limits, registered=rest_app.router.routes, tokens=table, max_bodies=max_bodies,
+        OpenInferenceEdge, limits=limits, registered=rest_app.router.routes, tokens=table, max_bodies=max_bodies(),
         feedback=feedback if os.environ.get("FEEDBACK_URI") else None)
     if server._metrics_server is not None:
         metrics_app = server._metrics_server._app

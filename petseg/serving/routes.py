@@ -98,12 +98,15 @@ def decide(path: str, method: str, table: dict[str, str | None], registered: dic
     raise NotServed(path, method, allowed)
 
 
-def authorize(tokens: TokenTable | None, authorization: str | None, *, role: str) -> str | None:
-    """The identity behind a request's ``Authorization`` header, or None for an open ``predict`` route.
+def authorize(tokens: TokenTable | None, authorization: str | None, *, role: str | None) -> str | None:
+    """The identity behind a request's ``Authorization`` header for a route that needs ``role``; None for an
+    `OPEN` route, and for a ``predict`` route of a server without tokens.
 
     Raises:
         AccessDenied: 401 or 403 (any role but ``predict`` on a server without tokens: 401).
     """
+    if role is OPEN:
+        return None
     if tokens is None:
         if role == PREDICT:
             return None

@@ -103,8 +103,6 @@ def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]],
             role = routes.SELDON[served_route(flask.current_app, request, routes.SELDON)]
         except routes.NotServed as err:
             return _not_served(request, err)
-        if role is routes.OPEN:
-            return None
         try:
             flask.g.petseg_identity = routes.authorize(tokens, request.headers.get("Authorization"), role=role)
             if request.endpoint == PREDICT_VIEW:
