@@ -90,6 +90,10 @@ class Backends:
             self.in_flight[url] = self.in_flight.get(url, 0) + step
 
 
+class _Stalled(Exception):
+    """The client stopped sending its request body for `IDLE_SECONDS`."""
+
+
 class _Body:
     """Exactly ``length`` bytes of a request body, read as they are sent on."""
 
@@ -97,7 +101,10 @@ class _Body:
         self.stream, self.left = stream, length
 
     def read(self, size: int = CHUNK) -> bytes:
-        data = self.stream.read(min(size if size > 0 else CHUNK, self.left)) if self.left else b""
+        try:
+            data = self.stream.read(min(size if size > 0 else CHUNK, self.left)) if self.left else b""
+        except TimeoutError:  # told apart from the backend's errors, which are OSErrors too
+            raise _Stalled from None
         self.left -= len(data)
         return data
 
@@ -126,16 +133,17 @@ class _JsonErrors(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _refuse(self, status: int, kind: str, message: str, *, headers: dict[str, str] | None = None) -> None:
-        """Drops the request's body (for at most `DRAIN_SECONDS`), answers a JSON error, then closes the
-        connection (a body it did not read cannot be taken for a request)."""
-        self._drain()
+    def _refuse(self, status: int, kind: str, message: str, *, headers: dict[str, str] | None = None,
+                unread: int | None = None) -> None:
+        """Drops the rest of the request's body (``unread`` bytes, default all of it; for at most `DRAIN_SECONDS`),
+        answers a JSON error, then closes the connection (a body it did not read cannot be taken for a request)."""
+        self._drain(unread)
         self.close_connection = True
         self._reply(status, {"status": {"status": "FAILURE", "reason": kind, "info": message}}, headers=headers)
 
-    def _drain(self) -> None:
+    def _drain(self, left: int | None) -> None:
         try:
-            left = int(self.headers.get("Content-Length") or 0)
+            left = int(self.headers.get("Content-Length") or 0) if left is None else left
         except ValueError:
             return
         deadline = time.monotonic() + DRAIN_SECONDS
@@ -209,14 +217,17 @@ class Handler(_JsonErrors):
         headers = {key: value for key, value in self.headers.items() if key.lower() not in HOP_BY_HOP}
         backends.count(url, 1)
         connection = http.client.HTTPConnection(target.hostname, target.port, timeout=BACKEND_TIMEOUT)
+        body = _Body(self.rfile, length)
         try:
             try:
-                connection.request(self.command, self.path, body=_Body(self.rfile, length) if length else None,
-                                   headers=headers)
+                connection.request(self.command, self.path, body=body if length else None, headers=headers)
                 answer = connection.getresponse()
+            except _Stalled:
+                return self._refuse(408, "REQUEST_TIMEOUT", f"the request body stalled for {IDLE_SECONDS:g} s",
+                                    unread=0)
             except OSError as err:
                 return self._refuse(502, "BACKEND_DOWN", f"release {serving.get('version')} at {url} did not "
-                                                         f"answer ({type(err).__name__}: {err})")
+                                                         f"answer ({type(err).__name__}: {err})", unread=body.left)
             self._relay(answer)
         finally:
             connection.close()

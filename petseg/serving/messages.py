@@ -75,7 +75,7 @@ class Limits:
         max_pixels: Largest number of pixels in one request (all images of a batch).
         max_list_pixels: Largest number of pixels sent or answered as JSON
             lists of numbers: Seldon ``data.ndarray`` and ``data.tensor``
-            requests (and so their answers), v2 UINT8 tensors sent as lists, and
+            requests (and so their answers) and feedback truths, v2 UINT8 tensors sent as lists, and
             the v2 ``probabilities`` output (a list on its way out of the
             runtime). A number in a Python list costs tens of bytes, so these
             forms cost about 400-500 bytes a pixel, measured in
