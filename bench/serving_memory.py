@@ -1,11 +1,11 @@
-"""Peak resident memory of the worst admissible request on both servers, alone and at full concurrency.
+"""Peak resident memory of the worst admissible request on both servers, alone, at full concurrency and beyond.
 
 For each checkout given (default: this one; ``--before DIR`` adds another,
 e.g. an older commit's worktree, measured in the same run), a worker process
 imports that checkout's petseg, starts both local deployments of one release
 (`petseg.deploy.local.deploy_local` with the default limits: MAX_IMAGE_BYTES,
-MAX_PIXELS) and measures, from ``/proc/PID/status`` of every process of each
-server's session:
+MAX_PIXELS, MAX_LIST_PIXELS) and measures, from ``/proc/PID/status`` of every
+process of each server's session:
 
 - idle: resident memory (VmRSS) after one small warm-up request;
 - one worst case: the peak (VmHWM, reset through ``/proc/PID/clear_refs``
@@ -16,9 +16,16 @@ server's session:
   and MAX_LIST_PIXELS admit (zeros, answered with an ndarray of
   probabilities); and the largest image answered with the v2 FP32
   probabilities (MAX_LIST_PIXELS where the checkout has that limit, else MAX_PIXELS);
+  and two bodies refused for their lists (a 16 MiB Seldon ndarray, a 16 MiB v2
+  UINT8 JSON list: 413), which cost what decoding them costs where the size is
+  checked only after the JSON is decoded;
 - full concurrency: the summed peaks of all the server's processes while as
-  many of those requests are in flight as the server answers at once
-  (gunicorn workers x threads; the runtime's threads), the pod's worst case.
+  many of those requests are in flight as the server reads at once (gunicorn
+  workers x threads; the runtime's MAX_BODIES, default twice its threads), the
+  pod's worst case;
+- beyond: the same with three times as many clients at once, and what they
+  were answered (the Seldon server's further connections wait in gunicorn's
+  queue; MLServer's wait for a body slot, then get 503).
 
 Prints one line per checkout, server and mode (MiB), the ratios after/before,
 and the machine. Usage:
@@ -41,7 +48,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("Seldon binData", "Seldon ndarray", "v2 mask", "v2 probabilities")
+MODES = ("Seldon binData", "Seldon ndarray", "Seldon ndarray refused", "v2 mask", "v2 probabilities",
+         "v2 list refused")
+BEYOND = 3
+"""Clients at once beyond full concurrency, as a multiple of it."""
 
 
 def _session(pid: int) -> list[int]:
@@ -94,12 +104,19 @@ def _request(mode: str, png: bytes, seldon: dict, mlserver: dict, auth: dict, li
     if mode == "Seldon binData":
         url, body = seldon["url"] + "/api/v1.0/predictions", json.dumps({"binData": base64.b64encode(png).decode()})
         headers = {"Content-Type": "application/json", **auth}
-    elif mode == "Seldon ndarray":
-        side = int((limits.max_bytes / 8.01) ** 0.5)  # "[0,0,0]," a pixel
-        side = min(side, int(getattr(limits, "max_list_pixels", side * side) ** 0.5))
+    elif mode.startswith("Seldon ndarray"):
+        side = int((limits.max_bytes / 8.01) ** 0.5)  # "[0,0,0]," a pixel: the largest the body admits
+        if mode == "Seldon ndarray":
+            side = min(side, int(getattr(limits, "max_list_pixels", side * side) ** 0.5))
         row = "[" + ",".join(["[0,0,0]"] * side) + "]"
         url = seldon["url"] + "/api/v1.0/predictions"
         body = '{"data":{"ndarray":[' + ",".join([row] * side) + "]}}"
+        headers = {"Content-Type": "application/json", **auth}
+    elif mode == "v2 list refused":
+        side = int((limits.max_bytes / 6.05) ** 0.5)  # "0," a number, three a pixel
+        url = mlserver["url"] + "/v2/models/petseg/infer"
+        body = ('{"inputs":[{"name":"image","datatype":"UINT8","shape":[1,%d,%d,3],"data":[%s]}]}'
+                % (side, side, ",".join(["0"] * (side * side * 3))))
         headers = {"Content-Type": "application/json", **auth}
     else:
         output = "mask" if mode == "v2 mask" else "probabilities"
@@ -117,6 +134,11 @@ def _request(mode: str, png: bytes, seldon: dict, mlserver: dict, auth: dict, li
             return type(err).__name__
 
     return send
+
+
+def _count(codes: list) -> str:
+    """Answers as counts: ``[200, 200, 503]`` as ``2x200 1x503``."""
+    return " ".join(f"{codes.count(code)}x{code}" for code in sorted(set(codes), key=str))
 
 
 def worker(checkout: str) -> dict:
@@ -150,9 +172,12 @@ def worker(checkout: str) -> dict:
                                           timeout=600)
             try:
                 workers, threads = local.gunicorn_sizing(local.available_cores())
-                concurrency = {"Seldon binData": workers * threads, "Seldon ndarray": workers * threads,
-                               "v2 mask": local.available_cores(),
-                               "v2 probabilities": local.available_cores()}
+                try:  # what the runtime reads at once; a checkout without that limit answered a thread's worth
+                    from petseg.entrypoints.mlserver_runtime import max_bodies
+                    at_once = max_bodies()
+                except ImportError:
+                    at_once = local.available_cores()
+                concurrency = {mode: workers * threads if mode.startswith("Seldon") else at_once for mode in MODES}
                 for mode in MODES:
                     deployment = seldon if mode.startswith("Seldon") else mlserver
                     pids = _session(deployment["pid"])
@@ -162,16 +187,21 @@ def worker(checkout: str) -> dict:
                     _reset_peaks(pids)
                     one = send()
                     single = max(_status(pid, "VmHWM") for pid in pids)
-                    _reset_peaks(pids)
-                    with concurrent.futures.ThreadPoolExecutor(concurrency[mode]) as pool:
-                        codes = list(pool.map(lambda _: send(), range(concurrency[mode])))
-                    full = sum(_status(pid, "VmHWM") for pid in _session(deployment["pid"]))
+                    peaks, codes = [], []
+                    for clients in (concurrency[mode], BEYOND * concurrency[mode]):
+                        _reset_peaks(_session(deployment["pid"]))
+                        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                            codes.append(list(pool.map(lambda _: send(), range(clients))))
+                        peaks.append(sum(_status(pid, "VmHWM") for pid in _session(deployment["pid"])))
+                    full, beyond = peaks
                     results[mode] = {"idle_mib": idle / 2**20, "one_peak_mib": single / 2**20,
                                      "concurrency": concurrency[mode], "full_peak_mib": full / 2**20,
-                                     "answers": [one] + codes}
-                    print(f"{checkout}  {mode:17s} idle {idle / 2**20:7.0f}  one worst case {single / 2**20:7.0f}  "
-                          f"{concurrency[mode]} at once {full / 2**20:7.0f} MiB  answers {sorted(set(map(str, [one] + codes)))}",
-                          flush=True)
+                                     "beyond_peak_mib": beyond / 2**20, "answers": [one] + codes[0],
+                                     "beyond_answers": codes[1]}
+                    print(f"{checkout}  {mode:22s} idle {idle / 2**20:6.0f}  one worst case {single / 2**20:6.0f}  "
+                          f"{concurrency[mode]} at once {full / 2**20:6.0f}  {BEYOND * concurrency[mode]} at once "
+                          f"{beyond / 2**20:6.0f} MiB  answers {sorted(set(map(str, [one] + codes[0])))}, "
+                          f"beyond {_count(codes[1])}", flush=True)
             finally:
                 local.stop_local(mlserver["pid"])
         finally:
@@ -210,8 +240,10 @@ def main() -> None:
     if len(results) == 2:
         before, after = results
         for mode in MODES:
-            print(f"{mode:17s} after/before: one worst case {after[mode]['one_peak_mib'] / before[mode]['one_peak_mib']:.2f}, "
-                  f"at full concurrency {after[mode]['full_peak_mib'] / before[mode]['full_peak_mib']:.2f}")
+            print(f"{mode:22s} after/before: one worst case "
+                  f"{after[mode]['one_peak_mib'] / before[mode]['one_peak_mib']:.2f}, at full concurrency "
+                  f"{after[mode]['full_peak_mib'] / before[mode]['full_peak_mib']:.2f}, beyond "
+                  f"{after[mode]['beyond_peak_mib'] / before[mode]['beyond_peak_mib']:.2f}")
     print(f"machine: {machine()}; worst case: {results[-1]['max_pixels']} pixels in a "
           f"{results[-1]['png_bytes']} byte PNG; {time.strftime('%Y-%m-%d')}")
     if args.json:

@@ -6,14 +6,17 @@ on Kubernetes a Secret mounted as that file) is JSON::
     {"tokens": [{"identity": "alice", "token": "<at least 32 characters>",
                  "roles": ["predict", "feedback"]}]}
 
-Roles: ``predict`` (prediction and inference requests), ``feedback`` (send
-labelled samples), ``operator`` (MLServer's model repository API: load,
-unload, index). A server holds a `TokenTable`; it asks `TokenTable.check`
+Roles: ``predict`` (prediction and inference requests, the Seldon server's
+model metadata, a local endpoint's status), ``feedback`` (send labelled
+samples), ``operator`` (MLServer's model repository API: load, unload, index;
+both servers' Prometheus metrics). Which route needs which role is
+`petseg.serving.routes`. A server holds a `TokenTable`; it asks `TokenTable.check`
 for the identity behind an ``Authorization: Bearer ...`` header, which
 compares the token with every known one by `hmac.compare_digest`. The
 command line sends the first token of the same file (`client_token`).
 `ensure_local_tokens` makes the file with one ``local`` identity
-(predict and feedback, no operator) when it is missing.
+(predict and feedback, no operator) when it is missing, readable by its owner
+only; `load` refuses a file that group or others may read or write.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 from petseg.errors import ConfigError, PetsegError
@@ -119,11 +123,14 @@ def load(path: str | os.PathLike) -> TokenTable:
     """Reads and checks a tokens file.
 
     Raises:
-        ConfigError: The file is missing, not JSON, or a token is malformed.
+        ConfigError: The file is missing, open to group or others (any permission bit beyond
+            the owner's: 0600 and 0400 pass), not JSON, or a token is malformed.
     """
     path = Path(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as handle:
+            _check_private(path, os.fstat(handle.fileno()).st_mode)
+            document = json.loads(handle.read())
     except OSError as err:
         raise ConfigError(f"tokens file {path}: cannot read it ({err.strerror}); set {TOKENS_ENV} "
                           "to a file made by `petseg serve` or a mounted Secret") from None
@@ -152,6 +159,13 @@ def load(path: str | os.PathLike) -> TokenTable:
     return TokenTable(tokens, source=str(path))
 
 
+def _check_private(path: Path, mode: int) -> None:
+    """Refuses a tokens file that group or others may read or write: whoever can read it can use every token."""
+    if stat.S_IMODE(mode) & 0o077:
+        raise ConfigError(f"tokens file {path} has mode {stat.S_IMODE(mode):04o}: group or others can read or write "
+                          f"its secrets; make it private with `chmod 600 {path}`")
+
+
 def ensure_local_tokens(path: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """Makes the tokens file with one ``local`` identity (predict, feedback) unless it exists.
 
@@ -177,7 +191,7 @@ def client_token(path: str | os.PathLike | None = None) -> str | None:
     """The token a client sends: the first one of the tokens file, or None when there is no file.
 
     Raises:
-        ConfigError: The file exists but is malformed.
+        ConfigError: The file exists but is malformed or open to group or others.
     """
     path = Path(path) if path is not None else tokens_path()
     if not path.exists():

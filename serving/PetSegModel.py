@@ -14,8 +14,10 @@ Environment (read here only; `petseg.serving.predictor` does the work):
   unsigned, signed by another key or changed since it was signed is refused, and the server does not start.
 - FEEDBACK_URI: directory or ``s3://`` prefix of the feedback store (`petseg.serving.quarantine`); unset, feedback is refused.
 - FEEDBACK_QUOTA, FEEDBACK_PENDING_CAP: most pending samples per identity and in the store (429 beyond).
-- PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); unset, predictions are open
-  and feedback is refused. With tokens, gRPC (which carries none to the model) is refused too.
+- PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`; a file group or others can
+  read is refused); unset, predictions and metadata are open and feedback is refused. Which route
+  needs which role is `petseg.serving.routes`; the rest answer 404 (`petseg.serving.seldon_http`).
+  With tokens, gRPC (which carries none to the model) is refused too.
 - MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.serving.messages.Limits`).
 - AWS_ENDPOINT_URL or METAFLOW_S3_ENDPOINT_URL: endpoint of a non-AWS S3 server (`petseg.storage.s3_endpoint`).
 """
@@ -32,7 +34,7 @@ from seldon_core.utils import json_to_seldon_message, seldon_message_to_json
 from petseg import storage, tokens
 from petseg.errors import PetsegError
 from petseg.release import bundle
-from petseg.serving import messages, predictor, quarantine
+from petseg.serving import messages, predictor, quarantine, seldon_http
 
 
 class PetSegModel:
@@ -50,7 +52,7 @@ class PetSegModel:
         # Per thread: gunicorn answers requests on several threads (petseg.deploy.local.gunicorn_sizing).
         self._pending = threading.local()
         # The wrapper registers this blueprint on its Flask app (see request_guard).
-        self.model_error_handler = predictor.request_guard(limits=self.limits, tags=self.tags, tokens=self.tokens)
+        self.model_error_handler = seldon_http.request_guard(limits=self.limits, tags=self.tags, tokens=self.tokens)
 
     def load(self) -> None:
         """Loads the release once per server process; a release that does not verify stops the server."""
@@ -78,7 +80,7 @@ class PetSegModel:
         try:
             answer, probs = self.service.predict(message)
         except messages.BadRequest as err:
-            raise predictor.Rejection(err, self.tags()) from None
+            raise seldon_http.Rejection(err, self.tags()) from None
         self._pending.metrics = predictor.prediction_metrics(probs, elapsed_ms=(time.perf_counter() - started) * 1000)
         answer["meta"] = {"tags": self.tags(), "metrics": self.metrics()}
         return json_to_seldon_message(answer) if is_proto else answer
@@ -89,7 +91,7 @@ class PetSegModel:
         try:
             stored = self.service.feedback(seldon_message_to_json(feedback), identity=flask.g.petseg_identity)
         except messages.BadRequest as err:
-            raise predictor.Rejection(err, self.tags()) from None
+            raise seldon_http.Rejection(err, self.tags()) from None
         return json_to_seldon_message({"jsonData": stored, "meta": {"tags": self.tags()}})
 
     def _refuse_grpc_with_tokens(self, *, feedback: bool = False) -> None:
@@ -98,7 +100,7 @@ class PetSegModel:
             return
         denied = tokens.AccessDenied(401, "this server needs a bearer token, which its gRPC port cannot check: "
                                           "use the REST port with Authorization: Bearer TOKEN")
-        raise predictor.Rejection(denied, self.tags())
+        raise seldon_http.Rejection(denied, self.tags())
 
     def health_status(self) -> dict:
         """One prediction on a blank image (raises, so the probe fails, when the model cannot answer)."""

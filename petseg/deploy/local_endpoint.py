@@ -18,6 +18,7 @@ import time
 
 import requests
 
+from petseg import tokens
 from petseg.deploy import endpoints, local
 from petseg.deploy.endpoints import STATUS_PATH
 from petseg.errors import ConfigError, ServingError
@@ -137,8 +138,11 @@ def _ensure_front(name: str, front: dict | None, *, port: int | None, host: str)
 
 
 def _status(url: str) -> dict | None:
+    """What the front at ``url`` says serves behind it (asked with the tokens file's first token), or None."""
+    token = tokens.client_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        answer = requests.get(url + STATUS_PATH, timeout=5)
+        answer = requests.get(url + STATUS_PATH, headers=headers, timeout=5)
     except requests.RequestException:
         return None
     return answer.json() if answer.status_code == 200 else None

@@ -21,9 +21,10 @@ stays off: an image costs TensorFlow nearly the same CPU time in a batch
 every request of a batch when one of them is bad.
 
 `main` is ``mlserver start FOLDER`` with petseg's HTTP edge in front
-(`petseg.serving.v2_http`: tokens, the closed repository API, feedback, body limit
-and 413, the binary data extension, 400 error bodies), the repository API of
-the gRPC port refused, and MLServer's gzip off; `petseg.deploy.local` runs it as
+(`petseg.serving.v2_http`: routes not served answer 404, tokens on every other route
+but health and model metadata, feedback, body limit and 413, bodies at once and 503,
+the binary data extension, 400 error bodies), its metrics port closed the same way,
+the repository API of the gRPC port refused, and MLServer's gzip off; `petseg.deploy.local` runs it as
 ``python -m petseg.entrypoints.mlserver_runtime FOLDER``. Plain ``mlserver start FOLDER``
 serves the same runtime with MLServer's own REST behaviour (JSON tensors only,
 422 for a body that is not an inference request, no body limit).
@@ -41,9 +42,14 @@ Settings (read here, as serving/PetSegModel.py reads them for the Seldon server)
 - PETSEG_TRUSTED_KEYS: the public keys a release's signature must verify against (`petseg.keys`);
   a release that does not verify fails the load, and the server exits with status 1;
 - MAX_IMAGE_BYTES, MAX_PIXELS, MAX_LIST_PIXELS: request limits (defaults in `petseg.serving.messages.Limits`);
-- PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`); with it, inference over
-  REST and gRPC needs a ``predict`` token (the edge checks REST; the runtime checks the
-  ``authorization`` metadata MLServer hands it for both); feedback always needs one;
+- PETSEG_TOKENS_FILE: bearer tokens and identities (`petseg.tokens`; a file group or others can
+  read is refused); with it, inference over REST and gRPC needs a ``predict`` token (the edge
+  checks REST, `petseg.serving.routes` saying which role each route needs; the runtime checks the
+  ``authorization`` metadata MLServer hands it for both); feedback always needs one, and so do
+  the repository API and the metrics port (``operator``);
+- MAX_BODIES: requests with a body read and answered at once (default: twice PETSEG_THREADS, so
+  that each thread has one request ready); another waits up to 10 s for one, then answers 503
+  with Retry-After;
 - FEEDBACK_URI, FEEDBACK_QUOTA, FEEDBACK_PENDING_CAP: the feedback store (`petseg.serving.quarantine`)
   behind ``POST /v2/models/petseg/feedback``; unset, feedback answers 404;
 - PETSEG_THREADS: threads answering requests (default: the cores this process may use);
@@ -130,8 +136,7 @@ class PetSegRuntime(MLModel):
         self._limits = limits_from_environment()
         # Requests are answered on a pool of threads, one per core: TensorFlow, Pillow and
         # numpy release the GIL while they compute, and MLServer's event loop stays free.
-        threads = int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
-        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="petseg")
+        self._executor = concurrent.futures.ThreadPoolExecutor(runtime_threads(), thread_name_prefix="petseg")
         self._predictor = predictor.Predictor(loaded)
         self._tags = loaded.tags()
         self._fingerprint = loaded.fingerprint
@@ -217,18 +222,29 @@ class PetSegRuntime(MLModel):
 # -- the launcher -----------------------------------------------------------------------------------
 
 
+def runtime_threads() -> int:
+    """Threads answering requests: PETSEG_THREADS, default the cores this process may use."""
+    return int_setting("PETSEG_THREADS", len(os.sched_getaffinity(0)))
+
+
+def max_bodies() -> int:
+    """Requests with a body the edge reads and answers at once: MAX_BODIES, default twice `runtime_threads`
+    (each thread has the next request read while it answers one)."""
+    return int_setting("MAX_BODIES", 2 * runtime_threads())
+
+
 async def serve(folder: str) -> int:
     """Runs MLServer on the model settings under ``folder`` until it is stopped (SIGTERM, SIGINT).
 
     Returns:
-        0 after a stop, 1 when the model did not load (the log says why).
+        0 after a stop, 1 when the model did not load, 2 when the tokens file is refused (the log says why).
     """
     import grpc
     from mlserver.cli.serve import load_settings
     from mlserver.grpc import utils as grpc_utils
     from mlserver.server import MLServer
 
-    from petseg.serving.v2_http import OpenInferenceEdge
+    from petseg.serving.v2_http import MetricsGate, OpenInferenceEdge
 
     limits = limits_from_environment()
     settings, models_settings = await load_settings(folder)
@@ -242,16 +258,27 @@ async def serve(folder: str) -> int:
     grpc_utils.STATUS_CODE_MAPPING.setdefault(401, grpc.StatusCode.UNAUTHENTICATED)
     grpc_utils.STATUS_CODE_MAPPING.setdefault(403, grpc.StatusCode.PERMISSION_DENIED)
     tokens_file = os.environ.get(tokens.TOKENS_ENV)
+    try:
+        table = tokens.load(tokens_file) if tokens_file else None
+    except PetsegError as err:
+        logging.getLogger("mlserver").error("refusing to start: %s", err)
+        return 2
     server = MLServer(settings)
 
     async def feedback(message: dict, identity: str) -> dict:
         model = await server._model_registry.get_model(models_settings[0].name)
         return await model.feedback(message, identity)
 
-    # MLServer builds its REST app in the constructor and gives no hook: the edge goes on it here.
-    server._rest_server._app.add_middleware(
-        OpenInferenceEdge, max_bytes=limits.max_bytes, tokens=tokens.load(tokens_file) if tokens_file else None,
+    # MLServer builds its REST and metrics apps in the constructor and gives no hook: the edges go on them here,
+    # each reading the app's live route list (routes a model's custom handlers add at load included).
+    rest_app = server._rest_server._app
+    rest_app.add_middleware(
+        OpenInferenceEdge, limits=limits, registered=rest_app.router.routes, tokens=table, max_bodies=max_bodies(),
         feedback=feedback if os.environ.get("FEEDBACK_URI") else None)
+    if server._metrics_server is not None:
+        metrics_app = server._metrics_server._app
+        metrics_app.add_middleware(MetricsGate, path=settings.metrics_endpoint, registered=metrics_app.router.routes,
+                                   tokens=table)
     # The gRPC port's repository service (index, load, unload) is not reachable: it is built on start.
     server._grpc_server._model_repository_handlers = ClosedRepository()
     await server.start(models_settings)

@@ -123,10 +123,11 @@ def _truth(truth: dict, *, limits: Limits) -> np.ndarray:
         values, _ = nested_numbers(data["ndarray"], where=f"{where}.data.ndarray")
     else:
         values, _ = tensor_numbers(data["tensor"])
-    if values.size == 0 or values.size // (values.shape[-1] if values.ndim == 3 else 1) > limits.max_pixels:
+    largest = min(limits.max_pixels, limits.max_list_pixels)
+    if values.size == 0 or values.size // (values.shape[-1] if values.ndim == 3 else 1) > largest:
         raise BadRequest(
-            "BAD_TRUTH", where=where, expected=f"a non-empty mask of at most {limits.max_pixels} pixels",
-            got=f"shape {values.shape}",
+            "BAD_TRUTH", where=where, got=f"shape {values.shape}",
+            expected=f"a non-empty mask of at most {largest} pixels as numbers (send larger masks as a PNG in binData)",
         )
     if not np.isfinite(values).all():
         raise BadRequest("BAD_TRUTH", where=where, expected="finite numbers", got="NaN or infinity")

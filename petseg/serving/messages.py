@@ -75,7 +75,7 @@ class Limits:
         max_pixels: Largest number of pixels in one request (all images of a batch).
         max_list_pixels: Largest number of pixels sent or answered as JSON
             lists of numbers: Seldon ``data.ndarray`` and ``data.tensor``
-            requests (and so their answers), v2 UINT8 tensors sent as lists, and
+            requests (and so their answers) and feedback truths, v2 UINT8 tensors sent as lists, and
             the v2 ``probabilities`` output (a list on its way out of the
             runtime). A number in a Python list costs tens of bytes, so these
             forms cost about 400-500 bytes a pixel, measured in
@@ -99,6 +99,33 @@ def limits_from_environment() -> Limits:
     return Limits(max_bytes=int_setting("MAX_IMAGE_BYTES", defaults.max_bytes),
                   max_pixels=int_setting("MAX_PIXELS", defaults.max_pixels),
                   max_list_pixels=int_setting("MAX_LIST_PIXELS", defaults.max_list_pixels))
+
+
+LIST_SLACK = 4096
+"""Commas a message may hold besides its lists of numbers (keys, names, tags, a batch of base64 strings)."""
+
+
+def check_list_size(text: bytes | str, *, limits: Limits, lists: int = 1, where: str = "request body") -> None:
+    """Refuses a JSON message with more numbers than ``lists`` lists of `Limits.max_list_pixels` RGB pixels
+    hold, before it is decoded.
+
+    Decoding JSON makes every number a Python object of tens of bytes: a
+    16 MiB body of small integers costs about 0.3 GB before its size can be
+    checked. In a JSON list every number but the first follows a comma, and
+    base64 has none, so the commas (one scan of the bytes) bound the numbers
+    a message can hold; a URL-encoded form carries them as ``%2C``.
+
+    Raises:
+        BadRequest: ``TOO_LARGE`` (413).
+    """
+    commas = sum(text.count(mark if isinstance(text, str) else mark.encode()) for mark in (",", "%2C", "%2c"))
+    allowed = lists * 3 * limits.max_list_pixels + LIST_SLACK
+    if commas > allowed:
+        raise BadRequest(
+            "TOO_LARGE", where=where, got=f"about {commas} values ({commas} commas)",
+            expected=f"at most {allowed} values in lists of numbers ({limits.max_list_pixels} RGB pixels a list; "
+                     "send larger images as binData or as bytes)",
+        )
 
 
 def int_setting(name: str, default: int) -> int:

@@ -1,4 +1,4 @@
-"""The model server: a release answering Seldon requests, and the edge where bad requests become HTTP 400.
+"""The model server: a release answering Seldon requests (predictions, feedback, health, metrics, metadata).
 
 The Seldon component `serving/PetSegModel.py` only reads its environment and
 adapts the Seldon wrapper; the serving work happens here, over plain values:
@@ -12,38 +12,24 @@ adapts the Seldon wrapper; the serving work happens here, over plain values:
   predictor, request limits, a `petseg.serving.quarantine.FeedbackStore`); answers
   predictions (`petseg.serving.messages`), feedback (stored as pending) and health checks.
 - `prediction_metrics` and `metadata`: Seldon custom metrics and model metadata.
-- `request_guard`, `read_message` and `Rejection`: a prediction without a
-  valid bearer token (when the server has tokens, `petseg.tokens`) and any
-  feedback without one answer 401 (403 for a token without the role); every
-  bad request becomes HTTP 400 (413 when too large, 429 over a feedback
-  quota) with a JSON body saying what was expected and what came, never a
-  500. A request is JSON (Content-Type application/json), or the form field
-  ``json`` that SeldonClient sends. The rest of a body refused unread (413,
-  401) is read for up to `DRAIN_SECONDS` before the answer goes out, so that
-  a client still sending it reads the answer, not a broken pipe.
+
+The Seldon wrapper's HTTP edge (routes, tokens, bad requests as 4xx) is
+`petseg.serving.seldon_http`.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import time
-from typing import Any, Callable
+from typing import Any
 
-import flask
 import numpy as np
 import tensorflow as tf
-from seldon_core.flask_utils import SeldonMicroserviceException
-from seldon_core.utils import json_to_feedback
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from petseg import oxford
 from petseg.errors import ModelError
 from petseg.release.bundle import Release
 from petseg.serving.feedback import parse_feedback
-from petseg.serving.messages import BadRequest, Limits, describe, eight_bits, encode_prediction, parse_prediction
+from petseg.serving.messages import BadRequest, Limits, eight_bits, encode_prediction, parse_prediction
 from petseg.serving.quarantine import FeedbackStore
-from petseg.tokens import AccessDenied, TokenTable
 
 # -- prediction -------------------------------------------------------------------------------------
 
@@ -250,180 +236,3 @@ def metadata() -> dict:
                       "binData and strData answers are RGB PNGs of probability * 255",
         },
     }
-
-
-# -- the Seldon wrapper's edge ----------------------------------------------------------------------
-
-# View names of the Seldon wrapper's REST routes (seldon_core.wrapper).
-PREDICT_VIEW = "Predict"
-FEEDBACK_VIEW = "SendFeedback"
-
-DRAIN_SECONDS = 10.0
-"""How long the rest of a refused body is read and dropped before the answer goes out (nginx's lingering close)."""
-
-PREDICT_ROLE, FEEDBACK_ROLE = "predict", "feedback"
-
-
-class Rejection(SeldonMicroserviceException):
-    """A `BadRequest` or `AccessDenied` as the Seldon wrapper answers it: its HTTP status with a JSON body.
-
-    The body is ``{"status": {"code": 400, "reason", "info", "status": "FAILURE"}, "meta": {"tags"}}``.
-
-    Args:
-        error: The bad request, or the missing or wrong token.
-        tags: Provenance tags of the served release.
-    """
-
-    def __init__(self, error: BadRequest | AccessDenied, tags: dict[str, str]):
-        super().__init__(str(error), status_code=error.status, reason=error.reason)
-        self.tags = tags
-
-    def __str__(self) -> str:
-        # What a gRPC client sees as the error's details.
-        return self.message
-
-    def to_dict(self) -> dict:
-        """The JSON body of the answer."""
-        return {
-            "status": {"code": self.status_code, "reason": self.reason, "info": self.message, "status": "FAILURE"},
-            "meta": {"tags": self.tags},
-        }
-
-
-def request_guard(*, limits: Limits, tags: Callable[[], dict[str, str]],
-                  tokens: TokenTable | None = None) -> flask.Blueprint:
-    """A Flask blueprint that vets prediction and feedback requests before the wrapper reads them.
-
-    First the token: feedback always needs one with the ``feedback`` role (no
-    tokens, no feedback), a prediction one with the ``predict`` role when the
-    server has tokens; the identity goes to ``flask.g.petseg_identity``.
-
-    The Seldon wrapper parses a request before the model sees it and answers
-    some bad ones with HTTP 500: a wrong Content-Type, JSON it cannot decode
-    in a form field, a Feedback message the protobuf parser rejects (invalid
-    base64 binData, unknown fields). The wrapper registers a model's
-    ``model_error_handler`` blueprint on its app; this one checks the body,
-    the Content-Type and the JSON first (and all of a feedback message), and
-    answers what it cannot use with a `Rejection`.
-
-    Args:
-        limits: Size limits; the body may hold at most ``limits.max_bytes``.
-        tags: Returns the provenance tags for error answers.
-        tokens: The bearer tokens the server accepts; None: predictions are open, feedback is refused.
-
-    Returns:
-        The blueprint.
-    """
-    guard = flask.Blueprint("petseg_request_guard", __name__)
-
-    @guard.before_app_request
-    def vet_request():
-        request = flask.request
-        if request.endpoint not in (PREDICT_VIEW, FEEDBACK_VIEW):
-            return
-        try:
-            flask.g.petseg_identity = authorize(tokens, request.headers.get("Authorization"),
-                                                feedback=request.endpoint == FEEDBACK_VIEW)
-            message = read_message(request, max_bytes=limits.max_bytes)
-            if request.endpoint == FEEDBACK_VIEW:
-                parse_feedback(message, limits=limits)
-                try:
-                    json_to_feedback(message)
-                except Exception as err:  # the protobuf parser's errors, as the wrapper would meet them
-                    raise BadRequest(
-                        "BAD_FEEDBACK", where="feedback",
-                        expected="a Seldon Feedback message (request, response, reward, truth)",
-                        got=str(getattr(err, "message", err)),
-                    ) from None
-        except (BadRequest, AccessDenied) as err:
-            drain(request, seconds=DRAIN_SECONDS)  # returns at once when the body was read
-            raise Rejection(err, tags()) from None
-
-    return guard
-
-
-def authorize(tokens: TokenTable | None, authorization: str | None, *, feedback: bool) -> str | None:
-    """The identity behind a request's ``Authorization`` header, or None for an open prediction.
-
-    Raises:
-        AccessDenied: 401 or 403 (feedback on a server without tokens: 401).
-    """
-    if tokens is None:
-        if feedback:
-            raise AccessDenied(401, "feedback needs a bearer token, and this server has none "
-                                    "(start it with PETSEG_TOKENS_FILE; petseg serve makes one)")
-        return None
-    return tokens.check(authorization, FEEDBACK_ROLE if feedback else PREDICT_ROLE).identity
-
-
-def drain(request: flask.Request, *, seconds: float) -> None:
-    """Reads and drops what is left of a request body for at most ``seconds``.
-
-    The server closes the connection after an error answer; closing a socket
-    with unread bytes makes the kernel reset it, and a client still sending
-    the body sees a broken pipe instead of the answer. Reading the body first
-    lets it read the status and the JSON body. The bound is time, not bytes
-    (as nginx's lingering close): a fast client of any size reads its answer,
-    a slow one costs the worker at most ``seconds``.
-    """
-    stream = request.environ.get("wsgi.input")
-    if stream is None:
-        return
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        chunk = stream.read(2**16)
-        if not chunk:
-            return
-
-
-def read_message(request: flask.Request, *, max_bytes: int) -> dict:
-    """The JSON object of a REST request, read the way the Seldon wrapper reads it.
-
-    The message is the form or query field ``json`` when there is one (as
-    SeldonClient sends), else the body, which must be application/json.
-
-    Args:
-        request: The Flask request.
-        max_bytes: Largest accepted body.
-
-    Returns:
-        The decoded object (cached by Flask, so the wrapper does not decode the body again).
-
-    Raises:
-        BadRequest: Too large, another content type, invalid JSON or not an object.
-    """
-    size = request.content_length
-    too_large = BadRequest("TOO_LARGE", where="request body", expected=f"at most {max_bytes} bytes",
-                           got=f"{size} bytes" if size is not None else f"more than {max_bytes} bytes")
-    if size is not None and size > max_bytes:
-        raise too_large
-    if size is None and request.method == "POST":
-        # A body without a length (chunked): read at most one byte over the limit here, then
-        # hand werkzeug the bytes read (it does not bound a chunked body by max_content_length).
-        body = request.environ["wsgi.input"].read(max_bytes + 1)
-        if len(body) > max_bytes:
-            raise too_large
-        request.environ["wsgi.input"], request.environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
-    request.max_content_length = max_bytes
-    if request.mimetype == "multipart/form-data":
-        raise BadRequest(
-            "BAD_CONTENT_TYPE", where="Content-Type", expected="application/json", got="multipart/form-data",
-        )
-    try:
-        text = request.form.get("json") or request.args.get("json")
-        if not text and not request.is_json:
-            raise BadRequest("BAD_CONTENT_TYPE", where="Content-Type", expected="application/json",
-                             got=repr(request.content_type) if request.content_type else "no Content-Type")
-        message = json.loads(text) if text else request.get_json()
-    except RequestEntityTooLarge:
-        raise too_large from None
-    except BadRequest:
-        raise
-    except Exception as err:  # ValueError, RecursionError, werkzeug's BadRequest: all mean undecodable JSON
-        detail = getattr(err, "description", None) or str(err)
-        raise BadRequest(
-            "BAD_JSON", where="request body", expected="a JSON object", got=f"invalid JSON ({detail})",
-        ) from None
-    if not isinstance(message, dict):
-        raise BadRequest("BAD_MESSAGE", where="request body", expected="a JSON object", got=describe(message))
-    return message

@@ -2,7 +2,8 @@
 
 The release is a small model trained for two steps on random data, with its
 calibration. Both servers (`petseg.deploy.local.deploy_local`) serve it with
-small limits, so that "too large" is cheap to send: ``server`` is the Seldon
+small limits, so that "too large" is cheap to send (and MLServer reads
+`MAX_BODIES` bodies at once): ``server`` is the Seldon
 microservice, ``mlserver`` the MLServer runtime (Open Inference Protocol).
 Both take the session's tokens file (`petseg.tokens`, where clients read it
 too): ``tester`` may predict and send feedback, ``viewer`` only predict,
@@ -16,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 import requests
-from serving_support import FEEDBACK_QUOTA, MAX_IMAGE_BYTES, MAX_LIST_PIXELS, MAX_PIXELS, TOKENS
+from serving_support import FEEDBACK_QUOTA, MAX_BODIES, MAX_IMAGE_BYTES, MAX_LIST_PIXELS, MAX_PIXELS, TOKENS
 
 from petseg import tokens
 from petseg.deploy import local
@@ -32,6 +33,7 @@ def tokens_file():
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = [{"identity": name, "token": secret, "roles": roles} for name, (secret, roles) in TOKENS.items()]
     path.write_text(json.dumps({"tokens": entries}))
+    path.chmod(0o600)  # servers refuse a tokens file others can read
     yield path
     path.unlink()
 
@@ -83,6 +85,7 @@ def _deploy(release_dir, manifest, tmp_path_factory, **options) -> dict:
         env.setenv("MAX_IMAGE_BYTES", str(MAX_IMAGE_BYTES))
         env.setenv("FEEDBACK_QUOTA", str(FEEDBACK_QUOTA))
         env.setenv("MAX_LIST_PIXELS", str(MAX_LIST_PIXELS))
+        env.setenv("MAX_BODIES", str(MAX_BODIES))
         return local.deploy_local(
             release_dir, log_path=tmp_path_factory.mktemp("logs") / "serving.log", timeout=300,
             fingerprint=manifest["model_fingerprint"], **options)

@@ -11,7 +11,7 @@ import pytest
 import requests
 from serving_support import bearer
 
-from petseg import layout
+from petseg import layout, tokens
 from petseg.deploy import endpoints, local, local_endpoint
 from petseg.errors import ConfigError
 from petseg.release import bundle
@@ -112,15 +112,15 @@ def test_switch_and_rollback_drop_no_request(releases, tokens_file):
 def test_a_stopped_endpoint_answers_that_nothing_serves(releases, tokens_file):
     from petseg.entrypoints.endpoint_proxy import Front
 
-    front = Front("nothing-here", ("127.0.0.1", 0))
+    front = Front("nothing-here", ("127.0.0.1", 0), table=tokens.load(tokens_file))
     thread = threading.Thread(target=front.serve_forever)
     thread.start()
     try:
         url = f"http://127.0.0.1:{front.server_address[1]}"
-        answer = requests.post(url + "/api/v1.0/predictions", json=REQUEST, timeout=10)
+        answer = requests.post(url + "/api/v1.0/predictions", json=REQUEST, headers=bearer(), timeout=10)
         assert answer.status_code == 503 and answer.json()["status"]["reason"] == "NO_RELEASE"
         assert "nothing serves under endpoint nothing-here" in answer.json()["status"]["info"]
-        status = requests.get(url + endpoints.STATUS_PATH, timeout=10).json()
+        status = requests.get(url + endpoints.STATUS_PATH, headers=bearer(), timeout=10).json()
         assert status == {"name": "nothing-here", "version": None, "backend": None, "in_flight": {}}
     finally:
         front.shutdown()

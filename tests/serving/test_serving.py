@@ -21,7 +21,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS
+from serving_support import MAX_IMAGE_BYTES, MAX_PIXELS, bearer
 
 from petseg import layout
 from petseg.data import warehouse
@@ -133,7 +133,7 @@ def test_metadata_describes_inputs_and_outputs(http, server):
 
 def test_custom_metrics_reach_prometheus(http, server):
     _predict(http, server, {"binData": _b64(_encode(_image(), "PNG"))})
-    text = http.get(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=60).text
+    text = requests.get(f"http://127.0.0.1:{server['metrics_port']}/metrics", headers=bearer("ops"), timeout=60).text
     assert "# TYPE petseg_predictions_total counter" in text
     assert "# TYPE petseg_prediction_latency histogram" in text
     assert "# TYPE petseg_pet_fraction gauge" in text

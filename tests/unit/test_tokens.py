@@ -9,8 +9,9 @@ from petseg import tokens
 from petseg.errors import ConfigError
 
 
-def _write(path, entries):
+def _write(path, entries, mode=0o600):
     path.write_text(json.dumps({"tokens": entries}))
+    path.chmod(mode)
     return path
 
 
@@ -64,3 +65,20 @@ def test_a_malformed_file_is_a_config_error_naming_the_entry(tmp_path, entries, 
 def test_a_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read it"):
         tokens.load(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o604, 0o660, 0o620, 0o666])
+def test_a_file_group_or_others_can_open_is_refused_naming_its_mode_and_the_fix(tmp_path, mode):
+    path = _write(tmp_path / "t.json", [{"identity": "ana", "token": "a" * 40, "roles": ["predict"]}], mode=mode)
+    with pytest.raises(ConfigError) as refused:
+        tokens.load(path)
+    assert str(path) in str(refused.value) and f"mode {mode:04o}" in str(refused.value)
+    assert f"chmod 600 {path}" in str(refused.value)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        tokens.client_token(path)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_a_file_only_its_owner_can_read_is_accepted(tmp_path, mode):
+    path = _write(tmp_path / "t.json", [{"identity": "ana", "token": "a" * 40, "roles": ["predict"]}], mode=mode)
+    assert tokens.load(path).tokens[0].identity == "ana"

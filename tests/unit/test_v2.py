@@ -1,4 +1,4 @@
-"""The Open Inference Protocol pieces without a server: tensors (v2_messages), the binary data extension (v2_http).
+"""The Open Inference Protocol pieces without a server: tensors (v2_messages), the binary data extension (v2_binary).
 
 The servers themselves are tested in tests/serving/test_mlserver.py.
 """
@@ -13,7 +13,7 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 
-from petseg.serving import messages, v2_http, v2_messages
+from petseg.serving import messages, v2_binary, v2_messages
 from petseg.serving.messages import BadRequest, Limits
 
 LIMITS = Limits(max_bytes=100_000, max_pixels=10_000)
@@ -139,7 +139,7 @@ def test_a_binary_request_becomes_json_with_base64_data():
         {"name": "b", "datatype": "UINT8", "shape": [1, 2, 2, 3], "parameters": {"binary_data_size": 12}},
     ], "outputs": [{"name": "mask", "parameters": {"binary_data": True}}, {"name": "probabilities"}]}).encode()
     body = header + struct.pack("<I", len(png)) + png + pixels
-    translated, binary = v2_http.translate_request(body, str(len(header)).encode())
+    translated, binary = v2_binary.translate_request(body, str(len(header)).encode(), limits=LIMITS)
     request = json.loads(translated)
     assert request["inputs"][0]["data"] == [base64.b64encode(png).decode()]
     assert base64.b64decode(request["inputs"][1]["data"]) == pixels
@@ -149,8 +149,8 @@ def test_a_binary_request_becomes_json_with_base64_data():
 
 def test_a_json_request_passes_untouched_and_names_its_binary_outputs():
     body = json.dumps({"inputs": [], "parameters": {"binary_data_output": True}}).encode()
-    assert v2_http.translate_request(body, None) == (body, True)
-    assert v2_http.translate_request(b'{"inputs": []}', None) == (b'{"inputs": []}', set())
+    assert v2_binary.translate_request(body, None, limits=LIMITS) == (body, True)
+    assert v2_binary.translate_request(b'{"inputs": []}', None, limits=LIMITS) == (b'{"inputs": []}', set())
 
 
 @pytest.mark.parametrize("length, blob", [(b"x", b""), (b"-1", b""), (b"9999", b""), (None, b"")])
@@ -158,7 +158,8 @@ def test_a_broken_binary_header_is_refused(length, blob):
     header = json.dumps({"inputs": [{"name": "a", "datatype": "BYTES", "shape": [1],
                                      "parameters": {"binary_data_size": 10}}]}).encode()
     with pytest.raises(BadRequest, match="BAD_BINARY|expected"):
-        v2_http.translate_request(header + blob, length if length is not None else str(len(header)).encode())
+        v2_binary.translate_request(header + blob, length if length is not None else str(len(header)).encode(),
+                                    limits=LIMITS)
 
 
 def test_a_binary_response_is_what_tritonclient_reads():
@@ -168,11 +169,11 @@ def test_a_binary_response_is_what_tritonclient_reads():
         {"name": "mask", "datatype": "UINT8", "shape": [1, 2, 3], "data": mask.ravel().tolist()},
         {"name": "probabilities", "datatype": "FP32", "shape": [1, 2, 3, 3], "data": probs.ravel().tolist()},
     ]}).encode()
-    body, header_length = v2_http.encode_binary_response(response, {"mask"})
+    body, header_length = v2_binary.encode_binary_response(response, {"mask"})
     result = triton.InferResult.from_response_body(body, header_length=header_length)
     np.testing.assert_array_equal(result.as_numpy("mask"), mask)
     np.testing.assert_array_equal(result.as_numpy("probabilities"), probs)  # stayed JSON
     assert result.get_response()["parameters"] == {"model_version": "v"}
-    body, header_length = v2_http.encode_binary_response(response, True)
+    body, header_length = v2_binary.encode_binary_response(response, True)
     np.testing.assert_array_equal(triton.InferResult.from_response_body(body, header_length=header_length)
                                   .as_numpy("probabilities"), probs)
