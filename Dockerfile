@@ -53,8 +53,11 @@ WORKDIR /home/petseg
 # with Metaflow's own command, and the MLServer runtime's InferenceService
 # (k8s/kserve-inferenceservice.yaml) with
 # `python -m petseg.entrypoints.mlserver_runtime /app/serving/mlserver` (ports 8080 REST, 8081 gRPC).
+# petseg's launcher runs the wrapper's own main: with a tokens file it starts no gRPC server (which
+# cannot check tokens); PETSEG_HOST is the pod's own addresses, where the kubelet probes.
 ENV PYTHONPATH=/app/serving \
     MODEL_NAME=PetSegModel \
-    SERVICE_TYPE=MODEL
+    SERVICE_TYPE=MODEL \
+    PETSEG_HOST=0.0.0.0
 EXPOSE 9000 5000 6000
-CMD ["sh", "-c", "exec seldon-core-microservice \"$MODEL_NAME\" --service-type \"$SERVICE_TYPE\""]
+CMD ["sh", "-c", "exec python -m petseg.entrypoints.seldon_launcher \"$MODEL_NAME\" --service-type \"$SERVICE_TYPE\""]

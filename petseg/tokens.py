@@ -16,7 +16,9 @@ compares the token with every known one by `hmac.compare_digest`. The
 command line sends the first token of the same file (`client_token`).
 `ensure_local_tokens` makes the file with one ``local`` identity
 (predict and feedback, no operator) when it is missing, readable by its owner
-only; `load` refuses a file that group or others may read or write.
+only; `load` refuses a file that group or others may read or write (but a
+Kubernetes Secret mounted for the pod's group: root's file, mode 0440, the
+server's own group).
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def load(path: str | os.PathLike) -> TokenTable:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            _check_private(path, os.fstat(handle.fileno()).st_mode)
+            _check_private(path, os.fstat(handle.fileno()))
             document = json.loads(handle.read())
     except OSError as err:
         raise ConfigError(f"tokens file {path}: cannot read it ({err.strerror}); set {TOKENS_ENV} "
@@ -159,10 +161,17 @@ def load(path: str | os.PathLike) -> TokenTable:
     return TokenTable(tokens, source=str(path))
 
 
-def _check_private(path: Path, mode: int) -> None:
-    """Refuses a tokens file that group or others may read or write: whoever can read it can use every token."""
-    if stat.S_IMODE(mode) & 0o077:
-        raise ConfigError(f"tokens file {path} has mode {stat.S_IMODE(mode):04o}: group or others can read or write "
+def _check_private(path: Path, status: os.stat_result) -> None:
+    """Refuses a tokens file that group or others may read or write: whoever can read it can use every token.
+
+    One exception, the shape of a Kubernetes Secret mounted for a pod's group: a file of root's that only
+    its group may also read, where that group is this (non-root) process's own (the pod's ``fsGroup``).
+    """
+    mode = stat.S_IMODE(status.st_mode)
+    pod_secret = (mode & 0o077) == 0o040 and status.st_uid == 0 and os.geteuid() != 0 \
+        and status.st_gid == os.getegid()
+    if mode & 0o077 and not pod_secret:
+        raise ConfigError(f"tokens file {path} has mode {mode:04o}: group or others can read or write "
                           f"its secrets; make it private with `chmod 600 {path}`")
 
 

@@ -1,7 +1,9 @@
 """Bearer tokens: the file's checks, the local default, and who a header names."""
 
 import json
+import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +84,17 @@ def test_a_file_group_or_others_can_open_is_refused_naming_its_mode_and_the_fix(
 def test_a_file_only_its_owner_can_read_is_accepted(tmp_path, mode):
     path = _write(tmp_path / "t.json", [{"identity": "ana", "token": "a" * 40, "roles": ["predict"]}], mode=mode)
     assert tokens.load(path).tokens[0].identity == "ana"
+
+
+def _stat(mode: int, uid: int, gid: int) -> os.stat_result:
+    return os.stat_result((0o100000 | mode, 1, 1, 1, uid, gid, 10, 0, 0, 0))
+
+
+def test_a_kubernetes_secret_mounted_for_the_pods_group_is_accepted_and_nothing_wider(monkeypatch):
+    """Root's file, mode 0440, group = the pod's fsGroup = the (non-root) server's group."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getegid", lambda: 1000)
+    tokens._check_private(Path("/var/run/secrets/petseg-tokens/tokens.json"), _stat(0o440, 0, 1000))
+    for mode, uid, gid in [(0o440, 0, 2000), (0o444, 0, 1000), (0o460, 0, 1000), (0o640, 1001, 1000)]:
+        with pytest.raises(ConfigError, match=f"mode {mode:04o}"):
+            tokens._check_private(Path("t.json"), _stat(mode, uid, gid))
