@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",  # seldon-core 1.19 requires Python 3.12
     packages=find_packages(include=["petseg", "petseg.*"]),
+    # The serving objects' templates travel with the package, so the release step's pod can deploy.
+    package_data={"petseg.deploy": ["manifests/*.yaml"]},
     install_requires=[
         "tensorflow-cpu==2.18.1",
         "protobuf==5.29.5",  # also encodes and parses shard Examples without TensorFlow (petseg.data.shards)

@@ -1,6 +1,6 @@
 """Kubernetes deployment: a release served as a SeldonDeployment, or on the MLServer runtime.
 
-One release, three kinds of object, each rendered from a template in ``k8s/``
+One release, three kinds of object, each rendered from a template in ``petseg/deploy/manifests/``
 with the release's provenance in labels and annotations:
 
 - ``SeldonDeployment`` (Seldon Core v1, `render_seldon_deployment`): the Seldon microservice;
@@ -39,11 +39,12 @@ from petseg.storage import Location
 if TYPE_CHECKING:  # imported where used: only applying a deployment needs it
     import kubernetes
 
-K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"
-TEMPLATE = K8S_DIR / "seldon-deployment.yaml"
-INFERENCE_SERVICE_TEMPLATE = K8S_DIR / "kserve-inferenceservice.yaml"
-SELDON_MODEL_TEMPLATE = K8S_DIR / "seldon-v2-model.yaml"
-SELDON_SERVER_TEMPLATE = K8S_DIR / "seldon-v2-server.yaml"
+MANIFESTS = Path(__file__).resolve().parent / "manifests"
+"""The templates, package data of petseg: wherever petseg is installed (a release step's pod), they are."""
+TEMPLATE = MANIFESTS / "seldon-deployment.yaml"
+INFERENCE_SERVICE_TEMPLATE = MANIFESTS / "kserve-inferenceservice.yaml"
+SELDON_MODEL_TEMPLATE = MANIFESTS / "seldon-v2-model.yaml"
+SELDON_SERVER_TEMPLATE = MANIFESTS / "seldon-v2-server.yaml"
 GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
 RESOURCES = {
     "SeldonDeployment": (GROUP, VERSION, PLURAL),
@@ -66,6 +67,8 @@ TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
 """The public keys a served release must be signed by (k8s/base/trusted-keys.template.yaml); no private key."""
 TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
 TOKENS_MOUNT = "/var/run/secrets/petseg-tokens"
+CREDENTIALS_MOUNT = "/var/run/secrets/petseg-s3"
+"""Where a serving pod reads its S3 credential, an AWS shared-credentials file (``AWS_SHARED_CREDENTIALS_FILE``)."""
 """Where a pod reads its bearer tokens (`petseg.tokens`): the Secret ``tokens_secret``, key ``tokens.json``."""
 
 
@@ -101,8 +104,8 @@ def render_seldon_deployment(
         feedback_uri: ``s3://`` prefix for feedback samples; default outside the release
             (`petseg.deploy.local.default_feedback_uri`).
         s3_endpoint_url: Endpoint of a non-AWS S3 server (AWS_ENDPOINT_URL in the pod).
-        secrets: Secrets whose keys become the pod's environment: the serving
-            credential (`SERVING_SECRETS`), read-only on releases.
+        secrets: The serving credential's Secret first (`SERVING_SECRETS`; key ``credentials``, an AWS
+            shared-credentials file, mounted read-only): read releases, add pending feedback.
         resources: Container resources; default `DEFAULT_RESOURCES`.
         template: The YAML template.
         tokens_secret: A Secret with key ``tokens.json`` (`petseg.tokens`), mounted read-only at `TOKENS_MOUNT`;
@@ -188,10 +191,9 @@ def render_seldon_server(
     _check_namespace(namespace)
     _check_replicas(replicas)
     env = [{"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url}] if s3_endpoint_url else []
-    mounted = _mounted(None)
+    mounted = _mounted(None, secrets[0] if secrets else None)
     values = {**mounted, "name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
-              "replicas": replicas, "image": image, "env": env + mounted["env"], "capabilities": [CAPABILITY],
-              "env_from": [{"secretRef": {"name": secret}} for secret in secrets]}
+              "replicas": replicas, "image": image, "env": env + mounted["env"], "capabilities": [CAPABILITY]}
     return _fill(template, values)
 
 
@@ -299,22 +301,29 @@ def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, r
         env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
     if s3_endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    mounted = _mounted(tokens_secret)
+    mounted = _mounted(tokens_secret, secrets[0] if secrets else None)
     return {**mounted, "name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
             "replicas": replicas, "image": image, "env": env + mounted["env"],
-            "env_from": [{"secretRef": {"name": secret}} for secret in secrets],
             "resources": resources or DEFAULT_RESOURCES}
 
 
-def _mounted(tokens_secret: str | None) -> dict:
-    """Read-only mounts of a serving pod: the trusted public keys (its only key material), and tokens if named."""
+def _mounted(tokens_secret: str | None, s3_secret: str | None) -> dict:
+    """Read-only mounts of a serving pod: the trusted public keys (its only key material), the serving credential
+    as an AWS shared-credentials file (key ``credentials``; never environment variables), and tokens if named.
+    Secrets are the pod's group's (mode 0440; the pod's ``fsGroup``), as the server runs as the image's user."""
     env = [{"name": "PETSEG_TRUSTED_KEYS", "value": TRUSTED_KEYS_PATH}]
     mounts = [{"name": "trusted-keys", "mountPath": TRUSTED_KEYS_PATH, "readOnly": True}]
     volumes = [{"name": "trusted-keys", "configMap": {"name": TRUSTED_KEYS_CONFIGMAP}}]
+    if s3_secret:
+        env.append({"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{CREDENTIALS_MOUNT}/credentials"})
+        mounts.append({"name": "s3-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True})
+        volumes.append({"name": "s3-credentials", "secret": {
+            "secretName": s3_secret, "defaultMode": 0o440, "items": [{"key": "credentials", "path": "credentials"}]}})
     if tokens_secret:
         env.append({"name": "PETSEG_TOKENS_FILE", "value": f"{TOKENS_MOUNT}/tokens.json"})
         mounts.append({"name": "petseg-tokens", "mountPath": TOKENS_MOUNT, "readOnly": True})
-        volumes.append({"name": "petseg-tokens", "secret": {"secretName": tokens_secret, "defaultMode": 0o400}})
+        volumes.append({"name": "petseg-tokens", "secret": {
+            "secretName": tokens_secret, "defaultMode": 0o440, "items": [{"key": "tokens.json", "path": "tokens.json"}]}})
     return {"env": env, "volume_mounts": mounts, "volumes": volumes}
 
 

@@ -64,9 +64,12 @@ def test_inference_service_runs_the_mlserver_launcher_with_the_release():
     assert container["command"] == ["python", "-m", "petseg.entrypoints.mlserver_runtime", "/app/serving/mlserver"]
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
-                   "AWS_ENDPOINT_URL": "http://minio:9000", "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys"}
+                   "AWS_ENDPOINT_URL": "http://minio:9000", "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys",
+                   "AWS_SHARED_CREDENTIALS_FILE": "/var/run/secrets/petseg-s3/credentials"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/petseg/ready"
-    assert container["envFrom"] == [{"secretRef": {"name": "petseg-s3"}}]
+    assert "envFrom" not in container  # the credential is a file, never environment variables
+    (credential,) = [v for v in rendered["spec"]["predictor"]["volumes"] if v["name"] == "s3-credentials"]
+    assert credential["secret"]["secretName"] == "petseg-s3"
 
 
 def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
@@ -80,8 +83,10 @@ def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
         assert {"name": "petseg-tokens", "mountPath": kubernetes.TOKENS_MOUNT,
                 "readOnly": True} in container["volumeMounts"]
         assert all(mount["readOnly"] for mount in container["volumeMounts"])
-        assert {"name": "petseg-tokens", "secret": {"secretName": "petseg-serving-tokens",
-                                                    "defaultMode": 0o400}} in spec["volumes"]
+        # Root's file, readable by the pod's group (fsGroup 1000) alone: the server runs as uid 1000.
+        assert {"name": "petseg-tokens", "secret": {"secretName": "petseg-serving-tokens", "defaultMode": 0o440,
+                                                    "items": [{"key": "tokens.json", "path": "tokens.json"}]}} \
+            in spec["volumes"]
         plain = pod(render(MANIFEST, image="registry/petseg:1.0"))
         assert "petseg-tokens" not in str(plain["volumes"]) and "PETSEG_TOKENS_FILE" not in str(plain["containers"][0]["env"])
 
@@ -120,11 +125,11 @@ def test_render_fills_the_template():
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
                    "FEEDBACK_URI": "s3://bucket/metaflow/feedback/petseg-1732791234567890",
-                   "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys"}
+                   "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys", "AWS_SHARED_CREDENTIALS_FILE": "/var/run/secrets/petseg-s3/credentials"}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health/status", "port": "http"}
     assert container["resources"] == kubernetes.DEFAULT_RESOURCES
-    assert container["envFrom"] == [{"secretRef": {"name": "petseg-serving-s3"}}]
+    assert "envFrom" not in container
 
 
 def _pod(rendered: dict) -> dict:
@@ -135,21 +140,25 @@ def _pod(rendered: dict) -> dict:
 
 @pytest.mark.parametrize("render", ["seldon", "kserve", "seldon-v2-server"])
 def test_serving_pods_get_least_privilege(render):
-    """Read-only credentials of their own, public keys only (mounted read-only), feedback outside the release."""
+    """Read-only credentials of their own as a file, public keys only (mounted read-only), feedback outside the
+    release, the image's user with Secrets readable by its group, no service-account token."""
     rendered = {"seldon": lambda: kubernetes.render_seldon_deployment(MANIFEST, image="petseg:1"),
                 "kserve": lambda: kubernetes.render_inference_service(MANIFEST, image="petseg:1"),
                 "seldon-v2-server": lambda: kubernetes.render_seldon_server(image="petseg:1")}[render]()
     pod = _pod(rendered)
     (container,) = pod["containers"]
-    secrets = [source["secretRef"]["name"] for source in container["envFrom"]]
+    assert "envFrom" not in container
+    secrets = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
     assert secrets == ["petseg-serving-s3"]  # never the flow's petseg-s3, never the signing key
-    assert not any("signing" in name for name in secrets)
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["PETSEG_TRUSTED_KEYS"] == "/etc/petseg/trusted-keys"
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/var/run/secrets/petseg-s3/credentials"
     assert not any(name.startswith("PETSEG_SIGNING") or name.startswith("AWS_SECRET") for name in env)
-    (mount,) = container["volumeMounts"]
-    assert mount == {"name": "trusted-keys", "mountPath": "/etc/petseg/trusted-keys", "readOnly": True}
-    assert pod["volumes"] == [{"name": "trusted-keys", "configMap": {"name": "petseg-trusted-keys"}}]
+    assert all(m["readOnly"] for m in container["volumeMounts"])
+    assert {v["name"]: v.get("configMap") for v in pod["volumes"]}["trusted-keys"] == {"name": "petseg-trusted-keys"}
+    if render != "seldon-v2-server":  # Seldon's operator owns the Server's pod spec
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
     if "FEEDBACK_URI" in env:
         assert not env["FEEDBACK_URI"].startswith(MANIFEST["model_uri"])  # a separate prefix
 
@@ -185,7 +194,7 @@ def test_render_options():
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["MODEL_URI"] == "s3://copies/petseg-1732791234567890/"
     assert env["FEEDBACK_URI"] == "s3://bucket/feedback/" and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
-    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert [v["secret"]["secretName"] for v in _pod(rendered)["volumes"] if "secret" in v] == ["s3-credentials"]
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     assert rendered["spec"]["predictors"][0]["replicas"] == 3
 

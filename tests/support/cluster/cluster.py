@@ -179,9 +179,19 @@ class LocalCluster:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()}
         self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(signing))
         # Its public key is what the operator trusts (PETSEG_TRUSTED_KEYS in the cluster's environment).
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         (self.dir / "trusted-keys").mkdir(exist_ok=True)
-        (self.dir / "trusted-keys" / "cluster-signing.pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        (self.dir / "trusted-keys" / "cluster-signing.pub").write_text(public)
+        # ... and what the serving pods trust: the same public key, as the cluster's operator publishes it.
+        trusted = yaml.safe_load((REPO / "k8s" / "base" / "trusted-keys.template.yaml").read_text())
+        trusted["data"] = {"cluster-signing.pub": public}
+        self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(trusted))
+        # The serving pods' S3 credential, as a shared-credentials file (moto takes any key).
+        serving = yaml.safe_load((REPO / "k8s" / "base" / "serving-s3-secret.template.yaml").read_text())
+        serving["stringData"] = {"credentials": "[default]\naws_access_key_id = serving\n"
+                                                "aws_secret_access_key = serving\n"}
+        self.kubectl(admin, "apply", "-f", "-", stdin=json.dumps(serving))
 
         def token() -> str:
             name = self._get(admin, "serviceaccount", SERVICE_ACCOUNT)["secrets"][0]["name"]

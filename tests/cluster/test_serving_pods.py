@@ -1,0 +1,215 @@
+"""A signed release served by a plain Deployment on the real node: no operator, the image's server, a real probe.
+
+The release is a small model signed with the cluster's signing key (the key of the ``petseg-signing``
+Secret; the ``petseg-trusted-keys`` ConfigMap holds its public half), put in the cluster's S3. The
+Deployment and the endpoint's Service are applied as the ``petseg`` service account. The pod reads
+the release with the serving credential (a file), verifies it, and becomes Ready when it predicts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cluster_client import container_spec, kubectl, wait_until
+
+PREDICT = ("predict-" + "p" * 40)
+FEEDBACK = ("feedback-" + "f" * 40)
+
+
+def _upload(cluster: dict, directory, prefix: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=cluster["PETSEG_S3_ENDPOINT"], region_name="us-east-1",
+                      aws_access_key_id=cluster["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=cluster["AWS_SECRET_ACCESS_KEY"])
+    for path in sorted(directory.iterdir()):
+        s3.put_object(Bucket=cluster["PETSEG_S3_BUCKET"], Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    return f"s3://{cluster['PETSEG_S3_BUCKET']}/{prefix}/"
+
+
+@pytest.fixture(scope="module")
+def signed_release(cluster, admin, tmp_path_factory):
+    """A small model's release, signed with the cluster's key, in the cluster's S3: (manifest, location, dir)."""
+    script = (
+        "import json, sys\n"
+        "import keras, numpy as np\n"
+        "from petseg.model import calibration, unet as models\n"
+        "from petseg.release import bundle\n"
+        "target, key = sys.argv[1], sys.argv[2]\n"
+        "keras.utils.set_random_seed(0)\n"
+        "rng = np.random.default_rng(0)\n"
+        "images = rng.random((4, 128, 128, 3), dtype=np.float32)\n"
+        "masks = (rng.random((4, 128, 128, 3)) > 0.5).astype(np.float32)\n"
+        "small = models.build('small')\n"
+        "small.compile(optimizer='adam', loss='binary_crossentropy')\n"
+        "small.fit(images, masks, batch_size=2, epochs=1, verbose=0)\n"
+        "fitted = calibration.fit(small.predict_on_batch(images)[:, ::8, ::8], masks[:, ::8, ::8])\n"
+        "manifest = bundle.build_manifest(run_id='4242', flow_name='PetSegFlow',\n"
+        "    model_fingerprint=models.fingerprint(small), dataset_fingerprint='d' * 64, code_version='0.1.0+test',\n"
+        "    metrics={'raw': {}, 'calibrated': {}}, settings={}, location=target, image_size=128)\n"
+        "bundle.export(target, model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest,\n"
+        "              signing_key=key)\n")
+    secret = admin["core"].read_namespaced_secret("petseg-signing", cluster["PETSEG_K8S_NAMESPACE"])
+    key = tmp_path_factory.mktemp("key") / "signing.pem"
+    key.write_bytes(base64.b64decode(secret.data["PETSEG_SIGNING_KEY"]))
+    key.chmod(0o600)
+    target = tmp_path_factory.mktemp("release") / "petseg-4242"
+    subprocess.run([sys.executable, "-c", script, str(target), str(key)], check=True, timeout=300)
+    location = _upload(cluster, target, "metaflow/petseg/releases/petseg-4242")
+    manifest = {**json.loads((target / "manifest.json").read_text()), "model_uri": location}
+    return manifest, location, target
+
+
+@pytest.fixture(scope="module")
+def tokens_secret(cluster, admin):
+    tokens = {"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]},
+                         {"identity": "labeller", "token": FEEDBACK, "roles": ["feedback"]}]}
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "petseg-serving-tokens"},
+            "stringData": {"tokens.json": json.dumps(tokens)}}
+    admin["core"].create_namespaced_secret(cluster["PETSEG_K8S_NAMESPACE"], body)
+    return "petseg-serving-tokens"
+
+
+def _runner(cluster):
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
+
+
+def _pod_of(admin, cluster, deployment: dict):
+    selector = ",".join(f"{k}={v}" for k, v in deployment["spec"]["selector"]["match_labels"].items())
+    (pod,) = admin["core"].list_namespaced_pod(cluster["PETSEG_K8S_NAMESPACE"], label_selector=selector).items
+    return pod
+
+
+def _png(seed: int = 3) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(cluster, admin, signed_release, tokens_secret):
+    """The release rolled out to endpoint ``pets`` as a plain Deployment (Seldon's server) and its Service."""
+    from petseg.deploy import deployment
+
+    manifest, location, _ = signed_release
+    result = deployment.roll_out(manifest, endpoint="pets", who="tester", server="seldon",
+                                 image=cluster["PETSEG_IMAGE"], namespace=cluster["PETSEG_K8S_NAMESPACE"],
+                                 api_client=_runner(cluster), timeout=300,
+                                 s3_endpoint_url=cluster["PETSEG_S3_ENDPOINT"], tokens_secret=tokens_secret)
+    rendered = deployment.render_deployment(manifest, server="seldon", endpoint="pets", image=cluster["PETSEG_IMAGE"],
+                                            namespace=cluster["PETSEG_K8S_NAMESPACE"])
+    applied = admin["apps"].read_namespaced_deployment(rendered["metadata"]["name"], cluster["PETSEG_K8S_NAMESPACE"])
+    pod = _pod_of(admin, cluster, applied.to_dict())
+    return {"result": result, "pod": pod, "url": f"http://{pod.status.pod_ip}:9000", "manifest": manifest}
+
+
+def test_a_plain_deployment_serves_the_release_ready_through_its_probe(served, cluster, admin):
+    assert served["result"]["traffic"] == {served["manifest"]["version"]: 100}
+    pod = served["pod"]
+    assert pod.status.phase == "Running"
+    assert all(c.ready for c in pod.status.container_statuses)
+    service = admin["core"].read_namespaced_service("pets", cluster["PETSEG_K8S_NAMESPACE"])
+    assert service.spec.selector["petseg/endpoint"] == "pets"
+    assert service.metadata.annotations["petseg/version"] == served["manifest"]["version"]
+    endpoints = admin["core"].read_namespaced_endpoints("pets", cluster["PETSEG_K8S_NAMESPACE"])
+    assert [a.ip for s in endpoints.subsets for a in s.addresses] == [pod.status.pod_ip]
+
+
+def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_refuses_strangers(
+        served, signed_release, tmp_path):
+    from petseg.deploy import local
+
+    image = _png()
+    message = {"binData": base64.b64encode(image).decode()}
+    stranger = requests.post(served["url"] + "/api/v1.0/predictions", json=message, timeout=60)
+    assert stranger.status_code == 401
+    answer = requests.post(served["url"] + "/api/v1.0/predictions", json=message, timeout=60,
+                           headers={"Authorization": f"Bearer {PREDICT}"})
+    assert answer.status_code == 200, answer.text
+    _, _, release_dir = signed_release
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]}]}))
+    tokens.chmod(0o600)
+    here = local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, tokens_file=tokens,
+                              fingerprint=served["manifest"]["model_fingerprint"])
+    try:
+        expected = requests.post(f"http://127.0.0.1:{here['port']}/api/v1.0/predictions", json=message, timeout=60,
+                                 headers={"Authorization": f"Bearer {PREDICT}"})
+    finally:
+        local.stop_local(here["pid"])
+    assert expected.status_code == 200
+    assert answer.json()["data"] == expected.json()["data"]  # the same mask, bit for bit
+
+
+def test_feedback_with_a_feedback_token_is_held_pending(served, cluster):
+    from cluster_client import s3_keys
+
+    truth = np.full((96, 80), 2, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(truth).save(buffer, format="PNG")
+    message = {"request": {"binData": base64.b64encode(_png(5)).decode()},
+               "truth": {"binData": base64.b64encode(buffer.getvalue()).decode()}, "reward": 1.0}
+    answer = requests.post(served["url"] + "/api/v1.0/feedback", json=message, timeout=60,
+                           headers={"Authorization": f"Bearer {FEEDBACK}"})
+    assert answer.status_code == 200, answer.text
+    pending = s3_keys(cluster, f"metaflow/petseg/feedback/{served['manifest']['version']}/pending/")
+    assert any("/pending/labeller/" in key for key in pending), pending
+
+
+def test_the_serving_pod_runs_with_least_privilege(served, cluster):
+    pod = served["pod"]
+    assert pod.spec.automount_service_account_token is False
+    spec = container_spec(cluster, pod.status.container_statuses[0].container_id)
+    assert spec["process"]["user"]["uid"] == 1000 and 1000 in spec["process"]["user"].get("additionalGids", [1000])
+    assert spec["root"]["readonly"] is True
+    assert not spec["process"]["capabilities"].get("effective")
+    env = {item.split("=", 1)[0] for item in spec["process"]["env"]}
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+    mounts = {m["destination"] for m in spec["mounts"]}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" not in mounts
+    assert {"/var/run/secrets/petseg-s3", "/var/run/secrets/petseg-tokens", "/etc/petseg/trusted-keys"} <= mounts
+
+
+def test_a_release_changed_in_s3_after_signing_never_becomes_ready(cluster, admin, signed_release, tokens_secret):
+    from petseg.deploy import deployment
+    from petseg.errors import ServingError
+
+    manifest, _, release_dir = signed_release
+    tampered = release_dir.parent / "tampered"
+    tampered.mkdir()
+    for path in release_dir.iterdir():
+        (tampered / path.name).write_bytes(path.read_bytes())
+    calibration = json.loads((tampered / "calibration.json").read_text())
+    (tampered / "calibration.json").write_text(json.dumps({**calibration, "tampered": True}, sort_keys=True))
+    location = _upload(cluster, tampered, "metaflow/petseg/releases/petseg-4243")
+    manifest = {**manifest, "version": "petseg-4243", "model_uri": location}
+    rendered = deployment.render_deployment(manifest, server="seldon", endpoint="tampered",
+                                            image=cluster["PETSEG_IMAGE"], namespace=cluster["PETSEG_K8S_NAMESPACE"],
+                                            s3_endpoint_url=cluster["PETSEG_S3_ENDPOINT"], tokens_secret=tokens_secret)
+    with pytest.raises(ServingError, match="was not Ready after 60 s"):
+        deployment.apply_deployment(rendered, namespace=cluster["PETSEG_K8S_NAMESPACE"], api_client=_runner(cluster),
+                                    timeout=60)
+    pods = admin["core"].list_namespaced_pod(cluster["PETSEG_K8S_NAMESPACE"],
+                                             label_selector="petseg/endpoint=tampered").items
+    assert pods and not any(c.ready for p in pods for c in (p.status.container_statuses or []))
+
+    def logs():
+        result = kubectl(cluster, "logs", pods[0].metadata.name, "--previous", check=False)
+        return result.stdout if "calibration.json" in result.stdout else \
+            kubectl(cluster, "logs", pods[0].metadata.name, check=False).stdout
+
+    assert "calibration.json" in wait_until(lambda: "calibration.json" in logs() and logs(), "the log to name the file",
+                                            timeout=60)
+    admin["apps"].delete_namespaced_deployment(rendered["metadata"]["name"], cluster["PETSEG_K8S_NAMESPACE"])
