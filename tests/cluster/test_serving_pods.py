@@ -128,7 +128,7 @@ def test_a_plain_deployment_serves_the_release_ready_through_its_probe(served, c
 
 
 def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_refuses_strangers(
-        served, signed_release, tmp_path):
+        served, signed_release, cluster, tmp_path):
     from petseg.deploy import local
 
     image = _png()
@@ -142,8 +142,10 @@ def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_re
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]}]}))
     tokens.chmod(0o600)
-    here = local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, tokens_file=tokens,
-                              fingerprint=served["manifest"]["model_fingerprint"])
+    with pytest.MonkeyPatch.context() as env:  # the cluster's signing key is what this server trusts too
+        env.setenv("PETSEG_TRUSTED_KEYS", cluster["PETSEG_TRUSTED_KEYS"])
+        here = local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, tokens_file=tokens,
+                                  fingerprint=served["manifest"]["model_fingerprint"])
     try:
         expected = requests.post(f"http://127.0.0.1:{here['port']}/api/v1.0/predictions", json=message, timeout=60,
                                  headers={"Authorization": f"Bearer {PREDICT}"})
