@@ -152,7 +152,7 @@ def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_re
     finally:
         local.stop_local(here["pid"])
     assert expected.status_code == 200
-    assert answer.json()["data"] == expected.json()["data"]  # the same mask, bit for bit
+    assert answer.json()["binData"] == expected.json()["binData"]  # the same mask PNG, byte for byte
 
 
 def test_feedback_with_a_feedback_token_is_held_pending(served, cluster):
