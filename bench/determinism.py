@@ -4,8 +4,8 @@ Trains the small model on generated data in four settings of
 `petseg.model.determinism.configure`:
 
 - portable: seeds, op determinism, 2 intra/inter-op threads, CPU kernels pinned
-  to the AVX2 + FMA baseline (`--portable true`: the same bits on any CPU at or
-  above it);
+  to the AVX2 + FMA baseline (`--portable true`: the same kernel code on any CPU
+  at or above it; bench/device_check.sh compares the bits on another machine);
 - native: the same without the CPU pins (the default strict mode; the bits
   hold on this CPU type only);
 - fast: seeds only, threads chosen by TensorFlow;

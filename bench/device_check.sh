@@ -8,10 +8,12 @@
 # 3. GPU determinism and speed, when TensorFlow sees a GPU: two strict GPU runs (same fingerprint expected)
 #    against one CPU run of the same workload, timed side by side.
 #
-# Needs the project's environment (`make install`, which needs the package registry or a wheelhouse
-# through PIP_FIND_LINKS). Writes its figures to $OUT (or ./device-check) and exits 1 when a check fails.
+# Needs the project's environment: .venv from `make install` (which needs the package registry or a
+# wheelhouse through PIP_FIND_LINKS), or PY=/path/to/python of an environment holding the locked packages.
+# The GPU part needs TensorFlow with CUDA (`pip install -e .[gpu]`). Writes its figures to $OUT (or
+# ./device-check) and exits 1 when a check fails.
 #
-# Usage: bench/device_check.sh
+# Usage: bench/device_check.sh   or   PY=/path/to/python bench/device_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +22,7 @@ EPOCHS=2
 IMAGES=96
 OUT="${OUT:-device-check}"
 mkdir -p "$OUT"
-PY=.venv/bin/python
+PY="${PY:-.venv/bin/python}"
 [ -x "$PY" ] || make install >"$OUT/install.log" 2>&1
 export PYTHONPATH="$PWD" TF_CPP_MIN_LOG_LEVEL=2 USERNAME="${USERNAME:-petseg}"
 

@@ -3,7 +3,8 @@
 For each profile and seed, runs the whole flow (`--deploy none`, `--champion none`, strict mode,
 `--max-workers` = cores / 2 as `make run`) in a private datastore, then reads
 the evaluate step's test metrics of the served mask through the Metaflow Client. Prints one line
-per run, then per profile the mean and spread (min-max) of each figure and the
+per run (which mask was served, calibrated or raw, chosen on validation, and the other one's pet
+IoU and mIoU beside it), then per profile the mean and spread (min-max) of each figure and the
 targets:
 
   pet IoU >= 0.90, mIoU >= 0.75, pet IoU - best baseline's pet IoU >= 0.25,
@@ -71,12 +72,16 @@ def run_once(profile: str, seed: int, datastore: str, workers: int) -> dict:
                          capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     model = served(result["metrics"])  # the mask the release serves
+    source = result["metrics"].get("mask", {}).get("source", "calibrated")
+    other = "raw" if source == "calibrated" else "calibrated"
     name, best = max(result["metrics"]["baselines"].items(), key=lambda item: item[1]["pet_iou"])
     return {"profile": profile, "seed": seed, "run": result["run"], "wall_s": wall,
             **{key: model[key] for key in FIGURES[1:6]}, "pet_interval": model["intervals"]["pet_iou"],
             "baseline": name, "baseline_pet_iou": best["pet_iou"],
             "baseline_miou": max(b["miou"] for b in result["metrics"]["baselines"].values()),
-            "pet_lead": model["pet_iou"] - best["pet_iou"], "load": os.getloadavg()[0]}
+            "pet_lead": model["pet_iou"] - best["pet_iou"], "load": os.getloadavg()[0], "mask": source,
+            "other": other, "other_pet_iou": result["metrics"][other]["pet_iou"],
+            "other_miou": result["metrics"][other]["miou"]}
 
 
 def main() -> None:
@@ -95,7 +100,8 @@ def main() -> None:
             results.append(r)
             print(f"{profile:<8} seed {seed:<4} {r['wall_s']:6.0f} s (load {r['load']:.1f})  pet {r['pet_iou']:.4f} "
                   f"[{r['pet_interval'][0]:.3f}, {r['pet_interval'][1]:.3f}]  background {r['background_iou']:.4f}  "
-                  f"border {r['border_iou']:.4f}  mIoU {r['miou']:.4f}  | best baseline ({r['baseline']}) "
+                  f"border {r['border_iou']:.4f}  mIoU {r['miou']:.4f} ({r['mask']} mask; {r['other']}: pet "
+                  f"{r['other_pet_iou']:.4f}, mIoU {r['other_miou']:.4f})  | best baseline ({r['baseline']}) "
                   f"pet {r['baseline_pet_iou']:.4f}, mIoU {r['baseline_miou']:.4f}  | pet lead {r['pet_lead']:+.4f}",
                   flush=True)
     print()

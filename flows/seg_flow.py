@@ -16,7 +16,8 @@ from petseg.lineage import runs  # noqa: E402
 from petseg.model import determinism  # noqa: E402
 
 # numpy reads its CPU pins once, when it loads (Metaflow loads it): pinned first, in every run and pod, so
-# that calibration, metrics and baselines run the same kernels on any CPU (petseg.model.determinism).
+# that calibration, metrics and baselines run the same kernel code on any CPU at the baseline or above
+# (petseg.model.determinism).
 determinism.pin_numpy(os.environ)
 # Metaflow refuses to run or read runs as root with no user name (USERNAME): a root shell's command,
 # `run` or `card get`, works as typed with the login name or "petseg" (petseg.lineage.runs.default_user).
@@ -80,9 +81,10 @@ class PetSegFlow(FlowSpec):
     deterministic = Parameter("deterministic", default=True, type=bool,
                               help="Strict mode: bitwise reproducible training (op determinism, fixed threads).")
     portable = Parameter("portable", default=False, type=bool,
-                         help="Portable strict mode: the same bits on any x86-64 CPU with AVX2 and FMA, not only on "
-                              "this CPU type (CPU kernels pinned to that baseline; training took 1.57x as long on "
-                              "an AVX-512 machine, docs/PERFORMANCE.md).")
+                         help="Portable strict mode: CPU kernels pinned to the x86-64 AVX2 + FMA baseline, so that "
+                              "other CPUs run the same kernel code (shown on one CPU by emulation, not yet across CPU "
+                              "models: bench/device_check.sh checks another); training took 1.57x as long on an "
+                              "AVX-512 machine (docs/PERFORMANCE.md).")
     threads = Parameter("threads", default=2, type=int,
                         help="Intra- and inter-op threads in strict mode; they change the weight bits, so they are "
                              "fixed here and recorded, not taken from the machine.")

@@ -233,7 +233,8 @@ def cpu_flag_changes(old: dict, new: dict) -> str | None:
         return None
     if ((old.get("settings") or {}).get("portable")):
         return (f"CPU instruction sets differ ({' '.join(sorted(before ^ after))}); the run was portable, so its "
-                "bits hold on any CPU at or above its baseline (AVX2 with FMA) with the same software and threads")
+                "kernels are pinned to its baseline (AVX2 with FMA) and run the same code here, with the same "
+                "software and threads; equal bits on another CPU model are not guaranteed (bench/device_check.sh)")
     return (f"CPU instruction sets differ (only in the original: {' '.join(sorted(before - after)) or '-'}; "
             f"only here: {' '.join(sorted(after - before)) or '-'}): bitwise equality is guaranteed only on "
             "the same CPU instruction set, software and thread count")

@@ -14,8 +14,13 @@ kernels, and the matrix product inside Eigen's contractions), TensorFlow's
 choice of oneDNN graph rewrites, numpy's OpenBLAS and numpy's own SIMD loops
 all pick code by the instruction set of the CPU they find, and different code
 sums in a different order. Portable strict mode pins each of them to one
-baseline, `BASELINE`, so that every CPU at or above it runs the same kernels
-(at a cost: bench/determinism.py, docs/PERFORMANCE.md):
+baseline, `BASELINE`, so that every CPU at or above it runs the same kernel
+code, meant to give the same bits (at a cost: bench/determinism.py,
+docs/PERFORMANCE.md). What the tests show is narrower: on one CPU, the pins
+override every instruction-set level the process is offered
+(tests/unit/test_portable.py). The same bits on another CPU (other cache
+sizes, core count, microcode, model) are not shown yet; bench/device_check.sh
+checks a second machine. The pins are set by
 `pin_numpy` before numpy loads (it reads its pins once, at import), and
 `configure` for TensorFlow and oneDNN. JPEG decoding (libjpeg-turbo's SIMD
 paths) and Pillow's resizing give the same bytes at every level and need no
@@ -55,7 +60,11 @@ of them is installed, the other is recorded as null.
 """
 
 BASELINE = "x86-64 with AVX2 and FMA"
-"""The least CPU on which a portable strict run gives the same bits as on any other CPU at or above it."""
+"""The level portable strict mode pins its CPU kernels to, and the least CPU it runs on.
+
+Every CPU at or above it then runs the same kernel code, meant to give the same bits; shown on one CPU
+only (the pins override each level it can present), not yet on another CPU model (see the module docstring).
+"""
 
 BASELINE_FLAGS = ("avx2", "fma")
 """The /proc/cpuinfo flags that make a CPU the `BASELINE`."""
@@ -100,10 +109,11 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
     Strict mode: seeds for Python `random`, NumPy, TensorFlow and Keras, op
     determinism, and `threads` intra-op and inter-op threads. Portable strict
     mode also pins TensorFlow's and oneDNN's CPU kernels to `BASELINE` (and
-    checks that numpy's were pinned before it loaded), so that the bits are the
-    same on every CPU at or above it; native strict mode lets them follow the
-    CPU, so the bits hold on this CPU type only. Fast mode: seeds only;
-    TensorFlow picks the thread counts (recorded as 0, the machine default), so
+    checks that numpy's were pinned before it loaded), so that every CPU at or
+    above it runs the same kernel code (the same bits on another CPU model are
+    not shown yet: see the module docstring); native strict mode lets them
+    follow the CPU, so the bits hold on this CPU type only. Fast mode: seeds
+    only; TensorFlow picks the thread counts (recorded as 0, the machine default), so
     the weight bytes depend on the machine's core count and on kernels that
     are not guaranteed deterministic.
 
@@ -117,7 +127,8 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
         seed: Seed for every generator.
         strict: Bitwise reproducible (True) or seeds only (False).
         threads: Intra-op and inter-op thread count in strict mode.
-        portable: In strict mode, the same bits on any CPU at or above `BASELINE`.
+        portable: In strict mode, pin the CPU kernels to `BASELINE`, so that other CPUs at or above it run
+            the same kernel code.
 
     Returns:
         The settings to record with the run: seed, mode ("strict" or "fast"),
