@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 
-from petseg.errors import ConfigError
+from petseg.errors import ConfigError, RunError
 from petseg.lineage import graph as lineage
 from petseg.lineage import runs
 
@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run", nargs="?", help=f"'latest', a run id, or {runs.FLOW}/<run id>")
     parser.add_argument("--release", metavar="DIR_OR_S3", help="a release directory or s3:// prefix")
-    parser.add_argument("--model", metavar="FINGERPRINT", help="every run that produced this model (8+ characters)")
+    parser.add_argument("--model", metavar="FINGERPRINT", help="every run that produced this model (8+ characters); "
+                        "those that released nothing are listed as not verified")
     parser.add_argument("--pachyderm", metavar="HOST:PORT", default=os.environ.get("PACHD_ADDRESS") or None,
                         help="also check the run's Pachyderm commits there (default $PACHD_ADDRESS)")
     parser.add_argument("--s3-endpoint-url", help="S3 endpoint of a non-AWS S3 server (default: Metaflow's)")
@@ -148,16 +149,28 @@ def verify_command(args: argparse.Namespace) -> int:
         if not specs:
             print(f"no finished {runs.FLOW} run produced a model with fingerprint {args.model}")
             return 1
+        verified = 0
         for spec in specs:
-            location, run = runs.release_location(spec, s3_endpoint_url=endpoint)
+            try:
+                location, run = runs.release_location(spec, s3_endpoint_url=endpoint)
+            except RunError as err:
+                if args.run:
+                    raise
+                # Another run that made the model but released nothing: nothing of it is read, nothing proven.
+                print(f"not verified {spec}: {err}")
+                continue
             tally = verify.verify_run(run.pathspec, release=location,
                                       read_graph=lambda run=run: runs.run_graph(run.pathspec),
                                       artifacts=runs.artifact_reader(run),
                                       blob_root=lambda run=run: runs.blob_root_of(run),
                                       s3_endpoint_url=endpoint, pachyderm_address=args.pachyderm)
             print(tally.summary(tally.subject))
+            verified += 1
     except verify.Mismatch as mismatch:
         print(f"{'REFUSED' if isinstance(mismatch, verify.Refusal) else 'MISMATCH'} {mismatch}")
+        return 1
+    if not verified:
+        print(f"no {runs.FLOW} run that produced the model {args.model} has a signed release: nothing verified")
         return 1
     return 0
 
