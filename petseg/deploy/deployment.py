@@ -20,16 +20,14 @@ import json
 import time
 
 from petseg.deploy.endpoints import check_name
-from petseg.deploy.kubernetes import (DEFAULT_RESOURCES, MANIFESTS, _api_reason, _check_image, _check_namespace,
-                                      _check_replicas, _fill, _identity, _mounted, _pod_model_uri,
+from petseg.deploy.kubernetes import (DEFAULT_RESOURCES, MANIFESTS, SERVING_SECRETS, _api_reason, _check_image,
+                                      _check_namespace, _check_replicas, _fill, _identity, _mounted, _pod_model_uri,
                                       default_api_client)
 from petseg.deploy.local import default_feedback_uri
 from petseg.errors import ConfigError, ServingError
 
 DEPLOYMENT_TEMPLATE = MANIFESTS / "deployment.yaml"
 SERVICE_TEMPLATE = MANIFESTS / "service.yaml"
-SERVING_S3_SECRET = "petseg-serving-s3"
-"""The serving credential: a Secret whose key ``credentials`` is an AWS shared-credentials file."""
 HISTORY = 5
 SERVERS = ("seldon", "mlserver")
 PORTS = {"seldon": 9000, "mlserver": 8080}
@@ -50,7 +48,7 @@ def _command(server: str) -> tuple[list[str], str]:
 
 def render_deployment(manifest: dict, *, server: str, endpoint: str, image: str, namespace: str = "default",
                       replicas: int = 1, model_uri: str | None = None, s3_endpoint_url: str | None = None,
-                      s3_secret: str = SERVING_S3_SECRET, tokens_secret: str | None = None,
+                      s3_secret: str = SERVING_SECRETS[0], tokens_secret: str | None = None,
                       resources: dict | None = None) -> dict:
     """The Deployment (apps/v1) serving one release on ``server`` (``seldon`` or ``mlserver``) for ``endpoint``.
 
@@ -219,8 +217,3 @@ def switch(current: dict | None, deployment: dict, *, endpoint: str, namespace: 
                                                "petseg/changed-at": when, f"petseg/{change}-by": who,
                                                f"petseg/{change}-at": when})
     return service
-
-
-def serving_version(service: dict) -> str:
-    """The release version an endpoint's Service selects."""
-    return (service.get("metadata", {}).get("annotations") or {}).get("petseg/version", "")
