@@ -108,18 +108,23 @@ class PetSegFlow(FlowSpec):
                          help="The endpoint a release is for: the stable name it serves under, and whose serving "
                               "(else last accepted) release is the champion it is compared with.")
     champion = Parameter("champion", default="auto",
-                         help="The release the model is compared with: auto (the endpoint's, on this machine), "
-                              "none (judge against the baselines alone), or a release location.")
-    deploy = Parameter("deploy", default="local", help="Where a released model goes: local, kubernetes or none.")
+                         help="The release the model is compared with: auto (the endpoint's: in the cluster when "
+                              "--deploy goes there, else on this machine), none (judge against the baselines "
+                              "alone), or a release location.")
+    deploy = Parameter("deploy", default="local",
+                       help="Where a released model goes: local (this machine's endpoint), kubernetes (a "
+                            "Deployment and the endpoint's Service, no operator), operator (the server's "
+                            "operator object: SeldonDeployment, KServe InferenceService or Seldon Core v2) or none.")
     canary = Parameter("canary", default=0, type=int,
-                       help="On Kubernetes, the percent of the endpoint's traffic a released model takes beside the "
-                            "serving one until `petseg promote`; 0 replaces it outright after the gate.")
+                       help="On Kubernetes, above 0 the released model does not replace the serving one until "
+                            "`petseg promote`: with --deploy kubernetes it waits Ready beside it, taking no "
+                            "traffic; with --deploy operator it takes this percent of the traffic.")
     port = Parameter("port", default=0, type=int,
                      help="Port of a local endpoint when it is not running yet; 0 picks a free one (a running "
                           "endpoint keeps its port).")
     server = Parameter("server", default="seldon",
-                       help="Model server of a deployment: seldon (Seldon Core v1 protocol) or mlserver "
-                            "(Open Inference Protocol, REST and gRPC).")
+                       help="Model server of a deployment: seldon (Seldon Core v1 protocol), mlserver "
+                            "(Open Inference Protocol, REST and gRPC) or, with --deploy operator, seldon-v2.")
     pachyderm = Parameter("pachyderm", default="",
                           help="Pachyderm address (host:port) to mirror lineage into; default $PACHD_ADDRESS.")
     lineage = Parameter("lineage", default="required",
@@ -194,7 +199,7 @@ class PetSegFlow(FlowSpec):
     @step
     def evaluate(self):
         """The model beside the baselines and the champion on validation and test data, and the report card."""
-        self.champion_release = stages.champion(endpoint=self.endpoint, choice=self.champion)
+        self.champion_release = stages.champion(endpoint=self.endpoint, choice=self.champion, deploy=self.deploy)
         self.metrics, samples = stages.evaluate(self.model_keras, self.calibration, splits=self.splits,
                                                 store=self.blob_root, settings=self.settings,
                                                 champion=self.champion_release)
@@ -202,7 +207,7 @@ class PetSegFlow(FlowSpec):
                            calibration_report=self.calibration_report, samples=samples)
         self.next(self.release)
 
-    @hooks.signing_key_secret  # on Kubernetes, only this step's pod gets the signing key
+    @hooks.release_privileges  # on Kubernetes, only this step's pod gets the signing key and the right to deploy
     @step
     def release(self):
         """Quality gate on validation mIoU (baselines, champion); a passing model gets a signed release and a

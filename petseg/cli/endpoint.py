@@ -2,12 +2,14 @@
 
     petseg status [NAME] [--json]
     petseg rollback [NAME]            # default petseg; the release that served before, without downtime
-    petseg promote NAME [--namespace NS] [--kind seldon|kserve|seldon-v2] [--by WHO]   # on Kubernetes
-    petseg rollback NAME --kubernetes [--namespace NS] [--kind seldon|kserve|seldon-v2] [--by WHO]
+    petseg promote NAME [--namespace NS] [--kind deployment|seldon|kserve|seldon-v2] [--by WHO]   # on Kubernetes
+    petseg rollback NAME --kubernetes [--namespace NS] [--kind deployment|seldon|kserve|seldon-v2] [--by WHO]
 
 An endpoint is the stable address a release serves at: on this machine (`petseg.deploy.local_endpoint`)
 a run's release step switches it when the gate accepts a model (``--endpoint``); on Kubernetes it
-is one object (`petseg.deploy.rollout`), where a release may first take a canary share.
+is a Service in front of one Deployment per release (`petseg.deploy.deployment`), where a release
+may first be staged, or one operator object (`petseg.deploy.rollout`), where a release may first
+take a canary share.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from petseg import servers
 from petseg.deploy import endpoints, local_endpoint
 from petseg.errors import ConfigError
 
-KINDS = {"seldon": servers.SERVERS["seldon"].kind, "kserve": servers.SERVERS["mlserver"].kind,
+KINDS = {"deployment": "Service", "seldon": servers.SERVERS["seldon"].kind, "kserve": servers.SERVERS["mlserver"].kind,
          "seldon-v2": servers.SERVERS["seldon-v2"].kind}
-"""``--kind`` -> the kind of the endpoint's object (a KServe InferenceService serves with ``mlserver``)."""
+"""``--kind`` -> the kind of the endpoint's object (a KServe InferenceService serves with ``mlserver``; a plain
+Deployment's endpoint is its Service)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _cluster_options(command)
     command.set_defaults(handler=rollback_command)
     command = subparsers.add_parser("promote", help="on Kubernetes, move all of an endpoint's traffic to its "
-                                                    "canary and retire the release before it")
+                                                    "staged release or canary")
     command.add_argument("name", help="the endpoint")
     _cluster_options(command)
     command.set_defaults(handler=promote_command)
@@ -47,9 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cluster_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
-    command.add_argument("--kind", choices=KINDS, default="seldon",
-                         help="seldon: a SeldonDeployment; kserve: a KServe InferenceService; seldon-v2: a Seldon "
-                              "Core v2 Experiment between the releases' Models. Default seldon")
+    command.add_argument("--kind", choices=KINDS, default="deployment",
+                         help="deployment: a Service in front of a Deployment per release (--deploy kubernetes); "
+                              "seldon: a SeldonDeployment; kserve: a KServe InferenceService; seldon-v2: a Seldon "
+                              "Core v2 Experiment between the releases' Models (--deploy operator). Default "
+                              "deployment")
     command.add_argument("--by", default=None, help="who does it, recorded in the object (default: the user name)")
 
 
@@ -78,26 +83,31 @@ def status_command(args: argparse.Namespace) -> int:
 def rollback_command(args: argparse.Namespace) -> int:
     """Serve the previous release of an endpoint; print what serves now and what it replaced."""
     if args.kubernetes:
-        from petseg.deploy import rollout
-
-        return _change(args, rollout.rollback, "rolled back")
+        return _change(args, "rollback", "rolled back")
     result = local_endpoint.rollback(args.name)
     print(f"{args.name}: {result['release']} serves at {result['url']} (rolled back from {result['replaced']})")
     return 0
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    """All of the endpoint's traffic to its canary; print the traffic."""
-    from petseg.deploy import rollout
-
-    return _change(args, rollout.promote, "promoted")
+    """All of the endpoint's traffic to its staged release or canary; print the traffic."""
+    return _change(args, "promote", "promoted")
 
 
-def _change(args: argparse.Namespace, change, verb: str) -> int:
-    """Apply a change to the endpoint's object on Kubernetes, signed by ``--by``; print what serves."""
-    from petseg.deploy import rollout
-
+def _change(args: argparse.Namespace, action: str, verb: str) -> int:
+    """Promote or roll back the endpoint on Kubernetes, signed by ``--by``; print what serves."""
     who = args.by or getpass.getuser()
+    if args.kind == "deployment":
+        from petseg.deploy import deployment
+
+        result = getattr(deployment, action)(args.name, who=who, namespace=args.namespace)
+        shares = ", ".join(f"{version} {percent} %" for version, percent in result["traffic"].items())
+        staged = f"; staged {result['candidate']}" if result["candidate"] else ""
+        print(f"{args.name}: {verb} by {who}; traffic {shares}{staged}")
+        return 0
+    from petseg.deploy import rollout
+
+    change = getattr(rollout, action)
 
     def changed(current: dict | None) -> dict:
         if current is None:

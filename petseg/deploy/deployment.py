@@ -5,7 +5,14 @@ image's server, Seldon's microservice or MLServer with petseg's runtime (`render
 endpoint is one ``Service`` named after it (`render_service`), whose selector picks the pods of the
 release serving. `roll_out` applies a release's Deployment, waits until its pods are Ready (their
 readiness probe predicts), and only then moves the Service's selector to them: clients of the
-endpoint's address go on being answered by the old pods until the new ones answer.
+endpoint's address go on being answered by the old pods until the new ones answer. A release may
+instead be staged: Ready beside the serving one, taking no traffic until `promote` (a Service
+cannot split traffic by percent). `rollback` drops a staged release, or serves the previous one again.
+
+The Service's annotations are the endpoint's record: the release serving (its provenance, from its
+Deployment), ``petseg/candidate`` (a staged release), ``petseg/history`` (what served before, most
+recent last) and who changed it when. The previous release's pods keep running, so a rollback
+switches at once; older ones are scaled to zero, and Deployments no longer named are deleted.
 
 The pods hold the least they need: no service-account token, the image's non-root user, a read-only
 root file system, the serving credential as a file (``AWS_SHARED_CREDENTIALS_FILE``), the trusted
@@ -22,9 +29,10 @@ import time
 from petseg.deploy.endpoints import check_name
 from petseg.deploy.kubernetes import (DEFAULT_RESOURCES, MANIFESTS, SERVING_SECRETS, _api_reason, _check_image,
                                       _check_namespace, _check_replicas, _fill, _identity, _mounted, _pod_model_uri,
-                                      default_api_client)
+                                      default_api_client, label_value)
 from petseg.deploy.local import default_feedback_uri
 from petseg.errors import ConfigError, ServingError
+from petseg.layout import deployment_name
 
 DEPLOYMENT_TEMPLATE = MANIFESTS / "deployment.yaml"
 SERVICE_TEMPLATE = MANIFESTS / "service.yaml"
@@ -97,6 +105,8 @@ def render_deployment(manifest: dict, *, server: str, endpoint: str, image: str,
     env += mounted["env"]
     command, working_dir = _command(server)
     ready_path, live_path = PROBES[server]
+    # How many pods to scale back to, should a rollback bring it back from zero.
+    annotations = {**annotations, "petseg/replicas": str(replicas)}
     values = {"name": name, "namespace": namespace, "labels": {**labels, **selector}, "annotations": annotations,
               "replicas": replicas, "selector": selector, "image": image, "command": command,
               "working_dir": working_dir, "env": env, "ports": [{"name": "http", "containerPort": port}],
@@ -126,7 +136,6 @@ def apply_deployment(body: dict, *, namespace: str, api_client=None, timeout: fl
 
     apps = client.AppsV1Api(api_client or default_api_client())
     name = body["metadata"]["name"]
-    where = f"Deployment {namespace}/{name}"
     try:
         try:
             existing = apps.read_namespaced_deployment(name, namespace)
@@ -138,7 +147,22 @@ def apply_deployment(body: dict, *, namespace: str, api_client=None, timeout: fl
                 raise
             apps.create_namespaced_deployment(namespace, body)
     except client.ApiException as err:
-        raise ServingError(f"the Kubernetes API refused {where}: {err.status} {_api_reason(err)}") from None
+        raise ServingError(f"the Kubernetes API refused Deployment {namespace}/{name}: {err.status} "
+                           f"{_api_reason(err)}") from None
+    return wait_ready(name, namespace=namespace, api_client=api_client, timeout=timeout, poll_interval=poll_interval)
+
+
+def wait_ready(name: str, *, namespace: str, api_client=None, timeout: float = 600.0,
+               poll_interval: float = 2.0) -> dict:
+    """Wait until every pod of the Deployment ``name`` is Ready and up to date; the Deployment, as a dict.
+
+    Raises:
+        ServingError: It was not Ready in time (naming what its pods wait for).
+    """
+    from kubernetes import client
+
+    api_client = api_client or default_api_client()
+    apps = client.AppsV1Api(api_client)
     deadline = time.monotonic() + timeout
     while True:
         current = apps.read_namespaced_deployment(name, namespace)
@@ -146,19 +170,19 @@ def apply_deployment(body: dict, *, namespace: str, api_client=None, timeout: fl
         if ((status.observed_generation or 0) >= current.metadata.generation
                 and (status.updated_replicas or 0) == wanted and (status.ready_replicas or 0) == wanted
                 and (status.replicas or 0) == wanted):
-            return current.to_dict()
+            return api_client.sanitize_for_serialization(current)
         if time.monotonic() >= deadline:
-            raise ServingError(f"{where} was not Ready after {timeout:g} s: {_pods_state(api_client, body)}")
+            raise ServingError(f"Deployment {namespace}/{name} was not Ready after {timeout:g} s: "
+                               f"{_pods_state(api_client, current.spec.selector.match_labels, namespace)}")
         time.sleep(poll_interval)
 
 
-def _pods_state(api_client, body: dict) -> str:
+def _pods_state(api_client, selector: dict, namespace: str) -> str:
     """What the Deployment's pods wait for, in a line."""
     from kubernetes import client
 
-    selector = ",".join(f"{k}={v}" for k, v in body["spec"]["selector"]["matchLabels"].items())
-    pods = client.CoreV1Api(api_client or default_api_client()).list_namespaced_pod(
-        body["metadata"]["namespace"], label_selector=selector).items
+    labels = ",".join(f"{k}={v}" for k, v in selector.items())
+    pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=labels).items
     states = []
     for pod in pods:
         for status in pod.status.container_statuses or []:
@@ -166,15 +190,21 @@ def _pods_state(api_client, body: dict) -> str:
             what = (f"waiting ({waiting.reason})" if waiting else "running, not ready" if status.state.running
                     else "terminated")
             states.append(f"{pod.metadata.name} {what}, {status.restart_count} restarts")
-    return "; ".join(states) or "no pods yet"
+    if not states:
+        return ("no pod has started (a pod that cannot mount its Secrets waits here: check that the serving "
+                "credential and tokens Secrets exist, k8s/base/*.template.yaml)")
+    return "; ".join(states)
 
 
 def roll_out(manifest: dict, *, endpoint: str, who: str, server: str = "seldon", image: str = "petseg:latest",
-             namespace: str = "default", api_client=None, timeout: float = 600.0, **render_options) -> dict:
-    """Serve a release at the endpoint: its Deployment Ready first, then the endpoint's Service selects it.
+             namespace: str = "default", stage: bool = False, api_client=None, timeout: float = 600.0,
+             **render_options) -> dict:
+    """Serve a release at the endpoint: its Deployment Ready first, then the endpoint's Service selects it; or,
+    with ``stage`` and a release already serving, it waits Ready beside it for `promote`.
 
     Returns:
-        ``{"kind": "kubernetes", "server", "endpoint", "name", "namespace", "traffic", "url"}``.
+        ``{"kind": "kubernetes", "server", "endpoint", "name", "namespace", "traffic", "candidate", "url"}``:
+        ``traffic`` maps release versions to percent; ``candidate`` is a staged release, or "".
     """
     from kubernetes import client
 
@@ -183,37 +213,186 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, server: str = "seldon",
                                    **render_options)
     apply_deployment(deployment, namespace=namespace, api_client=api_client, timeout=timeout)
     core = client.CoreV1Api(api_client)
+    current = _read_service(core, endpoint, namespace)
+    version = manifest["version"]
+    if stage and current is not None and serving_of(current) != version:
+        service = _annotated(current, who=who, change="staged", candidate=version)
+    else:
+        service = switch(current, deployment, endpoint=endpoint, who=who, change="rolled-out")
+    applied = _write_service(core, current, service, endpoint, namespace)
+    _retire(api_client, applied, endpoint, namespace)
+    return _result(applied, server=server, namespace=namespace)
+
+
+def promote(endpoint: str, *, who: str, namespace: str = "default", api_client=None, timeout: float = 600.0) -> dict:
+    """Move the endpoint to its staged release (Ready first); the release before stays Ready for a rollback.
+
+    Raises:
+        ConfigError: no Service for the endpoint, or nothing staged.
+    """
+    api_client = api_client or default_api_client()
+    core, current = _endpoint(api_client, endpoint, namespace)
+    candidate = candidate_of(current)
+    if not candidate:
+        raise ConfigError(f"endpoint {endpoint} has no staged release to promote (serving: {serving_of(current)})")
+    deployment = _serve(api_client, candidate, namespace, timeout)
+    service = switch(current, deployment, endpoint=endpoint, who=who, change="promoted")
+    applied = _write_service(core, current, service, endpoint, namespace)
+    _retire(api_client, applied, endpoint, namespace)
+    return _result(applied, server="", namespace=namespace)
+
+
+def rollback(endpoint: str, *, who: str, namespace: str = "default", api_client=None,
+             timeout: float = 600.0) -> dict:
+    """Drop the endpoint's staged release, or without one serve the release before (Ready first) again.
+
+    Raises:
+        ConfigError: no Service for the endpoint, or nothing to go back to.
+    """
+    api_client = api_client or default_api_client()
+    core, current = _endpoint(api_client, endpoint, namespace)
+    if candidate_of(current):
+        service = _annotated(current, who=who, change="rolled-back", candidate="")
+    else:
+        history = history_of(current)
+        if not history:
+            raise ConfigError(f"endpoint {endpoint} has no earlier release to roll back to "
+                              f"(serving: {serving_of(current)})")
+        deployment = _serve(api_client, history[-1], namespace, timeout)
+        service = switch(current, deployment, endpoint=endpoint, who=who, change="rolled-back", rollback=True)
+    applied = _write_service(core, current, service, endpoint, namespace)
+    _retire(api_client, applied, endpoint, namespace)
+    return _result(applied, server="", namespace=namespace)
+
+
+def switch(current: dict | None, deployment: dict, *, endpoint: str, who: str, change: str,
+           rollback: bool = False) -> dict:
+    """The endpoint's Service once it selects ``deployment``'s pods: the release it served goes onto its history
+    (for a ``rollback``, the release rolled back to comes off it instead), and nothing is staged."""
+    namespace = deployment["metadata"]["namespace"]
+    service = render_service(deployment, endpoint=endpoint, namespace=namespace)
+    history = history_of(current) if current is not None else []
+    if rollback:
+        history = history[:-1]
+    elif current is not None and serving_of(current) not in ("", deployment["metadata"]["annotations"][
+            "petseg/version"]):
+        history = (history + [serving_of(current)])[-HISTORY:]
+    service["metadata"]["annotations"]["petseg/history"] = json.dumps(history)
+    return _annotated(service, who=who, change=change, candidate="")
+
+
+def serving_of(service: dict) -> str:
+    """The release an endpoint's Service selects."""
+    return _annotations(service).get("petseg/version", "")
+
+
+def candidate_of(service: dict) -> str:
+    """The release staged at an endpoint, or ""."""
+    return _annotations(service).get("petseg/candidate", "")
+
+
+def history_of(service: dict) -> list[str]:
+    """The releases that served an endpoint before, most recent last."""
+    return json.loads(_annotations(service).get("petseg/history") or "[]")
+
+
+def _annotations(service: dict) -> dict:
+    return service.get("metadata", {}).get("annotations") or {}
+
+
+def _annotated(service: dict, *, who: str, change: str, candidate: str) -> dict:
+    """The Service with the change signed in its annotations (who, when) and ``candidate`` staged."""
+    service = copy.deepcopy(service)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    service["metadata"].setdefault("annotations", {}).update({
+        "petseg/candidate": candidate, "petseg/changed-by": who, "petseg/changed-at": when,
+        f"petseg/{change}-by": who, f"petseg/{change}-at": when})
+    return service
+
+
+def _result(service: dict, *, server: str, namespace: str) -> dict:
+    endpoint = service["metadata"]["name"]
+    return {"kind": "kubernetes", "server": server, "endpoint": endpoint, "name": endpoint, "namespace": namespace,
+            "traffic": {serving_of(service): 100}, "candidate": candidate_of(service),
+            "url": f"http://{endpoint}.{namespace}.svc/"}
+
+
+def _read_service(core, endpoint: str, namespace: str) -> dict | None:
+    from kubernetes import client
+
     try:
-        current = core.read_namespaced_service(endpoint, namespace).to_dict()
+        return core.api_client.sanitize_for_serialization(core.read_namespaced_service(endpoint, namespace))
     except client.ApiException as err:
-        if err.status != 404:
-            raise ServingError(f"could not read Service {namespace}/{endpoint}: {err.status} {_api_reason(err)}") \
-                from None
-        current = None
-    service = switch(current, deployment, endpoint=endpoint, namespace=namespace, who=who, change="rolled-out")
+        if err.status == 404:
+            return None
+        raise ServingError(f"could not read Service {namespace}/{endpoint}: {err.status} {_api_reason(err)}") \
+            from None
+
+
+def _endpoint(api_client, endpoint: str, namespace: str):
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    current = _read_service(core, check_name(endpoint), namespace)
+    if current is None:
+        raise ConfigError(f"no Service {namespace}/{endpoint}: nothing serves under that endpoint on this cluster "
+                          "(check --namespace)")
+    return core, current
+
+
+def _serve(api_client, version: str, namespace: str, timeout: float) -> dict:
+    """The Deployment of ``version``, scaled up if it was scaled to zero, once Ready."""
+    from kubernetes import client
+
+    apps = client.AppsV1Api(api_client)
+    name = deployment_name(version)
+    try:
+        found = apps.read_namespaced_deployment(name, namespace)
+    except client.ApiException as err:
+        if err.status == 404:
+            raise ConfigError(f"release {version} has no Deployment {namespace}/{name} any more: roll it out "
+                              "again") from None
+        raise ServingError(f"could not read Deployment {namespace}/{name}: {err.status} {_api_reason(err)}") \
+            from None
+    replicas = int((found.metadata.annotations or {}).get("petseg/replicas") or 1)
+    if not found.spec.replicas:
+        apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+    return wait_ready(name, namespace=namespace, api_client=api_client, timeout=timeout)
+
+
+def _write_service(core, current: dict | None, service: dict, endpoint: str, namespace: str) -> dict:
+    from kubernetes import client
+
     try:
         if current is None:
-            core.create_namespaced_service(namespace, service)
-        else:
-            core.patch_namespaced_service(endpoint, namespace, service)
+            written = core.create_namespaced_service(namespace, service)
+        else:  # what a change sets, against the version read (a concurrent change is refused, not lost)
+            metadata = service["metadata"]
+            written = core.patch_namespaced_service(endpoint, namespace, {
+                "metadata": {"annotations": metadata["annotations"], "labels": metadata.get("labels") or {},
+                             "resourceVersion": current["metadata"]["resourceVersion"]},
+                "spec": {"selector": service["spec"]["selector"]}})
     except client.ApiException as err:
         raise ServingError(f"the Kubernetes API refused Service {namespace}/{endpoint}: {err.status} "
                            f"{_api_reason(err)}") from None
-    version = manifest["version"]
-    return {"kind": "kubernetes", "server": server, "endpoint": endpoint, "name": endpoint, "namespace": namespace,
-            "traffic": {version: 100}, "url": f"http://{endpoint}.{namespace}.svc/"}
+    return core.api_client.sanitize_for_serialization(written)
 
 
-def switch(current: dict | None, deployment: dict, *, endpoint: str, namespace: str, who: str, change: str) -> dict:
-    """The endpoint's Service once it selects ``deployment``'s pods: the release it served goes to its history."""
-    service = render_service(deployment, endpoint=endpoint, namespace=namespace)
-    annotations = (current or {}).get("metadata", {}).get("annotations") or {}
-    history = json.loads(annotations.get("petseg/history", "[]"))
-    if annotations.get("petseg/version") and annotations["petseg/version"] != deployment["metadata"]["annotations"][
-            "petseg/version"]:
-        history = (history + [annotations["petseg/version"]])[-HISTORY:]
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    service["metadata"]["annotations"].update({"petseg/history": json.dumps(history), "petseg/changed-by": who,
-                                               "petseg/changed-at": when, f"petseg/{change}-by": who,
-                                               f"petseg/{change}-at": when})
-    return service
+def _retire(api_client, service: dict, endpoint: str, namespace: str) -> None:
+    """Keep the endpoint's Deployments a rollback may need: the serving, staged and previous releases' running, older
+    ones in the history scaled to zero; delete the rest."""
+    from kubernetes import client
+
+    apps = client.AppsV1Api(api_client)
+    history = history_of(service)
+    running = {label_value(v) for v in (serving_of(service), candidate_of(service), *history[-1:]) if v}
+    kept = {label_value(v) for v in history}
+    for found in apps.list_namespaced_deployment(namespace, label_selector=f"petseg/endpoint={endpoint}").items:
+        version = (found.metadata.labels or {}).get("petseg/version", "")
+        if version in running:
+            continue
+        if version in kept:
+            if found.spec.replicas:
+                apps.patch_namespaced_deployment_scale(found.metadata.name, namespace, {"spec": {"replicas": 0}})
+        else:
+            apps.delete_namespaced_deployment(found.metadata.name, namespace)

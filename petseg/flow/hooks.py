@@ -22,10 +22,12 @@ environment for both):
   launching process for a local or ``--with kubernetes`` run; on a scheduler
   (Argo Workflows) there is no such process, and there the metadata service
   lets `tag_run` tag from the steps themselves.
-- `signing_key_secret` (on the release step) hands the release signing key to
-  that step's pod alone when the run goes to Kubernetes: the Secret
-  ``$PETSEG_SIGNING_SECRET`` (default ``petseg-signing``, holding
-  ``PETSEG_SIGNING_KEY``) joins the step's ``@kubernetes`` secrets.
+- `release_privileges` (on the release step) hands the release signing key and
+  the right to deploy to that step's pod alone when the run goes to Kubernetes:
+  the Secret ``$PETSEG_SIGNING_SECRET`` (default ``petseg-signing``, holding
+  ``PETSEG_SIGNING_KEY``) joins the step's ``@kubernetes`` secrets, and the pod
+  runs as the service account ``$PETSEG_RELEASE_SERVICE_ACCOUNT`` (default
+  ``petseg-release``) instead of the other steps' (k8s/base/rbac.yaml).
 """
 
 from __future__ import annotations
@@ -298,25 +300,28 @@ def record_stage(flow, stage: str, reads: list[dict], writes: list[dict]) -> dic
     return graph
 
 
-class signing_key_secret(StepMutator):  # noqa: N801 - used like Metaflow's own decorators
-    """``@signing_key_secret`` on a step: on Kubernetes its pod, and no other, gets the signing key's Secret."""
+class release_privileges(StepMutator):  # noqa: N801 - used like Metaflow's own decorators
+    """``@release_privileges`` on a step: on Kubernetes its pod, and no other, gets the signing key's Secret and
+    runs as the release service account."""
 
     def mutate(self, mutable_step):
         # After the command line: a `--with kubernetes` decorator is there to extend; a local run has none.
         secret = os.environ.get("PETSEG_SIGNING_SECRET") or "petseg-signing"
+        account = os.environ.get("PETSEG_RELEASE_SERVICE_ACCOUNT") or "petseg-release"
         specs = list(mutable_step.decorator_specs)
         if "METAFLOW_KUBERNETES_WORKLOAD" in os.environ:
             # Inside the pod. Metaflow hands a decorator that a mutator inserted to the pod as options of
             # `kubernetes step`, not as `--with`, so the pod's step has none: without one the task never
             # writes its local metadata back for the launcher, and the launcher fails. Re-create it.
             if not any(name == "kubernetes" for name, *_ in specs):
-                mutable_step.add_decorator("kubernetes", deco_kwargs={"secrets": [secret]})
+                mutable_step.add_decorator("kubernetes", deco_kwargs={"secrets": [secret], "service_account": account})
             return
         for name, _, args, kwargs in specs:
             secrets = list(kwargs.get("secrets") or [])
-            if name == "kubernetes" and secret not in secrets:
+            if name == "kubernetes" and (secret not in secrets or kwargs.get("service_account") != account):
                 mutable_step.add_decorator("kubernetes", deco_args=args, duplicates=mutable_step.OVERRIDE,
-                                           deco_kwargs={**kwargs, "secrets": secrets + [secret]})
+                                           deco_kwargs={**kwargs, "secrets": secrets + [secret] * (secret not in secrets),
+                                                        "service_account": account})
 
 
 def _artifact(flow, name: str):

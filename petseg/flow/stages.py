@@ -38,7 +38,13 @@ from petseg.model.architectures import ARCHITECTURES
 from petseg.oxford import SPLITS
 from petseg.storage import BlobStore, get_files, put_files
 
-DEPLOY_TARGETS = ("local", "kubernetes", "none")
+DEPLOY_TARGETS = ("local", "kubernetes", "operator", "none")
+"""``--deploy``: this machine's endpoint; a Deployment and Service on the cluster (no operator); the server's
+operator object (`petseg.deploy.rollout`); nothing."""
+CLUSTER_TARGETS = ("kubernetes", "operator")
+TOKENS_SECRET = "petseg-serving-tokens"
+"""The Secret of the serving pods' bearer tokens (k8s/base/serving-tokens-secret.template.yaml;
+``$PETSEG_TOKENS_SECRET`` names another): endpoints on a cluster are never open."""
 LINEAGE_MODES = ("required", "best-effort")
 SAMPLE_PREDICTIONS = 6
 BOOTSTRAP = 1000
@@ -113,7 +119,8 @@ def settings(parameters: Mapping, *, code: Mapping) -> dict:
         raise ConfigError(f"--batch_size {parameters['batch_size']} is negative: "
                           "expected 0 (tuned) or a positive integer")
     for name, accepted in (("deploy", DEPLOY_TARGETS), ("lineage", LINEAGE_MODES), ("split", RULES),
-                           ("arch", ARCHITECTURES), ("server", servers.LOCAL)):
+                           ("arch", ARCHITECTURES),
+                           ("server", servers.NAMES if parameters["deploy"] == "operator" else servers.LOCAL)):
         if parameters[name] not in accepted:
             raise ConfigError(f"--{name} {parameters[name]!r} is unknown: expected one of {', '.join(accepted)}")
     if not 0 <= parameters["canary"] < 100:
@@ -308,13 +315,20 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
 
 
 @_glue
-def champion(*, endpoint: str, choice: str) -> dict | None:
-    """The release a candidate is compared with: for ``choice`` ``auto`` the endpoint's on this machine (what
-    serves, else the latest accepted: `petseg.deploy.endpoints.champion`), ``none`` none, else a release location."""
+def champion(*, endpoint: str, choice: str, deploy: str) -> dict | None:
+    """The release a candidate is compared with: for ``choice`` ``auto`` the endpoint's (what serves, else the
+    latest accepted): in the cluster for a run that deploys there (`petseg.deploy.cluster_endpoint.champion`),
+    else on this machine (`petseg.deploy.endpoints.champion`); ``none`` none; else a release location."""
     if choice == "none":
         return None
     if choice != "auto":
         return {"version": "", "location": choice}
+    if deploy in CLUSTER_TARGETS:
+        from metaflow.metaflow_config import KUBERNETES_NAMESPACE
+
+        from petseg.deploy import cluster_endpoint
+
+        return cluster_endpoint.champion(endpoints.check_name(endpoint), namespace=KUBERNETES_NAMESPACE)
     return endpoints.champion(endpoints.check_name(endpoint))
 
 
@@ -373,7 +387,8 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
                    store: str) -> tuple[dict, dict]:
     """Export this run's release beside its blobs, signed with the key of `petseg.keys` (`petseg.release.bundle.publish`),
     recording the champion it replaces; return its manifest and its signature files (model.sig, the signed
-    provenance), and record it as accepted for its endpoint (`petseg.deploy.endpoints`)."""
+    provenance), and record it as accepted for its endpoint (in the cluster for a run that deploys there,
+    `petseg.deploy.cluster_endpoint`, else on this machine, `petseg.deploy.endpoints`)."""
     from petseg import keys
     from petseg.lineage import runs
     from petseg.release import bundle, gate
@@ -387,7 +402,14 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
         build={"parameters": parameters, "environment": environment, "started": runs.started_at(current.run_id)})
     print(f"{'Made signing key ' + key + ' and trusted it; ' if made else ''}signed {location} with key {signer[:16]}")
     manifest = json.loads(files["manifest.json"])
-    endpoints.accept(parameters["endpoint"], manifest)
+    if parameters["deploy"] in CLUSTER_TARGETS:
+        from metaflow.metaflow_config import KUBERNETES_NAMESPACE
+
+        from petseg.deploy import cluster_endpoint
+
+        cluster_endpoint.accept(parameters["endpoint"], manifest, namespace=KUBERNETES_NAMESPACE)
+    else:
+        endpoints.accept(parameters["endpoint"], manifest)
     return manifest, {name: files[name] for name in bundle.SIGNATURE_FILES}
 
 
@@ -395,24 +417,57 @@ def export_release(*, model_keras: bytes, calibration: dict, metrics: dict, sett
 def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", endpoint: str,
            canary: int = 0) -> dict | None:
     """Hand the release to the serving deployment chosen by ``--deploy``: locally, the endpoint switches to it
-    without downtime (`petseg.deploy.local_endpoint.roll_out`); on Kubernetes, the endpoint's object takes it, as a
-    ``canary`` or outright (`petseg.deploy.rollout.roll_out`, with Metaflow's settings; the pods get
-    ``$PETSEG_SERVING_SECRETS``, the serving credential, and never the flow's own secrets)."""
-    from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE
-
+    without downtime (`petseg.deploy.local_endpoint.roll_out`); on Kubernetes, its own Deployment, Ready before
+    the endpoint's Service selects it, or staged beside the serving one with a ``canary``
+    (`petseg.deploy.deployment.roll_out`); or the server's operator object takes it, as a ``canary`` or outright
+    (`petseg.deploy.rollout.roll_out`). Pods run the image this step runs in, with the serving credential
+    (``$PETSEG_SERVING_SECRETS``) and tokens (`TOKENS_SECRET`), never the flow's own secrets."""
     if target == "none":
         return None
     if target == "local":
         from petseg.deploy import local_endpoint
 
         return local_endpoint.roll_out(endpoint, endpoints.entry(manifest), server=server, port=port or None)
+    from metaflow.metaflow_config import KUBERNETES_NAMESPACE
+
+    secrets = [s for s in os.environ.get("PETSEG_SERVING_SECRETS", "petseg-serving-s3").split(",") if s]
+    tokens = os.environ.get("PETSEG_TOKENS_SECRET") or TOKENS_SECRET
+    options = {"endpoint": endpoint, "who": current.username, "server": server, "image": _image(),
+               "namespace": KUBERNETES_NAMESPACE or "default", "s3_endpoint_url": s3_endpoint()}
+    if target == "kubernetes":
+        from petseg.deploy import deployment
+
+        result = deployment.roll_out(manifest, stage=bool(canary), s3_secret=secrets[0], tokens_secret=tokens,
+                                     **options)
+        if result["candidate"]:
+            print(f"staged {result['candidate']} beside {next(iter(result['traffic']))}: "
+                  f"`petseg promote {endpoint} --namespace {result['namespace']}` moves the endpoint to it")
+        return result
     from petseg.deploy import rollout
 
-    return rollout.roll_out(
-        manifest, endpoint=endpoint, who=current.username, canary=canary, server=server,
-        image=KUBERNETES_CONTAINER_IMAGE or "petseg:latest", namespace=KUBERNETES_NAMESPACE or "default",
-        s3_endpoint_url=s3_endpoint(), secrets=[s for s in os.environ.get("PETSEG_SERVING_SECRETS",
-                                                                          "petseg-serving-s3").split(",") if s])
+    return rollout.roll_out(manifest, canary=canary, secrets=secrets, tokens_secret=tokens, **options)
+
+
+def _image() -> str:
+    """The image the serving pods run: in a pod, this pod's own (what the run ran in); else Metaflow's setting.
+
+    Raises:
+        ConfigError: outside a pod, no image is configured.
+    """
+    from metaflow.metaflow_config import KUBERNETES_CONTAINER_IMAGE, KUBERNETES_NAMESPACE
+
+    pod = os.environ.get("METAFLOW_KUBERNETES_POD_NAME")
+    if pod:
+        from kubernetes import client
+
+        from petseg.deploy.kubernetes import default_api_client
+
+        own = client.CoreV1Api(default_api_client()).read_namespaced_pod(pod, KUBERNETES_NAMESPACE)
+        return own.spec.containers[0].image
+    if not KUBERNETES_CONTAINER_IMAGE:
+        raise ConfigError("no image to serve with: set METAFLOW_KUBERNETES_CONTAINER_IMAGE "
+                          "(`petseg configure kubernetes --image ...`)")
+    return KUBERNETES_CONTAINER_IMAGE
 
 
 def _fault_drill(step_name: str) -> None:

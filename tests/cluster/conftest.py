@@ -80,3 +80,20 @@ def workdir():
         yield directory
 
 
+
+
+PREDICT_TOKEN = "predict-" + "p" * 40
+FEEDBACK_TOKEN = "feedback-" + "f" * 40
+
+
+@pytest.fixture(scope="session")
+def serving_tokens(cluster, admin):
+    """The serving pods' tokens Secret (k8s/base/serving-tokens-secret.template.yaml): (name, tokens by role)."""
+    import yaml
+
+    body = yaml.safe_load((REPO / "k8s" / "base" / "serving-tokens-secret.template.yaml").read_text())
+    tokens = {"tokens": [{"identity": "client", "token": PREDICT_TOKEN, "roles": ["predict"]},
+                         {"identity": "labeller", "token": FEEDBACK_TOKEN, "roles": ["feedback"]}]}
+    body["stringData"] = {"tokens.json": json.dumps(tokens)}
+    admin["core"].create_namespaced_secret(cluster["PETSEG_K8S_NAMESPACE"], body)
+    return body["metadata"]["name"], {"predict": PREDICT_TOKEN, "feedback": FEEDBACK_TOKEN}

@@ -70,13 +70,10 @@ def signed_release(cluster, admin, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokens_secret(cluster, admin):
-    tokens = {"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]},
-                         {"identity": "labeller", "token": FEEDBACK, "roles": ["feedback"]}]}
-    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "petseg-serving-tokens"},
-            "stringData": {"tokens.json": json.dumps(tokens)}}
-    admin["core"].create_namespaced_secret(cluster["PETSEG_K8S_NAMESPACE"], body)
-    return "petseg-serving-tokens"
+def tokens_secret(serving_tokens):
+    name, tokens = serving_tokens
+    assert tokens == {"predict": PREDICT, "feedback": FEEDBACK}
+    return name
 
 
 def _runner(cluster):

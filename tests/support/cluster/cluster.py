@@ -9,6 +9,7 @@ this process die first). It composes one module per component:
 3. ``control_plane.py``: etcd, kube-apiserver, kube-scheduler, kube-controller-manager;
 4. ``node.py``: containerd and runc, the kubelet, the project's image imported,
    and ``device_plugin.py`` advertising ``nvidia.com/gpu`` (the one stand-in);
+   ``service_proxy.py``: kube-proxy, for Service addresses;
 5. then the project's kustomize base (``k8s/base``) is applied, the Secrets made
    from its templates, and a Metaflow profile written by
    ``petseg.deploy.kubeconfig`` as ``petseg configure kubernetes`` does.
@@ -46,9 +47,13 @@ from control_plane import ControlPlane
 from node import NODE, Node
 from pki import NAMESPACE, make_pki, write_kubeconfig
 from processes import Processes, wait_for
+from service_proxy import ServiceProxy
 
 REPO = Path(__file__).resolve().parents[3]
 SERVICE_ACCOUNT = "petseg"
+"""Who launches flows (the ``KUBERNETES`` kubeconfig); step pods run as petseg-step, the release step as
+petseg-release (k8s/base)."""
+STEP_SERVICE_ACCOUNT = "petseg-step"
 
 
 def cache_dir() -> Path:
@@ -72,6 +77,7 @@ class LocalCluster:
         self.bin = cache_dir() / "bin"
         self.processes = Processes(self.dir / "logs")
         self.node: Node | None = None
+        self.proxy: ServiceProxy | None = None
         self.env: dict[str, str] = {}
 
     def start(self) -> dict[str, str]:
@@ -91,12 +97,16 @@ class LocalCluster:
         if self.node is not None:
             self.node.stop_containers()
         self.processes.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
         if self.node is not None:
             self.node.wipe()
         network.down()
 
     def _start(self) -> dict[str, str]:
-        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl", "pause"):
+        binaries = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl",
+                    "pause")
+        for name in binaries:
             if not (self.bin / name).exists():
                 raise RuntimeError(f"{self.bin / name} is missing: run tests/support/cluster/build.sh first")
         for sub in ("etcd", "pki", "metaflow", "network", "node"):
@@ -109,13 +119,15 @@ class LocalCluster:
         s3_url = storage.start(self.processes, python=self.python, host=gateway)
 
         pki = self.dir / "pki"
-        make_pki(pki, addresses=[gateway, "127.0.0.1", "10.96.0.1"])
+        make_pki(pki, addresses=[gateway, "127.0.0.1", network.KUBERNETES_SERVICE])
         control = ControlPlane(self.processes, directory=self.dir, pki=pki, bin_dir=self.bin, host=gateway, node=NODE)
         control.start()
         self.node = Node(self.processes, directory=self.dir / "node", bin_dir=self.bin, address=gateway,
                          kubeconfig=control.node_kubeconfig, admin=control.admin, ca_file=pki / "ca.crt",
                          cni_conf=cni_conf, images=[self.image_archive], python=self.python)
         self.node.start()
+        self.proxy = ServiceProxy(self.processes, bin_dir=self.bin, kubeconfig=control.proxy_kubeconfig, node=NODE)
+        self.proxy.start()
 
         runner = self.dir / "runner.kubeconfig"
         token = self._apply_base(control.admin)
@@ -209,7 +221,7 @@ class LocalCluster:
             image=self.image,
             endpoint_url=s3_url,
             secrets=["petseg-s3"],  # the name in k8s/base/s3-secret.template.yaml
-            service_account=SERVICE_ACCOUNT,
+            service_account=STEP_SERVICE_ACCOUNT,
             gpu=1,
         )
         kubeconfig.write_config(settings, self.dir / "metaflow" / "config_cluster.json")

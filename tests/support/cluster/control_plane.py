@@ -11,10 +11,10 @@ import ssl
 import urllib.request
 from pathlib import Path
 
+import network
 from pki import write_kubeconfig
 from processes import Processes, free_port, wait_for
 
-SERVICE_RANGE = "10.96.0.0/16"
 ADMISSION = "NamespaceLifecycle,ServiceAccount,NodeRestriction"
 ADMISSION_OFF = (
     # Everything else 1.20 enables by default: the cluster has no storage,
@@ -49,6 +49,7 @@ class ControlPlane:
         self.processes, self.dir, self.pki, self.bin, self.host = processes, directory, pki, bin_dir, host
         self.admin_token = secrets.token_hex(16)
         self.node_token = secrets.token_hex(16)
+        self.proxy_token = secrets.token_hex(16)
         self.node = node
         self.server = ""
 
@@ -61,6 +62,9 @@ class ControlPlane:
         self.node_kubeconfig = self.dir / "node.kubeconfig"
         write_kubeconfig(self.node_kubeconfig, server=self.server, ca_file=self.pki / "ca.crt",
                          user=f"system:node:{self.node}", token=self.node_token)
+        self.proxy_kubeconfig = self.dir / "kube-proxy.kubeconfig"
+        write_kubeconfig(self.proxy_kubeconfig, server=self.server, ca_file=self.pki / "ca.crt",
+                         user="system:kube-proxy", token=self.proxy_token)
         self._scheduler()
         self._controller_manager()
 
@@ -80,7 +84,9 @@ class ControlPlane:
         pki = self.pki
         (pki / "tokens.csv").write_text(
             f"{self.admin_token},admin,admin,system:masters\n"
-            f'{self.node_token},system:node:{self.node},{self.node},"system:nodes"\n')
+            f'{self.node_token},system:node:{self.node},{self.node},"system:nodes"\n'
+            # Bound to system:node-proxier by the bootstrap policy: Services, Endpoints, Nodes, read-only.
+            f"{self.proxy_token},system:kube-proxy,kube-proxy\n")
         (pki / "tokens.csv").chmod(0o600)
         port = free_port(self.host)
         self.server = f"https://{self.host}:{port}"
@@ -97,7 +103,7 @@ class ControlPlane:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-cluster-ip-range={SERVICE_RANGE}",
+            f"--service-cluster-ip-range={network.SERVICES}",
             f"--enable-admission-plugins={ADMISSION}", f"--disable-admission-plugins={ADMISSION_OFF}",
             "--feature-gates=TTLAfterFinished=true",
             # Logs and exec go to the kubelet at the node's address (no DNS here), with a certificate it trusts.

@@ -6,8 +6,10 @@ addresses in ``SUBNET``. The bridge is made here before anything starts, with
 need (S3, the API server) can listen on that address before the first pod
 exists. It is closed: no masquerade, no default route in the pods, no
 forwarding, so pods reach this machine's address on the bridge and each
-other, and nothing else. Tests send traffic only to loopback and to this
-bridge.
+other, and nothing else. Service addresses (``SERVICES``, kube-proxy's, see
+``service_proxy.py``) are routed to the bridge too: on this machine
+directly, in pods through the gateway. Tests send traffic only to loopback
+and to this bridge.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ BRIDGE = "petseg0"
 SUBNET = "10.213.0.0/24"
 GATEWAY = "10.213.0.1"
 PREFIX = 24
+SERVICES = "10.213.1.0/24"
+"""The Services' cluster addresses (the API server's ``--service-cluster-ip-range``)."""
+KUBERNETES_SERVICE = "10.213.1.1"
+"""The first of them: the API server's own Service, which pods' in-cluster configuration names."""
 # Debian's containernetworking-plugins install here, not in /opt/cni/bin.
 CNI_BIN = "/usr/lib/cni"
 
@@ -38,6 +44,8 @@ def up(directory: Path) -> Path:
     _ip("link", "add", BRIDGE, "type", "bridge")
     _ip("addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE)
     _ip("link", "set", BRIDGE, "up")
+    # A Service address kube-proxy has no rule for yet stays on the bridge, never the default route.
+    _ip("route", "add", SERVICES, "dev", BRIDGE, "src", GATEWAY)
     conf_dir = directory / "net.d"
     conf_dir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -46,14 +54,14 @@ def up(directory: Path) -> Path:
         "plugins": [{
             "type": "bridge",
             "bridge": BRIDGE,
-            # The bridge already has the gateway's address; pods get no default route.
+            # The bridge already has the gateway's address; pods get no default route, only the Services'.
             "isGateway": False,
             "ipMasq": False,
             "hairpinMode": True,
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{"subnet": SUBNET, "rangeStart": "10.213.0.10", "gateway": GATEWAY}]],
-                "routes": [],
+                "routes": [{"dst": SERVICES, "gw": GATEWAY}],
                 "dataDir": str(directory / "ipam"),
             },
         }],
