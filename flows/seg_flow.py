@@ -199,7 +199,8 @@ class PetSegFlow(FlowSpec):
     @step
     def evaluate(self):
         """The model beside the baselines and the champion on validation and test data, and the report card."""
-        self.champion_release = stages.champion(endpoint=self.endpoint, choice=self.champion, deploy=self.deploy)
+        self.champion_release = stages.champion(endpoint=self.endpoint, choice=self.champion, deploy=self.deploy,
+                                                server=self.server)
         self.metrics, samples = stages.evaluate(self.model_keras, self.calibration, splits=self.splits,
                                                 store=self.blob_root, settings=self.settings,
                                                 champion=self.champion_release)

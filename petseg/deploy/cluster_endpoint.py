@@ -4,7 +4,8 @@ On Kubernetes every pod starts with an empty state directory, so an endpoint's r
 (`petseg.deploy.endpoints` on one machine) lives in the cluster, beside what serves:
 
 - the release serving is the one the endpoint's ``Service`` selects (`petseg.deploy.deployment`),
-  read from its annotations (version and release location);
+  read from its annotations (version and release location), or for an operator's object
+  (`petseg.deploy.rollout`) the release its ``petseg/serving`` annotation names;
 - every release the gate accepted for the endpoint is in its ``ConfigMap`` ``petseg-endpoint-<name>``
   (key ``releases.json``, oldest first, `petseg.deploy.endpoints.entry` each).
 
@@ -58,10 +59,38 @@ def accepted(endpoint: str, *, namespace: str, api_client=None) -> list[dict]:
     return _releases(found, namespace, endpoint) if found is not None else []
 
 
-def champion(endpoint: str, *, namespace: str, api_client=None) -> dict | None:
-    """The release a candidate for the endpoint is compared with: the one serving, else the latest accepted."""
+def champion(endpoint: str, *, namespace: str, kind: str = "Service", api_client=None) -> dict | None:
+    """The release a candidate for the endpoint is compared with: the one serving, else the latest accepted.
+
+    ``kind`` is the endpoint's object: its ``Service`` (a plain Deployment per release), or an operator's
+    (``SeldonDeployment``, ``InferenceService``, ``Experiment``), whose serving release is looked up among
+    the accepted ones.
+    """
     releases = accepted(endpoint, namespace=namespace, api_client=api_client)
-    return serving(endpoint, namespace=namespace, api_client=api_client) or (releases[-1] if releases else None)
+    if kind == "Service":
+        current = serving(endpoint, namespace=namespace, api_client=api_client)
+    else:
+        version = _operator_serving(endpoint, kind, namespace, api_client)
+        current = next((r for r in reversed(releases) if r["version"] == version), None)
+    return current or (releases[-1] if releases else None)
+
+
+def _operator_serving(endpoint: str, kind: str, namespace: str, api_client) -> str:
+    """The release an operator's object of the endpoint serves ("" when there is no object)."""
+    from kubernetes import client
+
+    from petseg.deploy.kubernetes import RESOURCES, _api_reason, default_api_client
+
+    group, version, plural = RESOURCES[kind]
+    api = client.CustomObjectsApi(api_client or default_api_client())
+    try:
+        body = api.get_namespaced_custom_object(group, version, namespace, plural, check_name(endpoint))
+    except client.ApiException as err:
+        if err.status == 404:
+            return ""
+        raise ServingError(f"could not read {kind} {namespace}/{endpoint}: {err.status} {_api_reason(err)}") \
+            from None
+    return (body.get("metadata", {}).get("annotations") or {}).get("petseg/serving", "")
 
 
 def accept(endpoint: str, manifest: dict, *, namespace: str, api_client=None) -> list[dict]:

@@ -315,7 +315,7 @@ def calibrate(model_keras: bytes, *, splits: dict, store: str, settings: dict) -
 
 
 @_glue
-def champion(*, endpoint: str, choice: str, deploy: str) -> dict | None:
+def champion(*, endpoint: str, choice: str, deploy: str, server: str = "seldon") -> dict | None:
     """The release a candidate is compared with: for ``choice`` ``auto`` the endpoint's (what serves, else the
     latest accepted): in the cluster for a run that deploys there (`petseg.deploy.cluster_endpoint.champion`),
     else on this machine (`petseg.deploy.endpoints.champion`); ``none`` none; else a release location."""
@@ -328,7 +328,8 @@ def champion(*, endpoint: str, choice: str, deploy: str) -> dict | None:
 
         from petseg.deploy import cluster_endpoint
 
-        return cluster_endpoint.champion(endpoints.check_name(endpoint), namespace=KUBERNETES_NAMESPACE)
+        kind = "Service" if deploy == "kubernetes" else servers.get(server).kind
+        return cluster_endpoint.champion(endpoints.check_name(endpoint), namespace=KUBERNETES_NAMESPACE, kind=kind)
     return endpoints.champion(endpoints.check_name(endpoint))
 
 

@@ -30,6 +30,8 @@ from harness import REPO
 
 SEG_FLOW = REPO / "flows" / "seg_flow.py"
 ENDPOINT = "pets-flow"
+# The serving pods hold half a CPU of the node's two: compute steps ask for one, so they still fit beside them.
+COMPUTE = ["--config-value", "compute", json.dumps({"cpu": 1, "memory": 3072, "gpu": 1})]
 PARAMETERS = ["--source", "synth:24", "--trials", "2", "--tune_epochs", "1", "--epochs", "1", "--deploy", "kubernetes",
               "--endpoint", ENDPOINT, "--min_miou", "0", "--min_margin", "-1", "--lineage", "best-effort"]
 ACCESS = (
@@ -62,8 +64,8 @@ MESSAGE = {"binData": base64.b64encode(_png(11)).decode()}
 
 
 def _run(cluster, workdir, *extra):
-    code, output, run_id = run_flow(cluster, workdir, SEG_FLOW, "run", "--with", "kubernetes", *PARAMETERS, *extra,
-                                    timeout=1500)
+    code, output, run_id = run_flow(cluster, workdir, SEG_FLOW, *COMPUTE, "run", "--with", "kubernetes", *PARAMETERS,
+                                    *extra, timeout=1500)
     assert code == 0, output[-6000:]
     data = client_data(cluster, workdir, f"PetSegFlow/{run_id}", ["manifest", "deployment", "metrics",
                                                                     "gate_message", "champion_release"])["data"]
