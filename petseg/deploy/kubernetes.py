@@ -11,7 +11,8 @@ with the release's provenance in labels and annotations:
   image (`render_seldon_server`): MLServer loads the Model's artifact folder, a
   folder beside the release (`petseg.layout.seldon_model`) holding only the
   `model_settings` that name petseg's runtime and the release
-  (`write_model_settings` puts them there): a signed release never changes.
+  (`write_model_settings` puts them there when `petseg.deploy.rollout.roll_out` rolls the Model out, before
+  applying it): a signed release never changes.
 
 `apply_object` creates or replaces one and waits until its controller reports
 it ready; `petseg.deploy.rollout` makes them one object per endpoint, with canaries.
