@@ -80,3 +80,20 @@ def workdir():
         yield directory
 
 
+
+
+@pytest.fixture(scope="session")
+def signed_release(cluster, admin):
+    """A small model's release, signed with the cluster's key, in the cluster's S3: (manifest, location, dir)."""
+    import cluster_release
+
+    with private_dir("petseg-release-") as directory:
+        yield cluster_release.signed_release(cluster, admin, directory)
+
+
+@pytest.fixture(scope="session")
+def tokens_secret(cluster, admin):
+    """The serving pods' tokens Secret (`cluster_release.PREDICT`, `cluster_release.FEEDBACK`)."""
+    import cluster_release
+
+    return cluster_release.tokens_secret(cluster, admin)
