@@ -14,9 +14,10 @@ Deployment), ``petseg/candidate`` (a staged release), ``petseg/history`` (what s
 recent last) and who changed it when. The previous release's pods keep running, so a rollback
 switches at once; older ones are scaled to zero, and Deployments no longer named are deleted.
 
-The pods hold the least they need: no service-account token, the image's non-root user, a read-only
-root file system, the serving credential as a file (``AWS_SHARED_CREDENTIALS_FILE``), the trusted
-public keys and the bearer tokens as read-only mounts.
+The pods (`petseg.deploy.pod.serving_pod`, which the operator objects describe too) hold the least they
+need: no service-account token, the image's non-root user, a read-only root file system, the serving
+credential as a file (``AWS_SHARED_CREDENTIALS_FILE``), the trusted public keys and the bearer tokens as
+read-only mounts.
 """
 
 from __future__ import annotations
@@ -27,31 +28,16 @@ import json
 import time
 
 from petseg.deploy.endpoints import check_name
-from petseg.deploy.kubernetes import (DEFAULT_RESOURCES, MANIFESTS, SERVING_SECRETS, _api_reason, _check_image,
-                                      _check_namespace, _check_replicas, _fill, _identity, _mounted, _pod_model_uri,
-                                      default_api_client, label_value)
+from petseg.deploy.kubernetes import (MANIFESTS, _api_reason, _check_image, _check_namespace, _check_replicas, _fill,
+                                      _identity, _pod_model_uri, default_api_client, label_value)
 from petseg.deploy.local import default_feedback_uri
+from petseg.deploy.pod import SERVERS, SERVING_SECRETS, serving_pod
 from petseg.errors import ConfigError, ServingError
 from petseg.layout import deployment_name
 
 DEPLOYMENT_TEMPLATE = MANIFESTS / "deployment.yaml"
 SERVICE_TEMPLATE = MANIFESTS / "service.yaml"
 HISTORY = 5
-SERVERS = ("seldon", "mlserver")
-PORTS = {"seldon": 9000, "mlserver": 8080}
-PROBES = {"seldon": ("/health/status", "/health/ping"),
-          "mlserver": ("/v2/models/petseg/ready", "/v2/health/live")}
-"""(readiness, liveness) paths: Seldon's status runs one prediction; MLServer's model is ready after a warm-up."""
-
-
-def _command(server: str) -> tuple[list[str], str]:
-    """The server's command line and working directory in the image (see Dockerfile)."""
-    if server == "seldon":
-        return (["python", "-m", "petseg.entrypoints.seldon_launcher", "PetSegModel", "--service-type", "MODEL",
-                 "--http-port", "9000", "--grpc-port", "5000", "--metrics-port", "6000",
-                 "--workers", "1", "--threads", "4"], "/app/serving")
-    # MLServer keeps metrics and environments under its working directory: the writable scratch one.
-    return ["python", "-m", "petseg.entrypoints.mlserver_runtime", "/app/serving/mlserver"], "/tmp"
 
 
 def render_deployment(manifest: dict, *, server: str, endpoint: str, image: str, namespace: str = "default",
@@ -72,7 +58,7 @@ def render_deployment(manifest: dict, *, server: str, endpoint: str, image: str,
         s3_secret: The serving credential's Secret (key ``credentials``, an AWS shared-credentials file).
         tokens_secret: A Secret with key ``tokens.json`` (`petseg.tokens`); without it predictions are open and
             feedback is refused.
-        resources: Container resources; default `petseg.deploy.kubernetes.DEFAULT_RESOURCES`.
+        resources: Container resources; default `petseg.deploy.pod.DEFAULT_RESOURCES`.
 
     Raises:
         ConfigError: A value Kubernetes or the pod could not use.
@@ -87,31 +73,16 @@ def render_deployment(manifest: dict, *, server: str, endpoint: str, image: str,
     name, labels, annotations = _identity(manifest, model_uri)
     selector = {"app.kubernetes.io/name": "petseg", "petseg/endpoint": endpoint,
                 "petseg/version": labels["petseg/version"]}
-    port = PORTS[server]
-    env = [{"name": "MODEL_URI", "value": model_uri},
-           {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")},
-           {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
-           {"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"},
-           # The pod's own address, which the kubelet probes and the Service sends to.
-           {"name": "PETSEG_HOST", "value": "0.0.0.0"}, {"name": "MLSERVER_HOST", "value": "0.0.0.0"},
-           {"name": "MLSERVER_HTTP_PORT", "value": str(port)}]
-    if server == "seldon":
-        env.append({"name": "FEEDBACK_URI", "value": default_feedback_uri(model_uri)})
-    if s3_endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    mounted = _mounted(tokens_secret, s3_secret)
-    mounts = mounted["volume_mounts"] + [{"name": "scratch", "mountPath": "/tmp"}]
-    volumes = mounted["volumes"] + [{"name": "scratch", "emptyDir": {}}]
-    env += mounted["env"]
-    command, working_dir = _command(server)
-    ready_path, live_path = PROBES[server]
+    serving = serving_pod(server, image=image, model_uri=model_uri,
+                          model_fingerprint=manifest.get("model_fingerprint", ""),
+                          feedback_uri=default_feedback_uri(model_uri) if server == "seldon" else None,
+                          s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret, tokens_secret=tokens_secret,
+                          resources=resources)
     # How many pods to scale back to, should a rollback bring it back from zero.
     annotations = {**annotations, "petseg/replicas": str(replicas)}
     values = {"name": name, "namespace": namespace, "labels": {**labels, **selector}, "annotations": annotations,
-              "replicas": replicas, "selector": selector, "image": image, "command": command,
-              "working_dir": working_dir, "env": env, "ports": [{"name": "http", "containerPort": port}],
-              "volume_mounts": mounts, "volumes": volumes, "resources": resources or DEFAULT_RESOURCES,
-              "ready_path": ready_path, "live_path": live_path}
+              "replicas": replicas, "selector": selector,
+              "pod_spec": {**serving["pod"], "containers": [serving["container"]]}}
     return _fill(DEPLOYMENT_TEMPLATE, values)
 
 
@@ -121,8 +92,9 @@ def render_service(deployment: dict, *, endpoint: str, namespace: str = "default
     selector = deployment["spec"]["selector"]["matchLabels"]
     labels = {"app.kubernetes.io/name": "petseg", "petseg/endpoint": endpoint}
     annotations = {key: value for key, value in deployment["metadata"]["annotations"].items()}
+    [port] = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
     return _fill(SERVICE_TEMPLATE, {"name": endpoint, "namespace": namespace, "labels": labels,
-                                    "annotations": annotations, "selector": selector})
+                                    "annotations": annotations, "selector": selector, "target_port": port["name"]})
 
 
 def apply_deployment(body: dict, *, namespace: str, api_client=None, timeout: float = 600.0,

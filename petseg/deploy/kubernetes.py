@@ -11,7 +11,8 @@ with the release's provenance in labels and annotations:
   image (`render_seldon_server`): MLServer loads the Model's artifact folder, a
   folder beside the release (`petseg.layout.seldon_model`) holding only the
   `model_settings` that name petseg's runtime and the release
-  (`write_model_settings` puts them there): a signed release never changes.
+  (`write_model_settings` puts them there when `petseg.deploy.rollout.roll_out` rolls the Model out, before
+  applying it): a signed release never changes.
 
 `apply_object` creates or replaces one and waits until its controller reports
 it ready; `petseg.deploy.rollout` makes them one object per endpoint, with canaries.
@@ -32,6 +33,7 @@ import yaml
 
 from petseg import layout
 from petseg.deploy.local import default_feedback_uri
+from petseg.deploy.pod import SERVING_SECRETS, seldon_v2_server_pod, serving_pod
 from petseg.errors import ConfigError, ServingError
 from petseg.layout import deployment_name
 from petseg.storage import Location
@@ -57,21 +59,6 @@ RESOURCES = {
 RUNTIME = "petseg.entrypoints.mlserver_runtime.PetSegRuntime"
 CAPABILITY = "petseg"
 """The Seldon Core v2 capability a Server of the petseg image offers and a petseg Model requires."""
-DEFAULT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2560Mi"}, "limits": {"memory": "3Gi"}}
-"""From bench/serving_memory.py (docs/PERFORMANCE.md): a Seldon pod's processes hold about 2.1 GiB idle and
-2.6 GiB with four worst-case requests in flight; MLServer's 0.6 GiB idle, 1.5 GiB with two."""
-SERVING_SECRETS = ("petseg-serving-s3",)
-"""The serving pods' S3 credential (k8s/base/serving-s3-secret.template.yaml): read releases, add pending
-feedback samples, nothing else; never the flow's ``petseg-s3``, which can rewrite every release and run."""
-TRUSTED_KEYS_CONFIGMAP = "petseg-trusted-keys"
-"""The public keys a served release must be signed by (k8s/base/trusted-keys.template.yaml); no private key."""
-TRUSTED_KEYS_PATH = "/etc/petseg/trusted-keys"
-TOKENS_MOUNT = "/var/run/secrets/petseg-tokens"
-CREDENTIALS_MOUNT = "/var/run/secrets/petseg-s3"
-"""Where a serving pod reads its S3 credential, an AWS shared-credentials file (``AWS_SHARED_CREDENTIALS_FILE``)."""
-"""Where a pod reads its bearer tokens (`petseg.tokens`): the Secret ``tokens_secret``, key ``tokens.json``."""
-
-
 def label_value(value: str) -> str:
     """``value`` made a valid Kubernetes label value (at most 63 of ``[A-Za-z0-9._-]``, alphanumeric ends)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(value))[:63].strip("-_.")
@@ -106,9 +93,9 @@ def render_seldon_deployment(
         s3_endpoint_url: Endpoint of a non-AWS S3 server (AWS_ENDPOINT_URL in the pod).
         secrets: The serving credential's Secret first (`SERVING_SECRETS`; key ``credentials``, an AWS
             shared-credentials file, mounted read-only): read releases, add pending feedback.
-        resources: Container resources; default `DEFAULT_RESOURCES`.
+        resources: Container resources; default `petseg.deploy.pod.DEFAULT_RESOURCES`.
         template: The YAML template.
-        tokens_secret: A Secret with key ``tokens.json`` (`petseg.tokens`), mounted read-only at `TOKENS_MOUNT`;
+        tokens_secret: A Secret with key ``tokens.json`` (`petseg.tokens`), mounted read-only at `petseg.deploy.pod.TOKENS_MOUNT`;
             without it, predictions are open (behind the cluster's ingress) and feedback is refused.
 
     Returns:
@@ -118,9 +105,10 @@ def render_seldon_deployment(
         ConfigError: A value Kubernetes or the pod could not use.
     """
     model_uri = _pod_model_uri(manifest, model_uri)
-    values = _pod_values(manifest, image=image, model_uri=model_uri, namespace=namespace, replicas=replicas,
-                         feedback_uri=feedback_uri or default_feedback_uri(model_uri), s3_endpoint_url=s3_endpoint_url,
-                         secrets=secrets, resources=resources, tokens_secret=tokens_secret)
+    values = _pod_values(manifest, server="seldon", image=image, model_uri=model_uri, namespace=namespace,
+                         replicas=replicas, feedback_uri=feedback_uri or default_feedback_uri(model_uri),
+                         s3_endpoint_url=s3_endpoint_url, secrets=secrets, resources=resources,
+                         tokens_secret=tokens_secret)
     return _fill(template, values)
 
 
@@ -141,10 +129,14 @@ def render_inference_service(
 
     Arguments, result and errors as `render_seldon_deployment`, without a feedback store.
     """
-    values = _pod_values(manifest, image=image, model_uri=_pod_model_uri(manifest, model_uri), namespace=namespace,
-                         replicas=replicas, feedback_uri=None, s3_endpoint_url=s3_endpoint_url, secrets=secrets,
-                         resources=resources, tokens_secret=tokens_secret)
-    return _fill(template, values)
+    values = _pod_values(manifest, server="mlserver", image=image, model_uri=_pod_model_uri(manifest, model_uri),
+                         namespace=namespace, replicas=replicas, feedback_uri=None, s3_endpoint_url=s3_endpoint_url,
+                         secrets=secrets, resources=resources, tokens_secret=tokens_secret)
+    pod_spec = values.pop("pod_spec")
+    [container] = pod_spec["containers"]
+    # KServe's name for a predictor's own container.
+    predictor = {"minReplicas": replicas, **pod_spec, "containers": [{**container, "name": "kserve-container"}]}
+    return _fill(template, {**values, "predictor": predictor})
 
 
 def render_seldon_model(
@@ -180,9 +172,15 @@ def render_seldon_server(
     replicas: int = 1,
     s3_endpoint_url: str | None = None,
     secrets: list[str] | tuple[str, ...] = SERVING_SECRETS,
+    tokens_secret: str | None = None,
+    resources: dict | None = None,
     template: str | os.PathLike = SELDON_SERVER_TEMPLATE,
 ) -> dict:
     """The Seldon Core v2 Server (mlops.seldon.io/v1alpha1) whose MLServer runs the petseg image.
+
+    Its ``podSpec`` is what Seldon's operator merges into its mlserver ServerConfig's: the MLServer container
+    and the pod's security context and volumes (`petseg.deploy.pod.seldon_v2_server_pod`). Arguments as
+    `render_seldon_deployment`.
 
     Raises:
         ConfigError: A value Kubernetes or the pod could not use.
@@ -190,10 +188,12 @@ def render_seldon_server(
     _check_image(image)
     _check_namespace(namespace)
     _check_replicas(replicas)
-    env = [{"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url}] if s3_endpoint_url else []
-    mounted = _mounted(None, secrets[0] if secrets else None)
-    values = {**mounted, "name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
-              "replicas": replicas, "image": image, "env": env + mounted["env"], "capabilities": [CAPABILITY]}
+    serving = seldon_v2_server_pod(image=image, s3_endpoint_url=s3_endpoint_url,
+                                   s3_secret=secrets[0] if secrets else None, tokens_secret=tokens_secret,
+                                   resources=resources)
+    pod_spec = {**serving["pod"], "containers": [serving["container"]]}
+    values = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "petseg"},
+              "replicas": replicas, "capabilities": [CAPABILITY], "pod_spec": pod_spec}
     return _fill(template, values)
 
 
@@ -287,44 +287,21 @@ def _pod_model_uri(manifest: dict, model_uri: str | None) -> str:
     return model_uri
 
 
-def _pod_values(manifest: dict, *, image: str, model_uri: str, namespace: str, replicas: int,
+def _pod_values(manifest: dict, *, server: str, image: str, model_uri: str, namespace: str, replicas: int,
                 feedback_uri: str | None, s3_endpoint_url: str | None, secrets, resources: dict | None,
                 tokens_secret: str | None = None) -> dict:
-    """The checked values of a serving pod's template: identity, image, environment, secrets, resources."""
+    """The checked values of a serving object's template: identity, and the serving pod of ``server``
+    (`petseg.deploy.pod.serving_pod`, the plain Deployment's)."""
     _check_image(image)
     _check_namespace(namespace)
     _check_replicas(replicas)
     name, labels, annotations = _identity(manifest, model_uri)
-    env = [{"name": "MODEL_URI", "value": model_uri},
-           {"name": "MODEL_FINGERPRINT", "value": manifest.get("model_fingerprint", "")}]
-    if feedback_uri:
-        env.append({"name": "FEEDBACK_URI", "value": feedback_uri})
-    if s3_endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint_url})
-    mounted = _mounted(tokens_secret, secrets[0] if secrets else None)
-    return {**mounted, "name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
-            "replicas": replicas, "image": image, "env": env + mounted["env"],
-            "resources": resources or DEFAULT_RESOURCES}
-
-
-def _mounted(tokens_secret: str | None, s3_secret: str | None) -> dict:
-    """Read-only mounts of a serving pod: the trusted public keys (its only key material), the serving credential
-    as an AWS shared-credentials file (key ``credentials``; never environment variables), and tokens if named.
-    Secrets are the pod's group's (mode 0440; the pod's ``fsGroup``), as the server runs as the image's user."""
-    env = [{"name": "PETSEG_TRUSTED_KEYS", "value": TRUSTED_KEYS_PATH}]
-    mounts = [{"name": "trusted-keys", "mountPath": TRUSTED_KEYS_PATH, "readOnly": True}]
-    volumes = [{"name": "trusted-keys", "configMap": {"name": TRUSTED_KEYS_CONFIGMAP}}]
-    if s3_secret:
-        env.append({"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{CREDENTIALS_MOUNT}/credentials"})
-        mounts.append({"name": "s3-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True})
-        volumes.append({"name": "s3-credentials", "secret": {
-            "secretName": s3_secret, "defaultMode": 0o440, "items": [{"key": "credentials", "path": "credentials"}]}})
-    if tokens_secret:
-        env.append({"name": "PETSEG_TOKENS_FILE", "value": f"{TOKENS_MOUNT}/tokens.json"})
-        mounts.append({"name": "petseg-tokens", "mountPath": TOKENS_MOUNT, "readOnly": True})
-        volumes.append({"name": "petseg-tokens", "secret": {
-            "secretName": tokens_secret, "defaultMode": 0o440, "items": [{"key": "tokens.json", "path": "tokens.json"}]}})
-    return {"env": env, "volume_mounts": mounts, "volumes": volumes}
+    serving = serving_pod(server, image=image, model_uri=model_uri,
+                          model_fingerprint=manifest.get("model_fingerprint", ""), feedback_uri=feedback_uri,
+                          s3_endpoint_url=s3_endpoint_url, s3_secret=secrets[0] if secrets else None,
+                          tokens_secret=tokens_secret, resources=resources)
+    return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+            "replicas": replicas, "pod_spec": {**serving["pod"], "containers": [serving["container"]]}}
 
 
 def _check_image(image: str) -> None:

@@ -9,7 +9,8 @@ The object is named after the endpoint, not the release, so clients keep one add
 - KServe ``InferenceService``: the candidate's predictor with ``canaryTrafficPercent`` (KServe keeps the
   previous revision serving the rest); without a canary, the new predictor takes all traffic.
 - Seldon Core v2 ``Experiment``: routes between the releases' own ``Model`` objects (one per release,
-  `petseg.deploy.kubernetes.render_seldon_model`, named as `deployment_name`): its ``candidates`` are the
+  `petseg.deploy.kubernetes.render_seldon_model`, named as `deployment_name`, whose model settings `roll_out`
+  writes into the folder its ``storageUri`` names before applying it): its ``candidates`` are the
   serving release's Model and, during a canary, the candidate's with ``weight`` = ``canary``. Clients call
   the Experiment itself (header ``seldon-model: <endpoint>.experiment``); it sets no ``default``, which
   would split the traffic of one release's Model name and leave that name routed to the release once a
@@ -32,7 +33,8 @@ import json
 from petseg import servers
 from petseg.deploy.endpoints import check_name
 from petseg.deploy.kubernetes import (RESOURCES, apply_object, default_api_client, deployment_name,
-                                      render_inference_service, render_seldon_deployment, render_seldon_model)
+                                      render_inference_service, render_seldon_deployment, render_seldon_model,
+                                      write_model_settings)
 from petseg.errors import ConfigError, ServingError
 
 HISTORY = 5
@@ -40,6 +42,9 @@ HISTORY = 5
 KINDS = servers.KINDS
 SERVERS = {name: server.kind for name, server in servers.SERVERS.items()}
 """``server`` of `roll_out` -> the kind of the endpoint's object (`petseg.servers`)."""
+MODEL_OPTIONS = ("model_uri", "replicas", "memory")
+"""What a Seldon Core v2 Model of a release takes (`petseg.deploy.kubernetes.render_seldon_model`): it has no pod of
+its own, so what a pod takes is its Server's (`petseg.deploy.kubernetes.render_seldon_server`)."""
 
 
 def rollout(current: dict | None, candidate: dict, *, endpoint: str, canary: int = 0, who: str,
@@ -265,13 +270,20 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, canary: int = 0, server
         who: Who rolls it out (the annotations record it).
         canary: Percent of the traffic the release takes beside the serving one (0: all of it).
         server: ``seldon`` (a SeldonDeployment), ``mlserver`` (a KServe InferenceService) or ``seldon-v2`` (the
-            release's Seldon Core v2 Model, applied and ready first, then the endpoint's Experiment; the Server
-            of the petseg image, `petseg.deploy.kubernetes.render_seldon_server`, is already there).
+            release's Seldon Core v2 Model, its model settings written where its ``storageUri`` points, applied
+            and ready first, then the endpoint's Experiment; the Server of the petseg image,
+            `petseg.deploy.kubernetes.render_seldon_server`, is already there).
         image: Container image (see Dockerfile); a Seldon Core v2 Model runs on its Server's.
         namespace: Kubernetes namespace.
         **render_options: More arguments of `petseg.deploy.kubernetes.render_seldon_deployment`,
-            ``render_inference_service`` (model_uri, replicas, s3_endpoint_url, secrets, ...) or
-            ``render_seldon_model`` (model_uri, replicas, memory).
+            ``render_inference_service`` (model_uri, replicas, s3_endpoint_url, secrets, ...) or, for
+            ``seldon-v2``, `MODEL_OPTIONS` and ``s3_endpoint_url`` (where the model settings are written);
+            ``secrets`` are then the Server's, which holds the serving credential, and go unused.
+
+    Raises:
+        ConfigError: A value the object cannot use (for ``seldon-v2``, an option only a pod takes).
+        StorageError: The model settings could not be written.
+        ServingError: The API refused the object, or it was not ready in time.
 
     Returns:
         ``{"kind": "kubernetes", "server", "endpoint", "name", "namespace", "traffic", "url"}``: ``traffic``
@@ -280,7 +292,7 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, canary: int = 0, server
     """
     servers.get(server)
     if server == "seldon-v2":
-        candidate = render_seldon_model(manifest, namespace=namespace, **render_options)
+        candidate = _seldon_model(manifest, namespace=namespace, **render_options)
         # The Experiment is refused by Seldon until its candidates exist: the release's Model loads first.
         apply_object(candidate, namespace=namespace, api_client=api_client, timeout=timeout)
     else:
@@ -294,3 +306,17 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, canary: int = 0, server
         return {**result, "url": f"/v2/models/{endpoint}/infer", "headers": {"seldon-model": f"{endpoint}.experiment"}}
     url = ((applied.get("status") or {}).get("address") or {}).get("url") if server == "mlserver" else None
     return {**result, "url": url or f"/seldon/{namespace}/{endpoint}/api/v1.0/predictions"}
+
+
+def _seldon_model(manifest: dict, *, namespace: str, s3_endpoint_url: str | None = None,
+                  secrets: list[str] | tuple[str, ...] = (), **options) -> dict:
+    """The release's Model, once the model settings its ``storageUri`` names are written (its Server's agent copies
+    them before MLServer loads it); ``secrets``, which the flow passes for every server, are the Server's."""
+    unusable = sorted(set(options) - set(MODEL_OPTIONS))
+    if unusable:
+        raise ConfigError(f"a Seldon Core v2 Model cannot take {', '.join(unusable)}: it runs in its Server's pod, "
+                          "so set that on the Server (petseg.deploy.kubernetes.render_seldon_server) and give the "
+                          f"Model only {', '.join(MODEL_OPTIONS)}")
+    candidate = render_seldon_model(manifest, namespace=namespace, **options)
+    write_model_settings(manifest, model_uri=options.get("model_uri"), s3_endpoint_url=s3_endpoint_url)
+    return candidate

@@ -446,7 +446,9 @@ def deploy(manifest: dict, *, target: str, port: int, server: str = "seldon", en
         return result
     from petseg.deploy import rollout
 
-    return rollout.roll_out(manifest, canary=canary, secrets=secrets, tokens_secret=tokens, **options)
+    # A Seldon Core v2 Model runs on its Server, which holds the credential and tokens (`render_seldon_server`).
+    pods = {"tokens_secret": tokens} if server != "seldon-v2" else {}
+    return rollout.roll_out(manifest, canary=canary, secrets=secrets, **pods, **options)
 
 
 def _image() -> str:

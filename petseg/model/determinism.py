@@ -150,7 +150,7 @@ def configure(*, seed: int, strict: bool = True, threads: int = 2, portable: boo
         _require_tensorflow_unloaded_or_pinned()
         os.environ.update(TENSORFLOW_PINS)
     # Imported here, after the pins: TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it loads.
-    import keras
+    import keras  # noqa: F401  (loaded here, after the pins, with TensorFlow)
     import tensorflow as tf
 
     if strict:

@@ -214,7 +214,7 @@ def _encoded_images(data: Any, shape: list[int], *, where: str, limits: Limits,
             "BAD_DATA", where=f"{where}.data",
             expected=f"{count or 'at least one'} JPEG or PNG files (the product of shape {shape})",
             got=describe(data))
-    images = []
+    images, sizes = [], []  # sizes: the first image's (size, shape), which every other must have
     for index, element in enumerate(data):
         here = f"{where}.data[{index}]"
         if isinstance(element, str):

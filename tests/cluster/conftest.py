@@ -82,18 +82,18 @@ def workdir():
 
 
 
-PREDICT_TOKEN = "predict-" + "p" * 40
-FEEDBACK_TOKEN = "feedback-" + "f" * 40
+@pytest.fixture(scope="session")
+def signed_release(cluster, admin):
+    """A small model's release, signed with the cluster's key, in the cluster's S3: (manifest, location, dir)."""
+    import cluster_release
+
+    with private_dir("petseg-release-") as directory:
+        yield cluster_release.signed_release(cluster, admin, directory)
 
 
 @pytest.fixture(scope="session")
-def serving_tokens(cluster, admin):
-    """The serving pods' tokens Secret (k8s/base/serving-tokens-secret.template.yaml): (name, tokens by role)."""
-    import yaml
+def tokens_secret(cluster, admin):
+    """The serving pods' tokens Secret (`cluster_release.PREDICT`, `cluster_release.FEEDBACK`)."""
+    import cluster_release
 
-    body = yaml.safe_load((REPO / "k8s" / "base" / "serving-tokens-secret.template.yaml").read_text())
-    tokens = {"tokens": [{"identity": "client", "token": PREDICT_TOKEN, "roles": ["predict"]},
-                         {"identity": "labeller", "token": FEEDBACK_TOKEN, "roles": ["feedback"]}]}
-    body["stringData"] = {"tokens.json": json.dumps(tokens)}
-    admin["core"].create_namespaced_secret(cluster["PETSEG_K8S_NAMESPACE"], body)
-    return body["metadata"]["name"], {"predict": PREDICT_TOKEN, "feedback": FEEDBACK_TOKEN}
+    return cluster_release.tokens_secret(cluster, admin)

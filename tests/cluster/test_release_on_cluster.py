@@ -25,10 +25,12 @@ import pytest
 import requests
 from PIL import Image
 
+from cluster_release import FEEDBACK, PREDICT
 from cluster_client import client_data, jobs_of, kubectl, petseg_cli, pods_of, run_flow, step_of, wait_until
 from harness import REPO
 
 SEG_FLOW = REPO / "flows" / "seg_flow.py"
+TOKENS = {"predict": PREDICT, "feedback": FEEDBACK}
 ENDPOINT = "pets-flow"
 # The serving pods hold half a CPU of the node's two: compute steps ask for one, so they still fit beside them.
 COMPUTE = ["--config-value", "compute", json.dumps({"cpu": 1, "memory": 3072, "gpu": 1})]
@@ -73,7 +75,7 @@ def _run(cluster, workdir, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, admin, workdir, serving_tokens):
+def runs(cluster, admin, workdir, tokens_secret):
     """Seed 42 released and served; then seed 7 judged against it and staged beside it."""
     first = _run(cluster, workdir, "--seed", "42")
     second = _run(cluster, workdir, "--seed", "7", "--canary", "50", "--tolerance", "1")
@@ -98,7 +100,7 @@ def _predict(url: str, token: str | None, timeout: float = 60) -> requests.Respo
 
 
 def test_a_run_deploys_from_its_release_pod_and_its_service_answers_with_the_local_servers_mask(
-        runs, cluster, admin, serving_tokens, tmp_path):
+        runs, cluster, admin, tokens_secret, tmp_path):
     from petseg.deploy import local
 
     first, _ = runs
@@ -115,7 +117,7 @@ def test_a_run_deploys_from_its_release_pod_and_its_service_answers_with_the_loc
     assert pod.spec.containers[0].image == cluster["PETSEG_IMAGE"]
     assert all(c.ready for c in pod.status.container_statuses)
     address = f"http://{service.spec.cluster_ip}"  # through kube-proxy
-    _, tokens = serving_tokens
+    tokens = TOKENS
     assert _predict(address, None).status_code == 401
     answer = _predict(address, tokens["predict"])
     assert answer.status_code == 200, answer.text
@@ -168,9 +170,9 @@ def test_the_second_run_is_judged_against_the_release_the_cluster_serves_and_sta
 
 
 def test_promote_and_rollback_switch_the_service_between_the_two_deployments_with_no_failed_request(
-        runs, cluster, admin, workdir, serving_tokens):
+        runs, cluster, admin, workdir, tokens_secret):
     first, second = runs
-    _, tokens = serving_tokens
+    tokens = TOKENS
     versions = [first["manifest"]["version"], second["manifest"]["version"]]
     masks = {}
     for version in versions:  # what each release's own pod answers

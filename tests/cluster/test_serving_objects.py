@@ -302,17 +302,21 @@ def test_an_endpoint_is_one_object_through_canary_promote_and_consecutive_rollba
 
 
 def test_a_seldon_v2_endpoint_is_one_experiment_through_canary_promote_and_consecutive_rollbacks(
-        cluster, admin, workdir, mlserver_crds):
+        cluster, admin, workdir, mlserver_crds, monkeypatch):
     """Each release's Model, and the endpoint's Experiment between them, as the API server stores them (under a
-    schema that prunes what it does not know), field by field."""
+    schema that prunes what it does not know), field by field; each Model's settings in the cluster's S3."""
     from kubernetes import config
 
+    from cluster_client import s3_keys
     from petseg.deploy import kubernetes as k8s
     from petseg.deploy import rollout
 
     namespace, name = cluster["PETSEG_K8S_NAMESPACE"], "pets-experiment"
     runner = config.new_client_from_config(config_file=cluster["KUBECONFIG"])  # the petseg service account
-    options = {"endpoint": name, "server": "seldon-v2", "namespace": namespace, "api_client": runner, "timeout": 30}
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):  # the flow's credential
+        monkeypatch.setenv(variable, cluster[variable])
+    options = {"endpoint": name, "server": "seldon-v2", "namespace": namespace, "api_client": runner, "timeout": 30,
+               "s3_endpoint_url": cluster["PETSEG_S3_ENDPOINT"], "secrets": ["petseg-serving-s3"]}
 
     def stored(kind: str = "Experiment", **selector) -> list[dict]:
         group, version, plural = k8s.RESOURCES[kind]
@@ -337,6 +341,7 @@ def test_a_seldon_v2_endpoint_is_one_experiment_through_canary_promote_and_conse
         uid = body["metadata"]["uid"]
         [model] = [m for m in stored("Model") if m["metadata"]["name"] == "petseg-1"]
         assert model["spec"] == k8s.render_seldon_model(_release(1), namespace=namespace)["spec"]
+        assert s3_keys(cluster, "metaflow/seldon-models/petseg-1/") == ["metaflow/seldon-models/petseg-1/model-settings.json"]
 
         assert rollout.roll_out(_release(2), who="bo", canary=10, **options)["traffic"] == \
             {"petseg-1": 90, "petseg-2": 10}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,60 +18,7 @@ import requests
 from PIL import Image
 
 from cluster_client import container_spec, kubectl, wait_until
-
-PREDICT = ("predict-" + "p" * 40)
-FEEDBACK = ("feedback-" + "f" * 40)
-
-
-def _upload(cluster: dict, directory, prefix: str) -> str:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=cluster["PETSEG_S3_ENDPOINT"], region_name="us-east-1",
-                      aws_access_key_id=cluster["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=cluster["AWS_SECRET_ACCESS_KEY"])
-    for path in sorted(directory.iterdir()):
-        s3.put_object(Bucket=cluster["PETSEG_S3_BUCKET"], Key=f"{prefix}/{path.name}", Body=path.read_bytes())
-    return f"s3://{cluster['PETSEG_S3_BUCKET']}/{prefix}/"
-
-
-@pytest.fixture(scope="module")
-def signed_release(cluster, admin, tmp_path_factory):
-    """A small model's release, signed with the cluster's key, in the cluster's S3: (manifest, location, dir)."""
-    script = (
-        "import json, sys\n"
-        "import keras, numpy as np\n"
-        "from petseg.model import calibration, unet as models\n"
-        "from petseg.release import bundle\n"
-        "target, key = sys.argv[1], sys.argv[2]\n"
-        "keras.utils.set_random_seed(0)\n"
-        "rng = np.random.default_rng(0)\n"
-        "images = rng.random((4, 128, 128, 3), dtype=np.float32)\n"
-        "masks = (rng.random((4, 128, 128, 3)) > 0.5).astype(np.float32)\n"
-        "small = models.build('small')\n"
-        "small.compile(optimizer='adam', loss='binary_crossentropy')\n"
-        "small.fit(images, masks, batch_size=2, epochs=1, verbose=0)\n"
-        "fitted = calibration.fit(small.predict_on_batch(images)[:, ::8, ::8], masks[:, ::8, ::8])\n"
-        "manifest = bundle.build_manifest(run_id='4242', flow_name='PetSegFlow',\n"
-        "    model_fingerprint=models.fingerprint(small), dataset_fingerprint='d' * 64, code_version='0.1.0+test',\n"
-        "    metrics={'raw': {}, 'calibrated': {}}, settings={}, location=target, image_size=128)\n"
-        "bundle.export(target, model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest,\n"
-        "              signing_key=key)\n")
-    secret = admin["core"].read_namespaced_secret("petseg-signing", cluster["PETSEG_K8S_NAMESPACE"])
-    key = tmp_path_factory.mktemp("key") / "signing.pem"
-    key.write_bytes(base64.b64decode(secret.data["PETSEG_SIGNING_KEY"]))
-    key.chmod(0o600)
-    target = tmp_path_factory.mktemp("release") / "petseg-4242"
-    subprocess.run([sys.executable, "-c", script, str(target), str(key)], check=True, timeout=300)
-    location = _upload(cluster, target, "metaflow/petseg/releases/petseg-4242")
-    manifest = {**json.loads((target / "manifest.json").read_text()), "model_uri": location}
-    return manifest, location, target
-
-
-@pytest.fixture(scope="module")
-def tokens_secret(serving_tokens):
-    name, tokens = serving_tokens
-    assert tokens == {"predict": PREDICT, "feedback": FEEDBACK}
-    return name
+from cluster_release import FEEDBACK, PREDICT, png, upload
 
 
 def _runner(cluster):
@@ -86,13 +31,6 @@ def _pod_of(admin, cluster, deployment: dict):
     selector = ",".join(f"{k}={v}" for k, v in deployment["spec"]["selector"]["match_labels"].items())
     (pod,) = admin["core"].list_namespaced_pod(cluster["PETSEG_K8S_NAMESPACE"], label_selector=selector).items
     return pod
-
-
-def _png(seed: int = 3) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (96, 80, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +66,7 @@ def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_re
         served, signed_release, cluster, tmp_path):
     from petseg.deploy import local
 
-    image = _png()
+    image = png()
     message = {"binData": base64.b64encode(image).decode()}
     stranger = requests.post(served["url"] + "/api/v1.0/predictions", json=message, timeout=60)
     assert stranger.status_code == 401
@@ -158,7 +96,7 @@ def test_feedback_with_a_feedback_token_is_held_pending(served, cluster):
     truth = np.full((96, 80), 2, dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(truth).save(buffer, format="PNG")
-    message = {"request": {"binData": base64.b64encode(_png(5)).decode()},
+    message = {"request": {"binData": base64.b64encode(png(5)).decode()},
                "truth": {"binData": base64.b64encode(buffer.getvalue()).decode()}, "reward": 1.0}
     answer = requests.post(served["url"] + "/api/v1.0/feedback", json=message, timeout=60,
                            headers={"Authorization": f"Bearer {FEEDBACK}"})
@@ -192,7 +130,7 @@ def test_a_release_changed_in_s3_after_signing_never_becomes_ready(cluster, admi
         (tampered / path.name).write_bytes(path.read_bytes())
     calibration = json.loads((tampered / "calibration.json").read_text())
     (tampered / "calibration.json").write_text(json.dumps({**calibration, "tampered": True}, sort_keys=True))
-    location = _upload(cluster, tampered, "metaflow/petseg/releases/petseg-4243")
+    location = upload(cluster, tampered, "metaflow/petseg/releases/petseg-4243")
     manifest = {**manifest, "version": "petseg-4243", "model_uri": location}
     rendered = deployment.render_deployment(manifest, server="seldon", endpoint="tampered",
                                             image=cluster["PETSEG_IMAGE"], namespace=cluster["PETSEG_K8S_NAMESPACE"],

@@ -10,7 +10,8 @@ import pytest
 from kubernetes import client as k8s
 
 from petseg import servers
-from petseg.deploy import client, kubernetes, local, rollout
+from petseg.deploy import client, deployment, kubernetes, local, rollout
+from petseg.deploy import pod as pods
 from petseg.errors import ConfigError, ServingError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -25,6 +26,10 @@ MANIFEST = {
     "code_version": "0.1.0+g1a2b3c4",
     "model_uri": "s3://bucket/metaflow/releases/petseg-1732791234567890",
 }
+
+
+SCRATCH_HOME = {"AWS_DEFAULT_REGION": "us-east-1", "HOME": "/tmp", "TMPDIR": "/tmp", "PETSEG_HOST": "0.0.0.0",
+                "MLSERVER_HOST": "0.0.0.0"}
 
 
 def _container(rendered: dict) -> dict:
@@ -63,8 +68,9 @@ def test_inference_service_runs_the_mlserver_launcher_with_the_release():
     (container,) = rendered["spec"]["predictor"]["containers"]
     assert container["command"] == ["python", "-m", "petseg.entrypoints.mlserver_runtime", "/app/serving/mlserver"]
     env = {item["name"]: item["value"] for item in container["env"]}
-    assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
-                   "AWS_ENDPOINT_URL": "http://minio:9000", "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys",
+    assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64, **SCRATCH_HOME,
+                   "MLSERVER_HTTP_PORT": "8080", "AWS_ENDPOINT_URL": "http://minio:9000",
+                   "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys",
                    "AWS_SHARED_CREDENTIALS_FILE": "/var/run/secrets/petseg-s3/credentials"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/petseg/ready"
     assert "envFrom" not in container  # the credential is a file, never environment variables
@@ -79,10 +85,10 @@ def test_a_tokens_secret_is_mounted_read_only_and_named_by_the_setting():
         spec = pod(rendered)
         (container,) = spec["containers"]
         env = {item["name"]: item["value"] for item in container["env"]}
-        assert env["PETSEG_TOKENS_FILE"] == kubernetes.TOKENS_MOUNT + "/tokens.json"
-        assert {"name": "petseg-tokens", "mountPath": kubernetes.TOKENS_MOUNT,
+        assert env["PETSEG_TOKENS_FILE"] == pods.TOKENS_MOUNT + "/tokens.json"
+        assert {"name": "petseg-tokens", "mountPath": pods.TOKENS_MOUNT,
                 "readOnly": True} in container["volumeMounts"]
-        assert all(mount["readOnly"] for mount in container["volumeMounts"])
+        assert all(mount["readOnly"] for mount in container["volumeMounts"] if mount["name"] != "scratch")
         # Root's file, readable by the pod's group (fsGroup 1000) alone: the server runs as uid 1000.
         assert {"name": "petseg-tokens", "secret": {"secretName": "petseg-serving-tokens", "defaultMode": 0o440,
                                                     "items": [{"key": "tokens.json", "path": "tokens.json"}]}} \
@@ -123,12 +129,13 @@ def test_render_fills_the_template():
     assert container["image"] == "registry/petseg:1.0"
     assert container["name"] == rendered["spec"]["predictors"][0]["graph"]["name"]
     env = {item["name"]: item["value"] for item in container["env"]}
-    assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64,
-                   "FEEDBACK_URI": "s3://bucket/metaflow/feedback/petseg-1732791234567890",
+    assert env == {"MODEL_URI": MANIFEST["model_uri"], "MODEL_FINGERPRINT": "a" * 64, **SCRATCH_HOME,
+                   "MLSERVER_HTTP_PORT": "9000", "FEEDBACK_URI": "s3://bucket/metaflow/feedback/petseg-1732791234567890",
                    "PETSEG_TRUSTED_KEYS": "/etc/petseg/trusted-keys", "AWS_SHARED_CREDENTIALS_FILE": "/var/run/secrets/petseg-s3/credentials"}
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health/status", "port": "http"}
-    assert container["resources"] == kubernetes.DEFAULT_RESOURCES
+        assert container[probe]["httpGet"]["port"] == 9000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/status"  # one prediction
+    assert container["resources"] == pods.DEFAULT_RESOURCES
     assert "envFrom" not in container
 
 
@@ -154,13 +161,55 @@ def test_serving_pods_get_least_privilege(render):
     assert env["PETSEG_TRUSTED_KEYS"] == "/etc/petseg/trusted-keys"
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/var/run/secrets/petseg-s3/credentials"
     assert not any(name.startswith("PETSEG_SIGNING") or name.startswith("AWS_SECRET") for name in env)
-    assert all(m["readOnly"] for m in container["volumeMounts"])
+    assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"] != "scratch")
     assert {v["name"]: v.get("configMap") for v in pod["volumes"]}["trusted-keys"] == {"name": "petseg-trusted-keys"}
-    if render != "seldon-v2-server":  # Seldon's operator owns the Server's pod spec
-        assert pod["automountServiceAccountToken"] is False
-        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    assert container["securityContext"] == {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+                                            "capabilities": {"drop": ["ALL"]}}
+    # Seldon's agent, in the Server's pod beside MLServer, reads Secrets with the pod's token.
+    assert pod.get("automountServiceAccountToken", True) is (render == "seldon-v2-server")
     if "FEEDBACK_URI" in env:
         assert not env["FEEDBACK_URI"].startswith(MANIFEST["model_uri"])  # a separate prefix
+
+
+SAME_POD = {"image": "registry/petseg:1.0", "namespace": "serving", "s3_endpoint_url": "http://minio:9000",
+            "tokens_secret": "petseg-serving-tokens", "resources": {"limits": {"memory": "4Gi"}}}
+
+
+@pytest.mark.parametrize("server, render", [("seldon", kubernetes.render_seldon_deployment),
+                                            ("mlserver", kubernetes.render_inference_service)])
+def test_an_operator_object_describes_the_plain_deployments_pod(server, render):
+    """Image, command, working directory, environment, ports, probes, mounts, resources, security context, and
+    the pod's volumes, user and token: all the plain Deployment's; only the container's name is the operator's."""
+    plain = deployment.render_deployment(MANIFEST, server=server, endpoint="pets", **SAME_POD)
+    expected_pod = plain["spec"]["template"]["spec"]
+    spec = _pod(render(MANIFEST, **SAME_POD))
+    [container], [expected] = spec["containers"], expected_pod["containers"]
+    assert {**container, "name": ""} == {**expected, "name": ""}
+    assert container["name"] == {"seldon": "petseg", "mlserver": "kserve-container"}[server]
+    assert {k: v for k, v in spec.items() if k not in ("containers", "minReplicas")} == \
+        {k: v for k, v in expected_pod.items() if k != "containers"}
+
+
+def test_a_seldon_v2_server_runs_the_plain_deployments_mlserver_container_where_seldon_leaves_it():
+    """Seldon's agent loads the Models (``mlserver start`` on its folder, not petseg's launcher, which closes the
+    repository API); ports, probes and MLServer's port are its ServerConfig's; each Model names its release."""
+    options = {key: value for key, value in SAME_POD.items() if key != "namespace"}
+    plain = deployment.render_deployment(MANIFEST, server="mlserver", endpoint="pets", **options)
+    expected_pod = plain["spec"]["template"]["spec"]
+    spec = kubernetes.render_seldon_server(**options)["spec"]["podSpec"]
+    [container], [expected] = spec["containers"], expected_pod["containers"]
+    seldons = {"name", "command", "env", "ports", "readinessProbe", "livenessProbe"}
+    assert {k: v for k, v in container.items() if k not in seldons} == \
+        {k: v for k, v in expected.items() if k not in seldons}
+    assert (container["name"], container["command"]) == ("mlserver", ["mlserver", "start", "/mnt/agent/models"])
+    assert not {"ports", "readinessProbe", "livenessProbe"} & set(container)
+    release_env = {"MODEL_URI", "MODEL_FINGERPRINT", "MLSERVER_HTTP_PORT"}
+    assert container["env"] == [e for e in expected["env"] if e["name"] not in release_env] + [
+        {"name": "MLSERVER_PARALLEL_WORKERS", "value": "0"}]
+    assert spec["volumes"] == expected_pod["volumes"]
+    assert {k: v for k, v in spec.items() if k not in ("containers", "volumes")} == \
+        {k: v for k, v in expected_pod.items() if k not in ("containers", "volumes", "automountServiceAccountToken")}
 
 
 def test_feedback_goes_beside_the_releases_not_into_one():

@@ -256,3 +256,103 @@ def test_an_experiment_endpoint_keeps_its_kind():
         rollout.rollout(experiment, _render("SeldonDeployment", 2), endpoint="pets", who="ana")
     with pytest.raises(ConfigError, match="server 'seldon2' is unknown: expected one of seldon, mlserver, seldon-v2"):
         rollout.roll_out(_release(1), endpoint="pets", who="ana", server="seldon2")
+
+
+# -- a Seldon Core v2 rollout, against a real S3 server ---------------------------------------------------------
+
+
+class ReadyObjects:
+    """CustomObjectsApi of a cluster whose controllers report each object Ready at once; ``seen(body)`` is noted
+    as each object is created (what S3 held then)."""
+
+    def __init__(self, seen):
+        self.objects, self.created, self.seen = {}, [], seen
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        from kubernetes import client
+
+        if (plural, name) not in self.objects:
+            raise client.ApiException(status=404, reason="Not Found")
+        return self.objects[(plural, name)]
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append((body["kind"], self.seen(body)))
+        self.objects[(plural, body["metadata"]["name"])] = {
+            **body, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    """A release of an untrained small model (version petseg-7), on this machine."""
+    import keras
+    import numpy as np
+
+    from petseg.model import calibration
+    from petseg.model import unet as models
+    from petseg.release import bundle
+
+    keras.utils.set_random_seed(0)
+    small = models.build("small", image_size=32, width=4)
+    rng = np.random.default_rng(0)
+    probs = rng.random((2, 8, 8, 3)).astype(np.float32)
+    fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), (rng.random((2, 8, 8, 3)) > 0.5).astype(np.float32))
+    target = tmp_path_factory.mktemp("release") / "petseg-7"
+    manifest = bundle.build_manifest(run_id="7", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
+                                     dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
+                                     location=str(target), image_size=32)
+    bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
+    return target
+
+
+def test_a_seldon_v2_rollout_writes_the_settings_its_model_loads_before_applying_it(s3, moto_endpoint, tiny_release,
+                                                                                    monkeypatch, tmp_path):
+    """What the flow passes for every server; the settings land where the Model's storageUri points before the
+    Model exists, and MLServer, given them as Seldon's agent gives them (the model named after the Model and
+    its generation), loads the release with petseg's runtime."""
+    import asyncio
+
+    from kubernetes import client
+    from mlserver.repository.load import load_model_settings
+
+    from petseg import layout
+    from petseg.entrypoints.mlserver_runtime import PetSegRuntime
+
+    s3.create_bucket(Bucket="petseg")
+    for path in sorted(tiny_release.iterdir()):
+        s3.upload_file(str(path), "petseg", f"metaflow/releases/petseg-7/{path.name}")
+    manifest = {**json.loads((tiny_release / "manifest.json").read_text()),
+                "model_uri": "s3://petseg/metaflow/releases/petseg-7/"}
+    key = "metaflow/seldon-models/petseg-7/model-settings.json"
+    api = ReadyObjects(lambda body: [o["Key"] for o in s3.list_objects_v2(Bucket="petseg", Prefix=key).get("Contents", [])])
+    monkeypatch.setattr(client, "CustomObjectsApi", lambda api_client=None: api)
+
+    result = rollout.roll_out(manifest, endpoint="pets", who="ana", server="seldon-v2", image="petseg:test",
+                              namespace="serving", api_client=object(), timeout=5, s3_endpoint_url=moto_endpoint,
+                              secrets=["petseg-serving-s3"])
+    assert result["traffic"] == {"petseg-7": 100}
+    assert api.created == [("Model", [key]), ("Experiment", [key])]
+    model = api.objects[("models", "petseg-7")]
+    assert model["spec"]["storageUri"] == "s3://petseg/metaflow/seldon-models/petseg-7/"
+    release = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="petseg", Prefix="metaflow/releases/")["Contents"])
+    assert release == [f"metaflow/releases/petseg-7/{p.name}" for p in sorted(tiny_release.iterdir())]  # untouched
+
+    written = json.loads(s3.get_object(Bucket="petseg", Key=key)["Body"].read())
+    assert written == k8s.model_settings(manifest)
+    folder = tmp_path / "models" / "petseg-7_1"  # where the agent puts the Model's folder, named as it names it
+    folder.mkdir(parents=True)
+    (folder / "model-settings.json").write_text(json.dumps({**written, "name": "petseg-7_1"}))
+    settings = load_model_settings(str(folder / "model-settings.json"))
+    assert layout.is_model_of(settings.name, manifest["version"])
+    monkeypatch.delenv("MODEL_URI", raising=False)  # the settings choose the release
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    runtime = PetSegRuntime(settings)
+    assert asyncio.run(runtime.load())
+    assert runtime._tags["model_version"] == "petseg-7" and runtime._fingerprint == manifest["model_fingerprint"]
+
+
+@pytest.mark.parametrize("option", [{"tokens_secret": "petseg-serving-tokens"}, {"resources": {}},
+                                    {"feedback_uri": "s3://petseg/feedback/"}])
+def test_a_seldon_v2_model_refuses_what_only_its_servers_pod_takes(option):
+    with pytest.raises(ConfigError, match=f"a Seldon Core v2 Model cannot take {next(iter(option))}: it runs in its "
+                                          "Server's pod"):
+        rollout.roll_out(_release(1), endpoint="pets", who="ana", server="seldon-v2", api_client=object(), **option)
