@@ -94,7 +94,8 @@ def serving_pod(server: str, *, image: str, model_uri: str, model_fingerprint: s
     container = {
         "name": "petseg", "image": image, "imagePullPolicy": "IfNotPresent", "command": argv,
         "workingDir": working_dir, "env": env + mounted["env"],
-        "ports": [{"name": PORT_NAMES[server], "containerPort": port}],
+        # Spelled out as the API server and KServe's schema would default it, so what is stored is what was sent.
+        "ports": [{"name": PORT_NAMES[server], "containerPort": port, "protocol": "TCP"}],
         "volumeMounts": mounted["volume_mounts"] + [{"name": "scratch", "mountPath": "/tmp"}],
         "resources": resources or DEFAULT_RESOURCES, "securityContext": CONTAINER_SECURITY,
         # The port by number: Knative (under KServe) takes no other form in a probe.

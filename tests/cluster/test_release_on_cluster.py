@@ -112,8 +112,8 @@ def test_a_run_deploys_from_its_release_pod_and_its_service_answers_with_the_loc
     assert service.metadata.annotations["petseg/version"] == version
     assert service.metadata.annotations["petseg/changed-by"]
     # The serving pod runs the image the release step ran in.
-    (pod,) = admin["core"].list_namespaced_pod(cluster["PETSEG_K8S_NAMESPACE"],
-                                               label_selector=f"petseg/endpoint={ENDPOINT}").items
+    (pod,) = admin["core"].list_namespaced_pod(
+        cluster["PETSEG_K8S_NAMESPACE"], label_selector=f"petseg/endpoint={ENDPOINT},petseg/version={version}").items
     assert pod.spec.containers[0].image == cluster["PETSEG_IMAGE"]
     assert all(c.ready for c in pod.status.container_statuses)
     address = f"http://{service.spec.cluster_ip}"  # through kube-proxy

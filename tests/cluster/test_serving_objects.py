@@ -40,7 +40,7 @@ def test_argo_workflow_template_renders(cluster, workdir):
     for name, task in containers.items():
         container = task["container"]
         assert container["image"] == cluster["PETSEG_IMAGE"]
-        assert task.get("serviceAccountName") == "petseg"
+        assert task.get("serviceAccountName") == ("petseg-release" if name == "release" else "petseg-step"), name
         assert "petseg-s3" in [e["secretRef"]["name"] for e in container.get("envFrom", []) if e.get("secretRef")]
         limits = container.get("resources", {}).get("limits", {})
         assert ("nvidia.com/gpu" in limits) == (name in COMPUTE_STEPS), name
@@ -398,7 +398,8 @@ def test_kustomize_renders(cluster, target):
     assert all(o["metadata"].get("namespace") == "petseg" for (kind, _), o in objects.items() if kind != "Namespace")
     assert not [kind for kind, _ in objects if kind == "Secret"]  # credentials are never part of the base
     settings = objects[("ConfigMap", "petseg-metaflow")]["data"]
-    assert settings["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"] == "petseg"
+    assert settings["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"] == "petseg-step"
+    assert {("ServiceAccount", "petseg-step"), ("ServiceAccount", "petseg-release")} <= set(objects)
     if target == "overlays/gpu":
         assert settings["METAFLOW_KUBERNETES_NODE_SELECTOR"] == "nvidia.com/gpu.present=true"
         assert json.loads(settings["METAFLOW_KUBERNETES_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
