@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 
 import pytest
 import requests
 
 from cluster_client import wait_until
-from cluster_release import PREDICT, png
+from cluster_release import PREDICT, local_server, png
 
 SERVER_CONFIG = {
     "env": [{"name": "MLSERVER_HTTP_PORT", "value": "9000"}, {"name": "MLSERVER_GRPC_PORT", "value": "9500"},
@@ -53,23 +52,13 @@ AGENT = ("import json, os, pathlib\n"
 @pytest.fixture(scope="module")
 def local_masks(signed_release, cluster, tmp_path_factory):
     """The local servers' answers to a tokened prediction of one image: {server: mask}."""
-    from petseg.deploy import local
-
     _, _, release_dir = signed_release
     directory = tmp_path_factory.mktemp("local")
-    tokens = directory / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]}]}))
-    tokens.chmod(0o600)
     masks = {}
     for server in ("seldon", "mlserver"):
-        with pytest.MonkeyPatch.context() as env:  # the cluster's signing key is what this server trusts too
-            env.setenv("PETSEG_TRUSTED_KEYS", cluster["PETSEG_TRUSTED_KEYS"])
-            here = local.deploy_local(release_dir, server=server, log_path=directory / f"{server}.log", timeout=300,
-                                      tokens_file=tokens, fingerprint=signed_release[0]["model_fingerprint"])
-        try:
-            masks[server] = _mask(server, f"http://127.0.0.1:{here['port']}")
-        finally:
-            local.stop_local(here["pid"])
+        with local_server(cluster, release_dir, directory, server=server,
+                          fingerprint=signed_release[0]["model_fingerprint"]) as url:
+            masks[server] = _mask(server, url)
     return masks
 
 

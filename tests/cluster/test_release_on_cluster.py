@@ -25,8 +25,8 @@ import pytest
 import requests
 from PIL import Image
 
-from cluster_release import FEEDBACK, PREDICT
 from cluster_client import client_data, jobs_of, kubectl, petseg_cli, pods_of, run_flow, step_of, wait_until
+from cluster_release import FEEDBACK, PREDICT, local_server
 from harness import REPO
 
 SEG_FLOW = REPO / "flows" / "seg_flow.py"
@@ -101,8 +101,6 @@ def _predict(url: str, token: str | None, timeout: float = 60) -> requests.Respo
 
 def test_a_run_deploys_from_its_release_pod_and_its_service_answers_with_the_local_servers_mask(
         runs, cluster, admin, tokens_secret, tmp_path):
-    from petseg.deploy import local
-
     first, _ = runs
     version = first["manifest"]["version"]
     assert first["deployment"]["kind"] == "kubernetes" and first["deployment"]["traffic"] == {version: 100}
@@ -134,18 +132,8 @@ def test_a_run_deploys_from_its_release_pod_and_its_service_answers_with_the_loc
         target = release_dir / item["Key"][len(prefix):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())
-    tokens_file = tmp_path / "tokens.json"
-    tokens_file.write_text(json.dumps({"tokens": [{"identity": "client", "token": tokens["predict"],
-                                                   "roles": ["predict"]}]}))
-    tokens_file.chmod(0o600)
-    with pytest.MonkeyPatch.context() as env:  # the cluster's signing key is what this server trusts too
-        env.setenv("PETSEG_TRUSTED_KEYS", cluster["PETSEG_TRUSTED_KEYS"])
-        here = local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, tokens_file=tokens_file,
-                                  fingerprint=first["manifest"]["model_fingerprint"])
-    try:
-        expected = _predict(f"http://127.0.0.1:{here['port']}", tokens["predict"])
-    finally:
-        local.stop_local(here["pid"])
+    with local_server(cluster, release_dir, tmp_path, fingerprint=first["manifest"]["model_fingerprint"]) as url:
+        expected = _predict(url, tokens["predict"])
     assert expected.status_code == 200
     assert answer.json()["binData"] == expected.json()["binData"]  # the same mask PNG, byte for byte
 

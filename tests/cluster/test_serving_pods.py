@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from cluster_client import container_spec, kubectl, wait_until
-from cluster_release import FEEDBACK, PREDICT, png, upload
+from cluster_release import FEEDBACK, PREDICT, local_server, png, upload
 
 
 def _runner(cluster):
@@ -64,8 +64,6 @@ def test_a_plain_deployment_serves_the_release_ready_through_its_probe(served, c
 
 def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_refuses_strangers(
         served, signed_release, cluster, tmp_path):
-    from petseg.deploy import local
-
     image = png()
     message = {"binData": base64.b64encode(image).decode()}
     stranger = requests.post(served["url"] + "/api/v1.0/predictions", json=message, timeout=60)
@@ -74,18 +72,9 @@ def test_the_pod_answers_a_tokened_prediction_with_the_local_servers_mask_and_re
                            headers={"Authorization": f"Bearer {PREDICT}"})
     assert answer.status_code == 200, answer.text
     _, _, release_dir = signed_release
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]}]}))
-    tokens.chmod(0o600)
-    with pytest.MonkeyPatch.context() as env:  # the cluster's signing key is what this server trusts too
-        env.setenv("PETSEG_TRUSTED_KEYS", cluster["PETSEG_TRUSTED_KEYS"])
-        here = local.deploy_local(release_dir, log_path=tmp_path / "serving.log", timeout=300, tokens_file=tokens,
-                                  fingerprint=served["manifest"]["model_fingerprint"])
-    try:
-        expected = requests.post(f"http://127.0.0.1:{here['port']}/api/v1.0/predictions", json=message, timeout=60,
+    with local_server(cluster, release_dir, tmp_path, fingerprint=served["manifest"]["model_fingerprint"]) as url:
+        expected = requests.post(url + "/api/v1.0/predictions", json=message, timeout=60,
                                  headers={"Authorization": f"Bearer {PREDICT}"})
-    finally:
-        local.stop_local(here["pid"])
     assert expected.status_code == 200
     assert answer.json()["binData"] == expected.json()["binData"]  # the same mask PNG, byte for byte
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import subprocess
@@ -83,3 +84,24 @@ def png(seed: int = 3) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def local_server(cluster: dict, release_dir: Path, directory: Path, *, fingerprint: str, server: str = "seldon"):
+    """A server of the release on this machine, trusting the cluster's signing key and the ``client`` token, as
+    the cluster's pods do: its URL."""
+    import pytest
+
+    from petseg.deploy import local
+
+    tokens = directory / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"identity": "client", "token": PREDICT, "roles": ["predict"]}]}))
+    tokens.chmod(0o600)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PETSEG_TRUSTED_KEYS", cluster["PETSEG_TRUSTED_KEYS"])
+        here = local.deploy_local(release_dir, server=server, log_path=directory / f"{server}.log", timeout=300,
+                                  tokens_file=tokens, fingerprint=fingerprint)
+    try:
+        yield f"http://127.0.0.1:{here['port']}"
+    finally:
+        local.stop_local(here["pid"])

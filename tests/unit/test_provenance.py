@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from lineage_receiver import running_receiver
 from lineage_schema import validate
@@ -99,24 +98,10 @@ def test_require_clean_stops_a_dirty_run_in_its_settings(checkout, monkeypatch):
 @pytest.fixture(scope="module")
 def small_release(tmp_path_factory):
     """A release of an untrained small model with a calibration fitted on random probabilities."""
-    import keras
+    from releases import small_release
 
-    from petseg.model import calibration
-    from petseg.model import unet as models
-
-    keras.utils.set_random_seed(0)
-    small = models.build("small", image_size=32, width=4)
-    rng = np.random.default_rng(0)
-    probs = rng.random((2, 8, 8, 3)).astype(np.float32)
-    fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), (rng.random((2, 8, 8, 3)) > 0.5).astype(np.float32))
-    target = tmp_path_factory.mktemp("release") / "petseg-7"
-    manifest = bundle.build_manifest(
-        run_id="7", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small), dataset_fingerprint="d" * 64,
-        code_version="c" * 40 + "-dirty", metrics={}, settings={"code": {"commit": "c" * 40, "dirty": True,
-                                                                         "code_package": "p" * 40}},
-        location=str(target), image_size=32)
-    bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
-    return target
+    return small_release(tmp_path_factory.mktemp("release") / "petseg-7", code_version="c" * 40 + "-dirty",
+                         settings={"code": {"commit": "c" * 40, "dirty": True, "code_package": "p" * 40}})
 
 
 def test_a_release_records_its_file_hashes_and_loads(small_release):

@@ -284,24 +284,9 @@ class ReadyObjects:
 @pytest.fixture(scope="module")
 def tiny_release(tmp_path_factory):
     """A release of an untrained small model (version petseg-7), on this machine."""
-    import keras
-    import numpy as np
+    from releases import small_release
 
-    from petseg.model import calibration
-    from petseg.model import unet as models
-    from petseg.release import bundle
-
-    keras.utils.set_random_seed(0)
-    small = models.build("small", image_size=32, width=4)
-    rng = np.random.default_rng(0)
-    probs = rng.random((2, 8, 8, 3)).astype(np.float32)
-    fitted = calibration.fit(probs / probs.sum(-1, keepdims=True), (rng.random((2, 8, 8, 3)) > 0.5).astype(np.float32))
-    target = tmp_path_factory.mktemp("release") / "petseg-7"
-    manifest = bundle.build_manifest(run_id="7", flow_name="PetSegFlow", model_fingerprint=models.fingerprint(small),
-                                     dataset_fingerprint="d" * 64, code_version="0.1.0", metrics={}, settings={},
-                                     location=str(target), image_size=32)
-    bundle.export(str(target), model_keras=models.to_bytes(small), calibration=fitted.to_dict(), manifest=manifest)
-    return target
+    return small_release(tmp_path_factory.mktemp("release") / "petseg-7")
 
 
 def test_a_seldon_v2_rollout_writes_the_settings_its_model_loads_before_applying_it(s3, moto_endpoint, tiny_release,
