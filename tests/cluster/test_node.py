@@ -45,7 +45,7 @@ def test_smoke_flow_runs_in_containers_of_the_image_as_its_user_with_limits_and_
     for job in jobs:
         assert job.status.succeeded == 1
         spec = job.spec.template.spec
-        assert spec.service_account_name == "petseg"
+        assert spec.service_account_name == "petseg-step"  # the steps' least privilege (k8s/base)
         assert [t.key for t in spec.tolerations] == ["nvidia.com/gpu"]
         container = spec.containers[0]
         assert container.image == cluster["PETSEG_IMAGE"]
@@ -63,7 +63,7 @@ def test_smoke_flow_runs_in_containers_of_the_image_as_its_user_with_limits_and_
 
     result = client_data(cluster, workdir, f"K8sSmokeFlow/{run_id}", ["total", "pods", "service_account", "facts"])
     assert result["successful"] and result["data"]["total"] == 13
-    assert result["data"]["service_account"] == "petseg"
+    assert result["data"]["service_account"] == "petseg-step"
     pod_names = {p.metadata.name for j in jobs for p in pods_of(admin, cluster, j)}
     assert set(result["data"]["pods"]) <= pod_names
     facts = result["data"]["facts"]
@@ -136,7 +136,8 @@ def test_gpus_are_granted_by_the_kubelets_device_manager_and_never_more_than_the
 
 
 def test_the_pod_network_is_the_closed_bridge(cluster, admin):
-    """A pod has an address on the bridge, a route to the bridge only (no default route), and reaches S3 there."""
+    """A pod has an address on the bridge, routes to the bridge and, through its gateway, to the Service range only
+    (no default route), and reaches S3 there."""
     namespace = cluster["PETSEG_K8S_NAMESPACE"]
     probe = ("import json, urllib.request\n"
              "routes = [line.split()[1:3] for line in open('/proc/net/route').read().splitlines()[1:]]\n"
@@ -149,7 +150,8 @@ def test_the_pod_network_is_the_closed_bridge(cluster, admin):
     seen = json.loads(logs.strip().splitlines()[-1])
     assert seen["s3"] == 200
     # /proc/net/route: destination and gateway in little-endian hex; no 00000000 destination (default route).
-    destinations = {str(ipaddress.ip_address(bytes.fromhex(dest)[::-1])) for dest, _ in seen["routes"]}
-    assert destinations == {"10.213.0.0"}, seen["routes"]
+    routes = {str(ipaddress.ip_address(bytes.fromhex(dest)[::-1])): str(ipaddress.ip_address(bytes.fromhex(gw)[::-1]))
+              for dest, gw in seen["routes"]}
+    assert routes == {"10.213.0.0": "0.0.0.0", "10.213.1.0": "10.213.0.1"}, seen["routes"]
     assert ipaddress.ip_address(pod.status.pod_ip) in POD_SUBNET
     admin["core"].delete_namespaced_pod("net-probe", namespace)

@@ -76,10 +76,20 @@ def _run(cluster, workdir, *extra):
 
 @pytest.fixture(scope="module")
 def runs(cluster, admin, workdir, tokens_secret):
-    """Seed 42 released and served; then seed 7 judged against it and staged beside it."""
-    first = _run(cluster, workdir, "--seed", "42")
-    second = _run(cluster, workdir, "--seed", "7", "--canary", "50", "--tolerance", "1")
-    return first, second
+    """Seed 42 released and served; then seed 7 judged against it and staged beside it. Afterwards the endpoint
+    is deleted: its pods' CPU requests would keep other tests' steps from being scheduled on the 2-CPU node."""
+    namespace = cluster["PETSEG_K8S_NAMESPACE"]
+    try:
+        first = _run(cluster, workdir, "--seed", "42")
+        second = _run(cluster, workdir, "--seed", "7", "--canary", "50", "--tolerance", "1")
+        yield first, second
+    finally:
+        selector = f"petseg/endpoint={ENDPOINT}"
+        for found in admin["apps"].list_namespaced_deployment(namespace, label_selector=selector).items:
+            admin["apps"].delete_namespaced_deployment(found.metadata.name, namespace)
+        kubectl(cluster, "delete", "service,configmap", "-l", selector, "--wait=false")
+        wait_until(lambda: not admin["core"].list_namespaced_pod(namespace, label_selector=selector).items,
+                   "the endpoint's pods to be gone", 120)
 
 
 def _service(admin, cluster):

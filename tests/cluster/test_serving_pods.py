@@ -47,7 +47,10 @@ def served(cluster, admin, signed_release, tokens_secret):
                                             namespace=cluster["PETSEG_K8S_NAMESPACE"])
     applied = admin["apps"].read_namespaced_deployment(rendered["metadata"]["name"], cluster["PETSEG_K8S_NAMESPACE"])
     pod = _pod_of(admin, cluster, applied.to_dict())
-    return {"result": result, "pod": pod, "url": f"http://{pod.status.pod_ip}:9000", "manifest": manifest}
+    yield {"result": result, "pod": pod, "url": f"http://{pod.status.pod_ip}:9000", "manifest": manifest}
+    # Its CPU request would keep later tests' steps from being scheduled on the 2-CPU node.
+    admin["apps"].delete_namespaced_deployment(rendered["metadata"]["name"], cluster["PETSEG_K8S_NAMESPACE"])
+    admin["core"].delete_namespaced_service("pets", cluster["PETSEG_K8S_NAMESPACE"])
 
 
 def test_a_plain_deployment_serves_the_release_ready_through_its_probe(served, cluster, admin):
