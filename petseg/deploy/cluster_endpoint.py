@@ -33,17 +33,22 @@ def serving(endpoint: str, *, namespace: str, api_client=None) -> dict | None:
     """The release the endpoint's Service selects (``version``, ``location``), or None when there is no Service.
 
     Raises:
-        ServingError: the Service could not be read.
+        ServingError: the Service could not be read, or names no release.
     """
-    service = _read(lambda core: core.read_namespaced_service(check_name(endpoint), namespace),
-                    f"Service {namespace}/{endpoint}", api_client)
+    from kubernetes import client
+
+    from petseg.deploy import deployment
+    from petseg.deploy.kubernetes import default_api_client
+
+    core = client.CoreV1Api(api_client or default_api_client())
+    service = deployment.read_service(core, check_name(endpoint), namespace)
     if service is None:
         return None
-    annotations = service.metadata.annotations or {}
-    if not annotations.get("petseg/version") or not annotations.get("petseg/model-uri"):
+    annotations = service["metadata"].get("annotations") or {}
+    if not deployment.serving_of(service) or not annotations.get("petseg/model-uri"):
         raise ServingError(f"Service {namespace}/{endpoint} names no release (annotations petseg/version and "
                            "petseg/model-uri): it was not made by petseg; delete it or choose another --endpoint")
-    return {"version": annotations["petseg/version"], "location": annotations["petseg/model-uri"],
+    return {"version": deployment.serving_of(service), "location": annotations["petseg/model-uri"],
             "run": annotations.get("petseg/pathspec", ""),
             "model_fingerprint": annotations.get("petseg/model-fingerprint", "")}
 

@@ -185,7 +185,7 @@ def roll_out(manifest: dict, *, endpoint: str, who: str, server: str = "seldon",
                                    **render_options)
     apply_deployment(deployment, namespace=namespace, api_client=api_client, timeout=timeout)
     core = client.CoreV1Api(api_client)
-    current = _read_service(core, endpoint, namespace)
+    current = read_service(core, endpoint, namespace)
     version = manifest["version"]
     if stage and current is not None and serving_of(current) != version:
         service = _annotated(current, who=who, change="staged", candidate=version)
@@ -289,7 +289,8 @@ def _result(service: dict, *, server: str, namespace: str) -> dict:
             "url": f"http://{endpoint}.{namespace}.svc/"}
 
 
-def _read_service(core, endpoint: str, namespace: str) -> dict | None:
+def read_service(core, endpoint: str, namespace: str) -> dict | None:
+    """The endpoint's Service as a dict (the API's field names), or None when there is none."""
     from kubernetes import client
 
     try:
@@ -305,7 +306,7 @@ def _endpoint(api_client, endpoint: str, namespace: str):
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
-    current = _read_service(core, check_name(endpoint), namespace)
+    current = read_service(core, check_name(endpoint), namespace)
     if current is None:
         raise ConfigError(f"no Service {namespace}/{endpoint}: nothing serves under that endpoint on this cluster "
                           "(check --namespace)")
